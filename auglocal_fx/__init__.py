@@ -1,15 +1,26 @@
-"""auglocal-fx: turn any PyTorch ConvNet into a network trained by AugLocal local learning."""
+"""auglocal-fx: turn any PyTorch ConvNet into a network trained by AugLocal local learning.
+
+>>> from auglocal_fx import to_local
+>>> local = to_local("timm:regnetx_004", d=6, input_size=(3, 64, 64))
+"""
 
 from .errors import AugLocalError
+from .local import LocalNet, load, to_local
 from .planning import AuxPlan, plan_aux_nets, pyramid_depths, uniform_selection
+from .specs import ModelSpec, resolve_model
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AugLocalError",
     "AuxPlan",
+    "LocalNet",
+    "ModelSpec",
+    "load",
     "plan_aux_nets",
     "pyramid_depths",
+    "resolve_model",
+    "to_local",
     "uniform_selection",
     "__version__",
 ]

@@ -1,0 +1,272 @@
+"""The paper's Table 7 for any model: FLOPs, parameters, memory and step time per method.
+
+Rows: end-to-end backpropagation (BP), gradient checkpointing (GC: every block wrapped in
+:func:`torch.utils.checkpoint.checkpoint`, as :mod:`auglocal_fx.memory` measures it), and AugLocal
+at each requested depth. FLOPs are fvcore's (one fused multiply-add = one FLOP, forward of one
+example; GC's forward is BP's, its recomputation during backward is not a forward FLOP). Memory
+comes from :func:`auglocal_fx.memory.measure_memory`; if that is unavailable or fails, the memory
+columns are left out, never estimated. Time per step is measured here, without the memory hooks
+(wall clock, median of a few steps after one warm-up step, gradients computed, no optimizer
+update).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .errors import AugLocalError
+from .flops import _one_thread, count_flops
+
+__all__ = ["CostRow", "CostReport", "cost_report"]
+
+
+@dataclass
+class CostRow:
+    """One method's costs.
+
+    Attributes:
+        method: ``"BP"``, ``"GC"`` or ``"AugLocal d=D"``.
+        d: the auxiliary depth (``None`` for BP and GC).
+        flops: forward FLOPs of one example (one multiply-add = one FLOP).
+        params: parameters trained (AugLocal: primary plus auxiliary networks).
+        memory: measured bytes: the CUDA peak on a GPU, else the peak of bytes saved for
+            backward (``None`` when not measured).
+        rss: growth of the process's peak RSS over one step (CPU, ``rss=True`` only).
+        step_time: seconds per training step at the report's batch size (``None`` if not timed).
+    """
+
+    method: str
+    d: Optional[int]
+    flops: int
+    params: int
+    memory: Optional[int] = None
+    rss: Optional[int] = None
+    step_time: Optional[float] = None
+
+    def as_dict(self) -> dict:
+        """A JSON-ready row."""
+        return {"method": self.method, "d": self.d, "flops": int(self.flops),
+                "params": int(self.params), "memory": self.memory, "rss": self.rss,
+                "step_time": None if self.step_time is None else round(self.step_time, 6)}
+
+
+@dataclass
+class CostReport:
+    """The rows of :func:`cost_report` and the per-block profile of the primary network.
+
+    Attributes:
+        model: the spec string (or class name).
+        input_size: ``(C, H, W)``.
+        batch_size: batch size of the memory and time measurements.
+        device: where they ran.
+        rows: BP, GC, then AugLocal per depth.
+        profile: per primary block: ``index``, ``flops`` (one example) and
+            ``activation_bytes`` (its output at ``batch_size``, float32).
+        memory_how: how memory was measured, one sentence per figure (empty when it was not).
+        memory_note: why memory is absent (empty when it was measured).
+        time_how: how time was measured (empty when it was not).
+        unsupported_ops: operators fvcore did not count, over all networks.
+    """
+
+    model: str
+    input_size: Tuple[int, ...]
+    batch_size: int
+    device: str
+    rows: List[CostRow]
+    profile: List[dict]
+    memory_how: List[str] = field(default_factory=list)
+    memory_note: str = ""
+    time_how: str = ""
+    unsupported_ops: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        """A JSON-ready summary; FLOPs as integers."""
+        return {
+            "model": self.model, "input_size": list(self.input_size),
+            "batch_size": self.batch_size, "device": self.device,
+            "flops_convention": "fvcore: one fused multiply-add = one FLOP, one example",
+            "rows": [r.as_dict() for r in self.rows], "profile": self.profile,
+            "memory_how": self.memory_how, "memory_note": self.memory_note,
+            "time_how": self.time_how, "unsupported_ops": self.unsupported_ops,
+        }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(step: Callable[[], None], device: torch.device, repeats: int) -> float:
+    step()  # warm-up
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _train_step(local, method: str, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """One training step as :mod:`auglocal_fx.memory` runs it (gradients, no update)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def step():
+        local.zero_grad(set_to_none=True)
+        if method == "auglocal":
+            local.train_step(x, y)
+            return
+        h = x
+        if method == "checkpoint":
+            h = x.detach().requires_grad_(True)  # so that block 0 is checkpointed too
+            for block in local.blocks:
+                h = checkpoint(block, h, use_reentrant=True)
+        else:
+            for block in local.blocks:
+                h = block(h)
+        nn.functional.cross_entropy(local.head(h), y).backward()
+    return step
+
+
+def cost_report(
+    model_or_spec,
+    depths: Sequence[int] = (2, 3, 4, 5, 6),
+    *,
+    batch_size: int = 128,
+    device: str = "cpu",
+    tau: float = 0.5,
+    pyramid: bool = True,
+    selection: str = "uniform",
+    input_size: Optional[Sequence[int]] = None,
+    num_classes: Optional[int] = None,
+    memory: bool = True,
+    rss: bool = False,
+    timing: bool = True,
+    repeats: int = 2,
+) -> CostReport:
+    """Forward FLOPs, parameters, measured memory and step time for BP, GC and AugLocal.
+
+    FLOPs: one fused multiply-add = one FLOP, forward of one example (fvcore's convention and
+    the paper's Table 7). Memory is only ever measured (see the module docstring).
+
+    Args:
+        model_or_spec: a spec string (``"paper:resnet110"``) or an ``nn.Module``.
+        depths: AugLocal depths ``d`` to report.
+        batch_size: batch size for memory and time.
+        device: ``"cpu"`` or ``"cuda"``.
+        tau: pyramid decay.
+        pyramid: ``False`` for constant depth.
+        selection: block selection strategy.
+        input_size: ``(C, H, W)``; default: the spec's.
+        num_classes: classifier width; default: the spec's.
+        memory: measure memory with :func:`auglocal_fx.memory.measure_memory`.
+        rss: on CPU, also measure peak RSS (one fresh subprocess per method: slow).
+        timing: measure time per step.
+        repeats: timed steps per method (after one warm-up step).
+
+    Returns:
+        A :class:`CostReport`.
+
+    Raises:
+        AugLocalError: bad options, an unavailable device, or any conversion error.
+    """
+    from . import to_local
+    from .specs import resolve_model
+
+    depths = tuple(depths)
+    if not depths:
+        raise AugLocalError("no depth given: pass at least one d, e.g. --d 2 3 4 5 6")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise AugLocalError(f"batch size {batch_size!r} is invalid: give a positive integer")
+    if not (str(device) == "cpu" or str(device).startswith("cuda")):
+        raise AugLocalError(f"unknown device {device!r}: use cpu or cuda")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise AugLocalError("device cuda asked for, but no CUDA GPU is available: use cpu")
+    dev = torch.device(device)
+
+    if isinstance(model_or_spec, str):
+        spec = resolve_model(model_or_spec, num_classes=num_classes, input_size=input_size)
+        model, name = spec.model, spec.spec
+        input_size, num_classes = spec.input_size, spec.num_classes
+    else:
+        model, name = model_or_spec, type(model_or_spec).__name__
+    kwargs = {"tau": tau, "pyramid": pyramid, "selection": selection}
+    if input_size is not None:
+        kwargs["input_size"] = tuple(input_size)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+
+    with _one_thread():  # batch-1 work: threads only cost when cores are shared
+        nets = [(d, to_local(model, d=d, **kwargs)) for d in depths]
+    first = count_flops(nets[0][1])
+    bp_flops, bp_params = first.primary, first.params_primary
+    rows = [CostRow("BP", None, bp_flops, bp_params), CostRow("GC", None, bp_flops, bp_params)]
+    for d, local in nets:
+        f = count_flops(local)
+        rows.append(CostRow(f"AugLocal d={d}", d, f.total, f.params_primary + f.params_aux))
+
+    size = tuple(nets[0][1].input_size)
+    profile = [{"index": b.index, "flops": b.flops,
+                "activation_bytes": int(math.prod(b.output_shape)) * 4 * batch_size}
+               for b in first.blocks]
+    report = CostReport(model=name, input_size=size, batch_size=batch_size, device=str(dev),
+                        rows=rows, profile=profile,
+                        unsupported_ops=dict(sorted(first.unsupported_ops().items())))
+
+    if memory:
+        _add_memory(report, model_or_spec, depths, dev, rss, kwargs)
+    else:
+        report.memory_note = "not measured (FLOPs only)" if not timing else "not measured"
+    if timing:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn((batch_size,) + size, generator=gen).to(dev)
+        y = torch.randint(0, int(nets[0][1].num_classes), (batch_size,), generator=gen).to(dev)
+        methods = ["bp", "checkpoint"] + ["auglocal"] * len(nets)
+        locals_ = [nets[0][1], nets[0][1]] + [local for _, local in nets]
+        for row, method, local in zip(rows, methods, locals_):
+            state = {k: v.detach().clone() for k, v in local.state_dict().items()}
+            local.to(dev).train()
+            row.step_time = _time(_train_step(local, method, x, y), dev, repeats)
+            local.zero_grad(set_to_none=True)
+            local.load_state_dict(state)  # BatchNorm running statistics as they were
+        report.time_how = (f"wall clock, median of {repeats} steps after 1 warm-up, batch "
+                           f"{batch_size} on {dev}, forward+backward, no optimizer update")
+    return report
+
+
+def _add_memory(report: CostReport, model_or_spec, depths, device, rss: bool, kwargs) -> None:
+    """Fill the memory columns from :func:`auglocal_fx.memory.measure_memory`, or say why not."""
+    try:
+        from .memory import measure_memory
+    except ImportError:
+        report.memory_note = "not measured: auglocal_fx.memory is not available"
+        return
+    options = {k: v for k, v in kwargs.items() if k not in ("input_size", "num_classes")}
+    try:
+        measured = measure_memory(
+            model_or_spec, d=depths, batch_size=report.batch_size, device=device,
+            input_size=kwargs.get("input_size"), num_classes=kwargs.get("num_classes"),
+            rss=rss and device.type == "cpu", to_local_kwargs=options)
+        by_key = {(r.method, r.d): r for r in measured.rows}
+        keys = [("bp", None), ("checkpoint", None)] + [("auglocal", d) for d in depths]
+        found = [by_key[k] for k in keys]
+    except Exception as exc:  # never make numbers up: drop the columns and say why
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        report.memory_note = f"not measured: measure_memory failed ({type(exc).__name__}: {first})"
+        return
+    for row, m in zip(report.rows, found):
+        row.memory = m.cuda_peak if device.type == "cuda" else m.saved_peak
+        row.rss = m.rss_peak
+    # The memory module's notes on the figures shown here (not its other columns).
+    shown = ("CUDA MiB", "checkpoint:") if device.type == "cuda" else ("saved MiB", "checkpoint:")
+    if rss and device.type == "cpu":
+        shown += ("RSS MiB",)
+    report.memory_how = [n for n in measured.notes if n.startswith(shown)]

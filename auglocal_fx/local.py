@@ -1,0 +1,311 @@
+"""``LocalNet``: the primary network cut into blocks, the auxiliary networks, and the step.
+
+The primary blocks share their modules (and so their parameters) with the original model; the
+auxiliary networks are new. ``LocalNet.train_step`` is the simultaneous scheme of DESIGN.md
+rule 6: each block's local loss is back-propagated, and its autograd graph freed, before the
+next block runs, so a step holds the activations of one local module at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import AugLocalError
+from .partition import Partition, partition_blocks
+from .planning import AuxPlan, plan_aux_nets, validate_options
+from .specs import resolve_model
+from .synthesis import synthesize_aux_net
+from .tracing import trace_model
+
+__all__ = ["LocalNet", "to_local", "load", "CHECKPOINT_FORMAT"]
+
+CHECKPOINT_FORMAT = "auglocal-fx/localnet"
+_CHECKPOINT_VERSION = 1
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class LocalNet(nn.Module):
+    """A network trained by AugLocal: primary blocks, head and auxiliary networks.
+
+    Attributes:
+        blocks: the ``L`` primary blocks; running them in order, then ``head``, is the original.
+        head: global pooling and classifier.
+        aux: one auxiliary network per block ``0 .. K-2``.
+        plan: per auxiliary network, the block it serves, the blocks it copies and their strides.
+        num_local: ``K``; blocks ``K-1 .. L-1`` and the head form the output module.
+        block_names: module names each block covers.
+        block_shapes: each block's output shape ``(C, H, W)`` at ``input_size``.
+        input_size: ``(C, H, W)`` the network was converted at.
+        num_classes: width of the logits.
+        options: the conversion options (``d``, ``tau``, ``pyramid``, ``selection``, ...).
+        spec: the model spec string it was made from, or ``None`` for a model object.
+    """
+
+    def __init__(self, model: nn.Module, partition: Partition, aux: Sequence[nn.Module],
+                 plan: Sequence[AuxPlan], options: Dict[str, Any], spec: Optional[str] = None):
+        super().__init__()
+        self.blocks = nn.ModuleList(partition.blocks)
+        self.head = partition.head
+        self.aux = nn.ModuleList(aux)
+        self.plan: List[AuxPlan] = list(plan)
+        self.num_local = len(self.plan) + 1
+        self.block_names = partition.block_names
+        self.head_names = partition.head_names
+        self.block_shapes = partition.block_shapes
+        self.block_input_shapes = partition.block_input_shapes
+        self.options = dict(options)
+        self.input_size = tuple(options["input_size"])
+        self.num_classes = int(options["num_classes"])
+        self.spec = spec
+        self._original = [model]  # a list keeps it out of the module tree and the state_dict
+        self.train(model.training)
+
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Eval mode: the original model's logits. Train mode: ``(logits, aux_logits)``.
+
+        In train mode the stop-gradients are in place, so summing the losses of all outputs
+        and calling ``backward()`` once gives the local-learning gradients (but keeps every
+        activation alive; :meth:`train_step` does not).
+        """
+        if not self.training:
+            for block in self.blocks:
+                x = block(x)
+            return self.head(x)
+        aux_logits = []
+        for j, block in enumerate(self.blocks):
+            if 0 < j < self.num_local:
+                x = x.detach()  # no gradient crosses a local module's boundary
+            x = block(x)
+            if j < self.num_local - 1:
+                aux_logits.append(self.aux[j](x))
+        return self.head(x), aux_logits
+
+    def train_step(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        loss_fn: Optional[LossFn] = None,
+        scaler: Optional["torch.amp.GradScaler"] = None,
+        autocast_dtype: Optional[torch.dtype] = None,
+    ) -> torch.Tensor:
+        """One simultaneous local-learning step; gradients accumulate, the caller steps.
+
+        Args:
+            x: input batch.
+            y: targets.
+            loss_fn: ``loss_fn(logits, y)``; default cross-entropy.
+            scaler: a ``torch.amp.GradScaler`` to scale every backward (fp16 on CUDA).
+            autocast_dtype: run forwards under ``torch.autocast`` with this dtype.
+
+        Returns:
+            A detached 1-D tensor of ``K`` losses: the ``K-1`` local losses, then the output loss.
+        """
+        loss_fn = loss_fn or F.cross_entropy
+        if autocast_dtype is not None:
+            autocast = lambda: torch.autocast(device_type=x.device.type, dtype=autocast_dtype)  # noqa: E731
+        else:
+            autocast = contextlib.nullcontext
+        losses = []
+        h = x
+        for j in range(self.num_local - 1):
+            with autocast():
+                out = self.blocks[j](h.detach())
+                loss = loss_fn(self.aux[j](out), y)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            losses.append(loss.detach())
+            # Only the detached output survives: block j's graph is freed here.
+            h = out.detach()
+            del out, loss
+        with autocast():
+            out = h.detach()
+            for block in self.blocks[self.num_local - 1:]:
+                out = block(out)
+            loss = loss_fn(self.head(out), y)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        losses.append(loss.detach())
+        return torch.stack([v.float() for v in losses])
+
+    def block_parameters(self, j: int) -> Iterator[nn.Parameter]:
+        """Parameters updated by local loss ``j``: block ``j`` and auxiliary network ``j``."""
+        if not 0 <= j < self.num_local - 1:
+            raise AugLocalError(f"block {j} has no auxiliary network (0 <= j < {self.num_local - 1})")
+        yield from self.blocks[j].parameters()
+        yield from self.aux[j].parameters()
+
+    def output_module_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters updated by the output loss: blocks ``K-1 .. L-1`` and the head."""
+        for block in self.blocks[self.num_local - 1:]:
+            yield from block.parameters()
+        yield from self.head.parameters()
+
+    def export(self) -> nn.Module:
+        """The original model object, holding the trained primary weights.
+
+        Its ``state_dict()`` loads with ``strict=True`` into a fresh copy of the original model.
+        """
+        model = self._original[0]
+        model.train(self.training)
+        return model
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write spec, options and weights atomically (temp file + rename); see :func:`load`."""
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "version": _CHECKPOINT_VERSION,
+            "spec": self.spec,
+            "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.options.items()},
+            "state_dict": self.state_dict(),
+        }
+        atomic_save(payload, path)
+
+    def extra_repr(self) -> str:
+        opts = self.options
+        return (f"blocks={len(self.blocks)}, aux_nets={len(self.aux)}, d={opts['d']}, "
+                f"tau={opts['tau']}, pyramid={opts['pyramid']}, selection={opts['selection']!r}")
+
+
+def atomic_save(obj: Any, path: Union[str, os.PathLike]) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _default_input_size(model: nn.Module) -> Tuple[int, int, int]:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return tuple(int(v) for v in cfg.get("input_size", (3, 224, 224)))  # type: ignore[return-value]
+
+
+def to_local(
+    model: Union[nn.Module, str],
+    d: int = 2,
+    tau: float = 0.5,
+    pyramid: bool = True,
+    selection: str = "uniform",
+    input_size: Optional[Sequence[int]] = None,
+    num_classes: Optional[int] = None,
+    leaf_modules: Sequence[Union[type, str]] = (),
+    autowrap_functions: Sequence[Callable] = (),
+    block_boundaries: Optional[Sequence[str]] = None,
+    weights: Optional[str] = None,
+) -> LocalNet:
+    """Convert a ConvNet into an AugLocal :class:`LocalNet`.
+
+    Args:
+        model: an ``nn.Module`` (shared, not copied: training the LocalNet trains it), or a
+            spec string such as ``"timm:regnetx_004"`` (see :func:`~auglocal_fx.resolve_model`).
+        d: the paper's auxiliary depth: sampled blocks + classifier (>= 2).
+        tau: pyramid decay in ``[0, 1]``: deeper blocks get shallower auxiliary networks.
+        pyramid: ``False`` gives every auxiliary network depth ``d``.
+        selection: ``"uniform"`` (AugLocal), ``"sequential"`` or ``"repetitive"``.
+        input_size: ``(C, H, W)`` to trace at; default timm's config, else ``(3, 224, 224)``
+            (a spec string brings its own default).
+        num_classes: for a spec string, the classifier width.
+        leaf_modules: module classes or names to keep whole (no block boundary inside).
+        autowrap_functions: functions to record as single calls when tracing.
+        block_boundaries: module names whose outputs end a block, replacing the automatic cut.
+        weights: for a spec string, a local ``state_dict`` file to load.
+
+    Raises:
+        AugLocalError: bad options, unknown model, untraceable model, no classifier head, an
+            input too small for the network, or a depth that leaves nothing to train locally.
+    """
+    validate_options(d, tau, selection)
+    spec = None
+    if isinstance(model, str):
+        spec = model
+        resolved = resolve_model(model, num_classes=num_classes, input_size=input_size,
+                                 weights=weights)
+        model, size = resolved.model, resolved.input_size
+    elif isinstance(model, nn.Module):
+        size = tuple(input_size) if input_size is not None else _default_input_size(model)
+    else:
+        raise AugLocalError(
+            f"to_local() takes an nn.Module or a spec string like 'timm:resnet18', not "
+            f"{type(model).__name__}"
+        )
+    traced = trace_model(model, size, leaf_modules, autowrap_functions)
+    partition = partition_blocks(traced, block_boundaries)
+    plans = plan_aux_nets(partition.resolutions, d, tau, pyramid, selection)
+    aux = [synthesize_aux_net(partition, p) for p in plans]
+    classes = _output_classes(traced)
+    options = {
+        "d": d, "tau": float(tau), "pyramid": bool(pyramid), "selection": selection,
+        "input_size": tuple(int(v) for v in traced.input_size), "num_classes": classes,
+        "block_boundaries": list(block_boundaries) if block_boundaries else None,
+    }
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    local = LocalNet(model, partition, aux, plans, options, spec)
+    return local.to(device)
+
+
+def _output_classes(traced) -> int:
+    output = next(n for n in traced.eval_graph.graph.nodes if n.op == "output")
+    return int(output.args[0].meta["auglocal_shape"][1])
+
+
+def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None,
+         map_location: Union[str, torch.device] = "cpu") -> LocalNet:
+    """Restore a :class:`LocalNet` written by :meth:`LocalNet.save`.
+
+    Args:
+        path: the checkpoint file.
+        model: a fresh model of the same architecture, needed only when the LocalNet was made
+            from a model object rather than a spec string.
+        map_location: where to load the tensors.
+
+    Raises:
+        AugLocalError: missing, corrupt or foreign file, or weights that do not fit.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise AugLocalError(f"checkpoint {path!r} does not exist")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise AugLocalError(
+            f"checkpoint {path!r} is corrupt or not a torch file ({type(exc).__name__}); "
+            "write it again with `auglocal-fx convert` or LocalNet.save()"
+        ) from exc
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise AugLocalError(
+            f"{path!r} is not an auglocal-fx LocalNet checkpoint; make one with "
+            "`auglocal-fx convert` or LocalNet.save()"
+        )
+    options = dict(payload["options"])
+    spec = payload.get("spec")
+    source: Union[nn.Module, str, None] = spec if spec else model
+    if source is None:
+        raise AugLocalError(
+            f"{path!r} was saved from a model object, not a spec: pass load(path, model=...)"
+        )
+    kwargs = {k: options[k] for k in ("d", "tau", "pyramid", "selection", "block_boundaries")}
+    local = to_local(source, input_size=options["input_size"],
+                     num_classes=options["num_classes"] if spec else None, **kwargs)
+    try:
+        local.load_state_dict(payload["state_dict"], strict=True)
+    except Exception as exc:
+        raise AugLocalError(
+            f"the weights in {path!r} do not fit the rebuilt network "
+            f"({str(exc).splitlines()[0]}); was it saved with another auglocal-fx version?"
+        ) from exc
+    return local

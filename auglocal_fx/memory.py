@@ -1,0 +1,468 @@
+"""Measure the training memory of end-to-end backprop, gradient checkpointing and AugLocal.
+
+All methods run one training step (forward + backward, no optimizer step) of the same
+network on the same batch and device:
+
+* ``bp``: the primary network (``local.blocks`` then ``local.head``), one cross-entropy
+  loss, one ``backward()``.
+* ``checkpoint``: the same, with every block wrapped in ``torch.utils.checkpoint``
+  (reentrant variant, so the activations recomputed during backward are counted too; the
+  input is marked ``requires_grad`` so that block 0 is checkpointed as well).
+* ``auglocal``: ``local.train_step(x, y)``, the simultaneous local step.
+
+What is measured (nothing here is an estimate):
+
+* *saved bytes* (any device): the peak of bytes held for backward, counted with
+  :class:`torch.autograd.graph.saved_tensors_hooks`. Each storage counts once however many
+  tensors view it; a storage stops counting when autograd releases the last saved tensor
+  that refers to it (after that node's backward ran). Parameter storages are excluded.
+* *RSS peak* (CPU): growth of the process's peak resident set size (``VmHWM``) over one
+  step, in a fresh Python subprocess per method; the peak is reset just before the step by
+  writing ``5`` to ``/proc/self/clear_refs`` (after a warm-up step on a batch of 2), so the
+  figure is the step's peak RSS minus the RSS before it.
+* *CUDA peak* (CUDA): ``torch.cuda.max_memory_allocated`` during the step minus the bytes
+  allocated before it.
+* *lower bound*: the largest saved-bytes peak of a single local module run alone (block j
+  with its auxiliary network, or the output module: the last blocks and the head). Local
+  learning cannot hold less than that.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .errors import AugLocalError
+
+__all__ = ["METHODS", "MemoryReport", "MemoryRow", "SavedBytesCounter", "measure_memory"]
+
+METHODS = ("bp", "checkpoint", "auglocal")
+_MIB = float(2 ** 20)
+
+
+class SavedBytesCounter:
+    """Live and peak bytes of the storages autograd holds for backward.
+
+    Use as a context manager around the forward *and* backward passes to be counted::
+
+        with SavedBytesCounter() as counter:
+            model(x).sum().backward()
+        counter.peak  # bytes
+
+    Args:
+        exclude: tensors whose storages are not counted (typically the parameters).
+    """
+
+    def __init__(self, exclude: Sequence[torch.Tensor] = ()):
+        self.live = 0
+        self.peak = 0
+        self._entries: Dict[Tuple[str, int], List[int]] = {}  # key -> [references, nbytes]
+        self._exclude = {self._key(t) for t in exclude}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    @staticmethod
+    def _key(t: torch.Tensor) -> Tuple[str, int]:
+        return (str(t.device), t.untyped_storage().data_ptr())
+
+    def reset_peak(self) -> None:
+        """Start a new peak from the bytes live now."""
+        self.peak = self.live
+
+    def _pack(self, t: torch.Tensor):
+        try:
+            nbytes = t.untyped_storage().nbytes()
+            key = self._key(t)
+        except (RuntimeError, NotImplementedError):  # sparse, nested or other storage-less tensors
+            return t
+        if nbytes == 0 or key in self._exclude:
+            return t
+        entry = self._entries.get(key)
+        if entry is None:
+            self._entries[key] = [1, nbytes]
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+        else:
+            entry[0] += 1
+        return _Held(t, self, key)
+
+    @staticmethod
+    def _unpack(packed):
+        return packed.tensor if isinstance(packed, _Held) else packed
+
+    def _release(self, key: Tuple[str, int]) -> None:
+        entry = self._entries[key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.live -= entry[1]
+            del self._entries[key]
+
+    def __enter__(self) -> "SavedBytesCounter":
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+
+class _Held:
+    """A saved tensor as autograd stores it; tells the counter when autograd lets go of it."""
+
+    __slots__ = ("tensor", "counter", "key")
+
+    def __init__(self, tensor: torch.Tensor, counter: SavedBytesCounter, key: Tuple[str, int]):
+        self.tensor = tensor
+        self.counter = counter
+        self.key = key
+
+    def __del__(self):
+        self.counter._release(self.key)
+
+
+@dataclass
+class MemoryRow:
+    """One measured method. Byte figures are ``None`` where not measured on this device."""
+
+    method: str
+    d: Optional[int]
+    saved_peak: int
+    rss_peak: Optional[int] = None
+    cuda_peak: Optional[int] = None
+    lower_bound: Optional[int] = None
+    lower_bound_module: Optional[str] = None
+    step_seconds: Optional[float] = None
+
+
+@dataclass
+class MemoryReport:
+    """The result of :func:`measure_memory`; ``str()`` gives the table and how it was measured."""
+
+    model: str
+    device: str
+    batch_size: int
+    input_size: Tuple[int, int, int]
+    rows: List[MemoryRow]
+    notes: List[str] = field(default_factory=list)
+
+    def row(self, method: str, d: Optional[int] = None) -> MemoryRow:
+        """The row of ``method`` (and depth ``d`` for ``auglocal``)."""
+        for r in self.rows:
+            if r.method == method and (d is None or r.d == d):
+                return r
+        raise AugLocalError(f"no {method} row (d={d}) in this report; measure it with methods=({method!r},)")
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+    def __str__(self) -> str:
+        bp = next((r for r in self.rows if r.method == "bp"), None)
+        cols = ["method", "saved MiB", "x BP"]
+        show_rss = any(r.rss_peak is not None for r in self.rows)
+        show_cuda = any(r.cuda_peak is not None for r in self.rows)
+        if show_rss:
+            cols += ["RSS MiB", "x BP"]
+        if show_cuda:
+            cols += ["CUDA MiB", "x BP"]
+        cols += ["lower bd MiB", "x lower bd"]
+        lines = []
+        for r in self.rows:
+            name = r.method if r.d is None else f"{r.method} d={r.d}"
+            cells = [name, _mib(r.saved_peak), _ratio(r.saved_peak, bp and bp.saved_peak)]
+            if show_rss:
+                cells += [_mib(r.rss_peak), _ratio(r.rss_peak, bp and bp.rss_peak)]
+            if show_cuda:
+                cells += [_mib(r.cuda_peak), _ratio(r.cuda_peak, bp and bp.cuda_peak)]
+            cells += [_mib(r.lower_bound), _ratio(r.saved_peak, r.lower_bound) if r.lower_bound else "-"]
+            lines.append(cells)
+        widths = [max(len(c), *(len(l[i]) for l in lines)) for i, c in enumerate(cols)]
+        fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                                      for i, (c, w) in enumerate(zip(cells, widths)))
+        out = [f"Training-step memory of {self.model}, batch {self.batch_size}, input "
+               f"{tuple(self.input_size)}, device {self.device}",
+               fmt(cols), fmt(["-" * w for w in widths])]
+        out += [fmt(l) for l in lines]
+        out += ["How measured:"] + [f"  * {n}" for n in self.notes]
+        return "\n".join(out)
+
+
+def _mib(nbytes: Optional[int]) -> str:
+    return "-" if nbytes is None else f"{nbytes / _MIB:.1f}"
+
+
+def _ratio(a: Optional[int], b: Optional[int]) -> str:
+    return "-" if a is None or not b else f"{a / b:.2f}"
+
+
+def measure_memory(model_or_spec: Union[str, nn.Module], methods: Sequence[str] = METHODS,
+                   d: Union[int, Sequence[int]] = 2, batch_size: int = 128,
+                   device: Union[str, torch.device] = "cpu", input_size: Optional[Tuple[int, int, int]] = None,
+                   num_classes: Optional[int] = None, rss: bool = True, seed: int = 0,
+                   to_local_kwargs: Optional[Dict[str, Any]] = None) -> MemoryReport:
+    """Measure one training step of BP, gradient checkpointing and AugLocal side by side.
+
+    Args:
+        model_or_spec: a spec string (``"paper:resnet110"``), an ``nn.Module`` or a
+            ``LocalNet`` (then ``d`` is the LocalNet's own).
+        methods: any of ``"bp"``, ``"checkpoint"``, ``"auglocal"``.
+        d: auxiliary-network depth, or several depths (one ``auglocal`` row each).
+        batch_size: images per step.
+        device: ``"cpu"`` or a CUDA device.
+        input_size: ``(C, H, W)``; defaults to the spec's or ``(3, 32, 32)``.
+        num_classes: classes of the random labels; defaults to the model's.
+        rss: on CPU, also measure the peak RSS in a fresh subprocess per method (slower).
+        seed: seed of the random batch.
+        to_local_kwargs: further keyword arguments for :func:`auglocal_fx.to_local`
+            (``tau``, ``pyramid``, ``selection``, ``leaf_modules`` ...).
+
+    Returns:
+        A :class:`MemoryReport`; ``print(report)`` shows the table.
+
+    Raises:
+        AugLocalError: for an unknown method or device, or anything ``to_local`` rejects.
+    """
+    methods = tuple(methods)
+    for m in methods:
+        if m not in METHODS:
+            raise AugLocalError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    depths = (d,) if isinstance(d, int) else tuple(d)
+    if not depths:
+        raise AugLocalError("d must be an int or a non-empty sequence of ints, e.g. d=(2, 4)")
+    device = _device(device)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise AugLocalError(f"batch_size must be a positive int, got {batch_size!r}")
+    kwargs = dict(to_local_kwargs or {})
+    if input_size is not None:
+        kwargs["input_size"] = tuple(input_size)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+
+    locals_by_d = {}
+    for depth in depths if "auglocal" in methods else depths[:1]:
+        locals_by_d[depth] = _build_local(model_or_spec, depth, kwargs)
+    first = locals_by_d[depths[0]]
+    name = model_or_spec if isinstance(model_or_spec, str) else (first.spec or type(model_or_spec).__name__)
+    report = MemoryReport(str(name), str(device), batch_size, tuple(first.input_size), [], _notes(device, rss))
+    rss_source = _rss_source(model_or_spec, first) if (rss and device.type == "cpu") else None
+    if rss and device.type == "cpu" and rss_source is None:
+        report.notes.append("RSS not measured: the model is neither a spec string nor picklable; pass a spec")
+
+    for method in methods:
+        for depth in (depths if method == "auglocal" else depths[:1]):
+            local = locals_by_d[depth]
+            row = _measure_in_process(local, method, batch_size, device, seed)
+            row.d = depth if method == "auglocal" else None
+            if method == "auglocal":
+                row.lower_bound, row.lower_bound_module = _lower_bound(local, batch_size, device, seed)
+            if rss_source is not None:
+                row.rss_peak = _rss_in_subprocess(rss_source, method, depth, batch_size, kwargs, seed)
+            report.rows.append(row)
+    if rss_source is not None and rss_source.get("tmp"):
+        os.unlink(rss_source["path"])
+    return report
+
+
+def _notes(device: torch.device, rss: bool) -> List[str]:
+    notes = ["saved MiB: peak of bytes held for backward during one step (torch.autograd.graph."
+             "saved_tensors_hooks; each storage once, released when autograd frees it; parameters excluded)",
+             "lower bd: the largest saved-bytes peak of one local module alone (block j + aux j, or the "
+             "output module); x lower bd = saved MiB / lower bd"]
+    if device.type == "cpu" and rss:
+        notes.append("RSS MiB: growth of peak RSS (VmHWM, reset via /proc/self/clear_refs) over one step, "
+                     "in a fresh subprocess per method, after a warm-up step on 2 images")
+    if device.type == "cuda":
+        notes.append("CUDA MiB: torch.cuda.max_memory_allocated during the step minus memory allocated before it")
+    notes.append("checkpoint: torch.utils.checkpoint (reentrant) around every block; bp: one backward; "
+                 "auglocal: LocalNet.train_step; one step each, same batch, no optimizer step")
+    return notes
+
+
+def _device(device: Union[str, torch.device]) -> torch.device:
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise AugLocalError(f"unknown device {device!r}; use 'cpu' or 'cuda[:N]'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AugLocalError("CUDA is not available on this machine; use device='cpu'")
+    if device.type not in ("cpu", "cuda"):
+        raise AugLocalError(f"device {device} is not supported; use 'cpu' or 'cuda[:N]'")
+    return device
+
+
+def _build_local(model_or_spec, d: int, kwargs: Dict[str, Any]):
+    from .local import LocalNet, to_local
+
+    if isinstance(model_or_spec, LocalNet):
+        return model_or_spec
+    if isinstance(model_or_spec, nn.Module):
+        import copy
+
+        model_or_spec = copy.deepcopy(model_or_spec)  # to_local shares weights with the model it gets
+    return to_local(model_or_spec, d=d, **kwargs)
+
+
+def _batch(local, batch_size: int, device: torch.device, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((batch_size,) + tuple(local.input_size), generator=g).to(device)
+    y = torch.randint(0, local.num_classes, (batch_size,), generator=g).to(device)
+    return x, y
+
+
+def _step(local, method: str, x: torch.Tensor, y: torch.Tensor) -> None:
+    if method == "auglocal":
+        local.train_step(x, y)
+        return
+    h = x
+    if method == "checkpoint":
+        h = x.detach().requires_grad_(True)  # so block 0's checkpoint has an input needing grad
+        for block in local.blocks:
+            h = checkpoint(block, h, use_reentrant=True)
+    else:
+        for block in local.blocks:
+            h = block(h)
+    F.cross_entropy(local.head(h), y).backward()
+
+
+def _measure_in_process(local, method: str, batch_size: int, device: torch.device, seed: int) -> MemoryRow:
+    local.to(device).train()
+    state = {k: v.detach().clone() for k, v in local.state_dict().items()}
+    _step(local, method, *_batch(local, 2, device, seed))  # warm-up: allocates .grad, inits kernels
+    x, y = _batch(local, batch_size, device, seed)
+    gc.collect()
+    cuda_base = None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        cuda_base = torch.cuda.memory_allocated(device)
+    start = time.perf_counter()
+    with SavedBytesCounter(exclude=list(local.parameters())) as counter:
+        _step(local, method, x, y)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    row = MemoryRow(method, None, counter.peak, step_seconds=seconds)
+    if cuda_base is not None:
+        row.cuda_peak = torch.cuda.max_memory_allocated(device) - cuda_base
+    local.zero_grad(set_to_none=True)
+    local.load_state_dict(state)
+    return row
+
+
+def _lower_bound(local, batch_size: int, device: torch.device, seed: int) -> Tuple[int, str]:
+    """The largest saved-bytes peak of one local module's forward, run on its own."""
+    x, y = _batch(local, batch_size, device, seed)
+    state = {k: v.detach().clone() for k, v in local.state_dict().items()}
+    params = list(local.parameters())
+    best, where = 0, ""
+    h = x
+    last = len(local.aux)  # blocks last .. L-1 and the head form the output module
+    for j in range(last):
+        with SavedBytesCounter(exclude=params) as counter:
+            out = local.blocks[j](h.detach())
+            F.cross_entropy(local.aux[j](out), y)
+        if counter.peak > best:
+            best, where = counter.peak, f"block {j} + aux {j}"
+        h = out.detach()
+        del counter
+    with SavedBytesCounter(exclude=params) as counter:
+        out = h.detach()
+        for block in local.blocks[last:]:
+            out = block(out)
+        F.cross_entropy(local.head(out), y)
+    if counter.peak > best:
+        best, where = counter.peak, f"output module (blocks {last}..{len(local.blocks) - 1} + head)"
+    local.load_state_dict(state)
+    return best, where
+
+
+def _rss_source(model_or_spec, local) -> Optional[Dict[str, Any]]:
+    if isinstance(model_or_spec, str):
+        return {"spec": model_or_spec}
+    from .local import LocalNet
+
+    target = model_or_spec
+    if isinstance(model_or_spec, LocalNet):
+        if local.spec:
+            return {"spec": local.spec, "options": dict(local.options)}
+        target = local
+    fd, path = tempfile.mkstemp(suffix=".pt", prefix="auglocal-mem-")
+    os.close(fd)
+    try:
+        torch.save(target, path)
+    except Exception:  # noqa: BLE001 - anything unpicklable: local classes, lambdas, ...
+        os.unlink(path)
+        return None
+    return {"path": path, "tmp": True, "is_local": isinstance(model_or_spec, LocalNet)}
+
+
+def _rss_in_subprocess(source: Dict[str, Any], method: str, d: int, batch_size: int,
+                       kwargs: Dict[str, Any], seed: int) -> Optional[int]:
+    payload = {"source": {k: v for k, v in source.items() if k != "tmp"}, "method": method, "d": d,
+               "batch_size": batch_size, "kwargs": _jsonable(kwargs), "seed": seed}
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    code = "from auglocal_fx.memory import _rss_main; _rss_main()"
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(payload)], capture_output=True, text=True,
+                          env=env)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise AugLocalError(f"RSS measurement subprocess for {method} failed ({last}); rerun with rss=False")
+    return int(json.loads(proc.stdout.strip().splitlines()[-1])["rss_peak"])
+
+
+def _jsonable(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    out = {}
+    for k, v in kwargs.items():
+        try:
+            json.dumps(v)
+        except TypeError:
+            continue  # leaf_modules given as classes etc. travel only with a pickled model
+        out[k] = v
+    return out
+
+
+def _read_status(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024
+    raise AugLocalError(f"/proc/self/status has no {field_name}; RSS can only be measured on Linux")
+
+
+def _rss_main() -> None:
+    """Subprocess entry point: one step of one method, prints the RSS growth as JSON."""
+    payload = json.loads(sys.argv[-1])
+    source, kwargs = payload["source"], payload["kwargs"]
+    if "input_size" in kwargs:
+        kwargs["input_size"] = tuple(kwargs["input_size"])
+    if "spec" in source:
+        model_or_spec = source["spec"]
+        kwargs = {**source.get("options", {}), **kwargs}
+        kwargs.pop("d", None)
+    else:
+        model_or_spec = torch.load(source["path"], weights_only=False)
+    local = _build_local(model_or_spec, payload["d"], kwargs)
+    local.train()
+    _step(local, payload["method"], *_batch(local, 2, torch.device("cpu"), payload["seed"]))
+    x, y = _batch(local, payload["batch_size"], torch.device("cpu"), payload["seed"])
+    gc.collect()
+    before = _read_status("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+    except OSError:
+        before = _read_status("VmHWM")  # cannot reset: growth of the high-water mark instead
+    _step(local, payload["method"], x, y)
+    peak = _read_status("VmHWM")
+    print(json.dumps({"rss_peak": max(0, peak - before), "rss_before": before}))

@@ -1,0 +1,454 @@
+"""Partition a traced network into indivisible local blocks and the classifier head.
+
+DESIGN.md rule 1: a *cut point* is a node after which the only value the rest of the graph
+still needs is that node's output. Segments between consecutive cut points are indivisible; a
+segment without a weight layer (conv / linear) joins the block before it. The head starts at
+the last global spatial reduction before the classifier, or at the classifier itself where it
+is a convolution applied before pooling (SqueezeNet).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Set, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .errors import AugLocalError
+from .tracing import SHAPE_KEY, TracedModel
+
+__all__ = ["GraphBlock", "Partition", "partition_blocks", "find_cut_points"]
+
+_WEIGHT_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.linear, torch.conv2d, torch.conv1d,
+                     torch.conv3d, F.conv_transpose2d}
+
+
+class GraphBlock(nn.Module):
+    """One piece of the primary network: a traced subgraph, with its train-mode twin.
+
+    In eval mode the eval graph runs; in train mode the train graph (when the model's train
+    mode has different code outside leaf modules), so each block behaves like the original in
+    both modes. Both graphs share the original model's modules and parameters.
+    """
+
+    def __init__(self, eval_graph: fx.GraphModule, train_graph: Optional[fx.GraphModule] = None):
+        super().__init__()
+        self.eval_graph = eval_graph
+        self.train_graph = train_graph
+        if train_graph is not None:
+            self._register_state_dict_hook(_drop_shared_train_keys)
+            self._register_load_state_dict_pre_hook(_restore_shared_train_keys)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        graph = self.train_graph if (self.training and self.train_graph is not None) else self.eval_graph
+        return graph(x)
+
+
+def _drop_shared_train_keys(module, state_dict, prefix, local_metadata):
+    # The train graph's tensors are the eval graph's: save them once.
+    for key in list(state_dict):
+        if key.startswith(prefix + "train_graph."):
+            twin = prefix + "eval_graph." + key[len(prefix + "train_graph."):]
+            if twin in state_dict and state_dict[twin] is state_dict[key]:
+                del state_dict[key]
+    return state_dict
+
+
+def _restore_shared_train_keys(state_dict, prefix, local_metadata, strict, missing_keys,
+                               unexpected_keys, error_msgs):
+    for key in list(state_dict):
+        if key.startswith(prefix + "eval_graph."):
+            twin = prefix + "train_graph." + key[len(prefix + "eval_graph."):]
+            if twin not in state_dict:
+                state_dict[twin] = state_dict[key]
+
+
+@dataclass
+class _GraphPartition:
+    """Blocks and head of one graph, as lists of nodes."""
+
+    input_node: fx.Node
+    blocks: List[List[fx.Node]]
+    head: List[fx.Node]
+    head_input: fx.Node
+
+
+@dataclass
+class Partition:
+    """The local blocks and the head of a network.
+
+    Attributes:
+        blocks: ``L`` primary blocks, in order.
+        head: global pooling + classifier.
+        block_shapes: output shape ``(C, H, W)`` (or ``(C,)``) of each block for one example.
+        block_input_shapes: input shape of each block.
+        block_names: the module names each block covers.
+        head_names: the module names of the head.
+    """
+
+    blocks: List[GraphBlock]
+    head: GraphBlock
+    block_shapes: List[Tuple[int, ...]]
+    block_input_shapes: List[Tuple[int, ...]]
+    block_names: List[List[str]]
+    head_names: List[str] = field(default_factory=list)
+
+    @property
+    def resolutions(self) -> List[int]:
+        """Spatial height of each block's output (1 for non-spatial outputs)."""
+        return [s[1] if len(s) >= 2 else 1 for s in self.block_shapes]
+
+
+def _single_input(graph: fx.Graph) -> fx.Node:
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise AugLocalError(
+            f"the model's forward takes {len(placeholders)} inputs; auglocal-fx converts "
+            "networks with a single image input"
+        )
+    return placeholders[0]
+
+
+def _dependent_nodes(graph: fx.Graph, input_node: fx.Node) -> List[fx.Node]:
+    """Nodes computed from the input, in graph order (the input first, no output node)."""
+    dependent: Set[fx.Node] = {input_node}
+    order = [input_node]
+    for node in graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        if any(arg in dependent for arg in node.all_input_nodes):
+            dependent.add(node)
+            order.append(node)
+    return order
+
+
+def _is_tensor_value(node: fx.Node) -> bool:
+    return node.meta.get(SHAPE_KEY) is not None
+
+
+def find_cut_points(graph: fx.Graph) -> List[fx.Node]:
+    """Nodes after which only their own output is still needed (the input counts as one)."""
+    input_node = _single_input(graph)
+    order = _dependent_nodes(graph, input_node)
+    index = {n: i for i, n in enumerate(order)}
+    end = len(order)
+    last_use = [max((index.get(u, end) for u in n.users), default=i) for i, n in enumerate(order)]
+    cuts = [input_node]
+    furthest = last_use[0]  # max last use over nodes before position i
+    for i in range(1, len(order)):
+        if furthest <= i and _is_tensor_value(order[i]):
+            cuts.append(order[i])
+        furthest = max(furthest, last_use[i])
+    return cuts
+
+
+def _has_weight_layer(gm: fx.GraphModule, nodes: Sequence[fx.Node]) -> bool:
+    for node in nodes:
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)):
+                return True
+            if any(p.dim() >= 2 for p in mod.parameters()):
+                return True
+        elif node.op == "call_function" and node.target in _WEIGHT_FUNCTIONS:
+            return True
+    return False
+
+
+def _weight_keys(gm: fx.GraphModule, nodes: Sequence[fx.Node]) -> Set[str]:
+    keys: Set[str] = set()
+    for node in nodes:
+        if node.op == "call_module" and any(True for _ in gm.get_submodule(node.target).parameters()):
+            keys.add(node.target)
+        for arg in node.all_input_nodes:
+            if arg.op == "get_attr":
+                keys.add(arg.target)
+    return keys
+
+
+def _spatial(shape: Optional[torch.Size]) -> int:
+    if shape is None or len(shape) <= 2:
+        return 1
+    return math.prod(shape[2:])
+
+
+def _split_segments(order_cuts: List[fx.Node], order: List[fx.Node]) -> List[List[fx.Node]]:
+    index = {n: i for i, n in enumerate(order)}
+    bounds = [index[c] for c in order_cuts]
+    return [order[a + 1:b + 1] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+_GLOBAL_POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_REDUCE_METHODS = {"mean", "amax", "sum", "max", "logsumexp"}
+_FLATTEN_FUNCTIONS = {torch.flatten}
+_FLATTEN_METHODS = {"flatten", "view", "reshape"}
+
+
+def _is_global_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Does ``node`` reduce a feature map to one value per channel (global pooling)?"""
+    shape = node.meta.get(SHAPE_KEY)
+    if shape is None or len(shape) < 2 or _spatial(shape) != 1:
+        return False
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, _GLOBAL_POOL_MODULES):
+            size = mod.output_size
+            return all(v == 1 for v in (size if isinstance(size, tuple) else (size,)))
+        return "globalpool" in type(mod).__name__.lower().replace("_", "")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        if "adaptive" in name and "pool" in name:
+            size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+            return size in (1, (1, 1), [1, 1])
+        if node.target in (torch.mean, torch.amax, torch.sum):
+            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            return _covers_spatial(dims)
+    if node.op == "call_method" and node.target in _REDUCE_METHODS:
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return _covers_spatial(dims)
+    return False
+
+
+def _covers_spatial(dims) -> bool:
+    if not isinstance(dims, (tuple, list)):
+        return False
+    return set(dims) in ({2, 3}, {-2, -1})
+
+
+def _is_flatten(gm: fx.GraphModule, node: fx.Node) -> bool:
+    shape = node.meta.get(SHAPE_KEY)
+    if shape is None or len(shape) != 2:
+        return False
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), nn.Flatten)
+    if node.op == "call_function":
+        return node.target in _FLATTEN_FUNCTIONS
+    return node.op == "call_method" and node.target in _FLATTEN_METHODS
+
+
+def _head_start(gm: fx.GraphModule, cuts: List[fx.Node], order: List[fx.Node]) -> int:
+    """Index into ``cuts`` of the cut point whose output is the head's input.
+
+    The head begins at the first cut point fed to a global pooling; failing that, to a flatten
+    (VGG's classifier on a 7x7 map); a convolutional classifier before it moves it earlier.
+    """
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    final = output.args[0]
+    if not isinstance(final, fx.Node) or final.meta.get(SHAPE_KEY) is None \
+            or len(final.meta[SHAPE_KEY]) != 2:
+        raise AugLocalError(
+            "no classifier head found: the model must return (N, num_classes) logits"
+        )
+    start = None
+    for test in (_is_global_pool, _is_flatten):
+        found = [k for k, c in enumerate(cuts) if k > 0 and any(test(gm, u) for u in c.users)]
+        if found:
+            start = found[0]
+            break
+    if start is None:
+        raise AugLocalError(
+            "no classifier head found: no global pooling or flatten before the output; "
+            "auglocal-fx needs a network that ends in pooling + classifier"
+        )
+    index = {n: i for i, n in enumerate(order)}
+    weights = [n for n in order if _has_weight_layer(gm, [n])]
+    if not weights:
+        raise AugLocalError("no classifier head found: the model has no conv or linear layer")
+    classifier = index[weights[-1]]
+    if classifier <= index[cuts[start]]:
+        # A convolutional classifier before the pooling (SqueezeNet): the head starts there.
+        start = max(k for k in range(len(cuts)) if index[cuts[k]] < classifier)
+    head_nodes = order[index[cuts[start]] + 1:]
+    if not _has_weight_layer(gm, head_nodes):
+        raise AugLocalError(
+            "no classifier head found: nothing with weights follows the global pooling"
+        )
+    return start
+
+
+def _boundary_cuts(gm: fx.GraphModule, cuts: List[fx.Node], order: List[fx.Node],
+                   boundaries: Sequence[str]) -> List[fx.Node]:
+    """The cut points after the named modules (user override of the block boundaries)."""
+    chosen = [cuts[0]]
+    cut_set = set(cuts)
+    for name in boundaries:
+        inside = [n for n in order if n.op == "call_module" and
+                  (n.target == name or str(n.target).startswith(name + "."))]
+        inside += [n for n in order if any(k == name or k.startswith(name + ".")
+                                           for k in _module_stack(n))]
+        if not inside:
+            raise AugLocalError(
+                f"block boundary {name!r} names no module the traced graph calls; use "
+                "`auglocal-fx blocks SPEC` to see the module names"
+            )
+        last = max(inside, key=order.index)
+        if last not in cut_set:
+            raise AugLocalError(
+                f"the output of module {name!r} is not a block boundary: other values computed "
+                "before it are still used after it; choose a module whose output carries everything"
+            )
+        chosen.append(last)
+    return sorted(set(chosen), key=order.index)
+
+
+def _module_stack(node: fx.Node) -> List[str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    names = []
+    for key, value in stack.items():
+        names.append(value[0] if isinstance(value, tuple) else str(key))
+    return names
+
+
+def _partition_graph(gm: fx.GraphModule, boundaries: Optional[Sequence[str]]) -> _GraphPartition:
+    graph = gm.graph
+    input_node = _single_input(graph)
+    order = _dependent_nodes(graph, input_node)
+    cuts = find_cut_points(graph)
+    start = _head_start(gm, cuts, order)
+    head_input = cuts[start]
+    body_cuts = cuts[:start + 1]
+    if boundaries:
+        chosen = _boundary_cuts(gm, body_cuts, order, boundaries)
+        if chosen[-1] is not head_input:
+            chosen.append(head_input)
+        blocks = _split_segments(chosen, order)
+    else:
+        blocks = []
+        pending: List[fx.Node] = []
+        for segment in _split_segments(body_cuts, order):
+            if _has_weight_layer(gm, segment):
+                blocks.append(pending + segment)
+                pending = []
+            elif blocks:
+                blocks[-1].extend(segment)
+            else:
+                pending.extend(segment)  # weightless prefix (input scaling): joins block 0
+        if pending:
+            raise AugLocalError("the network has no weight layer before its head")
+    index = {n: i for i, n in enumerate(order)}
+    head = order[index[head_input] + 1:]
+    if not blocks:
+        raise AugLocalError(
+            "the network has no block before its classifier head: nothing to train locally"
+        )
+    return _GraphPartition(input_node=input_node, blocks=blocks, head=head, head_input=head_input)
+
+
+def _extract(gm: fx.GraphModule, nodes: List[fx.Node], input_node: fx.Node,
+             name: str) -> fx.GraphModule:
+    """A GraphModule computing ``nodes`` from ``input_node``; free values are copied in."""
+    graph = fx.Graph()
+    env: Dict[fx.Node, fx.Node] = {}
+    placeholder = graph.placeholder("x")
+    placeholder.meta = dict(input_node.meta)
+    env[input_node] = placeholder
+    member = set(nodes)
+
+    def copy_free(node: fx.Node) -> fx.Node:
+        if node not in env:
+            if node in member or node.op == "placeholder":
+                raise AugLocalError(f"internal: node {node.name} used before it is computed")
+            env[node] = graph.node_copy(node, lambda a: copy_free(a))
+        return env[node]
+
+    for node in nodes:
+        for arg in node.all_input_nodes:
+            if arg not in env:
+                copy_free(arg)
+        env[node] = graph.node_copy(node, lambda a: env[a])
+    graph.output(env[nodes[-1]])
+    return fx.GraphModule(gm, graph, name)
+
+
+def _module_targets(nodes: Sequence[fx.Node]) -> List[str]:
+    return list(dict.fromkeys(str(n.target) for n in nodes if n.op == "call_module"))
+
+
+def _block_names(groups: List[List[str]]) -> List[List[str]]:
+    """Name each block by the module that holds all of its modules and nothing else."""
+    names = []
+    for i, targets in enumerate(groups):
+        if not targets:
+            names.append([])
+            continue
+        parts = [t.split(".") for t in targets]
+        common: List[str] = []
+        for level in zip(*parts):
+            if any(p != level[0] for p in level):
+                break
+            common.append(level[0])
+        prefix = ".".join(common)
+        others = (t for j, g in enumerate(groups) if j != i for t in g)
+        if prefix and not any(t == prefix or t.startswith(prefix + ".") for t in others):
+            names.append([prefix])
+        else:
+            names.append(targets)
+    return names
+
+
+def partition_blocks(traced: TracedModel, block_boundaries: Optional[Sequence[str]] = None) -> Partition:
+    """Cut a traced model into local blocks and the head.
+
+    Args:
+        traced: from :func:`auglocal_fx.tracing.trace_model`.
+        block_boundaries: optional module names whose outputs end a block (override).
+
+    Raises:
+        AugLocalError: no classifier head, no blocks, or a boundary that is not a cut point.
+    """
+    eval_part = _partition_graph(traced.eval_graph, block_boundaries)
+    train_part = None
+    if traced.train_graph is not None:
+        try:
+            train_part = _partition_graph(traced.train_graph, block_boundaries)
+        except AugLocalError:
+            train_part = None
+        if train_part is not None and not _same_blocks(traced, eval_part, train_part):
+            train_part = None
+        if train_part is None:
+            warnings.warn(
+                "auglocal-fx: the train-mode graph does not split into the same blocks as the "
+                "eval-mode graph; the eval-mode graph is used in both modes (training-only code "
+                "outside leaf modules is not applied)",
+                stacklevel=2,
+            )
+    blocks = []
+    for j, nodes in enumerate(eval_part.blocks):
+        inp = eval_part.input_node if j == 0 else eval_part.blocks[j - 1][-1]
+        eval_gm = _extract(traced.eval_graph, nodes, inp, f"Block{j}")
+        train_gm = None
+        if train_part is not None:
+            t_inp = train_part.input_node if j == 0 else train_part.blocks[j - 1][-1]
+            train_gm = _extract(traced.train_graph, train_part.blocks[j], t_inp, f"Block{j}Train")
+            if train_gm.code == eval_gm.code:
+                train_gm = None
+        blocks.append(GraphBlock(eval_gm, train_gm))
+    head_eval = _extract(traced.eval_graph, eval_part.head, eval_part.head_input, "Head")
+    head_train = None
+    if train_part is not None:
+        head_train = _extract(traced.train_graph, train_part.head, train_part.head_input, "HeadTrain")
+        if head_train.code == head_eval.code:
+            head_train = None
+    shapes = [tuple(nodes[-1].meta[SHAPE_KEY][1:]) for nodes in eval_part.blocks]
+    in_shapes = [tuple(eval_part.input_node.meta[SHAPE_KEY][1:])] + shapes[:-1]
+    return Partition(
+        blocks=blocks,
+        head=GraphBlock(head_eval, head_train),
+        block_shapes=shapes,
+        block_input_shapes=in_shapes,
+        block_names=_block_names([_module_targets(n) for n in eval_part.blocks + [eval_part.head]])[:-1],
+        head_names=_block_names([_module_targets(n) for n in eval_part.blocks + [eval_part.head]])[-1],
+    )
+
+
+def _same_blocks(traced: TracedModel, a: _GraphPartition, b: _GraphPartition) -> bool:
+    if len(a.blocks) != len(b.blocks):
+        return False
+    for nodes_a, nodes_b in zip(a.blocks + [a.head], b.blocks + [b.head]):
+        if _weight_keys(traced.eval_graph, nodes_a) != _weight_keys(traced.train_graph, nodes_b):
+            return False
+    return True

@@ -1,0 +1,143 @@
+"""Figures for ``auglocal-fx report --plot`` and ``auglocal-fx blocks --svg`` (matplotlib, Agg).
+
+The file type follows the extension (``.png``, ``.svg``, ``.pdf``). Plotting only: the numbers
+come from :mod:`auglocal_fx.costs` and :mod:`auglocal_fx.flops`.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .errors import AugLocalError
+
+__all__ = ["check_figure_path", "plot_report", "plot_blocks"]
+
+_EXTS = (".png", ".svg", ".pdf")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def check_figure_path(path: str) -> None:
+    """Check a figure path before any work is done.
+
+    Raises:
+        AugLocalError: if the extension is not .png/.svg/.pdf or the folder does not exist.
+    """
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in _EXTS:
+        raise AugLocalError(f"cannot write a figure to {path!r}: use a .png, .svg or .pdf name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise AugLocalError(f"folder {folder!r} does not exist: create it or choose another path")
+
+
+def plot_report(report, path: str) -> None:
+    """FLOPs and memory per method, and the per-block profile of FLOPs and activation size.
+
+    Args:
+        report: a :class:`~auglocal_fx.costs.CostReport`.
+        path: output file (``.png``, ``.svg`` or ``.pdf``).
+    """
+    check_figure_path(path)
+    plt = _pyplot()
+    has_mem = any(r.memory is not None for r in report.rows)
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2), dpi=80)
+    names = [r.method.replace("AugLocal ", "") for r in report.rows]
+    colors = ["#555555", "#999999"] + ["#1f77b4"] * (len(names) - 2)
+
+    ax = axes[0]
+    ax.bar(names, [r.flops / 1e9 for r in report.rows], color=colors)
+    ax.set_ylabel("forward GFLOPs / example")
+    ax.set_title("FLOPs (1 multiply-add = 1 FLOP)", fontsize=9)
+    ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+
+    ax = axes[1]
+    if has_mem:
+        ax.bar(names, [(r.memory or 0) / 2 ** 20 for r in report.rows], color=colors)
+        ax.set_ylabel("MiB")
+        what = "CUDA peak" if report.device.startswith("cuda") else "saved for backward"
+        ax.set_title(f"measured memory ({what}), batch {report.batch_size}", fontsize=9)
+        ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+    else:
+        ax.axis("off")
+        ax.text(0.5, 0.5, "memory not measured\n(" + (report.memory_note or "") + ")",
+                ha="center", va="center", fontsize=8, wrap=True)
+
+    ax = axes[2]
+    idx = [p["index"] for p in report.profile]
+    ax.bar(idx, [p["flops"] / 1e6 for p in report.profile], color="#1f77b4")
+    ax.set_xlabel("primary block")
+    ax.set_ylabel("MFLOPs / example", color="#1f77b4")
+    twin = ax.twinx()
+    twin.plot(idx, [p["activation_bytes"] / 2 ** 20 for p in report.profile], color="#d62728",
+              marker=".", linewidth=1)
+    twin.set_ylabel(f"output MiB (batch {report.batch_size})", color="#d62728")
+    ax.set_title("per-block FLOPs and activation size", fontsize=9)
+
+    fig.suptitle(f"{report.model} at {'x'.join(map(str, report.input_size))}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_blocks(flops, path: str) -> None:
+    """The partition and, per auxiliary network, the later blocks it copies.
+
+    Top row: the primary blocks (shaded by output resolution) and the head. Below, one row per
+    auxiliary network ``j``: a square on block ``j`` and a dot on each block its auxiliary
+    network copies (a ring where the copy halves the resolution).
+
+    Args:
+        flops: a :class:`~auglocal_fx.flops.LocalFlops`.
+        path: output file (``.svg``, ``.png`` or ``.pdf``).
+    """
+    check_figure_path(path)
+    plt = _pyplot()
+    blocks, aux = flops.blocks, flops.aux
+    num = len(blocks)
+    width = min(16.0, max(6.5, 2.5 + 0.28 * (num + 1)))
+    height = min(14.0, 1.6 + 0.18 * (len(aux) + 2))
+    fig, ax = plt.subplots(figsize=(width, height), dpi=80)
+    res = sorted({b.output_shape[-1] if len(b.output_shape) > 1 else 1 for b in blocks},
+                 reverse=True)
+    shade = {r: 0.35 + 0.55 * i / max(1, len(res) - 1) for i, r in enumerate(res)}
+    cmap = plt.get_cmap("Blues")
+    for b in blocks:
+        r = b.output_shape[-1] if len(b.output_shape) > 1 else 1
+        ax.add_patch(plt.Rectangle((b.index - 0.4, 0.6), 0.8, 0.8, color=cmap(shade[r])))
+    ax.add_patch(plt.Rectangle((num - 0.4, 0.6), 0.8, 0.8, color="#999999"))
+    ax.text(num, 1.0, "H", ha="center", va="center", fontsize=7, color="white")
+    for a in aux:
+        y = -(a.block + 1) * 0.5
+        xs = [a.block] + list(a.selected)
+        ax.plot(xs + [num], [y] * (len(xs) + 1), color="#cccccc", linewidth=0.8, zorder=1)
+        ax.scatter([a.block], [y], marker="s", s=18, color="#d62728", zorder=2)
+        for k, s in zip(a.selected, a.strides):
+            ax.scatter([k], [y], s=16, zorder=2, color="white" if s == 2 else "#1f77b4",
+                       edgecolors="#1f77b4")
+        ax.scatter([num], [y], marker="s", s=10, color="#999999", zorder=2)
+    ax.set_xlim(-1, num + 1)
+    ax.set_ylim(-(len(aux) + 1) * 0.5, 1.6)
+    step = max(1, num // 20)
+    ax.set_xticks(list(range(0, num, step)))
+    ax.set_yticks([])
+    ax.set_xlabel("primary block (shade: output resolution; H: head)")
+    ax.set_ylabel("auxiliary network j (top to bottom)")
+    opts = getattr(flops.local, "options", {}) or {}
+    desc = ", ".join(f"{k}={v}" for k, v in opts.items() if k in ("d", "tau", "pyramid", "selection"))
+    ax.set_title(f"{getattr(flops.local, 'spec', None) or 'model'}: {num} blocks, "
+                 f"{len(aux)} auxiliary networks ({desc})\nred: block the auxiliary network is "
+                 "attached to; blue: copied block; ring: the copy halves the resolution",
+                 fontsize=8)
+    for side in ("top", "right", "left"):
+        ax.spines[side].set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

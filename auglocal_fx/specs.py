@@ -1,0 +1,263 @@
+"""Model specs: ``timm:NAME``, ``torchvision:NAME``, ``paper:NAME`` and ``path/file.py:factory``.
+
+A spec names an architecture; :func:`resolve_model` creates it with random weights (nothing is
+ever downloaded), optionally loads a local weights file, and knows the default input size.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .errors import AugLocalError
+
+__all__ = ["ModelSpec", "resolve_model", "PREFIXES"]
+
+PREFIXES = ("timm", "torchvision", "paper")
+
+
+@dataclass
+class ModelSpec:
+    """A resolved spec: the created model and what is needed to create it again.
+
+    Attributes:
+        spec: the spec string, e.g. ``"timm:regnetx_004"``.
+        model: the model created from it (random weights, or the given weights file).
+        input_size: ``(C, H, W)`` the model is converted at.
+        num_classes: classifier width.
+    """
+
+    spec: str
+    model: nn.Module
+    input_size: Tuple[int, int, int]
+    num_classes: int
+    _factory: Callable[[], nn.Module]
+
+    @property
+    def name(self) -> str:
+        """A short name for files and tables (``regnetx_004`` for ``timm:regnetx_004``)."""
+        tail = self.spec.rsplit(":", 1)[-1]
+        return os.path.splitext(os.path.basename(tail))[0] or "model"
+
+    def create(self) -> nn.Module:
+        """A fresh model of the same architecture (random weights)."""
+        return self._factory()
+
+
+def _check_input_size(input_size: Optional[Sequence[int]]) -> Optional[Tuple[int, int, int]]:
+    if input_size is None:
+        return None
+    size = tuple(int(v) for v in input_size)
+    if len(size) != 3 or min(size) < 1:
+        raise AugLocalError(
+            f"input size {tuple(input_size)} is invalid: give three positive integers C H W, "
+            "e.g. 3 224 224"
+        )
+    return size  # type: ignore[return-value]
+
+
+def _timm_factory(name: str, num_classes: Optional[int]):
+    import timm
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name}*")[:5]
+        hint = f" Close names: {', '.join(close)}." if close else " See timm.list_models()."
+        raise AugLocalError(f"unknown timm model {name!r}.{hint}")
+
+    def factory() -> nn.Module:
+        kwargs = {} if num_classes is None else {"num_classes": num_classes}
+        return timm.create_model(name, pretrained=False, **kwargs)
+
+    return factory
+
+
+def _timm_input_size(model: nn.Module) -> Tuple[int, int, int]:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = cfg.get("input_size") or (3, 224, 224)
+    return tuple(int(v) for v in size)  # type: ignore[return-value]
+
+
+def _torchvision_factory(name: str, num_classes: Optional[int]):
+    import torchvision
+
+    available = set(torchvision.models.list_models(module=torchvision.models))
+    if name not in available:
+        close = sorted(n for n in available if name.split("_")[0] in n)[:5]
+        hint = f" Close names: {', '.join(close)}." if close else ""
+        raise AugLocalError(
+            f"unknown torchvision classification model {name!r}.{hint} "
+            "See torchvision.models.list_models(module=torchvision.models)."
+        )
+
+    def factory() -> nn.Module:
+        kwargs = {"weights": None}
+        if num_classes is not None:
+            kwargs["num_classes"] = num_classes
+        if name in ("googlenet", "inception_v3"):
+            # Their default re-initialisation with scipy's truncnorm is slow and irrelevant here.
+            kwargs["init_weights"] = True
+        return torchvision.models.get_model(name, **kwargs)
+
+    return factory
+
+
+def _paper_factory(name: str, num_classes: Optional[int]):
+    from .models import PAPER_MODELS
+
+    if name not in PAPER_MODELS:
+        raise AugLocalError(
+            f"unknown paper model {name!r}: choose one of {', '.join(sorted(PAPER_MODELS))}"
+        )
+    build = PAPER_MODELS[name]
+    return lambda: build(num_classes=10 if num_classes is None else num_classes)
+
+
+def _file_factory(path: str, factory_name: str, num_classes: Optional[int]):
+    if not os.path.isfile(path):
+        raise AugLocalError(f"model file {path!r} does not exist: give path/to/file.py:factory")
+    module_name = f"_auglocal_user_{abs(hash(os.path.abspath(path)))}"
+    module = sys.modules.get(module_name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        if spec is None or spec.loader is None:
+            raise AugLocalError(f"cannot import {path!r} as Python: give a .py file")
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:  # the user's file: report, don't crash
+            raise AugLocalError(f"importing {path!r} failed: {type(exc).__name__}: {exc}") from exc
+        sys.modules[module_name] = module
+    fn = getattr(module, factory_name, None)
+    if not callable(fn):
+        names = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
+        raise AugLocalError(
+            f"{path!r} has no callable {factory_name!r}: define a function that returns an "
+            f"nn.Module (callables found: {', '.join(names[:8]) or 'none'})"
+        )
+    takes_classes = "num_classes" in inspect.signature(fn).parameters
+
+    def factory() -> nn.Module:
+        model = fn(num_classes=num_classes) if (takes_classes and num_classes) else fn()
+        if not isinstance(model, nn.Module):
+            raise AugLocalError(
+                f"{path}:{factory_name} returned {type(model).__name__}, not an nn.Module"
+            )
+        return model
+
+    return factory
+
+
+def _split_spec(spec: str) -> Tuple[str, str]:
+    if ":" not in spec:
+        raise AugLocalError(
+            f"model spec {spec!r} has no prefix: use timm:NAME, torchvision:NAME, paper:NAME "
+            "or path/to/file.py:factory"
+        )
+    # A file path may itself contain ':'; the factory name never does.
+    prefix, name = spec.rsplit(":", 1) if ".py:" in spec else spec.split(":", 1)
+    if not name:
+        raise AugLocalError(f"model spec {spec!r} names no model after {prefix!r}:")
+    return prefix, name
+
+
+def _infer_num_classes(model: nn.Module, input_size: Tuple[int, int, int]) -> int:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, *input_size))
+    except Exception as exc:
+        raise AugLocalError(
+            f"the model fails on an input of size {input_size}: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}; check --input-size"
+        ) from exc
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise AugLocalError(
+            "no classifier head: the model's output is not a (N, num_classes) tensor; "
+            "auglocal-fx needs a classification network"
+        )
+    return int(out.shape[1])
+
+
+def resolve_model(
+    spec: str,
+    num_classes: Optional[int] = None,
+    input_size: Optional[Sequence[int]] = None,
+    weights: Optional[str] = None,
+) -> ModelSpec:
+    """Create the model a spec names, with random weights or a local weights file.
+
+    Args:
+        spec: ``timm:NAME``, ``torchvision:NAME``, ``paper:resnet32|resnet110|vgg19`` or
+            ``path/to/file.py:factory`` (a function returning an ``nn.Module``; it gets
+            ``num_classes=`` when it accepts it).
+        num_classes: classifier width; default: the architecture's own (1000 for ImageNet
+            models, 10 for the paper's CIFAR networks).
+        input_size: ``(C, H, W)``; default: timm's pretrained config, 224 for torchvision,
+            32 for the paper's networks, ``(3, 224, 224)`` for a file.
+        weights: a local ``state_dict`` file to load strictly (never downloaded).
+
+    Raises:
+        AugLocalError: unknown prefix or model, missing file or factory, unreadable weights.
+    """
+    if num_classes is not None and (isinstance(num_classes, bool) or int(num_classes) < 1):
+        raise AugLocalError(f"num_classes={num_classes!r} is invalid: give a positive integer")
+    size = _check_input_size(input_size)
+    prefix, name = _split_spec(spec)
+    if prefix == "timm":
+        factory = _timm_factory(name, num_classes)
+    elif prefix == "torchvision":
+        factory = _torchvision_factory(name, num_classes)
+    elif prefix == "paper":
+        factory = _paper_factory(name, num_classes)
+    elif prefix.endswith(".py"):
+        factory = _file_factory(prefix, name, num_classes)
+    else:
+        raise AugLocalError(
+            f"unknown spec prefix {prefix!r} in {spec!r}: use timm:, torchvision:, paper: or "
+            "path/to/file.py:factory"
+        )
+    model = factory()
+    if size is None:
+        if prefix == "timm":
+            size = _timm_input_size(model)
+        elif prefix == "paper":
+            size = (3, 32, 32)
+        else:
+            size = (3, 224, 224)
+    if weights is not None:
+        load_weights(model, weights)
+    classes = num_classes if num_classes is not None else _infer_num_classes(model, size)
+    return ModelSpec(spec=spec, model=model, input_size=size, num_classes=int(classes),
+                     _factory=factory)
+
+
+def load_weights(model: nn.Module, path: str) -> None:
+    """Load a local ``state_dict`` file strictly into ``model``.
+
+    Raises:
+        AugLocalError: when the file is missing, unreadable or does not fit the model.
+    """
+    if not os.path.isfile(path):
+        raise AugLocalError(f"weights file {path!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise AugLocalError(f"cannot read weights file {path!r}: {exc}; is it a torch.save'd "
+                            "state_dict?") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    try:
+        model.load_state_dict(state, strict=True)
+    except Exception as exc:
+        first = str(exc).splitlines()[0]
+        raise AugLocalError(f"weights in {path!r} do not fit the model: {first}") from exc

@@ -1,0 +1,619 @@
+"""Synthesis of auxiliary networks from fresh copies of later blocks (DESIGN.md rule 5).
+
+``aux_j`` is a fresh-initialised copy of each block in ``S_j``, in order, then a fresh copy of
+the head. Each copy is the block's traced subgraph, adapted to what actually reaches it:
+
+* stride: a copy reduces the resolution by exactly the factor the plan gives (1 or 2). Strides
+  of the original's reducing convolutions and poolings are lowered (a removed 2x pooling becomes
+  nothing), or the first spatial operation on each path from the input gets stride 2;
+* channels: a weight layer or norm that receives another channel count is re-created for it
+  (same class, same options, new width); where the changed input reaches a residual merge
+  through no weight layer (an identity shortcut), that shortcut becomes a projection
+  (1x1 conv with the block's stride + BatchNorm), as a residual block with different in/out
+  shapes is normally built;
+* anything else that cannot take the new shape (a depthwise convolution, a hard-coded split)
+  gets a 1x1 conv + BatchNorm in front of it that restores the channel count it was built for.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import operator
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .errors import AugLocalError
+from .partition import Partition
+from .planning import AuxPlan
+from .tracing import SHAPE_KEY
+
+__all__ = ["AuxNet", "synthesize_aux_net", "adapt_copy"]
+
+
+class AuxNet(nn.Sequential):
+    """An auxiliary network: adapted block copies followed by a head copy.
+
+    Attributes:
+        plan: the :class:`~auglocal_fx.planning.AuxPlan` it was built from.
+    """
+
+    def __init__(self, modules: Sequence[nn.Module], plan: AuxPlan):
+        super().__init__(*modules)
+        self.plan = plan
+
+
+class _Restart(Exception):
+    """The graph changed upstream of values already computed: run the repair again."""
+
+
+_MERGE_FUNCTIONS = {operator.add, operator.iadd, operator.mul, operator.imul, operator.sub,
+                    operator.isub, torch.add, torch.mul, torch.sub}
+_MERGE_METHODS = {"add", "add_", "mul", "mul_", "sub", "sub_"}
+_CAT_FUNCTIONS = {torch.cat, torch.concat}
+_POOL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, torch.max_pool2d}
+_POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d)
+
+
+def _reset_parameters(gm: nn.Module) -> None:
+    """Fresh initialisation: auxiliary weights are never shared with (or copied from) the primary."""
+    for module in gm.modules():
+        if module is gm:
+            continue
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+        if hasattr(module, "reset_running_stats"):
+            module.reset_running_stats()
+
+
+def _replace_module(gm: fx.GraphModule, target: str, new: nn.Module) -> None:
+    parent_name, _, name = target.rpartition(".")
+    parent = gm.get_submodule(parent_name) if parent_name else gm
+    setattr(parent, name, new)
+
+
+def _resolution(shape: Optional[torch.Size]) -> Optional[int]:
+    return int(shape[2]) if shape is not None and len(shape) >= 4 else None
+
+
+def _tensor_inputs(node: fx.Node) -> List[fx.Node]:
+    return [a for a in node.all_input_nodes if a.meta.get(SHAPE_KEY) is not None
+            and a.op != "get_attr"]
+
+
+def _activation_inputs(node: fx.Node, dependent: set) -> List[fx.Node]:
+    return [a for a in node.all_input_nodes if a in dependent]
+
+
+def _dependent(graph: fx.Graph) -> set:
+    deps = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" or any(a in deps for a in node.all_input_nodes):
+            deps.add(node)
+    return deps
+
+
+# ---------------------------------------------------------------------------------------------
+# stride adaptation
+
+
+def _set_conv_stride(conv: nn.modules.conv._ConvNd, stride: int) -> None:
+    dims = len(conv.kernel_size)
+    conv.stride = (stride,) * dims
+    if type(conv).__name__.endswith("Same") or getattr(conv, "same_pad", False):
+        return  # timm's 'same' convolutions pad for their stride at run time
+    eff = [d * (k - 1) for k, d in zip(conv.kernel_size, conv.dilation)]
+    if stride == 1 and any(e % 2 for e in eff):
+        conv.padding = "same"  # even kernels: asymmetric padding keeps the size
+    else:
+        conv.padding = tuple(e // 2 for e in eff)
+
+
+def _is_spatial_op(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A convolution with a kernel larger than 1, or a pooling window."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, nn.modules.conv._ConvNd):
+            return any(k > 1 for k in mod.kernel_size)
+        return isinstance(mod, _POOL_MODULES)
+    return node.op == "call_function" and node.target in _POOL_FUNCTIONS
+
+
+def _set_stride(gm: fx.GraphModule, node: fx.Node, stride: int) -> None:
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, nn.modules.conv._ConvNd):
+            _set_conv_stride(mod, stride)
+            return
+        if isinstance(mod, _POOL_MODULES):
+            if stride == 1:
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+            else:
+                mod.stride = stride
+                if isinstance(mod.kernel_size, int) and mod.kernel_size > 1 and mod.padding == 0 \
+                        and mod.kernel_size % 2:
+                    mod.padding = mod.kernel_size // 2
+            return
+    if node.op == "call_function" and node.target in _POOL_FUNCTIONS:
+        if stride == 1:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+        else:
+            args = list(node.args)
+            kwargs = dict(node.kwargs)
+            if len(args) > 2:
+                args[2] = stride
+            else:
+                kwargs["stride"] = stride
+            node.args, node.kwargs = tuple(args), kwargs
+        return
+    raise AugLocalError(
+        f"cannot change the stride of {node.format_node()}: auxiliary copies of this block "
+        "type are not supported; give other block boundaries or another selection"
+    )
+
+
+def _adapt_stride(gm: fx.GraphModule, stride: int) -> None:
+    """Make the copy reduce its input resolution by ``stride`` (1 or 2) exactly."""
+    graph = gm.graph
+    placeholder = next(n for n in graph.nodes if n.op == "placeholder")
+    r0 = _resolution(placeholder.meta.get(SHAPE_KEY))
+    if r0 is None:
+        return
+    want = int(round(math.log2(stride)))
+    reducing = []
+    for node in graph.nodes:
+        res_out = _resolution(node.meta.get(SHAPE_KEY))
+        ins = [_resolution(a.meta.get(SHAPE_KEY)) for a in _tensor_inputs(node)]
+        ins = [r for r in ins if r is not None]
+        if res_out is None or not ins or node.op == "output":
+            continue
+        res_in = max(ins)
+        if res_out < res_in:
+            level_in = int(round(math.log2(r0 / res_in)))
+            level_out = int(round(math.log2(r0 / res_out)))
+            reducing.append((node, level_in, level_out))
+    has = max((lo for _, _, lo in reducing), default=0)
+    for node, level_in, level_out in reducing:
+        new = 2 ** (min(level_out, want) - min(level_in, want))
+        if new != 2 ** (level_out - level_in):
+            _set_stride(gm, node, new)
+    if has < want:
+        _add_first_strides(gm, placeholder)
+    graph.lint()
+
+
+def _add_first_strides(gm: fx.GraphModule, placeholder: fx.Node) -> None:
+    """Stride 2 at the first spatial op of every path from the input (merges are repaired)."""
+    deps = _dependent(gm.graph)
+    marked: List[fx.Node] = []
+    first_conv: Optional[fx.Node] = None
+    seen = set()
+    stack = list(placeholder.users)
+    while stack:
+        node = stack.pop()
+        if node in seen or node.op == "output":
+            continue
+        seen.add(node)
+        if len(_activation_inputs(node, deps)) > 1:
+            continue
+        if node.op == "call_module" and first_conv is None and isinstance(
+                gm.get_submodule(node.target), nn.modules.conv._ConvNd):
+            first_conv = node
+        if _is_spatial_op(gm, node):
+            marked.append(node)
+            continue
+        stack.extend(node.users)
+    if not marked and first_conv is not None:
+        marked = [first_conv]
+    if not marked:
+        raise AugLocalError(
+            "cannot make an auxiliary copy of a block without a convolution or pooling reduce "
+            "the resolution; give other block boundaries"
+        )
+    for node in marked:
+        _set_stride(gm, node, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# channel adaptation
+
+
+def _resize_conv(conv: nn.modules.conv._ConvNd, in_channels: int) -> nn.Module:
+    new = copy.deepcopy(conv)
+    groups = conv.groups
+    if groups > 1 and in_channels % groups:
+        raise _NeedsAdapter
+    new.in_channels = in_channels
+    shape = (new.out_channels, in_channels // groups, *conv.kernel_size)
+    if conv.transposed:
+        shape = (in_channels, new.out_channels // groups, *conv.kernel_size)
+    new.weight = nn.Parameter(torch.empty(shape, device=conv.weight.device, dtype=conv.weight.dtype))
+    new.reset_parameters()
+    return new
+
+
+def _resize_linear(linear: nn.Linear, in_features: int) -> nn.Module:
+    new = copy.deepcopy(linear)
+    new.in_features = in_features
+    new.weight = nn.Parameter(torch.empty(linear.out_features, in_features,
+                                          device=linear.weight.device, dtype=linear.weight.dtype))
+    new.reset_parameters()
+    return new
+
+
+def _feature_count(module: nn.Module) -> Optional[int]:
+    for attr in ("num_features", "num_channels"):
+        if isinstance(getattr(module, attr, None), int):
+            return getattr(module, attr)
+    shape = getattr(module, "normalized_shape", None)
+    if shape:
+        return int(shape[-1])
+    return None
+
+
+def _resize_norm(norm: nn.Module, old: int, new_count: int) -> nn.Module:
+    new = copy.deepcopy(norm)
+    for module in new.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.dim() == 1 and param.shape[0] == old:
+                module._parameters[name] = nn.Parameter(
+                    torch.ones(new_count, dtype=param.dtype, device=param.device))
+        for name, buf in list(module._buffers.items()):
+            if buf is not None and buf.dim() == 1 and buf.shape[0] == old:
+                module._buffers[name] = torch.zeros(new_count, dtype=buf.dtype, device=buf.device)
+        if getattr(module, "num_features", None) == old:
+            module.num_features = new_count
+        if getattr(module, "num_channels", None) == old:
+            module.num_channels = new_count
+            groups = getattr(module, "num_groups", 1)
+            module.num_groups = math.gcd(groups, new_count)
+        shape = getattr(module, "normalized_shape", None)
+        if shape and shape[-1] == old:
+            module.normalized_shape = (*shape[:-1], new_count)
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+        elif hasattr(module, "reset_running_stats"):
+            module.reset_running_stats()
+    return new
+
+
+class _NeedsAdapter(Exception):
+    """A module that cannot be re-created for the new channel count."""
+
+
+def _is_norm_like(module: nn.Module) -> bool:
+    params = list(module.parameters()) + list(module.buffers())
+    return bool(params) and all(t.dim() <= 1 for t in params) and _feature_count(module) is not None
+
+
+def _refit_module(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor,
+                  original: Optional[torch.Size]) -> None:
+    """Re-create the module at ``node`` for the channel count of ``value`` if it differs."""
+    module = gm.get_submodule(node.target)
+    if isinstance(module, nn.modules.conv._ConvNd):
+        if value.dim() >= 3 and value.shape[1] != module.in_channels:
+            if module.groups > 1 and module.groups == module.in_channels:
+                raise _NeedsAdapter  # depthwise: keep the block's own width
+            _replace_module(gm, node.target, _resize_conv(module, int(value.shape[1])))
+    elif isinstance(module, nn.Linear):
+        if value.shape[-1] != module.in_features:
+            _replace_module(gm, node.target, _resize_linear(module, int(value.shape[-1])))
+    elif _is_norm_like(module):
+        old = _feature_count(module)
+        if original is None or len(original) != value.dim():
+            return
+        for dim in (1, -1):
+            if original[dim] == old and value.shape[dim] != old:
+                _replace_module(gm, node.target, _resize_norm(module, old, int(value.shape[dim])))
+                return
+    elif any(True for _ in module.parameters()):
+        if original is not None and tuple(value.shape[1:2]) != tuple(original[1:2]):
+            raise _NeedsAdapter
+
+
+def _projection(in_channels: int, out_channels: int, stride: int, dims: int) -> nn.Module:
+    if dims == 2:
+        return nn.Sequential(nn.Linear(in_channels, out_channels, bias=False),
+                             nn.BatchNorm1d(out_channels))
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+        nn.BatchNorm2d(out_channels),
+    )
+
+
+def _identity_derived(node: fx.Node, gm: fx.GraphModule, deps: set) -> bool:
+    """Does ``node`` reach the input through weightless single-input operations only?"""
+    while node.op != "placeholder":
+        inputs = _activation_inputs(node, deps)
+        if len(inputs) != 1:
+            return False
+        if node.op == "call_module" and any(True for _ in gm.get_submodule(node.target).parameters()):
+            return False
+        node = inputs[0]
+    return True
+
+
+def _upstream_pointwise_conv(node: fx.Node, gm: fx.GraphModule, deps: set) -> Optional[fx.Node]:
+    """The nearest 1x1 stride-1 conv upstream of ``node`` on a single-input path, if any."""
+    while node.op != "placeholder":
+        inputs = _activation_inputs(node, deps)
+        if len(inputs) != 1:
+            return None
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, nn.modules.conv._ConvNd):
+                ok = all(k == 1 for k in mod.kernel_size) and all(s == 1 for s in mod.stride)
+                return node if ok else None
+        node = inputs[0]
+    return None
+
+
+class _Repairer:
+    """Runs the copy on an input of the new shape, re-creating what does not fit."""
+
+    def __init__(self, gm: fx.GraphModule, in_shape: Tuple[int, ...]):
+        self.gm = gm
+        self.in_shape = in_shape
+        self.count = 0
+
+    def _add_module(self, module: nn.Module, stem: str) -> str:
+        self.count += 1
+        name = f"auglocal_{stem}_{self.count}"
+        while hasattr(self.gm, name):
+            self.count += 1
+            name = f"auglocal_{stem}_{self.count}"
+        self.gm.add_submodule(name, module)
+        return name
+
+    def _insert_before(self, user: fx.Node, source: fx.Node, module: nn.Module, stem: str,
+                       env: Dict[fx.Node, Any]) -> fx.Node:
+        name = self._add_module(module, stem)
+        with self.gm.graph.inserting_before(user):
+            new = self.gm.graph.call_module(name, (source,))
+        module.to(env[source].device).eval()
+        with torch.no_grad():
+            env[new] = module(env[source])
+        new.meta[SHAPE_KEY] = env[new].shape
+        user.replace_input_with(source, new)
+        return new
+
+    def run(self) -> torch.Tensor:
+        for _ in range(8):
+            try:
+                return self._run_once()
+            except _Restart:
+                continue
+        raise AugLocalError("internal: the auxiliary copy did not settle; please report this model")
+
+    def _run_once(self) -> torch.Tensor:
+        gm, graph = self.gm, self.gm.graph
+        deps = _dependent(graph)
+        original = {n: n.meta.get("auglocal_original_shape", n.meta.get(SHAPE_KEY))
+                    for n in graph.nodes}
+        for n in graph.nodes:
+            n.meta.setdefault("auglocal_original_shape", original[n])
+        env: Dict[fx.Node, Any] = {}
+        gm.eval()
+        with torch.no_grad():
+            for node in list(graph.nodes):
+                if node.op == "placeholder":
+                    env[node] = torch.empty(1, *self.in_shape, device="meta")
+                elif node.op == "output":
+                    return env[node.args[0]]
+                elif node.op == "get_attr":
+                    env[node] = _fetch_attr(gm, node.target)
+                else:
+                    if node in deps:
+                        self._fix_merge(node, env, deps)
+                    env[node] = self._run_node(node, env, original, deps)
+                if isinstance(env[node], torch.Tensor):
+                    node.meta[SHAPE_KEY] = env[node].shape
+        raise AugLocalError("internal: graph without output")
+
+    def _run_node(self, node: fx.Node, env, original, deps) -> Any:
+        for attempt in range(2):
+            tensors = _activation_inputs(node, deps)
+            first = tensors[0] if tensors else None
+            try:
+                if node.op == "call_module" and first is not None:
+                    _refit_module(self.gm, node, env[first], original.get(first))
+                return _execute(self.gm, node, env)
+            except (_NeedsAdapter, RuntimeError, ValueError, IndexError, TypeError) as exc:
+                if attempt or first is None or not self._adapt_channels(node, first, env, original):
+                    raise AugLocalError(
+                        f"cannot adapt {node.format_node()} of an auxiliary copy to its new "
+                        f"input shape ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                        "give other block boundaries or another selection"
+                    ) from exc
+        raise AssertionError("unreachable")
+
+    def _adapt_channels(self, node: fx.Node, source: fx.Node, env, original) -> bool:
+        """Insert a 1x1 conv + BN restoring the channel count ``node`` was built for."""
+        want = original.get(source)
+        have = env[source]
+        if want is None or not isinstance(have, torch.Tensor) or have.dim() != len(want) \
+                or have.dim() not in (2, 4) or int(have.shape[1]) == int(want[1]):
+            return False
+        proj = _projection(int(have.shape[1]), int(want[1]), 1, have.dim())
+        self._insert_before(node, source, proj, "adapter", env)
+        return True
+
+    def _fix_merge(self, node: fx.Node, env, deps) -> None:
+        is_cat = node.op == "call_function" and node.target in _CAT_FUNCTIONS
+        is_ew = (node.op == "call_function" and node.target in _MERGE_FUNCTIONS) or (
+            node.op == "call_method" and node.target in _MERGE_METHODS)
+        if not (is_cat or is_ew):
+            return
+        operands = [a for a in _activation_inputs(node, deps)
+                    if isinstance(env.get(a), torch.Tensor) and env[a].dim() == 4]
+        if len(operands) < 2:
+            return
+        if is_cat:
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            if dim not in (1, -3):
+                return
+            target_hw = min((tuple(env[a].shape[2:]) for a in operands), key=lambda s: s[0])
+            for a in operands:
+                if tuple(env[a].shape[2:]) != target_hw:
+                    self._fix_operand(node, a, int(env[a].shape[1]), target_hw, env, deps)
+            return
+        a, b = operands[:2]
+        ta, tb = env[a], env[b]
+        if _broadcastable(ta.shape, tb.shape):
+            return
+        a_id, b_id = _identity_derived(a, self.gm, deps), _identity_derived(b, self.gm, deps)
+        if a_id and not b_id:
+            fix, ref = a, tb
+        elif b_id and not a_id:
+            fix, ref = b, ta
+        elif ta.shape[2] > tb.shape[2] or (ta.shape[2] == tb.shape[2] and a_id):
+            fix, ref = a, tb
+        else:
+            fix, ref = b, ta
+        self._fix_operand(node, fix, int(ref.shape[1]), tuple(ref.shape[2:]), env, deps)
+
+    def _fix_operand(self, node: fx.Node, source: fx.Node, channels: int,
+                     hw: Tuple[int, ...], env, deps) -> None:
+        value = env[source]
+        have_hw = tuple(value.shape[2:])
+        stride = 1
+        if have_hw != hw:
+            stride = int(round(have_hw[0] / hw[0]))
+            if stride < 1 or tuple(math.ceil(h / stride) for h in have_hw) != hw:
+                raise AugLocalError(
+                    f"cannot match resolutions {have_hw} and {hw} at {node.format_node()} in an "
+                    "auxiliary copy; give other block boundaries"
+                )
+        if not _identity_derived(source, self.gm, deps) and stride > 1 and channels == value.shape[1]:
+            conv = _upstream_pointwise_conv(source, self.gm, deps)
+            if conv is not None:
+                _set_conv_stride(self.gm.get_submodule(conv.target), stride)
+                raise _Restart
+        proj = _projection(int(value.shape[1]), channels, stride, 4)
+        self._insert_before(node, source, proj, "shortcut", env)
+
+
+def _broadcastable(a: torch.Size, b: torch.Size) -> bool:
+    for x, y in zip(reversed(a), reversed(b)):
+        if x != y and x != 1 and y != 1:
+            return False
+    return True
+
+
+def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _execute(gm: fx.GraphModule, node: fx.Node, env: Dict[fx.Node, Any]) -> Any:
+    args = fx.node.map_arg(node.args, lambda n: env[n])
+    kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+    if node.op == "call_module":
+        return gm.get_submodule(node.target)(*args, **kwargs)
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "call_method":
+        self_obj, *rest = args
+        return getattr(self_obj, node.target)(*rest, **kwargs)
+    raise AugLocalError(f"internal: unexpected node {node.format_node()}")
+
+
+def _meta_copy(source: fx.GraphModule) -> fx.GraphModule:
+    """A deep copy whose tensors live on the meta device: nothing is computed or copied."""
+    memo: Dict[int, Any] = {}
+    for module in source.modules():
+        for name, param in module._parameters.items():
+            if param is not None and id(param) not in memo:
+                memo[id(param)] = nn.Parameter(torch.empty_like(param, device="meta"),
+                                               requires_grad=param.requires_grad)
+        for name, buf in module._buffers.items():
+            if buf is not None and id(buf) not in memo:
+                memo[id(buf)] = torch.empty_like(buf, device="meta")
+    return copy.deepcopy(source, memo)
+
+
+def _materialize(gm: fx.GraphModule, source: fx.GraphModule, device: torch.device) -> None:
+    """Allocate the copy's tensors on ``device`` and initialise them afresh.
+
+    Modules with a ``reset_parameters`` (convolutions, linears, norms) are initialised as new;
+    other tensors take the source's value where the shape is unchanged (constant buffers,
+    layer-scale parameters), else ones for norm weights and zeros otherwise.
+    """
+    gm.to_empty(device=device)
+    twins = dict(source.named_parameters())
+    twins.update(dict(source.named_buffers()))
+    with torch.no_grad():
+        for name, tensor in list(gm.named_parameters()) + list(gm.named_buffers()):
+            twin = twins.get(name)
+            if twin is not None and twin.shape == tensor.shape:
+                tensor.copy_(twin)
+            elif name.endswith("weight") or name.endswith("running_var"):
+                tensor.fill_(1.0)
+            else:
+                tensor.zero_()
+    _reset_parameters(gm)
+
+
+def adapt_copy(source: fx.GraphModule, in_shape: Sequence[int], stride: Optional[int],
+               name: str) -> Tuple[fx.GraphModule, Tuple[int, ...]]:
+    """A fresh copy of ``source`` that takes ``in_shape`` and reduces by ``stride``.
+
+    The adaptation runs on the meta device (shapes only), then the copy is allocated and
+    freshly initialised on the source's device.
+
+    Args:
+        source: a block's (or the head's) eval-mode subgraph with recorded shapes.
+        in_shape: ``(C, H, W)`` that will reach the copy.
+        stride: 1 or 2 for block copies; ``None`` for the head (no stride change).
+        name: class name of the resulting GraphModule.
+
+    Returns:
+        The adapted copy (training mode, fresh weights) and its output shape without batch.
+    """
+    device = next((t.device for t in source.parameters()), torch.device("cpu"))
+    gm = _meta_copy(source)
+    if stride is not None:
+        _adapt_stride(gm, stride)
+        gm.recompile()
+    out = _Repairer(gm, tuple(in_shape)).run()
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    copy_gm = fx.GraphModule(gm, gm.graph, name)
+    _materialize(copy_gm, source, device)
+    copy_gm.train()
+    if stride is not None and len(in_shape) == 3 and out.dim() == 4:
+        expected = math.ceil(in_shape[1] / stride)
+        if out.shape[2] != expected:
+            raise AugLocalError(
+                f"internal: auxiliary copy {name} gives resolution {out.shape[2]}, expected "
+                f"{expected}; please report this model"
+            )
+    return copy_gm, tuple(out.shape[1:])
+
+
+def synthesize_aux_net(partition: Partition, plan: AuxPlan) -> AuxNet:
+    """Build the auxiliary network of block ``plan.block`` (DESIGN.md rule 5).
+
+    Args:
+        partition: the primary network's blocks and head, with recorded shapes.
+        plan: which blocks to copy and each copy's stride.
+
+    Returns:
+        An :class:`AuxNet` mapping block ``j``'s output to ``(N, num_classes)`` logits.
+    """
+    shape = partition.block_shapes[plan.block]
+    modules: List[nn.Module] = []
+    for k, stride in zip(plan.selected, plan.strides):
+        copy_gm, shape = adapt_copy(partition.blocks[k].eval_graph, shape, stride,
+                                    f"Aux{plan.block}CopyOfBlock{k}")
+        modules.append(copy_gm)
+    head, _ = adapt_copy(partition.head.eval_graph, shape, None, f"Aux{plan.block}Head")
+    modules.append(head)
+    return AuxNet(modules, plan)

@@ -1,0 +1,213 @@
+"""Plain-text tables for FLOPs, partitions, budgets and cost reports (formatting only).
+
+Counting lives in :mod:`auglocal_fx.flops` and :mod:`auglocal_fx.costs`; this module only turns
+their results into strings, so the CLI and notebooks print the same thing. Every table that shows
+FLOPs says the convention: one fused multiply-add counts as one FLOP, forward of one example.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, List, Optional, Sequence
+
+__all__ = [
+    "FLOPS_NOTE",
+    "format_flops",
+    "format_count",
+    "format_bytes",
+    "abbreviate_names",
+    "format_table",
+    "flops_table",
+    "blocks_table",
+    "cost_table",
+]
+
+FLOPS_NOTE = "FLOPs: fvcore convention, 1 multiply-add = 1 FLOP, forward pass of one example"
+
+
+def format_flops(flops: Optional[float]) -> str:
+    """``1127000000 -> '1.13G'``, ``629e6 -> '629.0M'`` (one multiply-add = one FLOP)."""
+    if flops is None or (isinstance(flops, float) and math.isnan(flops)):
+        return "-"
+    for scale, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(flops) >= scale:
+            digits = 2 if unit in "TG" else 1
+            return f"{flops / scale:.{digits}f}{unit}"
+    return str(int(flops))
+
+
+def format_count(count: Optional[float]) -> str:
+    """Parameter counts: ``1730714 -> '1.73M'``, ``4810 -> '4.8K'``."""
+    if count is None:
+        return "-"
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(count) >= scale:
+            return f"{count / scale:.{2 if unit != 'K' else 1}f}{unit}"
+    return str(int(count))
+
+
+def format_bytes(num: Optional[float]) -> str:
+    """``1.5e9 -> '1.40 GiB'``; ``None -> '-'``."""
+    if num is None:
+        return "-"
+    for scale, unit in ((2 ** 30, "GiB"), (2 ** 20, "MiB"), (2 ** 10, "KiB")):
+        if abs(num) >= scale:
+            return f"{num / scale:.2f} {unit}"
+    return f"{int(num)} B"
+
+
+def abbreviate_names(names: Sequence[str], width: int = 24) -> str:
+    """Shorten a block's module names: per top-level module, the names' common dotted prefix.
+
+    ``["s4.b12.conv1.conv", "s4.b12.conv2.conv", "final_conv"] -> "s4.b12+final_conv"``.
+    """
+    groups: dict = {}
+    for name in names:
+        if name:
+            groups.setdefault(name.split(".")[0], []).append(name.split("."))
+    if not groups:
+        return "-"
+    parts = []
+    for members in groups.values():
+        common: List[str] = []
+        for level in zip(*members):
+            if len(set(level)) != 1:
+                break
+            common.append(level[0])
+        parts.append(".".join(common))
+    text = "+".join(parts)
+    return text if len(text) <= width else text[: width - 2] + ".."
+
+
+def _shape(shape: Iterable[int]) -> str:
+    return "x".join(str(int(s)) for s in shape)
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
+                 right: Sequence[bool] = ()) -> str:
+    """A fixed-width table; ``right[i]`` right-aligns column ``i`` (numbers)."""
+    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    align = list(right) + [False] * (len(headers) - len(right))
+
+    def line(row):
+        return "  ".join(c.rjust(w) if a else c.ljust(w)
+                         for c, w, a in zip(row, widths, align)).rstrip()
+
+    out = [line(cells[0]), "  ".join("-" * w for w in widths)]
+    out += [line(r) for r in cells[1:]]
+    return "\n".join(out)
+
+
+def _selected(selected: Sequence[int], strides: Sequence[int]) -> str:
+    return ",".join(f"{k}/2" if s == 2 else str(k) for k, s in zip(selected, strides))
+
+
+def flops_table(flops) -> str:
+    """The ``convert`` table: one row per primary block with its auxiliary network, then totals.
+
+    Args:
+        flops: a :class:`~auglocal_fx.flops.LocalFlops`.
+    """
+    aux = {a.block: a for a in flops.aux}
+    rows = []
+    for b in flops.blocks:
+        a = aux.get(b.index)
+        rows.append([
+            b.index, abbreviate_names(b.names), _shape(b.output_shape), format_count(b.params),
+            format_flops(b.flops),
+            a.depth if a else "out", _selected(a.selected, a.strides) if a else "-",
+            format_flops(a.flops) if a else "-", format_count(a.params) if a else "-",
+        ])
+    h = flops.head
+    rows.append(["head", "pool+classifier", _shape(h.output_shape), format_count(h.params),
+                 format_flops(h.flops), "out", "-", "-", "-"])
+    table = format_table(
+        ["#", "modules", "output", "params", "FLOPs", "aux d", "aux copies", "aux FLOPs",
+         "aux params"],
+        rows, right=[True, False, False, True, True, True, False, True, True])
+    local = flops.local
+    k = getattr(local, "num_local", len(flops.aux) + 1)
+    lines = [
+        table,
+        "",
+        f"blocks {len(flops.blocks)}, auxiliary networks {len(flops.aux)} (blocks 0..{k - 2}); "
+        f"'out' = trained by the output loss; 'k/2' = the copy of block k halves the resolution",
+        format_table(
+            ["", "FLOPs", "params"],
+            [["primary (BP forward)", format_flops(flops.primary), format_count(flops.params_primary)],
+             ["auxiliary networks", format_flops(flops.aux_total), format_count(flops.params_aux)],
+             ["total (AugLocal forward)", format_flops(flops.total),
+              format_count(flops.params_primary + flops.params_aux)],
+             ["ratio total / primary", f"{flops.ratio:.2f}x", ""]],
+            right=[False, True, True]),
+        f"{FLOPS_NOTE} ({_shape(local.input_size)}).",
+    ]
+    lines.append(_unsupported_line(flops.unsupported_ops()))
+    return "\n".join(lines)
+
+
+def _unsupported_line(unsupported) -> str:
+    if not unsupported:
+        return "fvcore counted every operator."
+    ops = ", ".join(f"{op} x{n}" for op, n in sorted(unsupported.items()))
+    return f"not counted by fvcore (no FLOP formula; 0 FLOPs as in the paper): {ops}"
+
+
+def blocks_table(flops) -> str:
+    """The ``blocks`` table: the partition, one row per block, with what each aux net copies."""
+    aux = {a.block: a for a in flops.aux}
+    rows = []
+    for b in flops.blocks:
+        a = aux.get(b.index)
+        rows.append([b.index, abbreviate_names(b.names, 40),
+                     _shape(b.input_shape), _shape(b.output_shape), format_count(b.params),
+                     _selected(a.selected, a.strides) if a else "output module"])
+    h = flops.head
+    rows.append(["head", "pool+classifier", _shape(h.input_shape), _shape(h.output_shape),
+                 format_count(h.params), "output module"])
+    table = format_table(["#", "modules", "input", "output", "params", "aux copies"], rows,
+                         right=[True, False, False, False, True, False])
+    local = flops.local
+    opts = getattr(local, "options", {}) or {}
+    desc = ", ".join(f"{k}={v}" for k, v in opts.items() if k in ("d", "tau", "pyramid", "selection"))
+    return (f"{table}\n\n{len(flops.blocks)} blocks + head; {len(flops.aux)} auxiliary networks "
+            f"({desc}); 'k/2' = the copy of block k halves the resolution")
+
+
+def cost_table(report) -> str:
+    """The ``report`` table (the paper's Table 7 for any model).
+
+    Args:
+        report: a :class:`~auglocal_fx.costs.CostReport`.
+    """
+    has_mem = any(r.memory is not None for r in report.rows)
+    has_rss = any(r.rss is not None for r in report.rows)
+    has_time = any(r.step_time is not None for r in report.rows)
+    headers = ["method", "forward FLOPs", "x BP", "params (training)"]
+    if has_mem:
+        headers.append("CUDA peak" if report.device.startswith("cuda") else "saved for backward")
+    if has_rss:
+        headers.append("peak RSS")
+    if has_time:
+        headers.append("time/step")
+    bp = report.rows[0].flops
+    rows = []
+    for r in report.rows:
+        row = [r.method, format_flops(r.flops), f"{r.flops / bp:.2f}", format_count(r.params)]
+        if has_mem:
+            row.append(format_bytes(r.memory))
+        if has_rss:
+            row.append(format_bytes(r.rss))
+        if has_time:
+            row.append("-" if r.step_time is None else f"{r.step_time * 1000:.0f} ms")
+        rows.append(row)
+    lines = [format_table(headers, rows, right=[False] + [True] * (len(headers) - 1)),
+             f"{FLOPS_NOTE} ({_shape(report.input_size)}); GC = gradient checkpointing."]
+    if has_mem:
+        lines += [f"memory: {how}" for how in report.memory_how]
+    elif report.memory_note:
+        lines.append(f"memory: {report.memory_note}")
+    if has_time:
+        lines.append(f"time/step: {report.time_how}")
+    return "\n".join(lines)

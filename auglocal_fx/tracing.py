@@ -1,0 +1,322 @@
+"""Tracing with ``torch.fx``: a tracer aware of timm's and torchvision's no-trace rules.
+
+The model is traced twice, in eval and in train mode (DESIGN.md rule 8), so that code reading
+``self.training`` outside leaf modules keeps its behaviour in both modes; the eval graph gets the
+shape of every value from one example input.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Type, Union
+
+import torch
+from torch import fx, nn
+
+from .errors import AugLocalError
+
+__all__ = ["LocalTracer", "TracedModel", "trace_model", "register_leaf_module", "SHAPE_KEY"]
+
+# node.meta key holding a value's shape (torch.Size for tensors, None for anything else).
+SHAPE_KEY = "auglocal_shape"
+
+# Module types that are always leaves, each with the reason. Weight layers must stay modules so
+# that the synthesizer can re-create them with other channel counts; stochastic layers must stay
+# modules so that one graph serves train and eval mode.
+_LEAF_MODULES: Dict[Type[nn.Module], str] = {
+    nn.modules.conv._ConvNd: "subclasses (StdConv2d, Conv2dSame) would trace into F.conv2d",
+    nn.Linear: "subclasses would trace into F.linear",
+    nn.modules.batchnorm._NormBase: "BatchNormAct2d and friends would trace into F.batch_norm",
+    nn.GroupNorm: "subclasses (GroupNorm1) would trace into F.group_norm",
+    nn.LayerNorm: "LayerNorm2d permutes around F.layer_norm",
+}
+
+
+def register_leaf_module(module_type: Type[nn.Module], reason: str) -> Type[nn.Module]:
+    """Treat every instance of ``module_type`` as one node (no cut inside it).
+
+    Args:
+        module_type: the class to keep whole.
+        reason: why it cannot or should not be traced (kept for readers of the registry).
+    """
+    _LEAF_MODULES[module_type] = reason
+    return module_type
+
+
+def _stochastic_leaves() -> Dict[Type[nn.Module], str]:
+    found: Dict[Type[nn.Module], str] = {}
+    try:
+        from timm.layers import DropBlock2d, DropPath
+
+        found[DropPath] = "reads self.training; a leaf keeps one graph for both modes"
+        found[DropBlock2d] = "reads self.training and draws random masks"
+    except ImportError:  # timm is a dependency, but a user may have an odd install
+        pass
+    try:
+        from torchvision.ops import StochasticDepth
+
+        found[StochasticDepth] = "reads self.training; a leaf keeps one graph for both modes"
+    except ImportError:
+        pass
+    return found
+
+
+def _third_party_leaves() -> Tuple[List[type], List[Callable]]:
+    """timm's no-trace registries and torchvision's leaf ops."""
+    modules: List[type] = []
+    functions: List[Callable] = []
+    try:
+        from timm.layers import _fx as timm_fx
+
+        modules += list(timm_fx.get_notrace_modules())
+        functions += list(timm_fx.get_notrace_functions())
+    except ImportError:
+        pass
+    try:
+        from torchvision.models.feature_extraction import _get_leaf_modules_for_ops
+
+        modules += list(_get_leaf_modules_for_ops())
+    except ImportError:
+        pass
+    return modules, functions
+
+
+class LocalTracer(fx.Tracer):
+    """An ``fx.Tracer`` with leaf modules by type or by qualified name.
+
+    Leaves are: the built-in registry (weight layers, norms, stochastic layers), timm's no-trace
+    modules, torchvision's op modules, and what the user passes. It also records which module
+    was being traced when tracing failed, so the error (or the automatic leaf) can name it.
+
+    Args:
+        leaf_modules: module types or qualified names (``"layer1.0"``) to keep whole.
+        autowrap_functions: functions to record as single calls instead of tracing into them.
+    """
+
+    def __init__(
+        self,
+        leaf_modules: Iterable[Union[type, str]] = (),
+        autowrap_functions: Iterable[Callable] = (),
+    ):
+        extra_modules, extra_functions = _third_party_leaves()
+        functions = tuple(dict.fromkeys(list(extra_functions) + list(autowrap_functions)))
+        super().__init__(autowrap_modules=(math,), autowrap_functions=functions)
+        types = list(_LEAF_MODULES) + list(_stochastic_leaves()) + extra_modules
+        names: Set[str] = set()
+        for leaf in leaf_modules:
+            if isinstance(leaf, str):
+                names.add(leaf)
+            elif isinstance(leaf, type) and issubclass(leaf, nn.Module):
+                types.append(leaf)
+            else:
+                raise AugLocalError(
+                    f"leaf module {leaf!r} is neither an nn.Module class nor a module name"
+                )
+        self.leaf_types = tuple(dict.fromkeys(types))
+        self.leaf_names = names
+        self.failed_module: Optional[str] = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaf_names or isinstance(m, self.leaf_types):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_module is None:  # the innermost module sees the error first
+                self.failed_module = self.path_of_module(m)
+            raise
+
+
+@dataclass
+class TracedModel:
+    """The two graphs of a model and the example input they were run on.
+
+    Attributes:
+        eval_graph: traced in eval mode, every node's ``meta[SHAPE_KEY]`` filled in.
+        train_graph: traced in train mode (training-only outputs dropped), shapes filled in;
+            ``None`` when its code is the same as the eval graph's.
+        input_size: ``(C, H, W)`` of the example input.
+        auto_leaves: qualified names of modules kept whole because they could not be traced.
+    """
+
+    eval_graph: fx.GraphModule
+    train_graph: Optional[fx.GraphModule]
+    input_size: Tuple[int, int, int]
+    auto_leaves: Tuple[str, ...]
+
+
+_MAX_AUTO_LEAVES = 32
+
+
+def _trace_once(model: nn.Module, leaves: Sequence[Union[type, str]],
+                autowrap_functions: Sequence[Callable]) -> fx.GraphModule:
+    tracer = LocalTracer(leaves, autowrap_functions)
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:
+        raise _TraceFailure(tracer.failed_module, exc) from exc
+    return fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+
+
+class _TraceFailure(Exception):
+    def __init__(self, module: Optional[str], cause: Exception):
+        super().__init__(str(cause))
+        self.module = module
+        self.cause = cause
+
+
+def _trace_with_auto_leaves(
+    model: nn.Module,
+    leaf_modules: Sequence[Union[type, str]],
+    autowrap_functions: Sequence[Callable],
+    auto_leaves: List[str],
+) -> fx.GraphModule:
+    """Trace; a submodule that fails becomes a leaf (rule 9), with a warning naming it."""
+    while True:
+        try:
+            return _trace_once(model, list(leaf_modules) + auto_leaves, autowrap_functions)
+        except _TraceFailure as failure:
+            cause = f"{type(failure.cause).__name__}: {str(failure.cause).splitlines()[0] if str(failure.cause) else ''}"
+            if not failure.module or len(auto_leaves) >= _MAX_AUTO_LEAVES:
+                where = f"in module {failure.module!r}" if failure.module else "in the model's own forward"
+                raise AugLocalError(
+                    f"cannot trace the model with torch.fx ({cause}) {where}: make the failing "
+                    "piece a leaf with to_local(..., leaf_modules=[TheModuleClass or 'module.name']) "
+                    "or wrap the failing function with autowrap_functions=[fn]"
+                ) from failure.cause
+            warnings.warn(
+                f"auglocal-fx: module {failure.module!r} cannot be traced ({cause}); keeping it "
+                "whole as a leaf (no block boundary inside it)",
+                stacklevel=3,
+            )
+            auto_leaves.append(failure.module)
+
+
+def _drop_training_outputs(gm: fx.GraphModule) -> None:
+    """Keep only the logits of a graph that returns a tuple in train mode (Inception, GoogLeNet)."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    value = output.args[0]
+    if isinstance(value, fx.Node) and value.op == "call_function" and isinstance(value.target, type) \
+            and issubclass(value.target, tuple):
+        value = value.args[0] if value.args else None  # a namedtuple built in the graph
+    if isinstance(value, (tuple, list)):
+        value = value[0] if value else None
+    if value is output.args[0]:
+        return
+    if not isinstance(value, fx.Node):
+        raise AugLocalError("the model's train-mode output has no logits tensor to keep")
+    warnings.warn(
+        "auglocal-fx: the train-mode model returns extra outputs (auxiliary logits); they are "
+        "dropped, the local auxiliary networks replace them",
+        stacklevel=3,
+    )
+    output.args = (value,)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+
+
+class _ShapeRecorder(fx.Interpreter):
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        n.meta[SHAPE_KEY] = result.shape if isinstance(result, torch.Tensor) else None
+        return result
+
+
+def record_shapes(gm: fx.GraphModule, example: torch.Tensor) -> Any:
+    """Run ``gm`` on ``example`` and store each node's output shape in ``meta[SHAPE_KEY]``."""
+    with torch.no_grad():
+        return _ShapeRecorder(gm).run(example)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _run_train_graph_for_shapes(model: nn.Module, gm: fx.GraphModule, example: torch.Tensor) -> None:
+    """Record shapes of the train graph without changing the model's buffers or the RNG."""
+    buffers = {name: buf.detach().clone() for name, buf in model.named_buffers()}
+    try:
+        with torch.random.fork_rng(devices=[]):
+            record_shapes(gm, example)
+    finally:
+        with torch.no_grad():
+            for name, buf in model.named_buffers():
+                buf.copy_(buffers[name])
+
+
+def trace_model(
+    model: nn.Module,
+    input_size: Sequence[int],
+    leaf_modules: Sequence[Union[type, str]] = (),
+    autowrap_functions: Sequence[Callable] = (),
+) -> TracedModel:
+    """Trace ``model`` in eval and train mode and record the shapes of every value.
+
+    Args:
+        model: the network; its training mode is restored afterwards.
+        input_size: ``(C, H, W)`` of one example.
+        leaf_modules: module types or qualified names to keep whole.
+        autowrap_functions: functions to keep as single calls.
+
+    Raises:
+        AugLocalError: untraceable model (naming the module or operation), input too small,
+            or an output that is not ``(N, num_classes)`` logits.
+    """
+    size = tuple(int(v) for v in input_size)
+    if len(size) != 3:
+        raise AugLocalError(f"input size {size} is invalid: give C H W")
+    was_training = model.training
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    auto_leaves: List[str] = []
+    try:
+        model.eval()
+        eval_gm = _trace_with_auto_leaves(model, leaf_modules, autowrap_functions, auto_leaves)
+        model.train()
+        train_gm = _trace_with_auto_leaves(model, leaf_modules, autowrap_functions, auto_leaves)
+        if len(auto_leaves) and _trace_needs_retrace(eval_gm, auto_leaves):
+            model.eval()
+            eval_gm = _trace_once(model, list(leaf_modules) + auto_leaves, autowrap_functions)
+    finally:
+        model.train(was_training)
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randn(1, *size, generator=generator).to(device)
+    eval_gm.eval()
+    try:
+        out = record_shapes(eval_gm, example)
+    except Exception as exc:
+        raise AugLocalError(
+            f"the model cannot run on an input of size {size} ({_first_line(exc)}): the input is "
+            "probably too small for this network; use a larger input size"
+        ) from exc
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise AugLocalError(
+            "no classifier head found: the model's eval output is "
+            f"{'a tensor of shape ' + str(tuple(out.shape)) if isinstance(out, torch.Tensor) else type(out).__name__}"
+            ", not (N, num_classes) logits; auglocal-fx converts classification networks"
+        )
+    _drop_training_outputs(train_gm)
+    if train_gm.code == eval_gm.code:
+        train = None
+    else:
+        train_gm.train()
+        try:
+            _run_train_graph_for_shapes(model, train_gm, torch.cat([example, example]))
+        except Exception as exc:
+            raise AugLocalError(
+                f"the model fails in train mode on an input of size {size} ({_first_line(exc)})"
+            ) from exc
+        train = train_gm
+    return TracedModel(eval_graph=eval_gm, train_graph=train, input_size=size,  # type: ignore[arg-type]
+                       auto_leaves=tuple(auto_leaves))
+
+
+def _trace_needs_retrace(eval_gm: fx.GraphModule, auto_leaves: List[str]) -> bool:
+    """Leaves found while tracing in train mode must apply to the eval graph too."""
+    traced = {n.target for n in eval_gm.graph.nodes if n.op == "call_module"}
+    return any(name not in traced for name in auto_leaves)

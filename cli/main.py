@@ -1,0 +1,22 @@
+"""``auglocal-fx``: the click group; each subcommand lives in its own module."""
+
+import click
+
+from auglocal_fx import __version__
+
+from .blocks import blocks
+from .convert import convert
+from .report import report
+from .train import train
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="auglocal-fx")
+def cli() -> None:
+    """Turn any PyTorch ConvNet into an AugLocal local-learning network."""
+
+
+cli.add_command(convert)
+cli.add_command(report)
+cli.add_command(blocks)
+cli.add_command(train)
