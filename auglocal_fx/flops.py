@@ -110,7 +110,8 @@ def _arch_key(module: nn.Module) -> Tuple:
             sub.extra_repr(),
             sub.code if is_graph else None,
             tuple((n, tuple(p.shape)) for n, p in sub.named_parameters(recurse=False)),
-            tuple((n, tuple(b.shape)) for n, b in sub.named_buffers(recurse=False) if b is not None),
+            tuple((n, tuple(b.shape)) for n, b in sub.named_buffers(recurse=False)
+                  if b is not None),
         ))
     return tuple(parts)
 
@@ -552,7 +553,8 @@ def solve_budget(
 
     limit = int(value * bp) if kind == "ratio" else int(value)
     resolutions = partition.resolutions
-    top = min(max_d, len(base.blocks) - 1)
+    top_l = len(base.blocks) - 1
+    top = min(max_d, top_l)
     taus = _tau_grid(tau_step) if pyramid else [0.0]
     tried: List[Tuple[int, float, int]] = []
     what = f"{value:g}x BP ({format_flops(limit)})" if kind == "ratio" else format_flops(limit)
@@ -575,19 +577,25 @@ def solve_budget(
             total = bp + sum(aux_flops(p) for p in plans)
             tried.append((d, tau, total))
             if total <= limit:
-                if pyramid:
-                    why = (f"d={d} is the largest depth (of {min_d}..{top}) that fits, and "
-                           f"tau={tau:g} the smallest pyramid decay (deepest auxiliary networks) "
-                           "that does")
+                if d == top:
+                    larger = f"d={d} is the largest depth tried (max_d={max_d}, L-1={top_l}); "
                 else:
-                    why = f"d={d} is the largest depth (of {min_d}..{top}) that fits"
-                reason = (f"picked d={d}, tau={tau:g}: total forward FLOPs {format_flops(total)} = "
+                    over = f"d={d + 1}" if d + 1 == top else f"d={d + 1}..{top}"
+                    verb = "does" if d + 1 == top else "do"
+                    larger = f"{over} {verb} not fit{' at any tau' if pyramid else ''}; "
+                if pyramid:
+                    why = (f"{larger}tau={tau:g} is the smallest pyramid decay (the deepest "
+                           f"auxiliary networks) that fits at d={d}")
+                else:
+                    why = f"{larger}d={d} fits (no pyramid)"
+                picked = f"d={d}, tau={tau:g}" if pyramid else f"d={d} (no pyramid)"
+                reason = (f"picked {picked}: total forward FLOPs {format_flops(total)} = "
                           f"{total / bp:.2f}x BP ({format_flops(bp)}) fit the budget {what}; {why} "
                           "(1 multiply-add = 1 FLOP, one example)")
                 return BudgetChoice(d, float(tau), pyramid, total, limit, bp, tuple(tried), reason)
     cheapest = min(t[2] for t in tried) if tried else bp
     raise AugLocalError(
         f"the FLOPs budget {what} is too small for any d in {min_d}..{top}: the cheapest "
-        f"AugLocal network needs {format_flops(cheapest)} ({cheapest / bp:.2f}x BP); raise the budget "
-        "to at least that"
+        f"AugLocal network needs {format_flops(cheapest)} ({cheapest / bp:.2f}x BP); raise the "
+        "budget to at least that"
     )

@@ -244,8 +244,12 @@ def _head_start(gm: fx.GraphModule, cuts: List[fx.Node], order: List[fx.Node]) -
             "no classifier head found: the model must return (N, num_classes) logits"
         )
     start = None
+    cut_set = set(cuts)
     for test in (_is_global_pool, _is_flatten):
-        found = [k for k, c in enumerate(cuts) if k > 0 and any(test(gm, u) for u in c.users)]
+        # The pooling must itself be a cut point: an SE module pools too, but then reuses
+        # the pooled tensor's input.
+        found = [k for k, c in enumerate(cuts)
+                 if k > 0 and any(u in cut_set and test(gm, u) for u in c.users)]
         if found:
             start = found[0]
             break

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from .errors import AugLocalError
+from .tables import describe_options
 
 __all__ = ["check_figure_path", "plot_report", "plot_blocks"]
 
@@ -130,8 +131,7 @@ def plot_blocks(flops, path: str) -> None:
     ax.set_yticks([])
     ax.set_xlabel("primary block (shade: output resolution; H: head)")
     ax.set_ylabel("auxiliary network j (top to bottom)")
-    opts = getattr(flops.local, "options", {}) or {}
-    desc = ", ".join(f"{k}={v}" for k, v in opts.items() if k in ("d", "tau", "pyramid", "selection"))
+    desc = describe_options(flops.local)
     ax.set_title(f"{getattr(flops.local, 'spec', None) or 'model'}: {num} blocks, "
                  f"{len(aux)} auxiliary networks ({desc})\nred: block the auxiliary network is "
                  "attached to; blue: copied block; ring: the copy halves the resolution",

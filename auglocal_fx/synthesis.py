@@ -134,6 +134,8 @@ def _set_stride(gm: fx.GraphModule, node: fx.Node, stride: int) -> None:
                 gm.graph.erase_node(node)
             else:
                 mod.stride = stride
+                # Floor mode and half-kernel padding give ceil(H/2), as strided convs do.
+                mod.ceil_mode = False
                 if isinstance(mod.kernel_size, int) and mod.kernel_size > 1 and mod.padding == 0 \
                         and mod.kernel_size % 2:
                     mod.padding = mod.kernel_size // 2
@@ -165,6 +167,9 @@ def _adapt_stride(gm: fx.GraphModule, stride: int) -> None:
     if r0 is None:
         return
     want = int(round(math.log2(stride)))
+    output = next(n for n in graph.nodes if n.op == "output")
+    r_out = _resolution(output.args[0].meta.get(SHAPE_KEY)) if isinstance(output.args[0], fx.Node) else None
+    has = int(round(math.log2(r0 / r_out))) if r_out else 0
     reducing = []
     for node in graph.nodes:
         res_out = _resolution(node.meta.get(SHAPE_KEY))
@@ -173,11 +178,11 @@ def _adapt_stride(gm: fx.GraphModule, stride: int) -> None:
         if res_out is None or not ins or node.op == "output":
             continue
         res_in = max(ins)
-        if res_out < res_in:
+        if res_out < res_in and (res_out > 1 or _has_stride(gm, node)):
+            # (a reduction to 1x1 by a stride-less op is a global pooling, as in SE modules)
             level_in = int(round(math.log2(r0 / res_in)))
             level_out = int(round(math.log2(r0 / res_out)))
             reducing.append((node, level_in, level_out))
-    has = max((lo for _, _, lo in reducing), default=0)
     for node, level_in, level_out in reducing:
         new = 2 ** (min(level_out, want) - min(level_in, want))
         if new != 2 ** (level_out - level_in):
@@ -185,6 +190,14 @@ def _adapt_stride(gm: fx.GraphModule, stride: int) -> None:
     if has < want:
         _add_first_strides(gm, placeholder)
     graph.lint()
+
+
+def _has_stride(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        stride = getattr(mod, "stride", 1)
+        return any(v > 1 for v in (stride if isinstance(stride, tuple) else (stride,)))
+    return node.op == "call_function" and node.target in _POOL_FUNCTIONS
 
 
 def _add_first_strides(gm: fx.GraphModule, placeholder: fx.Node) -> None:
@@ -376,6 +389,8 @@ class _Repairer:
         with self.gm.graph.inserting_before(user):
             new = self.gm.graph.call_module(name, (source,))
         module.to(env[source].device).eval()
+        if env[source].numel() == 0:
+            raise AugLocalError(f"internal: empty tensor reaches {user.format_node()}")
         with torch.no_grad():
             env[new] = module(env[source])
         new.meta[SHAPE_KEY] = env[new].shape
@@ -420,7 +435,8 @@ class _Repairer:
             tensors = _activation_inputs(node, deps)
             first = tensors[0] if tensors else None
             try:
-                if node.op == "call_module" and first is not None:
+                if node.op == "call_module" and first is not None \
+                        and not str(node.target).startswith("auglocal_"):
                     _refit_module(self.gm, node, env[first], original.get(first))
                 return _execute(self.gm, node, env)
             except (_NeedsAdapter, RuntimeError, ValueError, IndexError, TypeError) as exc:
@@ -561,12 +577,45 @@ def _materialize(gm: fx.GraphModule, source: fx.GraphModule, device: torch.devic
     _reset_parameters(gm)
 
 
+def _adapt(source: fx.GraphModule, in_shape: Tuple[int, ...], stride: Optional[int],
+           input_adapter: bool) -> Tuple[fx.GraphModule, torch.Tensor]:
+    gm = _meta_copy(source)
+    if stride is not None:
+        _adapt_stride(gm, stride)
+    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    want = placeholder.meta.get(SHAPE_KEY)
+    if input_adapter and want is not None and len(want) == 4 and int(want[1]) != in_shape[0]:
+        proj = _projection(in_shape[0], int(want[1]), 1, 4).to("meta")
+        gm.add_submodule("auglocal_input_adapter", proj)
+        with gm.graph.inserting_after(placeholder):
+            node = gm.graph.call_module("auglocal_input_adapter", (placeholder,))
+        placeholder.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
+        node.meta["auglocal_original_shape"] = want
+    gm.recompile()
+    out = _Repairer(gm, in_shape).run()
+    if stride is not None and out.dim() == 4 and len(in_shape) == 3:
+        expected = tuple(math.ceil(v / stride) for v in in_shape[1:])
+        if tuple(out.shape[2:]) != expected:
+            # A reduction that is not a stride (a valid convolution, a leaf module): pool to the
+            # planned resolution.
+            output = next(n for n in gm.graph.nodes if n.op == "output")
+            gm.add_submodule("auglocal_resize", nn.AdaptiveAvgPool2d(expected))
+            with gm.graph.inserting_before(output):
+                node = gm.graph.call_module("auglocal_resize", (output.args[0],))
+            output.args = (node,)
+            out = F.adaptive_avg_pool2d(out, expected)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    return gm, out
+
+
 def adapt_copy(source: fx.GraphModule, in_shape: Sequence[int], stride: Optional[int],
                name: str) -> Tuple[fx.GraphModule, Tuple[int, ...]]:
     """A fresh copy of ``source`` that takes ``in_shape`` and reduces by ``stride``.
 
     The adaptation runs on the meta device (shapes only), then the copy is allocated and
-    freshly initialised on the source's device.
+    freshly initialised on the source's device. Blocks whose code hard-codes their channel
+    counts (DPN's slicing, MixNet's splits) get a 1x1 conv + BN at their input instead.
 
     Args:
         source: a block's (or the head's) eval-mode subgraph with recorded shapes.
@@ -578,23 +627,22 @@ def adapt_copy(source: fx.GraphModule, in_shape: Sequence[int], stride: Optional
         The adapted copy (training mode, fresh weights) and its output shape without batch.
     """
     device = next((t.device for t in source.parameters()), torch.device("cpu"))
-    gm = _meta_copy(source)
-    if stride is not None:
-        _adapt_stride(gm, stride)
-        gm.recompile()
-    out = _Repairer(gm, tuple(in_shape)).run()
-    gm.graph.eliminate_dead_code()
-    gm.graph.lint()
+    shape = tuple(int(v) for v in in_shape)
+    try:
+        gm, out = _adapt(source, shape, stride, input_adapter=False)
+    except Exception as first:  # any failure of the exact adaptation: try the input adapter
+        try:
+            gm, out = _adapt(source, shape, stride, input_adapter=True)
+        except Exception as second:
+            if isinstance(first, AugLocalError):
+                raise first from second
+            raise AugLocalError(
+                f"cannot build {name} ({type(first).__name__}: {str(first).splitlines()[0] if str(first) else ''}); "
+                "give other block boundaries or another selection"
+            ) from first
     copy_gm = fx.GraphModule(gm, gm.graph, name)
     _materialize(copy_gm, source, device)
     copy_gm.train()
-    if stride is not None and len(in_shape) == 3 and out.dim() == 4:
-        expected = math.ceil(in_shape[1] / stride)
-        if out.shape[2] != expected:
-            raise AugLocalError(
-                f"internal: auxiliary copy {name} gives resolution {out.shape[2]}, expected "
-                f"{expected}; please report this model"
-            )
     return copy_gm, tuple(out.shape[1:])
 
 

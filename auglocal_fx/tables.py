@@ -16,6 +16,7 @@ __all__ = [
     "format_count",
     "format_bytes",
     "abbreviate_names",
+    "describe_options",
     "format_table",
     "flops_table",
     "blocks_table",
@@ -79,6 +80,13 @@ def abbreviate_names(names: Sequence[str], width: int = 24) -> str:
     return text if len(text) <= width else text[: width - 2] + ".."
 
 
+def describe_options(local) -> str:
+    """``"d=6, tau=0.5, pyramid=True, selection=uniform"`` for a ``LocalNet``."""
+    opts = getattr(local, "options", {}) or {}
+    keys = ("d", "tau", "pyramid", "selection")
+    return ", ".join(f"{k}={v}" for k, v in opts.items() if k in keys)
+
+
 def _shape(shape: Iterable[int]) -> str:
     return "x".join(str(int(s)) for s in shape)
 
@@ -135,7 +143,8 @@ def flops_table(flops) -> str:
         f"'out' = trained by the output loss; 'k/2' = the copy of block k halves the resolution",
         format_table(
             ["", "FLOPs", "params"],
-            [["primary (BP forward)", format_flops(flops.primary), format_count(flops.params_primary)],
+            [["primary (BP forward)", format_flops(flops.primary),
+              format_count(flops.params_primary)],
              ["auxiliary networks", format_flops(flops.aux_total), format_count(flops.params_aux)],
              ["total (AugLocal forward)", format_flops(flops.total),
               format_count(flops.params_primary + flops.params_aux)],
@@ -169,8 +178,7 @@ def blocks_table(flops) -> str:
     table = format_table(["#", "modules", "input", "output", "params", "aux copies"], rows,
                          right=[True, False, False, False, True, False])
     local = flops.local
-    opts = getattr(local, "options", {}) or {}
-    desc = ", ".join(f"{k}={v}" for k, v in opts.items() if k in ("d", "tau", "pyramid", "selection"))
+    desc = describe_options(local)
     return (f"{table}\n\n{len(flops.blocks)} blocks + head; {len(flops.aux)} auxiliary networks "
             f"({desc}); 'k/2' = the copy of block k halves the resolution")
 

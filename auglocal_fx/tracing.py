@@ -77,7 +77,10 @@ def _third_party_leaves() -> Tuple[List[type], List[Callable]]:
     try:
         from torchvision.models.feature_extraction import _get_leaf_modules_for_ops
 
-        modules += list(_get_leaf_modules_for_ops())
+        # Sequential-like compositions (Conv2dNormActivation) and the traceable
+        # SqueezeExcitation must be traced into, so that their convolutions can be adapted.
+        modules += [m for m in _get_leaf_modules_for_ops()
+                    if not issubclass(m, nn.Sequential) and m.__name__ != "SqueezeExcitation"]
     except ImportError:
         pass
     return modules, functions

@@ -79,7 +79,7 @@ class TrainConfig:
         grad_clip: clip the gradient norm of each local module (all parameters for BP).
         label_smoothing: cross-entropy label smoothing.
         channels_last: NHWC memory format; default on for CUDA.
-        input_size: image side length; default the dataset's native size.
+        input_size: image side length or ``(3, H, H)``; default the dataset's native size.
         max_steps: stop after this many optimizer steps in total (smoke tests).
         train_subset, test_subset: use a fixed random subset of this many images.
         augment: the paper's data augmentation on the training set.
@@ -110,7 +110,7 @@ class TrainConfig:
     grad_clip: Optional[float] = None
     label_smoothing: float = 0.0
     channels_last: Optional[bool] = None
-    input_size: Optional[int] = None
+    input_size: Union[None, int, Tuple[int, int, int]] = None
     max_steps: Optional[int] = None
     train_subset: Optional[int] = None
     test_subset: Optional[int] = None
@@ -184,8 +184,7 @@ def _check_config(config: Optional[TrainConfig], overrides: Dict[str, Any]) -> T
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise AugLocalError(f"unknown training option(s) {', '.join(unknown)}; see TrainConfig for the options")
-    if overrides:
-        cfg = TrainConfig(**{**_asdict_shallow(cfg), **overrides})
+    cfg = TrainConfig(**{**_asdict_shallow(cfg), **overrides})  # a copy: the caller's stays as given
     if cfg.method not in METHODS:
         raise AugLocalError(f"unknown method {cfg.method!r}; choose from {', '.join(METHODS)}")
     if cfg.amp not in AMP_MODES:
@@ -194,7 +193,10 @@ def _check_config(config: Optional[TrainConfig], overrides: Dict[str, Any]) -> T
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise AugLocalError(f"{name} must be a positive integer, got {value!r}")
-    for name in ("batch_size", "max_steps", "train_subset", "test_subset", "input_size"):
+    if isinstance(cfg.input_size, (tuple, list)):
+        cfg.input_size = tuple(int(v) for v in cfg.input_size)  # (C, H, W); build_datasets checks it
+    for name in ("batch_size", "max_steps", "train_subset", "test_subset") + (
+            () if isinstance(cfg.input_size, tuple) else ("input_size",)):
         value = getattr(cfg, name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise AugLocalError(f"{name} must be a positive integer, got {value!r}")
