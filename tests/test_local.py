@@ -1,0 +1,96 @@
+"""LocalNet: forward in both modes, the local step, export, save and load."""
+
+import pytest
+import torch
+
+from auglocal_fx import AugLocalError, LocalNet, load, to_local
+
+from .conftest import TinyResNet, batch
+
+
+def test_train_forward_matches_step_gradients(tiny_resnet):
+    local = to_local(tiny_resnet, d=2, input_size=(3, 16, 16))
+    assert isinstance(local, LocalNet)
+    x, y = batch((3, 16, 16))
+    local.train()
+    torch.manual_seed(0)
+    losses = local.train_step(x, y)
+    step = {n: p.grad.clone() for n, p in local.named_parameters()}
+    local.zero_grad()
+    torch.manual_seed(0)
+    logits, aux_logits = local(x)
+    ce = torch.nn.functional.cross_entropy
+    total = ce(logits, y) + sum(ce(a, y) for a in aux_logits)
+    total.backward()
+    for n, p in local.named_parameters():
+        torch.testing.assert_close(p.grad, step[n], rtol=1e-5, atol=1e-7, msg=n)
+    expected = torch.stack([ce(a, y) for a in aux_logits] + [ce(logits, y)]).detach()
+    torch.testing.assert_close(losses, expected)
+
+
+def test_parameter_groups_partition_everything(tiny_resnet):
+    local = to_local(tiny_resnet, d=2, input_size=(3, 16, 16))
+    groups = [set(map(id, local.block_parameters(j))) for j in range(local.num_local - 1)]
+    groups.append(set(map(id, local.output_module_parameters())))
+    union = set().union(*groups)
+    assert union == set(map(id, local.parameters()))
+    assert sum(len(g) for g in groups) == len(union)
+    with pytest.raises(AugLocalError):
+        list(local.block_parameters(local.num_local - 1))
+
+
+def test_bf16_autocast_step(tiny_resnet):
+    local = to_local(tiny_resnet, d=2, input_size=(3, 16, 16))
+    x, y = batch((3, 16, 16))
+    losses = local.train_step(x, y, autocast_dtype=torch.bfloat16)
+    assert torch.isfinite(losses).all()
+
+
+def test_export_is_the_trained_original(tiny_resnet):
+    local = to_local(tiny_resnet, d=2, input_size=(3, 16, 16))
+    x, y = batch((3, 16, 16))
+    opt = torch.optim.SGD(local.parameters(), lr=0.1)
+    local.train_step(x, y)
+    opt.step()
+    model = local.export()
+    assert model is tiny_resnet
+    fresh = TinyResNet()
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    fresh.eval()
+    local.eval()
+    assert torch.equal(fresh(x), local(x))
+
+
+def test_save_load_round_trip(tmp_path):
+    local = to_local("paper:resnet32", d=3, tau=0.25)
+    first_aux_weight = next(local.aux[0].parameters())
+    first_aux_weight.data.fill_(0.5)
+    path = tmp_path / "r32.pt"
+    local.save(path)
+    again = load(path)
+    assert again.options == local.options and again.spec == "paper:resnet32"
+    local.eval()
+    again.eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(again(x), local(x))
+    assert torch.equal(next(again.aux[0].parameters()), first_aux_weight)
+
+
+def test_load_errors(tmp_path, tiny_resnet):
+    with pytest.raises(AugLocalError, match="does not exist"):
+        load(tmp_path / "none.pt")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x00garbage")
+    with pytest.raises(AugLocalError, match="corrupt"):
+        load(corrupt)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    with pytest.raises(AugLocalError, match="not an auglocal-fx"):
+        load(foreign)
+    local = to_local(tiny_resnet, d=2, input_size=(3, 16, 16))
+    path = tmp_path / "obj.pt"
+    local.save(path)
+    with pytest.raises(AugLocalError, match="pass load"):
+        load(path)
+    again = load(path, model=TinyResNet())
+    assert len(again.aux) == len(local.aux)

@@ -1,0 +1,73 @@
+"""Block counts of the paper's networks and the torchvision ones the issue names."""
+
+import pytest
+import torch
+from torch import nn
+
+from auglocal_fx import AugLocalError, resolve_model
+from auglocal_fx.partition import find_cut_points, partition_blocks
+from auglocal_fx.tracing import trace_model
+
+
+@pytest.mark.parametrize("spec,size,expected", [
+    ("paper:resnet32", 32, 16),
+    ("paper:resnet110", 32, 55),
+    ("paper:vgg19", 32, 16),
+    ("torchvision:resnet34", 64, 17),
+    ("torchvision:resnet101", 64, 34),
+    ("torchvision:vgg13", 64, 10),
+    ("torchvision:vgg13_bn", 64, 10),
+])
+def test_block_counts(spec, size, expected):
+    resolved = resolve_model(spec, input_size=(3, size, size), num_classes=10)
+    part = partition_blocks(trace_model(resolved.model, resolved.input_size))
+    assert len(part.blocks) == expected
+
+
+def test_resnet_blocks_are_residual_blocks():
+    resolved = resolve_model("paper:resnet32")
+    part = partition_blocks(trace_model(resolved.model, resolved.input_size))
+    assert part.block_names[0] == ["conv1", "bn1", "relu"]
+    assert part.block_names[1:] == [[f"layer{s}.{b}"] for s in (1, 2, 3) for b in range(5)]
+    assert part.head_names == ["avgpool", "fc"]
+    assert part.resolutions == [32] * 6 + [16] * 5 + [8] * 5
+
+
+def test_squeezenet_head_starts_at_conv_classifier():
+    resolved = resolve_model("torchvision:squeezenet1_0", input_size=(3, 64, 64), num_classes=10)
+    part = partition_blocks(trace_model(resolved.model, resolved.input_size))
+    assert part.head_names == ["classifier.1", "classifier.2", "classifier.3"]
+
+
+def test_cut_points_skip_residual_interior(tiny_resnet):
+    traced = trace_model(tiny_resnet, (3, 16, 16))
+    cuts = find_cut_points(traced.eval_graph.graph)
+    # x, stem (conv, bn, relu), block a, block b, block c, pool, flatten, fc, dropout
+    names = [c.name for c in cuts]
+    assert "a1" not in names and "b1" not in names  # inside residual blocks
+    part = partition_blocks(traced)
+    assert len(part.blocks) == 4
+
+
+def test_block_boundaries_override(tiny_resnet):
+    traced = trace_model(tiny_resnet, (3, 16, 16))
+    part = partition_blocks(traced, block_boundaries=["stem"])
+    assert len(part.blocks) == 2  # the stem, then everything up to the head
+    with pytest.raises(AugLocalError, match="not a block boundary"):
+        partition_blocks(traced, block_boundaries=["a1"])
+    with pytest.raises(AugLocalError, match="names no module"):
+        partition_blocks(traced, block_boundaries=["nope"])
+
+
+class _NoHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_no_classifier_head():
+    with pytest.raises(AugLocalError, match="no classifier head"):
+        trace_model(_NoHead(), (3, 16, 16))

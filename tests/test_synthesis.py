@@ -1,0 +1,75 @@
+"""Auxiliary networks: channel and stride adaptation, fresh weights, the paper's Table 6."""
+
+import torch
+from torch import nn
+
+from auglocal_fx import to_local
+
+
+def _convs(module):
+    return [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+
+
+def test_resnet110_d2_table6():
+    """Every auxiliary network is one 64-channel residual block, pooling and a 10-way FC."""
+    local = to_local("paper:resnet110", d=2)
+    assert len(local.aux) == 53
+    for aux in local.aux:
+        copy, head = aux[0], aux[1]
+        convs = [c for c in _convs(copy) if c.kernel_size == (3, 3)]
+        assert [c.out_channels for c in convs] == [64, 64]
+        fcs = [m for m in head.modules() if isinstance(m, nn.Linear)]
+        assert len(fcs) == 1 and fcs[0].in_features == 64 and fcs[0].out_features == 10
+
+
+def test_channel_and_stride_adaptation():
+    local = to_local("paper:resnet32", d=2)
+    copy = local.aux[0][0]  # block 0 (16 ch, 32 px) -> copy of the last block (64 ch)
+    convs = _convs(copy)
+    first = next(c for c in convs if c.kernel_size == (3, 3))
+    assert first.in_channels == 16 and first.stride == (2, 2)
+    # the identity shortcut became a projection with the block's stride
+    projections = [c for c in convs if c.kernel_size == (1, 1)]
+    assert len(projections) == 1
+    assert projections[0].in_channels == 16 and projections[0].out_channels == 64
+    assert projections[0].stride == (2, 2)
+    h = torch.randn(2, 16, 32, 32)
+    assert copy(h).shape == (2, 64, 16, 16)
+
+
+def test_stride_removed_from_downsampling_copy():
+    local = to_local("paper:resnet32", d=3, pyramid=False)
+    # block 12 (8 px) copies block 15 only; block 9 (16 px) copies 12 and 15
+    plan = local.plan[9]
+    assert plan.selected == (12, 15) and plan.strides == (2, 1)
+    h = torch.randn(2, 32, 16, 16)
+    out = local.aux[9][0](h)
+    assert out.shape == (2, 64, 8, 8)
+    assert local.aux[9][1](out).shape == (2, 64, 8, 8)
+
+
+def test_aux_weights_fresh_and_unshared():
+    local = to_local("paper:resnet32", d=2)
+    primary = {id(p) for p in local.blocks.parameters()}
+    assert not any(id(p) in primary for p in local.aux.parameters())
+    last = local.blocks[15].eval_graph.get_submodule("layer3.4.conv2").weight
+    copy_conv = local.aux[13][0].get_submodule("layer3.4.conv2").weight
+    assert copy_conv.shape == last.shape and not torch.equal(copy_conv, last)
+
+
+def test_sequential_and_repetitive_selection_build():
+    for selection in ("sequential", "repetitive"):
+        local = to_local("paper:resnet32", d=3, selection=selection)
+        for j, aux in enumerate(local.aux):
+            h = torch.randn(2, *local.block_shapes[j])
+            assert aux(h).shape == (2, 10)
+
+
+def test_dense_and_inception_blocks():
+    for spec, size in (("torchvision:densenet121", 64), ("timm:inception_v3", 96)):
+        local = to_local(spec, d=3, input_size=(3, size, size), num_classes=4)
+        local.eval()
+        h = torch.randn(1, 3, size, size)
+        for j, aux in enumerate(local.aux):
+            h = local.blocks[j](h)
+            assert aux.eval()(h).shape == (1, 4)
