@@ -151,6 +151,7 @@ def cost_report(
     rss: bool = False,
     timing: bool = True,
     repeats: int = 2,
+    threads: Optional[int] = None,
 ) -> CostReport:
     """Forward FLOPs, parameters, measured memory and step time for BP, GC and AugLocal.
 
@@ -171,6 +172,8 @@ def cost_report(
         rss: on CPU, also measure peak RSS (one fresh subprocess per method: slow).
         timing: measure time per step.
         repeats: timed steps per method (after one warm-up step).
+        threads: CPU threads for the timed steps (default: PyTorch's setting). On cores shared
+            with other jobs, fewer threads are often faster and much less noisy.
 
     Returns:
         A :class:`CostReport`.
@@ -188,6 +191,9 @@ def cost_report(
         raise AugLocalError(f"batch size {batch_size!r} is invalid: give a positive integer")
     if not (str(device) == "cpu" or str(device).startswith("cuda")):
         raise AugLocalError(f"unknown device {device!r}: use cpu or cuda")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise AugLocalError(f"threads={threads!r} is invalid: give a positive integer")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise AugLocalError("device cuda asked for, but no CUDA GPU is available: use cpu")
     dev = torch.device(device)
@@ -231,14 +237,21 @@ def cost_report(
         y = torch.randint(0, int(nets[0][1].num_classes), (batch_size,), generator=gen).to(dev)
         methods = ["bp", "checkpoint"] + ["auglocal"] * len(nets)
         locals_ = [nets[0][1], nets[0][1]] + [local for _, local in nets]
-        for row, method, local in zip(rows, methods, locals_):
-            state = {k: v.detach().clone() for k, v in local.state_dict().items()}
-            local.to(dev).train()
-            row.step_time = _time(_train_step(local, method, x, y), dev, repeats)
-            local.zero_grad(set_to_none=True)
-            local.load_state_dict(state)  # BatchNorm running statistics as they were
+        default_threads = torch.get_num_threads()
+        used = threads or default_threads
+        torch.set_num_threads(used)
+        try:
+            for row, method, local in zip(rows, methods, locals_):
+                state = {k: v.detach().clone() for k, v in local.state_dict().items()}
+                local.to(dev).train()
+                row.step_time = _time(_train_step(local, method, x, y), dev, repeats)
+                local.zero_grad(set_to_none=True)
+                local.load_state_dict(state)  # BatchNorm running statistics as they were
+        finally:
+            torch.set_num_threads(default_threads)
+        where = f"{dev}, {used} CPU thread{'s' if used > 1 else ''}" if dev.type == "cpu" else dev
         report.time_how = (f"wall clock, median of {repeats} steps after 1 warm-up, batch "
-                           f"{batch_size} on {dev}, forward+backward, no optimizer update")
+                           f"{batch_size} on {where}, forward+backward, no optimizer update")
     return report
 
 
@@ -265,8 +278,12 @@ def _add_memory(report: CostReport, model_or_spec, depths, device, rss: bool, kw
     for row, m in zip(report.rows, found):
         row.memory = m.cuda_peak if device.type == "cuda" else m.saved_peak
         row.rss = m.rss_peak
-    # The memory module's notes on the figures shown here (not its other columns).
-    shown = ("CUDA MiB", "checkpoint:") if device.type == "cuda" else ("saved MiB", "checkpoint:")
+    # The memory module's notes on the figures shown here (not on its other columns), under
+    # the names of our columns.
+    names = {"CUDA MiB:": "CUDA peak:"} if device.type == "cuda" else {
+        "saved MiB:": "saved for backward:"}
     if rss and device.type == "cpu":
-        shown += ("RSS MiB",)
-    report.memory_how = [n for n in measured.notes if n.startswith(shown)]
+        names["RSS MiB:"] = "peak RSS:"
+    names["checkpoint:"] = "GC:"
+    report.memory_how = [new + note[len(old):] for note in measured.notes
+                         for old, new in names.items() if note.startswith(old)]

@@ -95,8 +95,9 @@ def _arch_key(module: nn.Module) -> Tuple:
     """A hashable description of ``module``'s architecture (not its weights).
 
     Two modules with the same key compute the same operators on the same shapes: the key holds
-    every submodule's class, ``extra_repr`` (kernel sizes, channels, strides, ...), its own
-    parameter and buffer shapes, and, for fx ``GraphModule``s, the generated code.
+    every submodule's class, ``extra_repr`` (kernel sizes, channels, strides, ...), its plain
+    attributes (numbers, strings, tuples of them), its own parameter and buffer shapes, and, for
+    fx ``GraphModule``s, the generated code.
     """
     parts = []
     for name, sub in module.named_modules():
@@ -109,11 +110,27 @@ def _arch_key(module: nn.Module) -> Tuple:
             "GraphModule" if is_graph else f"{cls.__module__}.{cls.__qualname__}",
             sub.extra_repr(),
             sub.code if is_graph else None,
+            _plain_attributes(sub),
             tuple((n, tuple(p.shape)) for n, p in sub.named_parameters(recurse=False)),
             tuple((n, tuple(b.shape)) for n, b in sub.named_buffers(recurse=False)
                   if b is not None),
         ))
     return tuple(parts)
+
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _plain_attributes(module: nn.Module) -> Tuple:
+    """Attributes a forward may read besides submodules and tensors (``self.scale = 0.5``)."""
+    items = []
+    for name, value in vars(module).items():
+        if name.startswith("_") or name == "training":
+            continue
+        if isinstance(value, _PLAIN) or (
+                isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value)):
+            items.append((name, value))
+    return tuple(sorted(items, key=lambda item: item[0]))
 
 
 @contextlib.contextmanager

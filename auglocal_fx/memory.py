@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .errors import AugLocalError
 
-__all__ = ["METHODS", "MemoryReport", "MemoryRow", "SavedBytesCounter", "measure_memory"]
+__all__ = ["METHODS", "MemoryReport", "MemoryRow", "SavedBytesCounter", "StepMemory", "measure_memory",
+           "measure_step"]
 
 METHODS = ("bp", "checkpoint", "auglocal")
 _MIB = float(2 ** 20)
@@ -130,6 +131,36 @@ class _Held:
         self.counter._release(self.key)
 
 
+@dataclass(frozen=True)
+class StepMemory:
+    """What :func:`measure_step` returns: the peak and how it was measured."""
+
+    peak_bytes: int
+    how: str
+
+
+def measure_step(step: Callable[[], Any], device: Union[str, torch.device] = "cpu",
+                 exclude: Sequence[torch.Tensor] = ()) -> StepMemory:
+    """Measure one call of ``step`` (a zero-argument function running forward + backward).
+
+    On CUDA: ``torch.cuda.max_memory_allocated`` during the call minus the bytes allocated
+    before it. Elsewhere: the peak of bytes held for backward (see :class:`SavedBytesCounter`;
+    pass the parameters as ``exclude``).
+    """
+    device = _device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return StepMemory(torch.cuda.max_memory_allocated(device) - base,
+                          "CUDA max_memory_allocated during the step minus allocated before it")
+    with SavedBytesCounter(exclude=exclude) as counter:
+        step()
+    return StepMemory(counter.peak, "peak bytes held for backward (saved_tensors_hooks, each storage once)")
+
+
 @dataclass
 class MemoryRow:
     """One measured method. Byte figures are ``None`` where not measured on this device."""
@@ -209,7 +240,8 @@ def measure_memory(model_or_spec: Union[str, nn.Module], methods: Sequence[str] 
                    d: Union[int, Sequence[int]] = 2, batch_size: int = 128,
                    device: Union[str, torch.device] = "cpu", input_size: Optional[Tuple[int, int, int]] = None,
                    num_classes: Optional[int] = None, rss: bool = True, seed: int = 0,
-                   to_local_kwargs: Optional[Dict[str, Any]] = None) -> MemoryReport:
+                   to_local_kwargs: Optional[Dict[str, Any]] = None,
+                   mmap_threshold: Optional[int] = None) -> MemoryReport:
     """Measure one training step of BP, gradient checkpointing and AugLocal side by side.
 
     Args:
@@ -225,6 +257,12 @@ def measure_memory(model_or_spec: Union[str, nn.Module], methods: Sequence[str] 
         seed: seed of the random batch.
         to_local_kwargs: further keyword arguments for :func:`auglocal_fx.to_local`
             (``tau``, ``pyramid``, ``selection``, ``leaf_modules`` ...).
+        mmap_threshold: if set, the RSS subprocesses run with glibc's
+            ``MALLOC_MMAP_THRESHOLD_`` fixed to this many bytes, so every larger block is
+            mapped and unmapped on its own and the RSS follows the live allocations. By default
+            glibc raises the threshold after frees, serves later tensors from its heap and keeps
+            freed heap pages resident, which inflates (and adds noise to) the RSS of methods
+            that allocate and free many activations, such as AugLocal.
 
     Returns:
         A :class:`MemoryReport`; ``print(report)`` shows the table.
@@ -253,7 +291,8 @@ def measure_memory(model_or_spec: Union[str, nn.Module], methods: Sequence[str] 
         locals_by_d[depth] = _build_local(model_or_spec, depth, kwargs)
     first = locals_by_d[depths[0]]
     name = model_or_spec if isinstance(model_or_spec, str) else (first.spec or type(model_or_spec).__name__)
-    report = MemoryReport(str(name), str(device), batch_size, tuple(first.input_size), [], _notes(device, rss))
+    report = MemoryReport(str(name), str(device), batch_size, tuple(first.input_size), [],
+                          _notes(device, rss, mmap_threshold))
     rss_source = _rss_source(model_or_spec, first) if (rss and device.type == "cpu") else None
     if rss and device.type == "cpu" and rss_source is None:
         report.notes.append("RSS not measured: the model is neither a spec string nor picklable; pass a spec")
@@ -266,21 +305,23 @@ def measure_memory(model_or_spec: Union[str, nn.Module], methods: Sequence[str] 
             if method == "auglocal":
                 row.lower_bound, row.lower_bound_module = _lower_bound(local, batch_size, device, seed)
             if rss_source is not None:
-                row.rss_peak = _rss_in_subprocess(rss_source, method, depth, batch_size, kwargs, seed)
+                row.rss_peak = _rss_in_subprocess(rss_source, method, depth, batch_size, kwargs, seed,
+                                                  mmap_threshold)
             report.rows.append(row)
     if rss_source is not None and rss_source.get("tmp"):
         os.unlink(rss_source["path"])
     return report
 
 
-def _notes(device: torch.device, rss: bool) -> List[str]:
+def _notes(device: torch.device, rss: bool, mmap_threshold: Optional[int]) -> List[str]:
     notes = ["saved MiB: peak of bytes held for backward during one step (torch.autograd.graph."
              "saved_tensors_hooks; each storage once, released when autograd frees it; parameters excluded)",
              "lower bd: the largest saved-bytes peak of one local module alone (block j + aux j, or the "
              "output module); x lower bd = saved MiB / lower bd"]
     if device.type == "cpu" and rss:
         notes.append("RSS MiB: growth of peak RSS (VmHWM, reset via /proc/self/clear_refs) over one step, "
-                     "in a fresh subprocess per method, after a warm-up step on 2 images")
+                     "in a fresh subprocess per method, after a warm-up step on 2 images; glibc malloc "
+                     + (f"with MALLOC_MMAP_THRESHOLD_={mmap_threshold}" if mmap_threshold else "defaults"))
     if device.type == "cuda":
         notes.append("CUDA MiB: torch.cuda.max_memory_allocated during the step minus memory allocated before it")
     notes.append("checkpoint: torch.utils.checkpoint (reentrant) around every block; bp: one backward; "
@@ -407,11 +448,13 @@ def _rss_source(model_or_spec, local) -> Optional[Dict[str, Any]]:
 
 
 def _rss_in_subprocess(source: Dict[str, Any], method: str, d: int, batch_size: int,
-                       kwargs: Dict[str, Any], seed: int) -> Optional[int]:
+                       kwargs: Dict[str, Any], seed: int, mmap_threshold: Optional[int] = None) -> Optional[int]:
     payload = {"source": {k: v for k, v in source.items() if k != "tmp"}, "method": method, "d": d,
                "batch_size": batch_size, "kwargs": _jsonable(kwargs), "seed": seed}
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    if mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(int(mmap_threshold))
     code = "from auglocal_fx.memory import _rss_main; _rss_main()"
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(payload)], capture_output=True, text=True,
                           env=env)

@@ -58,17 +58,6 @@ _POOL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, torch.max_pool2d}
 _POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d)
 
 
-def _reset_parameters(gm: nn.Module) -> None:
-    """Fresh initialisation: auxiliary weights are never shared with (or copied from) the primary."""
-    for module in gm.modules():
-        if module is gm:
-            continue
-        if hasattr(module, "reset_parameters"):
-            module.reset_parameters()
-        if hasattr(module, "reset_running_stats"):
-            module.reset_running_stats()
-
-
 def _replace_module(gm: fx.GraphModule, target: str, new: nn.Module) -> None:
     parent_name, _, name = target.rpartition(".")
     parent = gm.get_submodule(parent_name) if parent_name else gm
@@ -223,11 +212,7 @@ def _add_first_strides(gm: fx.GraphModule, placeholder: fx.Node) -> None:
         stack.extend(node.users)
     if not marked and first_conv is not None:
         marked = [first_conv]
-    if not marked:
-        raise AugLocalError(
-            "cannot make an auxiliary copy of a block without a convolution or pooling reduce "
-            "the resolution; give other block boundaries"
-        )
+    # Nothing to stride (a leaf module): the copy is pooled to the planned size afterwards.
     for node in marked:
         _set_stride(gm, node, 2)
 
@@ -566,15 +551,26 @@ def _materialize(gm: fx.GraphModule, source: fx.GraphModule, device: torch.devic
     twins = dict(source.named_parameters())
     twins.update(dict(source.named_buffers()))
     with torch.no_grad():
-        for name, tensor in list(gm.named_parameters()) + list(gm.named_buffers()):
-            twin = twins.get(name)
-            if twin is not None and twin.shape == tensor.shape:
-                tensor.copy_(twin)
-            elif name.endswith("weight") or name.endswith("running_var"):
-                tensor.fill_(1.0)
-            else:
-                tensor.zero_()
-    _reset_parameters(gm)
+        for prefix, module in gm.named_modules():
+            resets = hasattr(module, "reset_parameters")
+            if resets:
+                module.reset_parameters()
+            if hasattr(module, "reset_running_stats"):
+                module.reset_running_stats()
+                continue  # its buffers are the running statistics
+            tensors = list(module._buffers.items())
+            if not resets:
+                tensors += list(module._parameters.items())
+            for name, tensor in tensors:
+                if tensor is None:
+                    continue
+                twin = twins.get(f"{prefix}.{name}" if prefix else name)
+                if twin is not None and twin.shape == tensor.shape:
+                    tensor.copy_(twin)
+                elif name.endswith("weight") or name.endswith("running_var"):
+                    tensor.fill_(1.0)
+                else:
+                    tensor.zero_()
 
 
 def _adapt(source: fx.GraphModule, in_shape: Tuple[int, ...], stride: Optional[int],

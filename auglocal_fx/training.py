@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from .data import build_datasets
 from .errors import AugLocalError
+from .local import atomic_save
 
 __all__ = ["METHODS", "AMP_MODES", "TrainConfig", "TrainResult", "default_recipe", "train"]
 
@@ -380,15 +381,6 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _atomic_write_text(text: str, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
@@ -496,7 +488,7 @@ class _Run:
         state = self._state()  # every process takes part (RNG gather)
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            _atomic_save(state, self.out / "last.pt")
+            atomic_save(state, self.out / "last.pt")
             _atomic_write_text("".join(json.dumps(h) + "\n" for h in self.history), self.out / "metrics.jsonl")
             _plot(self.history, self.out / "curves.png")
         if self.world > 1:
@@ -662,7 +654,7 @@ class _Run:
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
             self.save()
             if self.main:
-                aux = f", aux acc {aux_acc[0]:.1f}..{aux_acc[-1]:.1f}%" if aux_acc else ""
+                aux = f", aux nets {min(aux_acc):.1f}..{max(aux_acc):.1f}%" if aux_acc else ""
                 loss = f"{record['train_loss']:.4f}" if record["train_loss"] is not None else "-"
                 self._log(f"epoch {record['epoch']}: loss {loss}, test acc {test_acc:.2f}%{aux}")
         return self.finish()
@@ -672,7 +664,7 @@ class _Run:
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             state = {k: v.detach().cpu() for k, v in self.primary.state_dict().items()}
-            _atomic_save(state, path)
+            atomic_save(state, path)
         if self.world > 1:
             dist.barrier()
         last = self.history[-1] if self.history else {"test_acc": float("nan"), "aux_acc": []}

@@ -25,13 +25,13 @@ TORCHVISION_MODELS = [
 ]
 SWEEP = [f"timm:{m}" for m in TIMM_MODELS] + [f"torchvision:{m}" for m in TORCHVISION_MODELS]
 
-# The smallest input each model accepts comfortably; 64 px otherwise.
-_INPUT_SIZE = {"timm:inception_v3": 96, "torchvision:googlenet": 64, "timm:hrnet_w18_small": 64}
+# Small inputs keep the sweep fast; a few models need more than 32 px.
+_INPUT_SIZE = {"timm:inception_v3": 75}
 NUM_CLASSES = 7
 
 
 def _make(spec, d):
-    size = _INPUT_SIZE.get(spec, 64)
+    size = _INPUT_SIZE.get(spec, 32)
     resolved = resolve_model(spec, num_classes=NUM_CLASSES, input_size=(3, size, size))
     local = to_local(resolved.model, d=d, input_size=resolved.input_size)
     return resolved, local
@@ -96,7 +96,7 @@ def test_convert_d2(spec):
     torch.manual_seed(2)
     logits, aux_logits = local(x)
     aux_losses = [torch.nn.functional.cross_entropy(a, y) for a in aux_logits]
-    for j in range(K - 1):
+    for j in sorted({0, (K - 1) // 2, K - 2}):  # first, middle and last local block
         params = [p for p in local.blocks[j].parameters() if p.requires_grad]
         grads = torch.autograd.grad(aux_losses[j], params, retain_graph=True, allow_unused=True)
         for g, ref in zip(grads, [g for g, p in zip(step_grads[j], local.blocks[j].parameters())
