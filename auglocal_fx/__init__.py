@@ -5,6 +5,7 @@
 """
 
 from .errors import AugLocalError
+from .flops import count_flops, solve_budget
 from .local import LocalNet, load, to_local
 from .planning import AuxPlan, plan_aux_nets, pyramid_depths, uniform_selection
 from .specs import ModelSpec, resolve_model
@@ -14,6 +15,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AugLocalError",
     "AuxPlan",
+    "count_flops",
+    "solve_budget",
     "LocalNet",
     "ModelSpec",
     "load",

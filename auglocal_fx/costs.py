@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from .errors import AugLocalError
-from .flops import _one_thread, count_flops
+from ._threads import single_thread
+from .flops import count_flops
 
 __all__ = ["CostRow", "CostReport", "cost_report"]
 
@@ -210,7 +211,7 @@ def cost_report(
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
 
-    with _one_thread():  # batch-1 work: threads only cost when cores are shared
+    with single_thread():  # batch-1 work: threads only cost when cores are shared
         nets = [(d, to_local(model, d=d, **kwargs)) for d in depths]
     first = count_flops(nets[0][1])
     bp_flops, bp_params = first.primary, first.params_primary

@@ -29,6 +29,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from ._threads import single_thread
 from .errors import AugLocalError
 from .tables import format_flops
 
@@ -148,17 +149,6 @@ def _quiet():
 
 
 @contextlib.contextmanager
-def _one_thread():
-    """Batch-1 counting gains nothing from threads and loses much when cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-@contextlib.contextmanager
 def _eval_mode(module: nn.Module):
     """Put ``module`` in eval mode (batch-1 BatchNorm needs it) and restore every flag after."""
     modes = [(m, m.training) for m in module.modules()]
@@ -199,7 +189,7 @@ def count_module_flops(module: nn.Module, input_shape: Sequence[int]) -> Tuple[i
         # then hit the cache.
         total, unsupported = 0, Counter()
         example = _example(module, shape)
-        with _eval_mode(module), _one_thread(), torch.no_grad():
+        with _eval_mode(module), single_thread(), torch.no_grad():
             for child in module:
                 flops, ops = count_module_flops(child, tuple(example.shape[1:]))
                 total += flops
@@ -220,7 +210,7 @@ def _count_one(module: nn.Module, shape: Shape) -> Tuple[int, Counter]:
     key = (_arch_key(module), shape)
     hit = _CACHE.get(key)
     if hit is None:
-        with _quiet(), _eval_mode(module), _one_thread(), torch.no_grad():
+        with _quiet(), _eval_mode(module), single_thread(), torch.no_grad():
             analysis = FlopCountAnalysis(module, (_example(module, shape),))
             analysis.unsupported_ops_warnings(False)
             analysis.uncalled_modules_warnings(False)
@@ -278,7 +268,7 @@ class LocalFlops:
         shape = tuple(local.input_size)
         inputs: List[Shape] = []
         outputs: List[Shape] = []
-        with _eval_mode(local), _one_thread(), torch.no_grad():
+        with _eval_mode(local), single_thread(), torch.no_grad():
             h = _example(local, shape)
             for block in local.blocks:
                 inputs.append(tuple(h.shape[1:]))
@@ -551,7 +541,7 @@ def solve_budget(
     if isinstance(max_d, bool) or not isinstance(max_d, int) or max_d < min_d:
         raise AugLocalError(f"max_d={max_d!r} is invalid: give an integer >= {min_d}")
 
-    with _one_thread():
+    with single_thread():
         base = to_local(model_or_spec, d=min_d, tau=0.5, pyramid=pyramid, selection=selection,
                         **to_local_kwargs)
     bp = count_flops(base).primary
@@ -563,7 +553,7 @@ def solve_budget(
 
     def aux_flops(plan) -> int:
         if plan not in aux_cache:
-            with _one_thread():
+            with single_thread():
                 net = synthesize_aux_net(partition, plan)
             aux_cache[plan] = count_module_flops(net, base.block_shapes[plan.block])[0]
         return aux_cache[plan]

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._threads import single_thread
 from .errors import AugLocalError
 from .partition import Partition, partition_blocks
 from .planning import AuxPlan, plan_aux_nets, validate_options
@@ -243,10 +244,11 @@ def to_local(
             f"to_local() takes an nn.Module or a spec string like 'timm:resnet18', not "
             f"{type(model).__name__}"
         )
-    traced = trace_model(model, size, leaf_modules, autowrap_functions)
-    partition = partition_blocks(traced, block_boundaries)
-    plans = plan_aux_nets(partition.resolutions, d, tau, pyramid, selection)
-    aux = [synthesize_aux_net(partition, p) for p in plans]
+    with single_thread():
+        traced = trace_model(model, size, leaf_modules, autowrap_functions)
+        partition = partition_blocks(traced, block_boundaries)
+        plans = plan_aux_nets(partition.resolutions, d, tau, pyramid, selection)
+        aux = [synthesize_aux_net(partition, p) for p in plans]
     classes = _output_classes(traced)
     options = {
         "d": d, "tau": float(tau), "pyramid": bool(pyramid), "selection": selection,

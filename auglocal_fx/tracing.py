@@ -8,6 +8,7 @@ shape of every value from one example input.
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Type, Union
@@ -47,19 +48,16 @@ def register_leaf_module(module_type: Type[nn.Module], reason: str) -> Type[nn.M
 
 def _stochastic_leaves() -> Dict[Type[nn.Module], str]:
     found: Dict[Type[nn.Module], str] = {}
-    try:
+    # A model can only hold timm's or torchvision's modules if the library is imported already.
+    if "timm" in sys.modules:
         from timm.layers import DropBlock2d, DropPath
 
         found[DropPath] = "reads self.training; a leaf keeps one graph for both modes"
         found[DropBlock2d] = "reads self.training and draws random masks"
-    except ImportError:  # timm is a dependency, but a user may have an odd install
-        pass
-    try:
+    if "torchvision" in sys.modules:
         from torchvision.ops import StochasticDepth
 
         found[StochasticDepth] = "reads self.training; a leaf keeps one graph for both modes"
-    except ImportError:
-        pass
     return found
 
 
@@ -67,22 +65,18 @@ def _third_party_leaves() -> Tuple[List[type], List[Callable]]:
     """timm's no-trace registries and torchvision's leaf ops."""
     modules: List[type] = []
     functions: List[Callable] = []
-    try:
+    if "timm" in sys.modules:
         from timm.layers import _fx as timm_fx
 
         modules += list(timm_fx.get_notrace_modules())
         functions += list(timm_fx.get_notrace_functions())
-    except ImportError:
-        pass
-    try:
+    if "torchvision" in sys.modules:
         from torchvision.models.feature_extraction import _get_leaf_modules_for_ops
 
         # Sequential-like compositions (Conv2dNormActivation) and the traceable
         # SqueezeExcitation must be traced into, so that their convolutions can be adapted.
         modules += [m for m in _get_leaf_modules_for_ops()
                     if not issubclass(m, nn.Sequential) and m.__name__ != "SqueezeExcitation"]
-    except ImportError:
-        pass
     return modules, functions
 
 

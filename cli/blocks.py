@@ -1,0 +1,52 @@
+"""``auglocal-fx blocks``: the partition into local blocks, as a table or a diagram."""
+
+from __future__ import annotations
+
+import click
+
+from .options import (
+    conversion_kwargs,
+    depth_option,
+    input_size_option,
+    is_checkpoint,
+    num_classes_option,
+    pyramid_options,
+    selection_option,
+    spec_argument,
+    user_errors,
+)
+
+__all__ = ["blocks"]
+
+
+@click.command()
+@spec_argument
+@depth_option(required=False, default=2)
+@pyramid_options
+@selection_option
+@input_size_option
+@num_classes_option
+@click.option("--svg", "figure", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Also draw the blocks and what each auxiliary network copies (.svg or .png).")
+def blocks(spec, d, tau, no_pyramid, selection, input_size, num_classes, figure) -> None:
+    """Show how SPEC is cut into local blocks and what each auxiliary network copies.
+
+    SPEC is a model spec (timm:NAME, torchvision:NAME, paper:NAME, path/file.py:factory) or a
+    checkpoint written by `auglocal-fx convert` (then the saved options are used).
+    """
+    from auglocal_fx import load, to_local
+    from auglocal_fx.flops import count_flops
+    from auglocal_fx.plots import plot_blocks
+    from auglocal_fx.tables import blocks_table
+
+    kwargs = conversion_kwargs(tau, no_pyramid, selection, input_size, num_classes)
+    with user_errors():
+        if figure is not None:
+            from auglocal_fx.plots import check_figure_path
+            check_figure_path(figure)
+        local = load(spec) if is_checkpoint(spec) else to_local(spec, d=d, **kwargs)
+        flops = count_flops(local)
+        click.echo(blocks_table(flops))
+        if figure is not None:
+            plot_blocks(flops, figure)
+            click.echo(f"diagram written to {figure}")

@@ -1,0 +1,160 @@
+"""Option decorators shared by the ``auglocal-fx`` commands, and the error boundary."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from typing import Iterator, List, Optional
+
+import click
+
+from auglocal_fx.errors import AugLocalError
+
+__all__ = [
+    "spec_argument",
+    "input_size_option",
+    "num_classes_option",
+    "depth_option",
+    "depths_option",
+    "pyramid_options",
+    "selection_option",
+    "MultiValueCommand",
+    "user_errors",
+    "conversion_kwargs",
+    "is_checkpoint",
+]
+
+_SELECTIONS = ("uniform", "sequential", "repetitive")
+_INT = re.compile(r"^-?\d+$")
+
+
+def spec_argument(fn):
+    """``SPEC``: ``timm:NAME``, ``torchvision:NAME``, ``paper:NAME`` or ``file.py:factory``."""
+    return click.argument("spec", metavar="SPEC")(fn)
+
+
+def input_size_option(fn):
+    """``--input-size C H W`` (default: the model's own, e.g. 3 224 224 for timm models)."""
+    return click.option(
+        "--input-size", nargs=3, type=int, default=None, metavar="C H W",
+        help="Input size the network is traced and counted at (default: the model's own).",
+    )(fn)
+
+
+def num_classes_option(fn):
+    """``--num-classes N`` (default: the model's own)."""
+    return click.option(
+        "--num-classes", type=int, default=None, metavar="N",
+        help="Classifier width (default: the model's own).",
+    )(fn)
+
+
+def depth_option(required: bool = True, default: Optional[int] = None, help_text: str = ""):
+    """``--d D``: the auxiliary depth (the paper's d, classifier included)."""
+    def decorator(fn):
+        return click.option(
+            "--d", "d", type=int, required=required, default=default, metavar="D",
+            help=help_text or "Auxiliary depth: layers of each auxiliary network, classifier "
+                              "included (the paper uses 2..6).",
+        )(fn)
+    return decorator
+
+
+def depths_option(fn):
+    """``--d 2 3 4 5 6``: several depths (use with ``cls=MultiValueCommand``)."""
+    return click.option(
+        "--d", "depths", type=int, multiple=True, default=(2, 3, 4, 5, 6), show_default=True,
+        metavar="D [D ...]", help="Auxiliary depths to report, e.g. --d 2 3 4 5 6.",
+    )(fn)
+
+
+def pyramid_options(fn):
+    """``--tau T`` (pyramid decay, default 0.5) or ``--no-pyramid`` (constant depth)."""
+    fn = click.option(
+        "--no-pyramid", is_flag=True, default=False,
+        help="Give every auxiliary network depth d (no pyramidal decay).",
+    )(fn)
+    return click.option(
+        "--tau", type=float, default=None, metavar="T",
+        help="Pyramidal depth decay in [0, 1] (default 0.5; 0 = constant depth).",
+    )(fn)
+
+
+def selection_option(fn):
+    """``--selection uniform|sequential|repetitive``."""
+    return click.option(
+        "--selection", type=click.Choice(_SELECTIONS), default="uniform", show_default=True,
+        help="Which later blocks an auxiliary network copies (the paper's method is uniform).",
+    )(fn)
+
+
+def conversion_kwargs(tau: Optional[float], no_pyramid: bool, selection: str,
+                      input_size, num_classes: Optional[int]) -> dict:
+    """The ``to_local`` keyword arguments the shared options stand for.
+
+    Raises:
+        click.ClickException: if both ``--tau`` and ``--no-pyramid`` are given.
+    """
+    if tau is not None and no_pyramid:
+        raise click.ClickException("give --tau or --no-pyramid, not both")
+    kwargs = {"tau": 0.5 if tau is None else tau, "pyramid": not no_pyramid,
+              "selection": selection}
+    if input_size:
+        kwargs["input_size"] = tuple(input_size)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    return kwargs
+
+
+class MultiValueCommand(click.Command):
+    """A command whose ``--d`` takes several values: ``--d 2 3 4`` means ``--d 2 --d 3 --d 4``.
+
+    click options take a fixed number of values; this rewrites the arguments before parsing.
+    """
+
+    multi_value_options = ("--d",)
+
+    def parse_args(self, ctx: click.Context, args: List[str]) -> List[str]:
+        out: List[str] = []
+        i = 0
+        while i < len(args):
+            arg = args[i]
+            out.append(arg)
+            i += 1
+            if arg in self.multi_value_options:
+                if i < len(args):  # the first value, whatever it is (click checks it)
+                    out.append(args[i])
+                    i += 1
+                while i < len(args) and _INT.match(args[i]):
+                    out += [arg, args[i]]
+                    i += 1
+            elif arg == "--":
+                out += args[i:]
+                break
+        return super().parse_args(ctx, out)
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split()) or "failed"
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn library errors a user can cause into one-line click errors (no traceback)."""
+    try:
+        yield
+    except AugLocalError as exc:
+        raise click.ClickException(_one_line(str(exc))) from None
+    except OSError as exc:  # unwritable output path, full disk, ...
+        name = getattr(exc, "filename", None)
+        where = f" {name!r}" if name else ""
+        raise click.ClickException(
+            _one_line(f"cannot access{where}: {exc.strerror or exc}; check the path")
+        ) from None
+
+
+def is_checkpoint(spec: str) -> bool:
+    """Whether ``spec`` names a saved ``LocalNet`` file rather than a model."""
+    return spec.endswith((".pt", ".pth", ".ckpt")) or (
+        os.path.isfile(spec) and not spec.endswith(".py"))

@@ -1,0 +1,78 @@
+"""``auglocal-fx report``: the paper's Table 7 (FLOPs, params, memory, time) for any model."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from .options import (
+    MultiValueCommand,
+    conversion_kwargs,
+    depths_option,
+    input_size_option,
+    num_classes_option,
+    pyramid_options,
+    selection_option,
+    spec_argument,
+    user_errors,
+)
+
+__all__ = ["report"]
+
+
+@click.command(cls=MultiValueCommand)
+@spec_argument
+@depths_option
+@click.option("--batch-size", type=int, default=128, show_default=True, metavar="B",
+              help="Batch size of the memory and time measurements.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@pyramid_options
+@selection_option
+@input_size_option
+@num_classes_option
+@click.option("--flops-only", "--no-memory", "flops_only", is_flag=True,
+              help="Count FLOPs and parameters only: no memory or time measurement (fast).")
+@click.option("--rss", is_flag=True,
+              help="On CPU, also measure the peak RSS of each step in a fresh process (slower).")
+@click.option("--repeats", type=click.IntRange(1, 100), default=2, show_default=True,
+              help="Timed training steps per method, after one warm-up step.")
+@click.option("--threads", type=click.IntRange(1), default=None, metavar="N",
+              help="CPU threads for the timed steps (default: PyTorch's).")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
+              help="Draw FLOPs and memory per method and the per-block profile (.png/.svg).")
+def report(spec, depths, batch_size, device, tau, no_pyramid, selection, input_size,
+           num_classes, flops_only, rss, repeats, threads, as_json, plot) -> None:
+    """Compare BP, gradient checkpointing and AugLocal at each d for SPEC.
+
+    Rows: forward FLOPs (fvcore: 1 multiply-add = 1 FLOP, one example), trained parameters,
+    measured memory (only when auglocal_fx.memory can measure it; never estimated) and time
+    per training step at --batch-size.
+    """
+    from auglocal_fx.costs import cost_report
+    from auglocal_fx.tables import cost_table
+
+    kwargs = conversion_kwargs(tau, no_pyramid, selection, input_size, num_classes)
+    with user_errors():
+        if plot is not None:
+            from auglocal_fx.plots import check_figure_path
+            check_figure_path(plot)
+        result = cost_report(spec, tuple(depths), batch_size=batch_size, device=device,
+                             memory=not flops_only, rss=rss, timing=not flops_only,
+                             repeats=repeats, threads=threads,
+                             **kwargs)
+        if plot is not None:
+            from auglocal_fx.plots import plot_report
+            plot_report(result, plot)
+    if as_json:
+        out = result.as_dict()
+        if plot is not None:
+            out["plot"] = plot
+        click.echo(json.dumps(out, indent=1))
+        return
+    click.echo(f"{spec} at {'x'.join(map(str, result.input_size))}, batch {batch_size}, "
+               f"{result.device}")
+    click.echo(cost_table(result))
+    if plot is not None:
+        click.echo(f"plot written to {plot}")

@@ -1,0 +1,279 @@
+"""The ``auglocal-fx`` commands through click's CliRunner: outputs, JSON, checkpoints, errors."""
+
+import json
+import os
+import textwrap
+
+import pytest
+
+from auglocal_fx._threads import single_thread
+import torch
+from click.testing import CliRunner
+
+from auglocal_fx import load, to_local
+
+try:
+    from auglocal_fx_cli.main import cli
+except ImportError:  # not installed: run from the repository root
+    from cli.main import cli
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = os.path.join(HERE, "_tiny_models.py") + ":tiny_cnn"
+TINY_SIZE = ["--input-size", "3", "16", "16"]
+
+# Table 7 of the paper: CIFAR-10 ResNet-110, forward FLOPs of one 32x32 image (fvcore).
+TABLE7_AUGLOCAL = {2: 0.63e9, 3: 0.69e9, 4: 0.80e9, 5: 0.98e9, 6: 1.13e9}
+TABLE7_BP = 0.25e9
+
+USER_MODELS = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x):
+            x = self.conv(x)
+            if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace this
+                x = x * 2
+            return self.fc(x.mean((2, 3)))
+
+    def branchy():
+        return Branchy()
+
+    def no_head():
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+""")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
+
+
+@pytest.fixture
+def run(tmp_path, monkeypatch):
+    """Invoke the CLI in a temporary working directory."""
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(cli, [str(a) for a in args])
+    return invoke
+
+
+def assert_user_error(result, *fragments):
+    """A user mistake: non-zero exit, one line, no traceback."""
+    assert result.exit_code != 0, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(
+        result.exception)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+# -- convert --------------------------------------------------------------------------------
+
+def test_convert_prints_table_and_writes_default_checkpoint(run, tmp_path):
+    result = run("convert", "paper:resnet32", "--d", "3")
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "aux copies" in out and "primary (BP forward)" in out and "ratio total / primary" in out
+    assert "1 multiply-add = 1 FLOP" in out
+    assert "aten::add" in out  # what fvcore does not count is listed
+    assert (tmp_path / "resnet32_d3.pt").is_file()
+    assert "resnet32_d3.pt" in out.splitlines()[-1]
+
+
+def test_convert_json(run, tmp_path):
+    result = run("convert", "paper:resnet32", "--d", "2", "--json", "-o", "r32.pt")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    for key in ("model", "blocks", "aux_nets", "flops", "params"):
+        assert key in data
+    assert data["model"] == "paper:resnet32"
+    assert len(data["blocks"]) == 16 and len(data["aux_nets"]) == 14  # K = L - 1 for d = 2
+    flops = data["flops"]
+    assert all(isinstance(flops[k], int) for k in ("primary", "aux", "total"))
+    assert flops["total"] == flops["primary"] + flops["aux"]
+    assert flops["primary"] == sum(b["flops"] for b in data["blocks"]) + data["head"]["flops"]
+    assert flops["aux"] == sum(a["flops"] for a in data["aux_nets"])
+    assert all(isinstance(data["params"][k], int) for k in ("primary", "aux"))
+    assert data["checkpoint"] == "r32.pt" and (tmp_path / "r32.pt").is_file()
+
+
+def test_convert_options_reach_the_network(run):
+    result = run("convert", TINY, *TINY_SIZE, "--d", "3", "--no-pyramid", "--selection",
+                 "sequential", "--num-classes", "7", "--json", "-o", "t.pt")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["options"]["pyramid"] is False and data["options"]["selection"] == "sequential"
+    assert data["num_classes"] == 7 and data["input_size"] == [3, 16, 16]
+    assert [a["selected"] for a in data["aux_nets"]] == [[1, 2]]
+    local = load("t.pt")
+    assert local.options["d"] == 3 and local.num_classes == 7
+
+
+def test_convert_checkpoint_round_trip(run, tmp_path):
+    torch.manual_seed(123)
+    result = run("convert", TINY, *TINY_SIZE, "--d", "2", "-o", "tiny.pt")
+    assert result.exit_code == 0, result.output
+    torch.manual_seed(123)
+    reference = to_local(TINY, d=2, input_size=(3, 16, 16)).eval()  # what the CLI converted
+    restored = load(tmp_path / "tiny.pt").eval()
+    saved = torch.load(tmp_path / "tiny.pt", weights_only=True)["state_dict"]
+    for name, value in restored.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(restored(x), reference(x))
+        h = x
+        for j, block in enumerate(restored.blocks[: len(restored.aux)]):
+            h = block(h)
+            assert torch.equal(restored.aux[j](h), reference.aux[j](h))
+    # A fresh conversion has other random weights: the outputs above came from the file.
+    fresh = to_local(TINY, d=2, input_size=(3, 16, 16)).eval()
+    with torch.no_grad():
+        assert not torch.equal(fresh(x), restored(x))
+
+
+def test_convert_flops_budget(run):
+    result = run("convert", "paper:resnet32", "--flops-budget", "3x", "--json", "-o", "b.pt")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    budget = data["budget"]
+    assert data["options"]["d"] == budget["d"] and data["options"]["tau"] == budget["tau"]
+    assert data["flops"]["total"] == budget["flops"] <= 3 * data["flops"]["primary"]
+    result = run("convert", "paper:resnet32", "--flops-budget", "3x", "-o", "b.pt")
+    assert result.output.startswith(f"picked d={budget['d']}, tau={budget['tau']:g}")
+
+
+# -- report ---------------------------------------------------------------------------------
+
+def test_report_flops_only_json(run):
+    result = run("report", TINY, *TINY_SIZE, "--d", "2", "3", "--flops-only", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert [r["method"] for r in data["rows"]] == ["BP", "GC", "AugLocal d=2", "AugLocal d=3"]
+    assert all(isinstance(r["flops"], int) for r in data["rows"])
+    assert all(r["memory"] is None and r["step_time"] is None for r in data["rows"])
+    assert len(data["profile"]) == 4
+
+
+def test_report_measures_time_and_memory(run, tmp_path):
+    result = run("report", TINY, *TINY_SIZE, "--d", "2", "--batch-size", "2", "--repeats", "1",
+                 "--plot", "r.png")
+    assert result.exit_code == 0, result.output
+    assert "time/step" in result.output and "plot written to r.png" in result.output
+    assert (tmp_path / "r.png").stat().st_size > 1000
+    result = run("report", TINY, *TINY_SIZE, "--d", "2", "--batch-size", "2", "--repeats", "1",
+                 "--threads", "1", "--json")
+    data = json.loads(result.output)
+    assert all(r["step_time"] > 0 for r in data["rows"])
+    assert "1 CPU thread" in data["time_how"]
+    memory = [r["memory"] for r in data["rows"]]
+    # Measured for every row, or absent for every row with the reason; never made up.
+    assert all(isinstance(m, int) for m in memory) or (
+        all(m is None for m in memory) and data["memory_note"])
+
+
+def test_report_resnet110_matches_table7(run):
+    result = run("report", "paper:resnet110", "--d", "2", "3", "4", "5", "6", "--flops-only",
+                 "--json")
+    assert result.exit_code == 0, result.output
+    rows = {r["method"]: r["flops"] for r in json.loads(result.output)["rows"]}
+    got = {d: rows[f"AugLocal d={d}"] for d in TABLE7_AUGLOCAL}
+    for d, expected in TABLE7_AUGLOCAL.items():
+        assert got[d] == pytest.approx(expected, rel=0.02), (d, got)
+
+
+def test_report_resnet110_bp_matches_table7(run):
+    """fvcore counts 0.2553 G (0.2531 G without BatchNorm); the paper prints it as 0.25 G."""
+    result = run("report", "paper:resnet110", "--d", "2", "--flops-only", "--json")
+    rows = {r["method"]: r["flops"] for r in json.loads(result.output)["rows"]}
+    assert rows["BP"] == 255_275_648
+    assert int(rows["BP"] / 1e7) / 100 == TABLE7_BP / 1e9  # 0.255 G truncates to 0.25 G
+
+
+# -- blocks ---------------------------------------------------------------------------------
+
+def test_blocks_table_and_svg(run, tmp_path):
+    result = run("blocks", "paper:resnet32", "--d", "3", "--svg", "b.svg")
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if line[:4].strip().isdigit()]
+    assert len(rows) == 16
+    assert "output module" in result.output and "layer3.4" in result.output
+    assert "<svg" in (tmp_path / "b.svg").read_text()[:2000]
+
+
+def test_blocks_of_a_checkpoint(run):
+    assert run("convert", TINY, *TINY_SIZE, "--d", "3", "-o", "c.pt").exit_code == 0
+    result = run("blocks", "c.pt")
+    assert result.exit_code == 0, result.output
+    assert "d=3" in result.output
+
+
+# -- user errors: one line, non-zero exit, no traceback --------------------------------------
+
+@pytest.fixture
+def user_file(tmp_path):
+    path = tmp_path / "user_models.py"
+    path.write_text(USER_MODELS)
+    return str(path)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["convert", "timm:not_a_model_xyz", "--d", "2"], "unknown timm model"),
+    (["convert", "torchvision:not_a_model", "--d", "2"], "unknown torchvision"),
+    (["convert", "foo:bar", "--d", "2"], "unknown spec prefix"),
+    (["convert", "resnet32", "--d", "2"], "no prefix"),
+    (["convert", "missing.py:factory", "--d", "2"], "does not exist"),
+    (["convert", "paper:resnet32", "--d", "1"], "d=1"),
+    (["convert", "paper:resnet32", "--d", "16"], "too large"),
+    (["convert", "paper:resnet32", "--d", "2", "--tau", "1.5"], "tau=1.5"),
+    (["convert", "paper:resnet32", "--d", "2", "--tau", "0.3", "--no-pyramid"], "not both"),
+    (["convert", "paper:resnet32"], "--d"),
+    (["convert", "paper:vgg19", "--d", "2", "--input-size", "3", "8", "8"], "input"),
+    (["convert", "paper:resnet32", "--d", "2", "--input-size", "3", "0", "32"], "input size"),
+    (["convert", "paper:resnet32", "--flops-budget", "lots"], "budget"),
+    (["convert", "paper:resnet32", "--flops-budget", "1.01x"], "too small"),
+    (["report", "paper:resnet32", "--d", "2", "--flops-only", "--plot", "x.gif"], ".png"),
+    (["blocks", "paper:resnet32", "--svg", "no/such/folder/b.svg"], "does not exist"),
+    (["blocks", "missing.pt"], "does not exist"),
+])
+def test_user_errors(run, args, fragment):
+    assert_user_error(run(*args), fragment)
+
+
+def test_missing_factory(run, user_file):
+    assert_user_error(run("convert", f"{user_file}:nope", "--d", "2"), "no callable 'nope'")
+
+
+def test_untraceable_model(run, user_file):
+    assert_user_error(run("convert", f"{user_file}:branchy", "--d", "2", *TINY_SIZE), "trace")
+
+
+def test_no_classifier_head(run, user_file):
+    assert_user_error(run("convert", f"{user_file}:no_head", "--d", "2", *TINY_SIZE),
+                      "no classifier head")
+
+
+def test_corrupt_checkpoint(run, tmp_path):
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
+    assert_user_error(run("blocks", "corrupt.pt"), "corrupt")
+
+
+def test_foreign_checkpoint(run, tmp_path):
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    assert_user_error(run("blocks", "foreign.pt"), "not an auglocal-fx")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_gpu(run):
+    assert_user_error(run("report", TINY, *TINY_SIZE, "--d", "2", "--device", "cuda"), "cpu")

@@ -1,0 +1,164 @@
+"""FLOP counting (fvcore convention: one multiply-add = one FLOP) and budget solving."""
+
+import json
+import os
+
+import pytest
+
+from auglocal_fx._threads import single_thread
+import torch
+from torch import nn
+
+from auglocal_fx import AugLocalError, to_local
+from auglocal_fx.flops import (
+    LocalFlops,
+    count_flops,
+    count_module_flops,
+    parse_budget,
+    solve_budget,
+)
+
+TINY = os.path.join(os.path.dirname(__file__), "_tiny_models.py") + ":tiny_cnn"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def resnet32_d3():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return to_local("paper:resnet32", d=3)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_conv_and_linear_counts_are_multiply_adds():
+    conv = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+    flops, unsupported = count_module_flops(conv, (3, 32, 32))
+    assert flops == 16 * 32 * 32 * 3 * 3 * 3
+    assert not unsupported
+    flops, _ = count_module_flops(nn.Linear(64, 10), (64,))
+    assert flops == 640
+
+
+def test_cache_is_per_architecture_and_shape():
+    a, b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+    assert count_module_flops(a, (4, 8, 8))[0] == count_module_flops(b, (4, 8, 8))[0]
+    assert count_module_flops(a, (4, 16, 16))[0] == 4 * count_module_flops(a, (4, 8, 8))[0]
+    wider = nn.Conv2d(4, 8, 3, padding=1)
+    assert count_module_flops(wider, (4, 8, 8))[0] == 2 * count_module_flops(a, (4, 8, 8))[0]
+
+
+def test_cache_sees_plain_attributes():
+    class Upsampled(nn.Module):
+        def __init__(self, factor):
+            super().__init__()
+            self.factor = factor  # not in any extra_repr, but changes the conv's FLOPs
+            self.conv = nn.Conv2d(2, 2, 3, padding=1, bias=False)
+
+        def forward(self, x):
+            return self.conv(nn.functional.interpolate(x, scale_factor=self.factor))
+
+    once, _ = count_module_flops(Upsampled(1), (2, 8, 8))
+    twice, _ = count_module_flops(Upsampled(2), (2, 8, 8))
+    conv = 2 * 8 * 8 * 2 * 9  # at 8x8; fvcore adds the upsampling's outputs
+    assert conv <= once < 2 * conv
+    assert 4 * conv <= twice < 8 * conv
+
+
+def test_uncounted_operators_are_listed():
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            return x + self.conv(x)
+
+    _, unsupported = count_module_flops(Residual(), (4, 8, 8))
+    assert unsupported["aten::add"] == 1
+
+
+def test_count_flops_is_lazy(resnet32_d3):
+    flops = LocalFlops(resnet32_d3)
+    assert flops._blocks is None and flops._aux is None
+
+
+def test_primary_equals_fvcore_on_the_original_model(resnet32_d3):
+    from fvcore.nn import FlopCountAnalysis
+
+    flops = count_flops(resnet32_d3)
+    original = resnet32_d3.export().eval()
+    analysis = FlopCountAnalysis(original, torch.zeros(1, 3, 32, 32))
+    analysis.unsupported_ops_warnings(False)
+    analysis.uncalled_modules_warnings(False)
+    assert flops.primary == analysis.total()
+    assert len(flops.blocks) == 16
+    assert len(flops.aux) == resnet32_d3.num_local - 1
+    assert flops.total == flops.primary + sum(a.flops for a in flops.aux)
+    assert flops.params_primary == sum(p.numel() for p in original.parameters())
+    assert flops.params_aux == sum(p.numel() for p in resnet32_d3.aux.parameters())
+    assert flops.unsupported_ops()["aten::add"] > 0  # residual additions: listed, not dropped
+
+
+def test_as_dict_is_json_with_integer_flops(resnet32_d3):
+    summary = json.loads(json.dumps(count_flops(resnet32_d3).as_dict()))
+    for key in ("primary", "aux", "total"):
+        assert isinstance(summary["flops"][key], int)
+    assert summary["flops"]["total"] == summary["flops"]["primary"] + summary["flops"]["aux"]
+    assert [a["block"] for a in summary["aux_nets"]] == list(range(len(summary["aux_nets"])))
+    assert "aten::add" in summary["unsupported_ops"]
+
+
+def test_count_flops_rejects_a_plain_model():
+    with pytest.raises(AugLocalError, match="to_local"):
+        count_flops(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("2.5x", ("ratio", 2.5)),
+    ("3X", ("ratio", 3.0)),
+    ("1.1G", ("flops", 1.1e9)),
+    ("800M", ("flops", 800e6)),
+    ("1.5e9", ("flops", 1.5e9)),
+    ("250k", ("flops", 250e3)),
+    (1100000000, ("flops", 1.1e9)),
+])
+def test_parse_budget(text, expected):
+    kind, value = parse_budget(text)
+    assert kind == expected[0] and value == pytest.approx(expected[1])
+
+
+@pytest.mark.parametrize("text", ["", "abc", "2.5y", "-1G", "0x", "1.1 GB", "x2", 0, True])
+def test_parse_budget_rejects(text):
+    with pytest.raises(AugLocalError, match="budget"):
+        parse_budget(text)
+
+
+def test_solve_budget_picks_largest_d_then_smallest_tau():
+    threshold = count_flops(to_local("paper:resnet32", d=4, tau=0.5)).total
+    choice = solve_budget("paper:resnet32", threshold)
+    assert choice.flops <= choice.budget == threshold
+    assert choice.d >= 4
+    for d, tau, total in choice.tried:
+        if d > choice.d or (d == choice.d and tau < choice.tau):
+            assert total > threshold, (d, tau, total)
+    assert f"d={choice.d}" in choice.reason and "1 multiply-add = 1 FLOP" in choice.reason
+    # The solver's count (one trace, aux nets synthesized per plan) is to_local's count.
+    exact = count_flops(to_local("paper:resnet32", d=choice.d, tau=choice.tau)).total
+    assert exact == choice.flops
+
+
+def test_solve_budget_large_budget_gives_max_depth_constant():
+    choice = solve_budget(TINY, "100x", input_size=(3, 16, 16))
+    assert (choice.d, choice.tau) == (3, 0.0)  # 4 blocks: d <= L - 1
+
+
+def test_solve_budget_too_small():
+    with pytest.raises(AugLocalError, match="too small"):
+        solve_budget(TINY, "1.0x", input_size=(3, 16, 16))
