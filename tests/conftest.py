@@ -6,11 +6,15 @@ import pytest
 import torch
 from torch import nn
 
+from auglocal_fx._threads import single_thread
+
 
 @pytest.fixture(autouse=True)
-def _quiet_and_seeded():
+def _quiet_seeded_single_thread():
+    """Seeded, warnings off, one intra-op thread: the tests run batch 2 on tiny inputs, where
+    threads gain nothing and, on busy shared cores, slow every op down many times."""
     torch.manual_seed(0)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), single_thread():
         warnings.simplefilter("ignore")
         yield
 

@@ -5,8 +5,6 @@ import os
 import textwrap
 
 import pytest
-
-from auglocal_fx._threads import single_thread
 import torch
 from click.testing import CliRunner
 
@@ -47,12 +45,6 @@ USER_MODELS = textwrap.dedent("""
     def no_head():
         return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
 """)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
 
 
 @pytest.fixture

@@ -4,8 +4,6 @@ import json
 import os
 
 import pytest
-
-from auglocal_fx._threads import single_thread
 import torch
 from torch import nn
 
@@ -19,12 +17,6 @@ from auglocal_fx.flops import (
 )
 
 TINY = os.path.join(os.path.dirname(__file__), "_tiny_models.py") + ":tiny_cnn"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
 
 
 @pytest.fixture(scope="module")
