@@ -70,7 +70,14 @@ def test_convert_d2(spec):
     torch.manual_seed(1)
     expected = model(x)
     if isinstance(expected, tuple):
-        expected = expected[0]
+        # Training-only outputs (auxiliary logits) are dropped from the graph; their dropout
+        # draws random numbers that the converted network does not, so compare without dropout.
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.eval()
+        model.load_state_dict(state)
+        torch.manual_seed(1)
+        expected = model(x)[0]
     model.load_state_dict(state)
     torch.manual_seed(1)
     h = x
