@@ -591,9 +591,10 @@ def _adapt(source: fx.GraphModule, in_shape: Tuple[int, ...], stride: Optional[i
     out = _Repairer(gm, in_shape).run()
     if stride is not None and out.dim() == 4 and len(in_shape) == 3:
         expected = tuple(math.ceil(v / stride) for v in in_shape[1:])
-        if tuple(out.shape[2:]) != expected:
+        if any(o > e for o, e in zip(out.shape[2:], expected)):
             # A reduction that is not a stride (a valid convolution, a leaf module): pool to the
-            # planned resolution.
+            # planned resolution. (A smaller output comes from an adaptive pooling to a fixed
+            # size, as VGG's before its classifier, and is kept.)
             output = next(n for n in gm.graph.nodes if n.op == "output")
             gm.add_submodule("auglocal_resize", nn.AdaptiveAvgPool2d(expected))
             with gm.graph.inserting_before(output):
