@@ -29,6 +29,7 @@ What is measured (nothing here is an estimate):
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import os
@@ -45,6 +46,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .errors import AugLocalError
+from .local import LocalNet, to_local
 
 __all__ = ["METHODS", "MemoryReport", "MemoryRow", "SavedBytesCounter", "StepMemory", "measure_memory",
            "measure_step"]
@@ -96,7 +98,10 @@ class SavedBytesCounter:
             self.peak = max(self.peak, self.live)
         else:
             entry[0] += 1
-        return _Held(t, self, key)
+        # Hold a detached alias (same storage and version counter): holding ``t`` itself would,
+        # for a node's own output, make node -> saved -> t -> node a cycle that only backward
+        # breaks, so a graph dropped without backward would never be freed.
+        return _Held(t.detach(), self, key)
 
     @staticmethod
     def _unpack(packed):
@@ -275,6 +280,8 @@ def measure_memory(model_or_spec: Union[str, nn.Module], methods: Sequence[str] 
         if m not in METHODS:
             raise AugLocalError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     depths = (d,) if isinstance(d, int) else tuple(d)
+    if isinstance(model_or_spec, LocalNet):
+        depths = (int(model_or_spec.options["d"]),)
     if not depths:
         raise AugLocalError("d must be an int or a non-empty sequence of ints, e.g. d=(2, 4)")
     device = _device(device)
@@ -297,19 +304,21 @@ def measure_memory(model_or_spec: Union[str, nn.Module], methods: Sequence[str] 
     if rss and device.type == "cpu" and rss_source is None:
         report.notes.append("RSS not measured: the model is neither a spec string nor picklable; pass a spec")
 
-    for method in methods:
-        for depth in (depths if method == "auglocal" else depths[:1]):
-            local = locals_by_d[depth]
-            row = _measure_in_process(local, method, batch_size, device, seed)
-            row.d = depth if method == "auglocal" else None
-            if method == "auglocal":
-                row.lower_bound, row.lower_bound_module = _lower_bound(local, batch_size, device, seed)
-            if rss_source is not None:
-                row.rss_peak = _rss_in_subprocess(rss_source, method, depth, batch_size, kwargs, seed,
-                                                  mmap_threshold)
-            report.rows.append(row)
-    if rss_source is not None and rss_source.get("tmp"):
-        os.unlink(rss_source["path"])
+    try:
+        for method in methods:
+            for depth in (depths if method == "auglocal" else depths[:1]):
+                local = locals_by_d[depth]
+                row = _measure_in_process(local, method, batch_size, device, seed)
+                row.d = depth if method == "auglocal" else None
+                if method == "auglocal":
+                    row.lower_bound, row.lower_bound_module = _lower_bound(local, batch_size, device, seed)
+                if rss_source is not None:
+                    row.rss_peak = _rss_in_subprocess(rss_source, method, depth, batch_size, kwargs, seed,
+                                                      mmap_threshold)
+                report.rows.append(row)
+    finally:
+        if rss_source is not None and rss_source.get("tmp"):
+            os.unlink(rss_source["path"])
     return report
 
 
@@ -342,13 +351,9 @@ def _device(device: Union[str, torch.device]) -> torch.device:
 
 
 def _build_local(model_or_spec, d: int, kwargs: Dict[str, Any]):
-    from .local import LocalNet, to_local
-
     if isinstance(model_or_spec, LocalNet):
         return model_or_spec
     if isinstance(model_or_spec, nn.Module):
-        import copy
-
         model_or_spec = copy.deepcopy(model_or_spec)  # to_local shares weights with the model it gets
     return to_local(model_or_spec, d=d, **kwargs)
 
@@ -430,8 +435,6 @@ def _lower_bound(local, batch_size: int, device: torch.device, seed: int) -> Tup
 def _rss_source(model_or_spec, local) -> Optional[Dict[str, Any]]:
     if isinstance(model_or_spec, str):
         return {"spec": model_or_spec}
-    from .local import LocalNet
-
     target = model_or_spec
     if isinstance(model_or_spec, LocalNet):
         if local.spec:

@@ -42,10 +42,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from tqdm.auto import tqdm
 
 from .data import build_datasets
 from .errors import AugLocalError
-from .local import atomic_save
+from .local import atomic_save, to_local
+from .specs import resolve_model
 
 __all__ = ["METHODS", "AMP_MODES", "TrainConfig", "TrainResult", "default_recipe", "train"]
 
@@ -455,15 +457,11 @@ class _Run:
     def _build_model(self) -> Tuple[nn.Module, nn.Module]:
         cfg = self.cfg
         if cfg.method == "auglocal":
-            from .local import to_local
-
             local = to_local(cfg.model, d=cfg.d, tau=cfg.tau, pyramid=cfg.pyramid, selection=cfg.selection,
                              input_size=self.input_size, num_classes=self.num_classes)
             return local, local.export()
         if isinstance(cfg.model, nn.Module):
             return cfg.model, cfg.model
-        from .specs import resolve_model
-
         model = resolve_model(cfg.model, num_classes=self.num_classes, input_size=self.input_size).model
         return model, model
 
@@ -600,14 +598,10 @@ class _Run:
     def _bar(self, iterable, desc: str, total: Optional[int] = None, initial: int = 0):
         if not (self.main and self.cfg.progress):
             return iterable
-        from tqdm.auto import tqdm
-
         return tqdm(iterable, desc=desc, total=total, initial=initial, leave=False, dynamic_ncols=True)
 
     def _log(self, text: str) -> None:
         if self.cfg.progress:
-            from tqdm.auto import tqdm
-
             tqdm.write(text)
 
     def fit(self) -> TrainResult:

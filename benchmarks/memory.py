@@ -1,0 +1,51 @@
+"""Training-step memory: BP vs gradient checkpointing vs AugLocal d=2..6, measured side by side.
+
+    python benchmarks/memory.py                      # paper:resnet32 and paper:resnet110, batch 128, CPU
+    python benchmarks/memory.py --models paper:resnet110 --depths 2 6 --no-rss
+
+Every figure is measured in this run by :func:`auglocal_fx.measure_memory` (see its docstring):
+the peak of bytes held for backward (saved_tensors_hooks), the growth of peak RSS over one step
+in a fresh subprocess per method, and the lower bound for local learning (the largest local
+module's own saved bytes). Targets (issue 3): AugLocal <= 20% of BP on ResNet-110 and within
+10% of the lower bound.
+"""
+
+import argparse
+import time
+
+from auglocal_fx.memory import measure_memory
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["paper:resnet32", "paper:resnet110"])
+    parser.add_argument("--depths", nargs="+", type=int, default=[2, 3, 4, 5, 6])
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-rss", action="store_true", help="skip the subprocess RSS measurements")
+    parser.add_argument("--mmap-threshold", type=int, default=None,
+                        help="run the RSS subprocesses with MALLOC_MMAP_THRESHOLD_ fixed to this many bytes")
+    args = parser.parse_args()
+
+    for spec in args.models:
+        start = time.perf_counter()
+        report = measure_memory(spec, d=tuple(args.depths), batch_size=args.batch_size, device=args.device,
+                                input_size=(3, 32, 32), rss=not args.no_rss,
+                                mmap_threshold=args.mmap_threshold)
+        print(report)
+        bp = report.row("bp")
+        target = "resnet110" in spec  # the issue's targets are set for ResNet-110
+        print("Targets (ResNet-110): AugLocal <= 0.20 x BP (saved bytes) and <= 1.10 x lower bound")
+        for row in report.rows:
+            if row.method != "auglocal":
+                continue
+            to_bp = row.saved_peak / bp.saved_peak
+            to_lb = row.saved_peak / row.lower_bound
+            rss = f", RSS {row.rss_peak / bp.rss_peak:.2f} x BP" if row.rss_peak and bp.rss_peak else ""
+            print(f"  d={row.d}: {to_bp:.2f} x BP{rss}, {to_lb:.3f} x lower bound ({row.lower_bound_module}) "
+                  + (f"-> {'met' if to_bp <= 0.20 and to_lb <= 1.10 else 'not met'}" if target else ""))
+        print(f"({spec} measured in {time.perf_counter() - start:.0f} s)\n")
+
+
+if __name__ == "__main__":
+    main()

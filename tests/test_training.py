@@ -1,0 +1,134 @@
+"""The trainer: AMP, BP, strict export, resume after SIGKILL, data parallel, checkpoint errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from auglocal_fx import AugLocalError, resolve_model
+from auglocal_fx.training import TrainConfig, default_recipe, train
+
+TINY = str(Path(__file__).with_name("_tiny_models.py")) + ":tiny_cnn"
+TINY_NOBN = str(Path(__file__).with_name("_tiny_models.py")) + ":tiny_nobn"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config(out, **kw):
+    base = dict(model=TINY, dataset="synthetic", input_size=16, batch_size=4, train_subset=16, test_subset=8,
+                epochs=1, out=str(out), progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_recipe_defaults():
+    assert default_recipe("cifar10") == (1024, 0.8)
+    assert default_recipe("svhn") == (1024, 0.8)
+    assert default_recipe("stl10") == (128, 0.1)
+    assert default_recipe("digits", batch_size=256) == (256, 0.2)
+    assert default_recipe("cifar10", lr=0.05) == (1024, 0.05)
+
+
+def test_bf16_amp_with_clipping_and_smoothing_writes_all_outputs(tmp_path):
+    result = train(_config(tmp_path, amp="bf16", grad_clip=1.0, label_smoothing=0.1, epochs=2))
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in lines] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(l["train_loss"])) for l in lines)
+    assert len(lines[-1]["aux_acc"]) == len(lines[-1]["local_losses"]) >= 1
+    assert result.aux_acc == lines[-1]["aux_acc"]
+    for name in ("last.pt", "model.pt", "curves.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+@pytest.mark.parametrize("method", ["auglocal", "bp"])
+def test_final_weights_load_strictly_into_the_original_model(tmp_path, method):
+    train(_config(tmp_path, method=method, max_steps=2))
+    fresh = resolve_model(TINY, num_classes=10, input_size=(3, 16, 16)).create()
+    fresh.load_state_dict(_weights(tmp_path / "model.pt"), strict=True)
+
+
+def test_fp16_needs_cuda(tmp_path):
+    with pytest.raises(AugLocalError, match="bf16"):
+        train(_config(tmp_path, amp="fp16", device="cpu"))
+
+
+def test_corrupt_or_foreign_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(AugLocalError, match="cannot read checkpoint"):
+        train(_config(tmp_path, resume=True))
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "last.pt")
+    with pytest.raises(AugLocalError, match="not an auglocal-fx training checkpoint"):
+        train(_config(tmp_path, resume=True))
+    with pytest.raises(AugLocalError, match="--resume"):
+        train(_config(tmp_path))
+
+
+def test_checkpoint_of_another_run_is_refused(tmp_path):
+    train(_config(tmp_path, max_steps=1))
+    with pytest.raises(AugLocalError, match="different run"):
+        train(_config(tmp_path, seed=5, resume=True))
+
+
+_RUN = textwrap.dedent("""
+    import sys
+    from auglocal_fx.training import train
+    train(model=sys.argv[1], dataset="synthetic", input_size=16, batch_size=4, train_subset=32,
+          test_subset=8, epochs=int(sys.argv[3]), out=sys.argv[2], seed=3, progress=False,
+          resume=sys.argv[4] == "1")
+""")
+
+
+def _launch(out, epochs, resume=False):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, "-c", _RUN, TINY, str(out), str(epochs), "1" if resume else "0"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_resume_after_sigkill_gives_the_same_weights(tmp_path):
+    epochs = 5
+    straight = _launch(tmp_path / "straight", epochs)
+    killed = _launch(tmp_path / "killed", epochs)
+    ckpt = tmp_path / "killed" / "last.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    done = torch.load(ckpt, weights_only=True)["epoch"]
+    assert 1 <= done < epochs, f"the run was not killed mid-training (epoch {done})"
+    resumed = _launch(tmp_path / "killed", epochs, resume=True)
+    for proc in (straight, resumed):
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err.decode()[-2000:]
+    a, b = _weights(tmp_path / "straight" / "model.pt"), _weights(tmp_path / "killed" / "model.pt")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    full_a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model"]
+    full_b = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(full_a[k], full_b[k]) for k in full_a)  # auxiliary nets too
+
+
+def test_two_gloo_processes_equal_one_process_on_the_whole_batch(tmp_path):
+    # Batch-norm-free model and no augmentation: with batch norm, each process would normalise
+    # with its own half-batch statistics, which legitimately differs from the whole batch.
+    common = dict(model=TINY_NOBN, augment=False, max_steps=3, batch_size=8, train_subset=32, device="cpu")
+    train(_config(tmp_path / "one", **common))
+    train(_config(tmp_path / "two", nproc=2, **common))
+    a, b = _weights(tmp_path / "one" / "model.pt"), _weights(tmp_path / "two" / "model.pt")
+    start = resolve_model(TINY_NOBN, num_classes=10, input_size=(3, 16, 16))
+    moved = False
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+        moved |= not torch.equal(a[key], start.model.state_dict()[key])
+    assert moved
