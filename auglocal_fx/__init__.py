@@ -7,6 +7,7 @@
 from .errors import AugLocalError
 from .flops import count_flops, solve_budget
 from .local import LocalNet, load, to_local
+from .memory import measure_memory
 from .planning import AuxPlan, plan_aux_nets, pyramid_depths, uniform_selection
 from .specs import ModelSpec, resolve_model
 
@@ -20,6 +21,7 @@ __all__ = [
     "LocalNet",
     "ModelSpec",
     "load",
+    "measure_memory",
     "plan_aux_nets",
     "pyramid_depths",
     "resolve_model",

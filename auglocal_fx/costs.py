@@ -118,22 +118,11 @@ def _time(step: Callable[[], None], device: torch.device, repeats: int) -> float
 
 def _train_step(local, method: str, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
     """One training step as :mod:`auglocal_fx.memory` runs it (gradients, no update)."""
-    from torch.utils.checkpoint import checkpoint
+    from .memory import run_method_step
 
     def step():
         local.zero_grad(set_to_none=True)
-        if method == "auglocal":
-            local.train_step(x, y)
-            return
-        h = x
-        if method == "checkpoint":
-            h = x.detach().requires_grad_(True)  # so that block 0 is checkpointed too
-            for block in local.blocks:
-                h = checkpoint(block, h, use_reentrant=True)
-        else:
-            for block in local.blocks:
-                h = block(h)
-        nn.functional.cross_entropy(local.head(h), y).backward()
+        run_method_step(local, method, x, y)
     return step
 
 

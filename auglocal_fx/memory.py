@@ -49,7 +49,7 @@ from .errors import AugLocalError
 from .local import LocalNet, to_local
 
 __all__ = ["METHODS", "MemoryReport", "MemoryRow", "SavedBytesCounter", "StepMemory", "measure_memory",
-           "measure_step"]
+           "measure_step", "run_method_step"]
 
 METHODS = ("bp", "checkpoint", "auglocal")
 _MIB = float(2 ** 20)
@@ -365,7 +365,8 @@ def _batch(local, batch_size: int, device: torch.device, seed: int):
     return x, y
 
 
-def _step(local, method: str, x: torch.Tensor, y: torch.Tensor) -> None:
+def run_method_step(local, method: str, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One training step of ``method`` (``bp``, ``checkpoint`` or ``auglocal``), no update."""
     if method == "auglocal":
         local.train_step(x, y)
         return
@@ -383,7 +384,7 @@ def _step(local, method: str, x: torch.Tensor, y: torch.Tensor) -> None:
 def _measure_in_process(local, method: str, batch_size: int, device: torch.device, seed: int) -> MemoryRow:
     local.to(device).train()
     state = {k: v.detach().clone() for k, v in local.state_dict().items()}
-    _step(local, method, *_batch(local, 2, device, seed))  # warm-up: allocates .grad, inits kernels
+    run_method_step(local, method, *_batch(local, 2, device, seed))  # warm-up: allocates .grad, inits kernels
     x, y = _batch(local, batch_size, device, seed)
     gc.collect()
     cuda_base = None
@@ -393,7 +394,7 @@ def _measure_in_process(local, method: str, batch_size: int, device: torch.devic
         cuda_base = torch.cuda.memory_allocated(device)
     start = time.perf_counter()
     with SavedBytesCounter(exclude=list(local.parameters())) as counter:
-        _step(local, method, x, y)
+        run_method_step(local, method, x, y)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
@@ -500,7 +501,7 @@ def _rss_main() -> None:
         model_or_spec = torch.load(source["path"], weights_only=False)
     local = _build_local(model_or_spec, payload["d"], kwargs)
     local.train()
-    _step(local, payload["method"], *_batch(local, 2, torch.device("cpu"), payload["seed"]))
+    run_method_step(local, payload["method"], *_batch(local, 2, torch.device("cpu"), payload["seed"]))
     x, y = _batch(local, payload["batch_size"], torch.device("cpu"), payload["seed"])
     gc.collect()
     before = _read_status("VmRSS")
@@ -509,6 +510,6 @@ def _rss_main() -> None:
             f.write("5")  # reset VmHWM to the current RSS
     except OSError:
         before = _read_status("VmHWM")  # cannot reset: growth of the high-water mark instead
-    _step(local, payload["method"], x, y)
+    run_method_step(local, payload["method"], x, y)
     peak = _read_status("VmHWM")
     print(json.dumps({"rss_peak": max(0, peak - before), "rss_before": before}))
