@@ -5,13 +5,10 @@ from __future__ import annotations
 import click
 
 from .options import (
+    conversion_options,
     conversion_kwargs,
     depth_option,
-    input_size_option,
     is_checkpoint,
-    num_classes_option,
-    pyramid_options,
-    selection_option,
     spec_argument,
     user_errors,
 )
@@ -22,10 +19,7 @@ __all__ = ["blocks"]
 @click.command()
 @spec_argument
 @depth_option(required=False, default=2)
-@pyramid_options
-@selection_option
-@input_size_option
-@num_classes_option
+@conversion_options
 @click.option("--svg", "figure", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Also draw the blocks and what each auxiliary network copies (.svg or .png).")
 def blocks(spec, d, tau, no_pyramid, selection, input_size, num_classes, figure) -> None:

@@ -9,12 +9,9 @@ from typing import Optional
 import click
 
 from .options import (
+    conversion_options,
     conversion_kwargs,
     depth_option,
-    input_size_option,
-    num_classes_option,
-    pyramid_options,
-    selection_option,
     spec_argument,
     user_errors,
 )
@@ -34,10 +31,7 @@ def default_checkpoint_name(spec: str, d: int) -> str:
 @depth_option(required=False, help_text="Auxiliary depth: layers of each auxiliary network, "
               "classifier included (the paper uses 2..6). With --flops-budget: the largest d "
               "tried (default 6).")
-@pyramid_options
-@selection_option
-@input_size_option
-@num_classes_option
+@conversion_options
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Checkpoint to write (default: MODEL_dD.pt); restore with auglocal_fx.load.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead.")

@@ -12,6 +12,7 @@ import click
 from auglocal_fx.errors import AugLocalError
 
 __all__ = [
+    "conversion_options",
     "spec_argument",
     "input_size_option",
     "num_classes_option",
@@ -158,3 +159,11 @@ def is_checkpoint(spec: str) -> bool:
     """Whether ``spec`` names a saved ``LocalNet`` file rather than a model."""
     return spec.endswith((".pt", ".pth", ".ckpt")) or (
         os.path.isfile(spec) and not spec.endswith(".py"))
+
+
+def conversion_options(fn):
+    """The conversion options every model command shares: pyramid, selection, input size,
+    number of classes."""
+    for option in (num_classes_option, input_size_option, selection_option, pyramid_options):
+        fn = option(fn)
+    return fn

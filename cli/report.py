@@ -7,13 +7,10 @@ import json
 import click
 
 from .options import (
+    conversion_options,
     MultiValueCommand,
     conversion_kwargs,
     depths_option,
-    input_size_option,
-    num_classes_option,
-    pyramid_options,
-    selection_option,
     spec_argument,
     user_errors,
 )
@@ -27,10 +24,7 @@ __all__ = ["report"]
 @click.option("--batch-size", type=int, default=128, show_default=True, metavar="B",
               help="Batch size of the memory and time measurements.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@pyramid_options
-@selection_option
-@input_size_option
-@num_classes_option
+@conversion_options
 @click.option("--flops-only", "--no-memory", "flops_only", is_flag=True,
               help="Count FLOPs and parameters only: no memory or time measurement (fast).")
 @click.option("--rss", is_flag=True,
