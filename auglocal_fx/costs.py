@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
-from torch import nn
 
 from .errors import AugLocalError
 from ._threads import single_thread

@@ -1,7 +1,6 @@
 """Block counts of the paper's networks and the torchvision ones the issue names."""
 
 import pytest
-import torch
 from torch import nn
 
 from auglocal_fx import AugLocalError, resolve_model
