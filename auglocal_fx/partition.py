@@ -53,7 +53,7 @@ def _drop_shared_train_keys(module, state_dict, prefix, local_metadata):
     for key in list(state_dict):
         if key.startswith(prefix + "train_graph."):
             twin = prefix + "eval_graph." + key[len(prefix + "train_graph."):]
-            if twin in state_dict and state_dict[twin] is state_dict[key]:
+            if twin in state_dict and state_dict[twin].data_ptr() == state_dict[key].data_ptr():
                 del state_dict[key]
     return state_dict
 

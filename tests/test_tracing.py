@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from auglocal_fx import AugLocalError, to_local
+from auglocal_fx import AugLocalError, load, to_local
 from auglocal_fx.tracing import trace_model
 
 from .conftest import batch
@@ -109,3 +109,26 @@ def test_model_mode_and_buffers_untouched():
     trace_model(model, (3, 16, 16))
     assert not model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_train_graph_saved_once_and_restored(tmp_path):
+    model = _Net(_TrainOnlyScale())
+    local = to_local(model, d=2, input_size=(3, 16, 16))
+    keys = list(local.state_dict())
+    assert any(k.startswith("blocks.") and ".eval_graph." in k for k in keys)
+    assert not any(".train_graph." in k for k in keys)  # shared tensors are saved once
+    assert any(b.train_graph is not None for b in list(local.blocks) + [local.head])
+    path = tmp_path / "m.pt"
+    local.save(path)
+    again = load(path, model=_Net(_TrainOnlyScale()))
+    x, _ = batch((3, 16, 16))
+
+    def primary(net):
+        h = x
+        for block in net.blocks:
+            h = block(h)
+        return net.head(h)
+
+    again.train()
+    local.train()
+    assert torch.equal(primary(again), primary(local))
