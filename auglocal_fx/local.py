@@ -23,7 +23,7 @@ from .partition import Partition, partition_blocks
 from .planning import AuxPlan, plan_aux_nets, validate_options
 from .specs import resolve_model
 from .synthesis import synthesize_aux_net
-from .tracing import trace_model
+from .tracing import SHAPE_KEY, trace_model
 
 __all__ = ["LocalNet", "to_local", "load", "CHECKPOINT_FORMAT"]
 
@@ -262,7 +262,7 @@ def to_local(
 
 def _output_classes(traced) -> int:
     output = next(n for n in traced.eval_graph.graph.nodes if n.op == "output")
-    return int(output.args[0].meta["auglocal_shape"][1])
+    return int(output.args[0].meta[SHAPE_KEY][1])
 
 
 def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None,
