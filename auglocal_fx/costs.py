@@ -21,7 +21,6 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 from .errors import AugLocalError
-from ._threads import single_thread
 from .flops import count_flops
 
 __all__ = ["CostRow", "CostReport", "cost_report"]
@@ -199,8 +198,7 @@ def cost_report(
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
 
-    with single_thread():  # batch-1 work: threads only cost when cores are shared
-        nets = [(d, to_local(model, d=d, **kwargs)) for d in depths]
+    nets = [(d, to_local(model, d=d, **kwargs)) for d in depths]
     first = count_flops(nets[0][1])
     bp_flops, bp_params = first.primary, first.params_primary
     rows = [CostRow("BP", None, bp_flops, bp_params), CostRow("GC", None, bp_flops, bp_params)]
@@ -246,11 +244,7 @@ def cost_report(
 
 def _add_memory(report: CostReport, model_or_spec, depths, device, rss: bool, kwargs) -> None:
     """Fill the memory columns from :func:`auglocal_fx.memory.measure_memory`, or say why not."""
-    try:
-        from .memory import measure_memory
-    except ImportError:
-        report.memory_note = "not measured: auglocal_fx.memory is not available"
-        return
+    from .memory import measure_memory
     options = {k: v for k, v in kwargs.items() if k not in ("input_size", "num_classes")}
     try:
         measured = measure_memory(

@@ -529,7 +529,6 @@ def solve_budget(
         AugLocalError: if the budget cannot be parsed or is too small for any ``d``.
     """
     from . import to_local
-    from .partition import Partition
     from .planning import plan_aux_nets
     from .synthesis import synthesize_aux_net
 
@@ -541,14 +540,10 @@ def solve_budget(
     if isinstance(max_d, bool) or not isinstance(max_d, int) or max_d < min_d:
         raise AugLocalError(f"max_d={max_d!r} is invalid: give an integer >= {min_d}")
 
-    with single_thread():
-        base = to_local(model_or_spec, d=min_d, tau=0.5, pyramid=pyramid, selection=selection,
-                        **to_local_kwargs)
+    base = to_local(model_or_spec, d=min_d, tau=0.5, pyramid=pyramid, selection=selection,
+                    **to_local_kwargs)
     bp = count_flops(base).primary
-    partition = Partition(blocks=list(base.blocks), head=base.head,
-                          block_shapes=list(base.block_shapes),
-                          block_input_shapes=list(base.block_input_shapes),
-                          block_names=list(base.block_names))
+    partition = base.partition
     aux_cache: Dict = {}
 
     def aux_flops(plan) -> int:

@@ -134,6 +134,14 @@ class LocalNet(nn.Module):
         losses.append(loss.detach())
         return torch.stack([v.float() for v in losses])
 
+    @property
+    def partition(self) -> Partition:
+        """The primary network's blocks and head with their shapes, as the synthesizer takes them."""
+        return Partition(blocks=list(self.blocks), head=self.head,
+                         block_shapes=list(self.block_shapes),
+                         block_input_shapes=list(self.block_input_shapes),
+                         block_names=list(self.block_names), head_names=list(self.head_names))
+
     def block_parameters(self, j: int) -> Iterator[nn.Parameter]:
         """Parameters updated by local loss ``j``: block ``j`` and auxiliary network ``j``."""
         if not 0 <= j < self.num_local - 1:
