@@ -20,6 +20,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from ._device import resolve_device
 from .errors import AugLocalError
 from .flops import count_flops
 
@@ -169,7 +170,7 @@ def cost_report(
     Raises:
         AugLocalError: bad options, an unavailable device, or any conversion error.
     """
-    from . import to_local
+    from .local import to_local
     from .specs import resolve_model
 
     depths = tuple(depths)
@@ -177,14 +178,10 @@ def cost_report(
         raise AugLocalError("no depth given: pass at least one d, e.g. --d 2 3 4 5 6")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise AugLocalError(f"batch size {batch_size!r} is invalid: give a positive integer")
-    if not (str(device) == "cpu" or str(device).startswith("cuda")):
-        raise AugLocalError(f"unknown device {device!r}: use cpu or cuda")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
                                 or threads < 1):
         raise AugLocalError(f"threads={threads!r} is invalid: give a positive integer")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise AugLocalError("device cuda asked for, but no CUDA GPU is available: use cpu")
-    dev = torch.device(device)
+    dev = resolve_device(device)
 
     if isinstance(model_or_spec, str):
         spec = resolve_model(model_or_spec, num_classes=num_classes, input_size=input_size)
@@ -195,10 +192,8 @@ def cost_report(
     kwargs = {"tau": tau, "pyramid": pyramid, "selection": selection}
     if input_size is not None:
         kwargs["input_size"] = tuple(input_size)
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
 
-    nets = [(d, to_local(model, d=d, **kwargs)) for d in depths]
+    nets = [(d, to_local(model, d=d, **kwargs)) for d in depths]  # the model has its classes
     first = count_flops(nets[0][1])
     bp_flops, bp_params = first.primary, first.params_primary
     rows = [CostRow("BP", None, bp_flops, bp_params), CostRow("GC", None, bp_flops, bp_params)]
@@ -215,7 +210,7 @@ def cost_report(
                         unsupported_ops=dict(sorted(first.unsupported_ops().items())))
 
     if memory:
-        _add_memory(report, model_or_spec, depths, dev, rss, kwargs)
+        _add_memory(report, model_or_spec, depths, dev, rss, dict(kwargs, num_classes=num_classes))
     else:
         report.memory_note = "not measured (FLOPs only)" if not timing else "not measured"
     if timing:
@@ -242,6 +237,11 @@ def cost_report(
     return report
 
 
+# What can stop a measurement on a given machine (no memory left, no /proc, a device error
+# reported as ours); anything else is a bug and propagates.
+_MEASUREMENT_FAILURES = (AugLocalError, MemoryError, torch.OutOfMemoryError, OSError)
+
+
 def _add_memory(report: CostReport, model_or_spec, depths, device, rss: bool, kwargs) -> None:
     """Fill the memory columns from :func:`auglocal_fx.memory.measure_memory`, or say why not."""
     from .memory import measure_memory
@@ -254,7 +254,7 @@ def _add_memory(report: CostReport, model_or_spec, depths, device, rss: bool, kw
         by_key = {(r.method, r.d): r for r in measured.rows}
         keys = [("bp", None), ("checkpoint", None)] + [("auglocal", d) for d in depths]
         found = [by_key[k] for k in keys]
-    except Exception as exc:  # never make numbers up: drop the columns and say why
+    except _MEASUREMENT_FAILURES as exc:  # never make numbers up: drop the columns and say why
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         report.memory_note = f"not measured: measure_memory failed ({type(exc).__name__}: {first})"
         return

@@ -13,8 +13,15 @@ Every dataset is read from disk (or built in memory); nothing is ever downloaded
 * ``imagefolder:PATH``: ``PATH/train/<class>/*`` and ``PATH/val/<class>/*`` (or ``PATH/test``).
 * ``synthetic``: random images with a weak per-class signal, for smoke tests.
 
-Augmentation follows the paper (after InfoPro): for 32x32-style data, zero-pad by 4 pixels,
-random crop back and random horizontal flip (no flip for digits); test images are only
+Training augmentation follows the authors' code (their ``train.py``), per dataset:
+
+* CIFAR-10: pad 4 pixels by *reflection*, random 32x32 crop, random horizontal flip;
+* SVHN: zero-pad 2, random crop, *no* flip (digits are not mirror-symmetric);
+* STL-10: zero-pad 4, random 96x96 crop, random horizontal flip;
+* Fashion-MNIST (not in the paper): zero-pad 4 (the background is 0), random crop, flip;
+* digits and synthetic: zero-pad 4, random crop, no flip.
+
+Padding scales with the image when ``input_size`` resizes it. Test images are only
 normalised. ImageNet-style folders use random-resized crops and flips.
 """
 
@@ -23,7 +30,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
-from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -33,7 +40,7 @@ from torchvision.transforms import v2
 
 from .errors import AugLocalError
 
-__all__ = ["DATASETS", "DEFAULT_FASHION_MNIST_DIR", "Datasets", "build_datasets"]
+__all__ = ["DATASETS", "DEFAULT_FASHION_MNIST_DIR", "Datasets", "build_datasets", "train_augmentation"]
 
 DATASETS = ("cifar10", "svhn", "stl10", "fashion-mnist", "digits", "imagefolder:PATH", "synthetic")
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -51,8 +58,21 @@ _NATIVE_SIZE = {"cifar10": 32, "svhn": 32, "stl10": 96, "fashion-mnist": 32, "di
                 "imagefolder": 224, "synthetic": 32}
 _NUM_CLASSES = {"cifar10": 10, "svhn": 10, "stl10": 10, "fashion-mnist": 10, "digits": 10,
                 "synthetic": 10}
-_FLIP = {"cifar10": True, "svhn": True, "stl10": True, "fashion-mnist": True, "digits": False,
-         "synthetic": False}
+
+class _Augment(NamedTuple):
+    padding: int  # at the dataset's native size
+    padding_mode: str
+    flip: bool
+
+
+_AUGMENT = {
+    "cifar10": _Augment(4, "reflect", True),
+    "svhn": _Augment(2, "constant", False),
+    "stl10": _Augment(4, "constant", True),
+    "fashion-mnist": _Augment(4, "constant", True),
+    "digits": _Augment(4, "constant", False),
+    "synthetic": _Augment(4, "constant", False),
+}
 
 
 class Datasets(NamedTuple):
@@ -146,15 +166,32 @@ def _side(input_size, default: int) -> int:
     return side
 
 
+def train_augmentation(name: str, side: Optional[int] = None) -> List[v2.Transform]:
+    """The random training transforms of dataset ``name`` at ``side`` pixels (see above).
+
+    Args:
+        name: ``cifar10``, ``svhn``, ``stl10``, ``fashion-mnist``, ``digits`` or ``synthetic``.
+        side: the image side after resizing; default the dataset's native size.
+    """
+    if name not in _AUGMENT:
+        raise AugLocalError(f"no augmentation for dataset {name!r}; choose from {', '.join(_AUGMENT)}")
+    native = _NATIVE_SIZE[name]
+    side = native if side is None else side
+    aug = _AUGMENT[name]
+    padding = max(1, round(aug.padding * side / native))
+    steps: List[v2.Transform] = [v2.RandomCrop(side, padding=padding, padding_mode=aug.padding_mode)]
+    if aug.flip:
+        steps.append(v2.RandomHorizontalFlip())
+    return steps
+
+
 def _transform(key: str, side: int, native: int, augment: bool) -> Callable:
     mean, std = _MEAN_STD[key]
     steps = [v2.ToImage()]
     if side != native:
         steps.append(v2.Resize((side, side), antialias=True))
     if augment:
-        steps.append(v2.RandomCrop(side, padding=max(1, side // 8)))
-        if _FLIP[key]:
-            steps.append(v2.RandomHorizontalFlip())
+        steps += train_augmentation(key, side)
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     return v2.Compose(steps)
 

@@ -528,7 +528,7 @@ def solve_budget(
     Raises:
         AugLocalError: if the budget cannot be parsed or is too small for any ``d``.
     """
-    from . import to_local
+    from .local import to_local
     from .planning import plan_aux_nets
     from .synthesis import synthesize_aux_net
 
@@ -563,14 +563,8 @@ def solve_budget(
 
     for d in range(top, min_d - 1, -1):
         seen = set()
-        if pyramid:
-            # tau = 1 gives every auxiliary network its fewest blocks: if even that does not
-            # fit, no tau of this d does.
-            cheapest = tuple(plan_aux_nets(resolutions, d, 1.0, pyramid, selection))
-            total = bp + sum(aux_flops(p) for p in cheapest)
-            if total > limit:
-                tried.append((d, 1.0, total))
-                continue
+        # Every tau is tried: fewer copied blocks are not always cheaper (a second copy that
+        # halves the resolution can make the head's input, and so the whole, cheaper).
         for tau in taus:
             plans = tuple(plan_aux_nets(resolutions, d, tau, pyramid, selection))
             if plans in seen:

@@ -1,7 +1,7 @@
 """``LocalNet``: the primary network cut into blocks, the auxiliary networks, and the step.
 
 The primary blocks share their modules (and so their parameters) with the original model; the
-auxiliary networks are new. ``LocalNet.train_step`` is the simultaneous scheme of DESIGN.md
+auxiliary networks are new. ``LocalNet.train_step`` is the simultaneous scheme of docs/method.md
 rule 6: each block's local loss is back-propagated, and its autograd graph freed, before the
 next block runs, so a step holds the activations of one local module at a time.
 """
@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._io import atomic_save
 from ._threads import single_thread
 from .errors import AugLocalError
+from .initialization import InitReference
 from .partition import Partition, partition_blocks
 from .planning import AuxPlan, plan_aux_nets, validate_options
-from .specs import resolve_model
+from .specs import missing_input_size, model_input_size, resolve_model, spec_file
 from .synthesis import synthesize_aux_net
 from .tracing import SHAPE_KEY, trace_model
 
@@ -77,9 +78,7 @@ class LocalNet(nn.Module):
         activation alive; :meth:`train_step` does not).
         """
         if not self.training:
-            for block in self.blocks:
-                x = block(x)
-            return self.head(x)
+            return self.primary_forward(x)
         aux_logits = []
         for j, block in enumerate(self.blocks):
             if 0 < j < self.num_local:
@@ -109,30 +108,54 @@ class LocalNet(nn.Module):
         Returns:
             A detached 1-D tensor of ``K`` losses: the ``K-1`` local losses, then the output loss.
         """
+        losses = []
+        for loss in self.local_losses(x, y, loss_fn, autocast_dtype):
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            losses.append(loss.detach())
+        return torch.stack([v.float() for v in losses])
+
+    def local_losses(self, x: torch.Tensor, y: torch.Tensor, loss_fn: Optional[LossFn] = None,
+                     autocast_dtype: Optional[torch.dtype] = None) -> Iterator[torch.Tensor]:
+        """The ``K`` local losses in order, each computed when the previous one is consumed.
+
+        Each local module runs on the detached output of the one before, so the caller can
+        back-propagate (and so free) a module's graph before the next runs, as
+        :meth:`train_step` does, or measure each module on its own.
+        """
         loss_fn = loss_fn or F.cross_entropy
         if autocast_dtype is not None:
             autocast = lambda: torch.autocast(device_type=x.device.type, dtype=autocast_dtype)  # noqa: E731
         else:
             autocast = contextlib.nullcontext
-        losses = []
         h = x
         for j in range(self.num_local - 1):
             with autocast():
                 out = self.blocks[j](h.detach())
                 loss = loss_fn(self.aux[j](out), y)
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-            losses.append(loss.detach())
-            # Only the detached output survives: block j's graph is freed here.
+            # Only the detached output survives: block j's graph goes with its loss.
             h = out.detach()
-            del out, loss
+            del out
+            yield loss
+            del loss
         with autocast():
             out = h.detach()
             for block in self.blocks[self.num_local - 1:]:
                 out = block(out)
             loss = loss_fn(self.head(out), y)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        losses.append(loss.detach())
-        return torch.stack([v.float() for v in losses])
+        yield loss
+
+    def block_outputs(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Each primary block's output in order, without stop-gradients."""
+        for block in self.blocks:
+            x = block(x)
+            yield x
+
+    def primary_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The primary network alone (blocks, then head) in the current mode: the original model."""
+        h = x
+        for h in self.block_outputs(x):
+            pass
+        return self.head(h)
 
     @property
     def partition(self) -> Partition:
@@ -159,10 +182,10 @@ class LocalNet(nn.Module):
         """The original model object, holding the trained primary weights.
 
         Its ``state_dict()`` loads with ``strict=True`` into a fresh copy of the original model.
+        Nothing is changed, its train/eval mode included: its modules are this LocalNet's
+        blocks, so set the mode you need (``model.eval()`` for inference).
         """
-        model = self._original[0]
-        model.train(self.training)
-        return model
+        return self._original[0]
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write spec, options and weights atomically (temp file + rename); see :func:`load`."""
@@ -179,29 +202,6 @@ class LocalNet(nn.Module):
         opts = self.options
         return (f"blocks={len(self.blocks)}, aux_nets={len(self.aux)}, d={opts['d']}, "
                 f"tau={opts['tau']}, pyramid={opts['pyramid']}, selection={opts['selection']!r}")
-
-
-def atomic_save(obj: Any, path: Union[str, os.PathLike]) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _default_input_size(model: nn.Module) -> Tuple[int, int, int]:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    return tuple(int(v) for v in cfg.get("input_size", (3, 224, 224)))  # type: ignore[return-value]
 
 
 def to_local(
@@ -226,13 +226,15 @@ def to_local(
         tau: pyramid decay in ``[0, 1]``: deeper blocks get shallower auxiliary networks.
         pyramid: ``False`` gives every auxiliary network depth ``d``.
         selection: ``"uniform"`` (AugLocal), ``"sequential"`` or ``"repetitive"``.
-        input_size: ``(C, H, W)`` to trace at; default timm's config, else ``(3, 224, 224)``
+        input_size: ``(C, H, W)`` to trace at; default the size the model states (timm's
+            ``pretrained_cfg``, or an ``input_size`` attribute); a model that states none needs it
             (a spec string brings its own default).
-        num_classes: for a spec string, the classifier width.
+        num_classes: for a spec string, the classifier width (a model object has its own).
         leaf_modules: module classes or names to keep whole (no block boundary inside).
         autowrap_functions: functions to record as single calls when tracing.
         block_boundaries: module names whose outputs end a block, replacing the automatic cut.
-        weights: for a spec string, a local ``state_dict`` file to load.
+        weights: for a spec string, a local ``state_dict`` file to load (load weights into a
+            model object yourself).
 
     Raises:
         AugLocalError: bad options, unknown model, untraceable model, no classifier head, an
@@ -240,13 +242,24 @@ def to_local(
     """
     validate_options(d, tau, selection)
     spec = None
+    initial = None
     if isinstance(model, str):
-        spec = model
         resolved = resolve_model(model, num_classes=num_classes, input_size=input_size,
                                  weights=weights)
+        spec = resolved.spec
         model, size = resolved.model, resolved.input_size
+        initial = resolved.initial_parameters
     elif isinstance(model, nn.Module):
-        size = tuple(input_size) if input_size is not None else _default_input_size(model)
+        given = [name for name, value in (("num_classes", num_classes), ("weights", weights))
+                 if value is not None]
+        if given:
+            raise AugLocalError(
+                f"{' and '.join(given)} apply to spec strings only: a model object already has its "
+                "classifier and weights (load them into it before to_local), or pass a spec like "
+                "'timm:resnet18'")
+        size = tuple(input_size) if input_size is not None else model_input_size(model)
+        if size is None:
+            raise missing_input_size(f"the {type(model).__name__} model")
     else:
         raise AugLocalError(
             f"to_local() takes an nn.Module or a spec string like 'timm:resnet18', not "
@@ -256,7 +269,8 @@ def to_local(
         traced = trace_model(model, size, leaf_modules, autowrap_functions)
         partition = partition_blocks(traced, block_boundaries)
         plans = plan_aux_nets(partition.resolutions, d, tau, pyramid, selection)
-        aux = [synthesize_aux_net(partition, p) for p in plans]
+        init = InitReference.from_model(model, initial)
+        aux = [synthesize_aux_net(partition, p, init) for p in plans]
     classes = _output_classes(traced)
     options = {
         "d": d, "tau": float(tau), "pyramid": bool(pyramid), "selection": selection,
@@ -279,8 +293,8 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None,
 
     Args:
         path: the checkpoint file.
-        model: a fresh model of the same architecture, needed only when the LocalNet was made
-            from a model object rather than a spec string.
+        model: a fresh model of the same architecture: needed when the LocalNet was made from
+            a model object rather than a spec string; given, it is used instead of the spec.
         map_location: where to load the tensors.
 
     Raises:
@@ -302,11 +316,17 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None,
             "`auglocal-fx convert` or LocalNet.save()"
         )
     options = dict(payload["options"])
-    spec = payload.get("spec")
+    spec = payload.get("spec") if model is None else None
     source: Union[nn.Module, str, None] = spec if spec else model
     if source is None:
         raise AugLocalError(
             f"{path!r} was saved from a model object, not a spec: pass load(path, model=...)"
+        )
+    file = spec_file(spec) if spec else None
+    if file is not None and not os.path.isfile(file):
+        raise AugLocalError(
+            f"{path!r} was converted from {spec!r}, and {file} no longer exists: put the file "
+            "back, or pass load(path, model=...) with a fresh model of that architecture"
         )
     kwargs = {k: options[k] for k in ("d", "tau", "pyramid", "selection", "block_boundaries")}
     local = to_local(source, input_size=options["input_size"],

@@ -36,7 +36,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -45,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ._device import resolve_device
 from .errors import AugLocalError
 from .local import LocalNet, to_local
 
@@ -78,10 +78,6 @@ class SavedBytesCounter:
     @staticmethod
     def _key(t: torch.Tensor) -> Tuple[str, int]:
         return (str(t.device), t.untyped_storage().data_ptr())
-
-    def reset_peak(self) -> None:
-        """Start a new peak from the bytes live now."""
-        self.peak = self.live
 
     def _pack(self, t: torch.Tensor):
         try:
@@ -152,7 +148,7 @@ def measure_step(step: Callable[[], Any], device: Union[str, torch.device] = "cp
     before it. Elsewhere: the peak of bytes held for backward (see :class:`SavedBytesCounter`;
     pass the parameters as ``exclude``).
     """
-    device = _device(device)
+    device = resolve_device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -177,7 +173,6 @@ class MemoryRow:
     cuda_peak: Optional[int] = None
     lower_bound: Optional[int] = None
     lower_bound_module: Optional[str] = None
-    step_seconds: Optional[float] = None
 
 
 @dataclass
@@ -284,14 +279,14 @@ def measure_memory(model_or_spec: Union[str, nn.Module], methods: Sequence[str] 
         depths = (int(model_or_spec.options["d"]),)
     if not depths:
         raise AugLocalError("d must be an int or a non-empty sequence of ints, e.g. d=(2, 4)")
-    device = _device(device)
+    device = resolve_device(device)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise AugLocalError(f"batch_size must be a positive int, got {batch_size!r}")
     kwargs = dict(to_local_kwargs or {})
     if input_size is not None:
         kwargs["input_size"] = tuple(input_size)
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
+    if num_classes is not None and isinstance(model_or_spec, str):
+        kwargs["num_classes"] = num_classes  # a model object has its own classifier
 
     locals_by_d = {}
     for depth in depths if "auglocal" in methods else depths[:1]:
@@ -338,18 +333,6 @@ def _notes(device: torch.device, rss: bool, mmap_threshold: Optional[int]) -> Li
     return notes
 
 
-def _device(device: Union[str, torch.device]) -> torch.device:
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise AugLocalError(f"unknown device {device!r}; use 'cpu' or 'cuda[:N]'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise AugLocalError("CUDA is not available on this machine; use device='cpu'")
-    if device.type not in ("cpu", "cuda"):
-        raise AugLocalError(f"device {device} is not supported; use 'cpu' or 'cuda[:N]'")
-    return device
-
-
 def _build_local(model_or_spec, d: int, kwargs: Dict[str, Any]):
     if isinstance(model_or_spec, LocalNet):
         return model_or_spec
@@ -370,15 +353,14 @@ def run_method_step(local, method: str, x: torch.Tensor, y: torch.Tensor) -> Non
     if method == "auglocal":
         local.train_step(x, y)
         return
-    h = x
     if method == "checkpoint":
         h = x.detach().requires_grad_(True)  # so block 0's checkpoint has an input needing grad
         for block in local.blocks:
             h = checkpoint(block, h, use_reentrant=True)
+        logits = local.head(h)
     else:
-        for block in local.blocks:
-            h = block(h)
-    F.cross_entropy(local.head(h), y).backward()
+        logits = local.primary_forward(x)
+    F.cross_entropy(logits, y).backward()
 
 
 def _measure_in_process(local, method: str, batch_size: int, device: torch.device, seed: int) -> MemoryRow:
@@ -392,13 +374,11 @@ def _measure_in_process(local, method: str, batch_size: int, device: torch.devic
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         cuda_base = torch.cuda.memory_allocated(device)
-    start = time.perf_counter()
     with SavedBytesCounter(exclude=list(local.parameters())) as counter:
         run_method_step(local, method, x, y)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    row = MemoryRow(method, None, counter.peak, step_seconds=seconds)
+    row = MemoryRow(method, None, counter.peak)
     if cuda_base is not None:
         row.cuda_peak = torch.cuda.max_memory_allocated(device) - cuda_base
     local.zero_grad(set_to_none=True)
@@ -412,23 +392,16 @@ def _lower_bound(local, batch_size: int, device: torch.device, seed: int) -> Tup
     state = {k: v.detach().clone() for k, v in local.state_dict().items()}
     params = list(local.parameters())
     best, where = 0, ""
-    h = x
     last = len(local.aux)  # blocks last .. L-1 and the head form the output module
-    for j in range(last):
+    losses = local.local_losses(x, y)
+    for j in range(last + 1):
         with SavedBytesCounter(exclude=params) as counter:
-            out = local.blocks[j](h.detach())
-            F.cross_entropy(local.aux[j](out), y)
+            loss = next(losses)  # runs local module j alone (on a detached input)
         if counter.peak > best:
-            best, where = counter.peak, f"block {j} + aux {j}"
-        h = out.detach()
-        del counter
-    with SavedBytesCounter(exclude=params) as counter:
-        out = h.detach()
-        for block in local.blocks[last:]:
-            out = block(out)
-        F.cross_entropy(local.head(out), y)
-    if counter.peak > best:
-        best, where = counter.peak, f"output module (blocks {last}..{len(local.blocks) - 1} + head)"
+            best = counter.peak
+            where = (f"block {j} + aux {j}" if j < last else
+                     f"output module (blocks {last}..{len(local.blocks) - 1} + head)")
+        del loss, counter  # free module j's graph before module j + 1 runs
     local.load_state_dict(state)
     return best, where
 
@@ -512,4 +485,4 @@ def _rss_main() -> None:
         before = _read_status("VmHWM")  # cannot reset: growth of the high-water mark instead
     run_method_step(local, payload["method"], x, y)
     peak = _read_status("VmHWM")
-    print(json.dumps({"rss_peak": max(0, peak - before), "rss_before": before}))
+    print(json.dumps({"rss_peak": max(0, peak - before)}))

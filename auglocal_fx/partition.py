@@ -1,6 +1,6 @@
 """Partition a traced network into indivisible local blocks and the classifier head.
 
-DESIGN.md rule 1: a *cut point* is a node after which the only value the rest of the graph
+docs/method.md, rule 1: a *cut point* is a node after which the only value the rest of the graph
 still needs is that node's output. Segments between consecutive cut points are indivisible; a
 segment without a weight layer (conv / linear) joins the block before it. The head starts at
 the last global spatial reduction before the classifier, or at the classifier itself where it

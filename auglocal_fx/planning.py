@@ -1,6 +1,6 @@
-"""The paper's planning formulas as pure functions (DESIGN.md, method rules 2-5).
+"""The paper's planning formulas as pure functions (docs/method.md, rules 2-5).
 
-Notation follows DESIGN.md: the primary network has ``L`` local blocks, ``d`` counts the
+Notation follows docs/method.md: the primary network has ``L`` local blocks, ``d`` counts the
 trainable layers of an auxiliary network including the classifier, ``n = d - 1`` is the number of
 sampled blocks, ``K = L - n_max`` is the number of local modules; blocks ``0 .. K-2`` get an
 auxiliary network and blocks ``K-1 .. L-1`` form the output module.

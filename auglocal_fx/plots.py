@@ -1,4 +1,4 @@
-"""Figures for ``auglocal-fx report --plot`` and ``auglocal-fx blocks --svg`` (matplotlib, Agg).
+"""Figures: ``auglocal-fx report --plot``, ``auglocal-fx blocks --svg``, training curves (Agg).
 
 The file type follows the extension (``.png``, ``.svg``, ``.pdf``). Plotting only: the numbers
 come from :mod:`auglocal_fx.costs` and :mod:`auglocal_fx.flops`.
@@ -7,11 +7,16 @@ come from :mod:`auglocal_fx.costs` and :mod:`auglocal_fx.flops`.
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Any, Dict, List, Union
 
+import numpy as np
+
+from ._io import atomic_write
 from .errors import AugLocalError
 from .tables import describe_options
 
-__all__ = ["check_figure_path", "plot_report", "plot_blocks"]
+__all__ = ["check_figure_path", "plot_report", "plot_blocks", "plot_training_curves"]
 
 _EXTS = (".png", ".svg", ".pdf")
 
@@ -140,4 +145,35 @@ def plot_blocks(flops, path: str) -> None:
         ax.spines[side].set_visible(False)
     fig.tight_layout()
     fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_training_curves(history: List[Dict[str, Any]], path: Union[str, Path]) -> None:
+    """Loss and accuracy curves (matplotlib, Agg backend)."""
+    if not history:
+        return
+    plt = _pyplot()
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    if any(h["train_loss"] is not None for h in history):
+        ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="output loss")
+    if history[-1]["local_losses"]:
+        local = np.array([h["local_losses"] for h in history])
+        ax_loss.plot(epochs, local.mean(axis=1), "s--", label="mean local loss")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("training loss")
+    ax_loss.legend()
+    ax_acc.plot(epochs, [h["test_acc"] for h in history], "o-", color="black", label="primary network")
+    if history[-1]["aux_acc"]:
+        aux = np.array([h["aux_acc"] for h in history])
+        cmap = plt.get_cmap("viridis")
+        for j in range(aux.shape[1]):
+            ax_acc.plot(epochs, aux[:, j], color=cmap(j / max(1, aux.shape[1] - 1)), alpha=0.6, lw=1,
+                        label="aux nets (early -> late)" if j == 0 else None)
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("test top-1 (%)")
+    ax_acc.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=100))
     plt.close(fig)

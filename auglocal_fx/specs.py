@@ -11,7 +11,7 @@ import inspect
 import os
 import sys
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -28,10 +28,13 @@ class ModelSpec:
     """A resolved spec: the created model and what is needed to create it again.
 
     Attributes:
-        spec: the spec string, e.g. ``"timm:regnetx_004"``.
+        spec: the spec string, e.g. ``"timm:regnetx_004"`` (a file's path made absolute).
         model: the model created from it (random weights, or the given weights file).
         input_size: ``(C, H, W)`` the model is converted at.
         num_classes: classifier width.
+        initial_parameters: the parameters the model was created with, by name, when a
+            weights file replaced them (``None`` otherwise); auxiliary copies are initialised
+            from their statistics.
     """
 
     spec: str
@@ -39,6 +42,7 @@ class ModelSpec:
     input_size: Tuple[int, int, int]
     num_classes: int
     _factory: Callable[[], nn.Module]
+    initial_parameters: Optional[Dict[str, torch.Tensor]] = None
 
     @property
     def name(self) -> str:
@@ -78,10 +82,25 @@ def _timm_factory(name: str, num_classes: Optional[int]):
     return factory
 
 
-def _timm_input_size(model: nn.Module) -> Tuple[int, int, int]:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    size = cfg.get("input_size") or (3, 224, 224)
-    return tuple(int(v) for v in size)  # type: ignore[return-value]
+def model_input_size(model: nn.Module) -> Optional[Tuple[int, int, int]]:
+    """The input size a model states: timm's ``pretrained_cfg["input_size"]`` (or
+    ``default_cfg``), else an ``input_size`` attribute of three integers; ``None`` if neither."""
+    for attr in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(model, attr, None)
+        if isinstance(cfg, dict) and cfg.get("input_size"):
+            return tuple(int(v) for v in cfg["input_size"])  # type: ignore[return-value]
+    size = getattr(model, "input_size", None)
+    if isinstance(size, (tuple, list)) and len(size) == 3 and all(isinstance(v, int) for v in size):
+        return tuple(size)  # type: ignore[return-value]
+    return None
+
+
+def missing_input_size(what: str) -> AugLocalError:
+    """The error for a model that does not state its input size."""
+    return AugLocalError(
+        f"{what} does not say its input size: pass input_size=(C, H, W) (--input-size C H W), "
+        "e.g. (3, 32, 32) for a CIFAR network or (3, 224, 224) for an ImageNet one"
+    )
 
 
 def _torchvision_factory(name: str, num_classes: Optional[int]):
@@ -154,6 +173,12 @@ def _file_factory(path: str, factory_name: str, num_classes: Optional[int]):
     return factory
 
 
+def spec_file(spec: str) -> Optional[str]:
+    """The Python file a ``path/to/file.py:factory`` spec names, else ``None``."""
+    prefix, _ = _split_spec(spec)
+    return prefix if prefix.endswith(".py") else None
+
+
 def _split_spec(spec: str) -> Tuple[str, str]:
     if ":" not in spec:
         raise AugLocalError(
@@ -202,12 +227,14 @@ def resolve_model(
             ``num_classes=`` when it accepts it).
         num_classes: classifier width; default: the architecture's own (1000 for ImageNet
             models, 10 for the paper's CIFAR networks).
-        input_size: ``(C, H, W)``; default: timm's pretrained config, 224 for torchvision,
-            32 for the paper's networks, ``(3, 224, 224)`` for a file.
+        input_size: ``(C, H, W)``; default: the size the model states (timm's pretrained
+            config, the paper's networks' 32x32), 224 for torchvision; a file's model that
+            states none needs it.
         weights: a local ``state_dict`` file to load strictly (never downloaded).
 
     Raises:
-        AugLocalError: unknown prefix or model, missing file or factory, unreadable weights.
+        AugLocalError: unknown prefix or model, missing file or factory, unreadable weights, a
+            model that does not state its input size when none is given.
     """
     if num_classes is not None and (isinstance(num_classes, bool) or int(num_classes) < 1):
         raise AugLocalError(f"num_classes={num_classes!r} is invalid: give a positive integer")
@@ -221,6 +248,7 @@ def resolve_model(
         factory = _paper_factory(name, num_classes)
     elif prefix.endswith(".py"):
         factory = _file_factory(prefix, name, num_classes)
+        spec = f"{os.path.abspath(prefix)}:{name}"  # checkpoints must find it from anywhere
     else:
         raise AugLocalError(
             f"unknown spec prefix {prefix!r} in {spec!r}: use timm:, torchvision:, paper: or "
@@ -228,17 +256,18 @@ def resolve_model(
         )
     model = factory()
     if size is None:
-        if prefix == "timm":
-            size = _timm_input_size(model)
-        elif prefix == "paper":
-            size = (3, 32, 32)
-        else:
-            size = (3, 224, 224)
+        size = model_input_size(model)
+    if size is None:
+        if prefix != "torchvision":
+            raise missing_input_size(f"the model of {spec!r}")
+        size = (3, 224, 224)  # torchvision's classification models are ImageNet models
+    initial = None
     if weights is not None:
+        initial = {k: v.detach().clone() for k, v in model.named_parameters()}
         load_weights(model, weights)
     classes = num_classes if num_classes is not None else _infer_num_classes(model, size)
     return ModelSpec(spec=spec, model=model, input_size=size, num_classes=int(classes),
-                     _factory=factory)
+                     _factory=factory, initial_parameters=initial)
 
 
 def load_weights(model: nn.Module, path: str) -> None:

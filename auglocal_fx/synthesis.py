@@ -1,4 +1,4 @@
-"""Synthesis of auxiliary networks from fresh copies of later blocks (DESIGN.md rule 5).
+"""Synthesis of auxiliary networks from fresh copies of later blocks (docs/method.md, rule 5).
 
 ``aux_j`` is a fresh-initialised copy of each block in ``S_j``, in order, then a fresh copy of
 the head. Each copy is the block's traced subgraph, adapted to what actually reaches it:
@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import math
 import operator
+import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .errors import AugLocalError
+from .initialization import InitReference
 from .partition import Partition
 from .planning import AuxPlan
 from .tracing import SHAPE_KEY
@@ -44,6 +46,15 @@ class AuxNet(nn.Sequential):
     def __init__(self, modules: Sequence[nn.Module], plan: AuxPlan):
         super().__init__(*modules)
         self.plan = plan
+
+
+class _NeedsAdapter(Exception):
+    """A module that cannot be re-created for the new channel count."""
+
+
+# What adapting a copy to a new input shape can raise: our own errors, and the shape errors of
+# running a layer on the new shape (meta tensors). Anything else is a bug and propagates.
+_ADAPTATION_ERRORS = (AugLocalError, _NeedsAdapter, RuntimeError, ValueError, IndexError, TypeError)
 
 
 class _Restart(Exception):
@@ -278,10 +289,6 @@ def _resize_norm(norm: nn.Module, old: int, new_count: int) -> nn.Module:
         elif hasattr(module, "reset_running_stats"):
             module.reset_running_stats()
     return new
-
-
-class _NeedsAdapter(Exception):
-    """A module that cannot be re-created for the new channel count."""
 
 
 def _is_norm_like(module: nn.Module) -> bool:
@@ -540,14 +547,18 @@ def _meta_copy(source: fx.GraphModule) -> fx.GraphModule:
     return copy.deepcopy(source, memo)
 
 
-def _materialize(gm: fx.GraphModule, source: fx.GraphModule, device: torch.device) -> None:
+def _materialize(gm: fx.GraphModule, source: fx.GraphModule, device: torch.device,
+                 init: Optional[InitReference]) -> None:
     """Allocate the copy's tensors on ``device`` and initialise them afresh.
 
-    Modules with a ``reset_parameters`` (convolutions, linears, norms) are initialised as new;
-    other tensors take the source's value where the shape is unchanged (constant buffers,
-    layer-scale parameters), else ones for norm weights and zeros otherwise.
+    Parameters are drawn as the source model initialised the parameters they copy (``init``,
+    see :mod:`auglocal_fx.initialization`); without ``init``, modules with a
+    ``reset_parameters`` get PyTorch's default. Running statistics start anew; other buffers
+    take the source's value where the shape is unchanged (constant buffers), else ones for
+    norm weights and zeros otherwise.
     """
     gm.to_empty(device=device)
+    source_modules = dict(source.named_modules())
     twins = dict(source.named_parameters())
     twins.update(dict(source.named_buffers()))
     with torch.no_grad():
@@ -557,20 +568,25 @@ def _materialize(gm: fx.GraphModule, source: fx.GraphModule, device: torch.devic
                 module.reset_parameters()
             if hasattr(module, "reset_running_stats"):
                 module.reset_running_stats()
-                continue  # its buffers are the running statistics
-            tensors = list(module._buffers.items())
-            if not resets:
-                tensors += list(module._parameters.items())
-            for name, tensor in tensors:
-                if tensor is None:
-                    continue
-                twin = twins.get(f"{prefix}.{name}" if prefix else name)
-                if twin is not None and twin.shape == tensor.shape:
-                    tensor.copy_(twin)
-                elif name.endswith("weight") or name.endswith("running_var"):
-                    tensor.fill_(1.0)
-                else:
-                    tensor.zero_()
+            else:
+                tensors = list(module._buffers.items())
+                if not resets:
+                    tensors += list(module._parameters.items())
+                for name, tensor in tensors:
+                    if tensor is None:
+                        continue
+                    twin = twins.get(f"{prefix}.{name}" if prefix else name)
+                    if twin is not None and twin.shape == tensor.shape:
+                        tensor.copy_(twin)
+                    elif name.endswith("weight") or name.endswith("running_var"):
+                        tensor.fill_(1.0)
+                    else:
+                        tensor.zero_()
+            if init is not None:
+                twin_module = source_modules.get(prefix)
+                sources = dict(twin_module.named_parameters(recurse=False)) \
+                    if twin_module is not None and not prefix.startswith("auglocal_") else {}
+                init.initialise_(module, sources)
 
 
 def _adapt(source: fx.GraphModule, in_shape: Tuple[int, ...], stride: Optional[int],
@@ -607,7 +623,8 @@ def _adapt(source: fx.GraphModule, in_shape: Tuple[int, ...], stride: Optional[i
 
 
 def adapt_copy(source: fx.GraphModule, in_shape: Sequence[int], stride: Optional[int],
-               name: str) -> Tuple[fx.GraphModule, Tuple[int, ...]]:
+               name: str, init: Optional[InitReference] = None,
+               label: Optional[str] = None) -> Tuple[fx.GraphModule, Tuple[int, ...]]:
     """A fresh copy of ``source`` that takes ``in_shape`` and reduces by ``stride``.
 
     The adaptation runs on the meta device (shapes only), then the copy is allocated and
@@ -619,6 +636,8 @@ def adapt_copy(source: fx.GraphModule, in_shape: Sequence[int], stride: Optional
         in_shape: ``(C, H, W)`` that will reach the copy.
         stride: 1 or 2 for block copies; ``None`` for the head (no stride change).
         name: class name of the resulting GraphModule.
+        init: initial-value statistics of the source model; ``None``: PyTorch's defaults.
+        label: how messages name the copied block (its modules); default ``name``.
 
     Returns:
         The adapted copy (training mode, fresh weights) and its output shape without batch.
@@ -627,38 +646,87 @@ def adapt_copy(source: fx.GraphModule, in_shape: Sequence[int], stride: Optional
     shape = tuple(int(v) for v in in_shape)
     try:
         gm, out = _adapt(source, shape, stride, input_adapter=False)
-    except Exception as first:  # any failure of the exact adaptation: try the input adapter
+    except _ADAPTATION_ERRORS as first:
+        # The copy cannot take the new shape layer by layer (widths hard-coded in its code):
+        # restore the channel count it was built for at its input instead.
         try:
             gm, out = _adapt(source, shape, stride, input_adapter=True)
-        except Exception as second:
+        except _ADAPTATION_ERRORS as second:
             if isinstance(first, AugLocalError):
                 raise first from second
             raise AugLocalError(
-                f"cannot build {name} ({type(first).__name__}: {str(first).splitlines()[0] if str(first) else ''}); "
+                f"cannot build {label or name} ({type(first).__name__}: "
+                f"{str(first).splitlines()[0] if str(first) else ''}); "
                 "give other block boundaries or another selection"
             ) from first
+        warnings.warn(
+            f"{label or name}: its copy cannot take {shape[0]} input channels layer by layer "
+            f"({str(first).splitlines()[0] if str(first) else type(first).__name__}); a 1x1 conv + "
+            "BatchNorm input adapter restores the channels it was built for",
+            stacklevel=2,
+        )
     copy_gm = fx.GraphModule(gm, gm.graph, name)
-    _materialize(copy_gm, source, device)
+    _materialize(copy_gm, source, device, init)
     copy_gm.train()
     return copy_gm, tuple(out.shape[1:])
 
 
-def synthesize_aux_net(partition: Partition, plan: AuxPlan) -> AuxNet:
-    """Build the auxiliary network of block ``plan.block`` (DESIGN.md rule 5).
+def _module_list(names: Sequence[str], most: int = 3) -> str:
+    shown = ", ".join(names[:most]) or "no modules"
+    return shown + (f", ... ({len(names)} modules)" if len(names) > most else "")
+
+
+def _insert_norm_before_classifier(head: fx.GraphModule) -> bool:
+    """Put a BatchNorm1d in front of the head's classifier (the last Linear on ``(N, C)``).
+
+    The authors' auxiliary networks with one copied block end in pool, flatten, BatchNorm1d,
+    linear. Returns ``False`` where the head has no such classifier (a convolutional one).
+    """
+    for node in reversed(list(head.graph.nodes)):
+        if node.op != "call_module" or not isinstance(head.get_submodule(node.target), nn.Linear):
+            continue
+        shape = node.args[0].meta.get(SHAPE_KEY) if isinstance(node.args[0], fx.Node) else None
+        if shape is None or len(shape) != 2:
+            return False
+        linear = head.get_submodule(node.target)
+        norm = nn.BatchNorm1d(linear.in_features, device=linear.weight.device,
+                              dtype=linear.weight.dtype)
+        head.add_submodule("auglocal_classifier_norm", norm)
+        with head.graph.inserting_before(node):
+            new = head.graph.call_module("auglocal_classifier_norm", (node.args[0],))
+        new.meta[SHAPE_KEY] = shape
+        node.replace_input_with(node.args[0], new)
+        head.graph.lint()
+        head.recompile()
+        return True
+    return False
+
+
+def synthesize_aux_net(partition: Partition, plan: AuxPlan,
+                       init: Optional[InitReference] = None) -> AuxNet:
+    """Build the auxiliary network of block ``plan.block`` (docs/method.md, rules 5 and 10).
 
     Args:
         partition: the primary network's blocks and head, with recorded shapes.
         plan: which blocks to copy and each copy's stride.
+        init: initial-value statistics of the source model (see
+            :class:`~auglocal_fx.initialization.InitReference`); ``None``: PyTorch's defaults.
 
     Returns:
-        An :class:`AuxNet` mapping block ``j``'s output to ``(N, num_classes)`` logits.
+        An :class:`AuxNet` mapping block ``j``'s output to ``(N, num_classes)`` logits. With one
+        copied block, the head copy has a BatchNorm1d before its linear classifier, as the
+        authors' code builds it.
     """
     shape = partition.block_shapes[plan.block]
     modules: List[nn.Module] = []
     for k, stride in zip(plan.selected, plan.strides):
+        label = (f"the copy of block {k} ({_module_list(partition.block_names[k])}) in the "
+                 f"auxiliary network of block {plan.block}")
         copy_gm, shape = adapt_copy(partition.blocks[k].eval_graph, shape, stride,
-                                    f"Aux{plan.block}CopyOfBlock{k}")
+                                    f"Aux{plan.block}CopyOfBlock{k}", init, label)
         modules.append(copy_gm)
-    head, _ = adapt_copy(partition.head.eval_graph, shape, None, f"Aux{plan.block}Head")
+    head, _ = adapt_copy(partition.head.eval_graph, shape, None, f"Aux{plan.block}Head", init)
+    if len(plan.selected) == 1:
+        _insert_norm_before_classifier(head)
     modules.append(head)
     return AuxNet(modules, plan)

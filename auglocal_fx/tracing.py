@@ -1,6 +1,6 @@
 """Tracing with ``torch.fx``: a tracer aware of timm's and torchvision's no-trace rules.
 
-The model is traced twice, in eval and in train mode (DESIGN.md rule 8), so that code reading
+The model is traced twice, in eval and in train mode (docs/method.md, rule 8), so that code reading
 ``self.training`` outside leaf modules keeps its behaviour in both modes; the eval graph gets the
 shape of every value from one example input.
 """

@@ -34,6 +34,15 @@ def blocks(spec, d, tau, no_pyramid, selection, input_size, num_classes, figure)
     from auglocal_fx.tables import blocks_table
 
     kwargs = conversion_kwargs(tau, no_pyramid, selection, input_size, num_classes)
+    if is_checkpoint(spec):
+        ctx = click.get_current_context()
+        given = [f"--{name.replace('_', '-')}" for name in
+                 ("d", "tau", "no_pyramid", "selection", "input_size", "num_classes")
+                 if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+        if given:
+            raise click.ClickException(
+                f"{spec} is a checkpoint: it brings its own options, so {', '.join(given)} cannot "
+                "apply; drop them, or give a model spec instead")
     with user_errors():
         if figure is not None:
             from auglocal_fx.plots import check_figure_path

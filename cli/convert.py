@@ -16,14 +16,7 @@ from .options import (
     user_errors,
 )
 
-__all__ = ["convert", "default_checkpoint_name"]
-
-
-def default_checkpoint_name(spec: str, d: int) -> str:
-    """``timm:regnetx_004`` at ``d=6`` -> ``regnetx_004_d6.pt``."""
-    tail = spec.rsplit(":", 1)[-1]
-    name = os.path.splitext(os.path.basename(tail))[0] or "model"
-    return f"{name}_d{d}.pt"
+__all__ = ["convert"]
 
 
 @click.command()
@@ -33,14 +26,16 @@ def default_checkpoint_name(spec: str, d: int) -> str:
               "tried (default 6).")
 @conversion_options
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, metavar="FILE",
-              help="Checkpoint to write (default: MODEL_dD.pt); restore with auglocal_fx.load.")
+              help="Write the converted network to FILE (default: nothing is written); restore "
+                   "with auglocal_fx.load.")
+@click.option("--force", is_flag=True, help="Replace FILE if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead.")
 @click.option("--flops-budget", default=None, metavar="X",
               help="Pick d and tau to fit a forward-FLOPs budget: a multiple of BP like 2.5x, "
                    "or an absolute figure like 1.1G or 800M (1 multiply-add = 1 FLOP).")
 def convert(spec: str, d: Optional[int], tau, no_pyramid, selection, input_size, num_classes,
-            output, as_json, flops_budget) -> None:
-    """Convert SPEC into an AugLocal network and save it.
+            output, force, as_json, flops_budget) -> None:
+    """Convert SPEC into an AugLocal network; print it, and save it with -o FILE.
 
     SPEC is timm:NAME, torchvision:NAME, paper:resnet32|resnet110|vgg19 or path/file.py:factory.
     Prints one row per primary block (its auxiliary network's depth, copied blocks, FLOPs and
@@ -54,6 +49,14 @@ def convert(spec: str, d: Optional[int], tau, no_pyramid, selection, input_size,
     if d is None and flops_budget is None:
         raise click.ClickException(
             "give the auxiliary depth --d D (e.g. --d 2) or a --flops-budget like 3x")
+    if flops_budget is not None and (tau is not None or no_pyramid):
+        raise click.ClickException(
+            "--flops-budget chooses tau itself; drop --tau/--no-pyramid, or drop --flops-budget "
+            "and give --d and --tau")
+    if force and output is None:
+        raise click.ClickException("--force replaces the file given with -o FILE; give -o FILE")
+    if output is not None and os.path.exists(output) and not force:
+        raise click.ClickException(f"{output} exists; pass --force to replace it, or choose another -o FILE")
     choice = None
     with user_errors():
         if flops_budget is not None:
@@ -63,10 +66,10 @@ def convert(spec: str, d: Optional[int], tau, no_pyramid, selection, input_size,
         local = to_local(spec, d=d, **kwargs)
         flops = count_flops(local)
         summary = flops.as_dict()
-        path = output or default_checkpoint_name(spec, d)
-        local.save(path)
+        if output is not None:
+            local.save(output)
     summary["model"] = spec
-    summary["checkpoint"] = path
+    summary["checkpoint"] = output
     if choice is not None:
         summary["budget"] = choice.as_dict()
     if as_json:
@@ -77,4 +80,5 @@ def convert(spec: str, d: Optional[int], tau, no_pyramid, selection, input_size,
     size = "x".join(map(str, local.input_size))
     click.echo(f"{spec} -> AugLocal ({describe_options(local)}), input {size}")
     click.echo(flops_table(flops))
-    click.echo(f"saved {path}; restore with auglocal_fx.load({path!r})")
+    if output is not None:
+        click.echo(f"saved {output}; restore with auglocal_fx.load({output!r})")

@@ -10,8 +10,9 @@ from .options import (conversion_kwargs, depth_option, input_size_option, pyrami
 
 @click.command()
 @spec_argument
-@click.option("--dataset", default="digits", show_default=True,
-              help="cifar10, svhn, stl10, fashion-mnist, digits, imagefolder:PATH or synthetic.")
+@click.option("--dataset", default=None,
+              help="cifar10, svhn, stl10, fashion-mnist, digits, imagefolder:PATH or synthetic "
+                   "[default: fashion-mnist when its Debian package is installed, else digits].")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Folder holding the dataset (never downloaded).")
 @click.option("--method", type=click.Choice(["auglocal", "bp"]), default="auglocal", show_default=True,
@@ -20,6 +21,8 @@ from .options import (conversion_kwargs, depth_option, input_size_option, pyrami
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Global batch size [default: 1024 for cifar10/svhn, else 128].")
 @click.option("--lr", type=float, default=None, help="Peak learning rate [default: 0.1 * batch / 128].")
+@click.option("--warmup-epochs", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Linear warmup from lr 0.01 into the per-epoch cosine schedule (the paper's 10).")
 @click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD (Nesterov) momentum.")
 @click.option("--weight-decay", type=float, default=1e-4, show_default=True)
 @depth_option(required=False, default=2, help_text="Auxiliary depth, classifier included [default: 2].")
@@ -46,7 +49,7 @@ from .options import (conversion_kwargs, depth_option, input_size_option, pyrami
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="Data-parallel processes to spawn (or launch with torchrun --nproc-per-node N).")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
-def train(spec, dataset, data_dir, method, epochs, batch_size, lr, momentum, weight_decay, d, tau, no_pyramid,
+def train(spec, dataset, data_dir, method, epochs, batch_size, lr, warmup_epochs, momentum, weight_decay, d, tau, no_pyramid,
           selection, out, resume, seed, device, amp, grad_clip, label_smoothing, channels_last, input_size,
           max_steps, train_subset, test_subset, no_augment, workers, nproc, quiet):
     """Train SPEC (e.g. paper:resnet32, timm:resnet18) with AugLocal or backprop."""
@@ -56,7 +59,7 @@ def train(spec, dataset, data_dir, method, epochs, batch_size, lr, momentum, wei
         options = conversion_kwargs(tau, no_pyramid, selection, input_size, None)
         config = TrainConfig(
             model=spec, dataset=dataset, data_dir=data_dir, out=out, method=method, epochs=epochs,
-            batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay, d=d,
+            batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs, momentum=momentum, weight_decay=weight_decay, d=d,
             tau=options["tau"], pyramid=options["pyramid"], selection=options["selection"], seed=seed,
             device=device, amp=amp, grad_clip=grad_clip, label_smoothing=label_smoothing,
             channels_last=channels_last, input_size=options.get("input_size"), max_steps=max_steps,

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from auglocal_fx import AugLocalError
-from auglocal_fx.data import build_datasets
+from torchvision.transforms import v2
+
+from auglocal_fx.data import build_datasets, train_augmentation
 
 
 def test_synthetic_shapes_and_determinism():
@@ -81,3 +83,35 @@ def test_unknown_name_lists_choices():
         build_datasets("mnist-ish")
     with pytest.raises(AugLocalError, match="square"):
         build_datasets("synthetic", input_size=(3, 16, 32))
+
+
+def _describe(transforms):
+    out = []
+    for t in transforms:
+        if isinstance(t, v2.RandomCrop):
+            out.append(("crop", t.size[0], t.padding[0], t.padding_mode))
+        elif isinstance(t, v2.RandomHorizontalFlip):
+            out.append(("flip",))
+        else:
+            out.append((type(t).__name__,))
+    return out
+
+
+def test_per_dataset_augmentation_is_the_authors():
+    # their train.py: CIFAR reflect-pads 4 and flips; SVHN pads 2, no flip; STL-10 pads 4 at 96 px
+    assert _describe(train_augmentation("cifar10")) == [("crop", 32, 4, "reflect"), ("flip",)]
+    assert _describe(train_augmentation("svhn")) == [("crop", 32, 2, "constant")]
+    assert _describe(train_augmentation("stl10")) == [("crop", 96, 4, "constant"), ("flip",)]
+    assert _describe(train_augmentation("fashion-mnist")) == [("crop", 32, 4, "constant"), ("flip",)]
+    assert _describe(train_augmentation("digits")) == [("crop", 32, 4, "constant")]
+    assert _describe(train_augmentation("cifar10", side=16)) == [("crop", 16, 2, "reflect"), ("flip",)]
+    with pytest.raises(AugLocalError, match="no augmentation"):
+        train_augmentation("imagenet")
+
+
+def test_build_datasets_applies_the_augmentation_list():
+    data = build_datasets("synthetic", input_size=16)
+    steps = data.train.transform.transforms
+    assert _describe([t for t in steps if isinstance(t, (v2.RandomCrop, v2.RandomHorizontalFlip))]) == \
+        _describe(train_augmentation("synthetic", side=16))
+    assert not any(isinstance(t, v2.RandomCrop) for t in data.test.transform.transforms)

@@ -76,9 +76,29 @@ def test_uncounted_operators_are_listed():
     assert unsupported["aten::add"] == 1
 
 
-def test_count_flops_is_lazy(resnet32_d3):
+def test_count_flops_is_lazy(resnet32_d3, monkeypatch):
+    import auglocal_fx.flops as flops_module
+
+    counted = []
+    real = flops_module.count_module_flops
+
+    def counting(module, *args, **kwargs):
+        counted.append(module)
+        return real(module, *args, **kwargs)
+
+    monkeypatch.setattr(flops_module, "count_module_flops", counting)
     flops = LocalFlops(resnet32_d3)
-    assert flops._blocks is None and flops._aux is None
+    assert counted == []  # nothing runs until the first query
+    aux = {id(net) for net in resnet32_d3.aux}
+    flops.primary
+    assert {id(b) for b in resnet32_d3.blocks} <= {id(c) for c in counted}
+    assert not aux & {id(c) for c in counted}  # the primary only
+    flops.total
+    assert aux <= {id(c) for c in counted}
+    calls = len(counted)
+    flops.total
+    flops.primary
+    assert len(counted) == calls  # cached
 
 
 def test_primary_equals_fvcore_on_the_original_model(resnet32_d3):
@@ -154,3 +174,29 @@ def test_solve_budget_large_budget_gives_max_depth_constant():
 def test_solve_budget_too_small():
     with pytest.raises(AugLocalError, match="too small"):
         solve_budget(TINY, "1.0x", input_size=(3, 16, 16))
+
+
+class _WideLast(nn.Module):
+    """Early blocks at full resolution and a very wide last block: for the first auxiliary
+    networks, two copied blocks (the first one reducing) cost less than one."""
+
+    def __init__(self):
+        super().__init__()
+        widths = [(3, 8, 1), (8, 8, 1), (8, 8, 1), (8, 16, 2), (16, 16, 1), (16, 16, 1), (16, 256, 2)]
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, s, 1) for a, b, s in widths)
+        self.fc = nn.Linear(256, 10)
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = torch.relu(conv(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_solve_budget_does_not_assume_tau_1_is_cheapest():
+    model = _WideLast()
+    size = (3, 32, 32)
+    at = {tau: count_flops(to_local(model, d=3, tau=tau, input_size=size)).total for tau in (0.0, 1.0)}
+    assert at[0.0] < at[1.0]  # the premise: here the pyramid makes d=3 dearer
+    budget = (at[0.0] + at[1.0]) // 2
+    choice = solve_budget(model, budget, max_d=3, input_size=size)
+    assert choice.d == 3 and choice.flops == at[0.0] <= budget

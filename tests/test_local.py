@@ -1,5 +1,7 @@
 """LocalNet: forward in both modes, the local step, export, save and load."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -94,3 +96,28 @@ def test_load_errors(tmp_path, tiny_resnet):
         load(path)
     again = load(path, model=TinyResNet())
     assert len(again.aux) == len(local.aux)
+
+
+def test_export_leaves_modes_alone(tiny_resnet):
+    local = to_local(tiny_resnet, d=2, input_size=(3, 16, 16))
+    tiny_resnet.eval()
+    local.train()  # the blocks' modules (shared) train; the model's root stays as the user set it
+    modes = {name: m.training for name, m in tiny_resnet.named_modules()}
+    assert local.export() is tiny_resnet
+    assert {name: m.training for name, m in tiny_resnet.named_modules()} == modes
+
+
+def test_checkpoint_of_a_file_spec_loads_from_anywhere_and_names_a_missing_file(tmp_path, monkeypatch):
+    source = Path(__file__).with_name("_tiny_models.py").read_text()
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "mine.py").write_text(source)
+    monkeypatch.chdir(models)
+    local = to_local("mine.py:tiny_cnn", d=2, input_size=(3, 16, 16))
+    assert local.spec == f"{models / 'mine.py'}:tiny_cnn"
+    local.save(tmp_path / "c.pt")
+    monkeypatch.chdir(tmp_path)  # the relative path would no longer resolve
+    assert len(load(tmp_path / "c.pt").aux) == len(local.aux)
+    (models / "mine.py").unlink()
+    with pytest.raises(AugLocalError, match=r"mine\.py no longer exists: put the file back, or pass load"):
+        load(tmp_path / "c.pt")

@@ -1,4 +1,4 @@
-"""The paper's formulas against DESIGN.md's worked examples."""
+"""The paper's formulas against the worked examples of docs/method.md."""
 
 import pytest
 

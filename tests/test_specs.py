@@ -96,3 +96,21 @@ def test_bad_conversion_options(kwargs, message):
 def test_not_a_module():
     with pytest.raises(AugLocalError, match="takes an nn.Module"):
         to_local(42)
+
+
+def test_model_objects_refuse_spec_only_options_and_need_a_stated_input_size():
+    from torch import nn
+
+    from auglocal_fx.models.cifar import resnet32
+
+    with pytest.raises(AugLocalError, match="num_classes apply to spec strings only"):
+        to_local(resnet32(), num_classes=7)
+    with pytest.raises(AugLocalError, match="weights apply to spec strings only"):
+        to_local(resnet32(), weights="w.pt")
+    # the paper's networks state 32x32; a plain module states nothing and must be told
+    assert to_local(resnet32(), d=2).input_size == (3, 32, 32)
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    with pytest.raises(AugLocalError, match=r"does not say its input size: pass input_size=\(C, H, W\)"):
+        to_local(plain, d=2)
+    assert to_local(plain, d=2, input_size=(3, 16, 16)).input_size == (3, 16, 16)

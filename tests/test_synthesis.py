@@ -37,9 +37,12 @@ def test_channel_and_stride_adaptation():
     assert copy(h).shape == (2, 64, 16, 16)
 
 
-def test_stride_removed_from_downsampling_copy():
+def test_two_copies_share_the_pending_reduction():
     local = to_local("paper:resnet32", d=3, pyramid=False)
-    # block 12 (8 px) copies block 15 only; block 9 (16 px) copies 12 and 15
+    # block 9 (16 px) copies blocks 12 and 15 (both 8 px in the primary): one 2x reduction is
+    # pending, so the first copy halves the resolution and the second keeps it
+    assert local.block_shapes[9][1:] == (16, 16)
+    assert local.block_shapes[12][1:] == local.block_shapes[15][1:] == (8, 8)
     plan = local.plan[9]
     assert plan.selected == (12, 15) and plan.strides == (2, 1)
     h = torch.randn(2, 32, 16, 16)
@@ -73,3 +76,17 @@ def test_dense_and_inception_blocks():
         for j, aux in enumerate(local.aux):
             h = local.blocks[j](h)
             assert aux.eval()(h).shape == (1, 4)
+
+
+def test_input_adapter_fallback_warns_naming_the_modules():
+    import warnings
+
+    from auglocal_fx import resolve_model
+
+    model = resolve_model("timm:dpn68").model  # DPN slices channels at hard-coded widths
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        local = to_local(model, d=2, input_size=(3, 32, 32))
+    messages = [str(w.message) for w in caught if "input adapter" in str(w.message)]
+    assert messages and all("features.conv5_3" in m for m in messages)
+    assert any("auglocal_input_adapter" in name for name, _ in local.aux[0].named_modules())

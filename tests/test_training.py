@@ -13,7 +13,12 @@ import pytest
 import torch
 
 from auglocal_fx import AugLocalError, resolve_model
-from auglocal_fx.training import TrainConfig, default_recipe, train
+import torch.nn.functional as F
+
+from auglocal_fx.data import DEFAULT_FASHION_MNIST_DIR
+from auglocal_fx.recipe import learning_rate
+from auglocal_fx._train_loop import Run
+from auglocal_fx.training import TrainConfig, default_dataset, train
 
 TINY = str(Path(__file__).with_name("_tiny_models.py")) + ":tiny_cnn"
 TINY_NOBN = str(Path(__file__).with_name("_tiny_models.py")) + ":tiny_nobn"
@@ -31,23 +36,43 @@ def _weights(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def test_recipe_defaults():
-    assert default_recipe("cifar10") == (1024, 0.8)
-    assert default_recipe("svhn") == (1024, 0.8)
-    assert default_recipe("stl10") == (128, 0.1)
-    assert default_recipe("digits", batch_size=256) == (256, 0.2)
-    assert default_recipe("cifar10", lr=0.05) == (1024, 0.05)
-
-
-def test_bf16_amp_with_clipping_and_smoothing_writes_all_outputs(tmp_path):
-    result = train(_config(tmp_path, amp="bf16", grad_clip=1.0, label_smoothing=0.1, epochs=2))
+def test_bf16_amp_writes_all_outputs_with_the_per_epoch_schedule(tmp_path):
+    result = train(_config(tmp_path, amp="bf16", epochs=3, lr=0.2, warmup_epochs=1))
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [l["epoch"] for l in lines] == [1, 2]
+    assert [l["epoch"] for l in lines] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(l["train_loss"])) for l in lines)
     assert len(lines[-1]["aux_acc"]) == len(lines[-1]["local_losses"]) >= 1
     assert result.aux_acc == lines[-1]["aux_acc"]
+    # the rate of each epoch, set before it runs: warmup from 0.01, then the cosine
+    assert [l["lr"] for l in lines] == pytest.approx([learning_rate(e, 3, 0.2, 1) for e in (1, 2, 3)])
+    assert lines[0]["lr"] == pytest.approx(0.01) and lines[1]["lr"] == pytest.approx(0.05)
     for name in ("last.pt", "model.pt", "curves.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+@pytest.mark.parametrize("method", ["auglocal", "bp"])
+def test_gradient_clipping_and_label_smoothing_act(tmp_path, method):
+    cfg = _config(tmp_path, method=method, grad_clip=1e-3, label_smoothing=0.2)
+    run = Run(cfg, 0, 1, 0)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    with torch.no_grad():
+        out = run.net(x)  # train mode: the same batch statistics as the step's forward
+    logits, aux_logits = out if method == "auglocal" else (out, [])
+    losses = run.train_step(x, y)
+    expected = [F.cross_entropy(a, y, label_smoothing=0.2) for a in aux_logits]
+    expected.append(F.cross_entropy(logits, y, label_smoothing=0.2))
+    torch.testing.assert_close(losses, torch.stack(expected), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(losses[-1], F.cross_entropy(logits, y), atol=1e-4)  # smoothing changed it
+    for group in run._clip_groups():  # the gradients the step used: each group clipped to 1e-3
+        norm = torch.norm(torch.stack([p.grad.norm() for p in group if p.grad is not None]))
+        assert norm.item() == pytest.approx(1e-3, rel=1e-3)
+    assert len(run._clip_groups()) == (len(run.net.aux) + 1 if method == "auglocal" else 1)
+
+
+def test_default_dataset_can_tell_methods_apart():
+    expected = "fashion-mnist" if os.path.isdir(DEFAULT_FASHION_MNIST_DIR) else "digits"
+    assert default_dataset() == expected
+    assert TrainConfig().dataset is None  # resolved when the run starts
 
 
 @pytest.mark.parametrize("method", ["auglocal", "bp"])
@@ -121,14 +146,31 @@ def test_resume_after_sigkill_gives_the_same_weights(tmp_path):
 
 def test_two_gloo_processes_equal_one_process_on_the_whole_batch(tmp_path):
     # Batch-norm-free model and no augmentation: with batch norm, each process would normalise
-    # with its own half-batch statistics, which legitimately differs from the whole batch.
-    common = dict(model=TINY_NOBN, augment=False, max_steps=3, batch_size=8, train_subset=32, device="cpu")
+    # with its own half-batch statistics, which legitimately differs from the whole batch. d=3:
+    # the auxiliary network copies two blocks, so its head has no BatchNorm1d either.
+    common = dict(model=TINY_NOBN, augment=False, max_steps=3, batch_size=8, train_subset=32, device="cpu", d=3)
     train(_config(tmp_path / "one", **common))
     train(_config(tmp_path / "two", nproc=2, **common))
     a, b = _weights(tmp_path / "one" / "model.pt"), _weights(tmp_path / "two" / "model.pt")
-    start = resolve_model(TINY_NOBN, num_classes=10, input_size=(3, 16, 16))
+    start = _initial_weights(TINY_NOBN, seed=0)
     moved = False
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
-        moved |= not torch.equal(a[key], start.model.state_dict()[key])
+        moved |= not torch.allclose(a[key], start[key], atol=1e-4)
     assert moved
+
+
+def _initial_weights(spec, seed):
+    """The weights a run with ``seed`` starts from: it seeds, then creates the model."""
+    torch.manual_seed(seed)
+    return resolve_model(spec, num_classes=10, input_size=(3, 16, 16)).model.state_dict()
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_initial_weights_helper_matches_the_run(tmp_path, seed):
+    """Guards the "weights moved" check above: the helper must give the run's starting point."""
+    # One epoch without warmup runs at the cosine's end point, lr 0: the weights stay put.
+    train(_config(tmp_path, model=TINY_NOBN, seed=seed, max_steps=1, warmup_epochs=0, method="bp"))
+    trained, start = _weights(tmp_path / "model.pt"), _initial_weights(TINY_NOBN, seed)
+    for key in trained:
+        assert torch.equal(trained[key], start[key]), key

@@ -42,6 +42,8 @@ class BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """ResNet for 32x32 inputs with ``depth = 6n + 2``."""
 
+    input_size = (3, 32, 32)  # read by auglocal_fx.specs.model_input_size
+
     def __init__(self, depth: int = 110, num_classes: int = 10):
         super().__init__()
         if (depth - 2) % 6:
@@ -80,6 +82,8 @@ _VGG19_CFG: List[Union[int, str]] = [
 
 class CifarVGG(nn.Module):
     """VGG with batch norm for 32x32 inputs."""
+
+    input_size = (3, 32, 32)  # read by auglocal_fx.specs.model_input_size
 
     def __init__(self, cfg: List[Union[int, str]], num_classes: int = 10):
         super().__init__()

@@ -1,0 +1,359 @@
+"""One process's training run: data order, steps, evaluation, checkpoints, results."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from tqdm.auto import tqdm
+
+from ._device import resolve_device
+from ._distributed import average_gradients, broadcast_buffers, init_distributed, spawn
+from ._io import atomic_save, atomic_write_text
+from ._train_state import CKPT_FORMAT, CKPT_VERSION, RESUME_KEYS, load_checkpoint, resume_view, rng_state, set_rng_state
+from .data import build_datasets
+from .errors import AugLocalError
+from .local import to_local
+from .plots import plot_training_curves
+from .recipe import default_recipe, learning_rate
+from .specs import resolve_model
+from .training import TrainConfig, TrainResult
+
+__all__ = ["Run", "GlobalBatchSampler", "subset", "run", "run_spawned", "result_from_disk"]
+
+
+def _wants_cuda(cfg: TrainConfig) -> bool:
+    return cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+
+
+def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and dist.is_initialized():
+        device = torch.device("cuda", local_rank)
+    if cfg.amp == "fp16" and device.type != "cuda":
+        raise AugLocalError("--amp fp16 needs CUDA (gradient scaling); use --amp bf16 on CPU")
+    return device
+
+
+class GlobalBatchSampler(Sampler[List[int]]):
+    """This process's slice of each global batch of a seeded per-epoch permutation."""
+
+    def __init__(self, size: int, batch_size: int, rank: int, world: int, seed: int):
+        self.size, self.batch_size, self.rank, self.world, self.seed = size, batch_size, rank, world, seed
+        self.epoch, self.start = 0, 0
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps per epoch (an incomplete last batch is dropped if there is a full one)."""
+        return max(1, self.size // self.batch_size)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.steps - self.start
+
+    def __iter__(self) -> Iterator[List[int]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(self.size, generator=g).tolist()
+        per_rank = self.batch_size // self.world
+        for step in range(self.start, self.steps):
+            batch = perm[step * self.batch_size:(step + 1) * self.batch_size]
+            if len(batch) < self.batch_size:  # dataset smaller than one batch
+                batch = (batch * (self.batch_size // max(1, len(batch)) + 1))[:self.batch_size]
+            yield batch[self.rank * per_rank:(self.rank + 1) * per_rank]
+
+
+def subset(dataset: Dataset, n: Optional[int], seed: int) -> Dataset:
+    if n is None or n >= len(dataset):
+        return dataset
+    g = torch.Generator().manual_seed(seed)
+    return Subset(dataset, torch.randperm(len(dataset), generator=g)[:n].tolist())
+
+
+class Run:
+    """One process's training run."""
+
+    def __init__(self, cfg: TrainConfig, rank: int, world: int, local_rank: int):
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.main = rank == 0
+        self.out = Path(cfg.out)
+        self.device = _device(cfg, local_rank)
+        self.batch_size, self.lr = default_recipe(cfg.dataset, cfg.batch_size, cfg.lr)
+        if self.batch_size % world:
+            raise AugLocalError(f"batch size {self.batch_size} is not divisible by {world} processes; "
+                                "change --batch-size or --nproc")
+        self.channels_last = cfg.channels_last if cfg.channels_last is not None else self.device.type == "cuda"
+        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
+
+        data = build_datasets(cfg.dataset, cfg.data_dir, cfg.input_size, augment=cfg.augment)
+        self.num_classes, self.input_size = data.num_classes, data.input_size
+        self.train_set = subset(data.train, cfg.train_subset, cfg.seed)
+        self.test_set = subset(data.test, cfg.test_subset, cfg.seed + 1)
+
+        torch.manual_seed(cfg.seed)  # the same initial weights on every process
+        self.net, self.primary = self._build_model()
+        self.net.to(self.device)
+        if self.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        if world > 1:
+            broadcast_buffers(self.net)
+            for p in self.net.parameters():
+                dist.broadcast(p.data, 0)
+        torch.manual_seed(cfg.seed * 7919 + rank)  # decorrelate augmentation across processes
+        np.random.seed((cfg.seed * 7919 + rank) % 2 ** 32)
+        random.seed(cfg.seed * 7919 + rank)
+
+        self.params = [p for p in self.net.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(self.params, lr=self.lr, momentum=cfg.momentum,
+                                         nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+        self.sampler = GlobalBatchSampler(len(self.train_set), self.batch_size, rank, world, cfg.seed)
+        self.total_steps = cfg.epochs * self.sampler.steps
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self.history: List[Dict[str, Any]] = []
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+
+    def _build_model(self) -> Tuple[nn.Module, nn.Module]:
+        cfg = self.cfg
+        if cfg.method == "auglocal":
+            local = to_local(cfg.model, d=cfg.d, tau=cfg.tau, pyramid=cfg.pyramid, selection=cfg.selection,
+                             input_size=self.input_size, num_classes=self.num_classes)
+            return local, local.export()
+        if isinstance(cfg.model, nn.Module):
+            return cfg.model, cfg.model
+        model = resolve_model(cfg.model, num_classes=self.num_classes, input_size=self.input_size).model
+        return model, model
+
+    # -- checkpoints
+
+    def _state(self) -> Dict[str, Any]:
+        rng = rng_state()
+        if self.world > 1:
+            states: List[Any] = [None] * self.world
+            dist.all_gather_object(states, rng)
+        else:
+            states = [rng]
+        return {"format": CKPT_FORMAT, "version": CKPT_VERSION, "config": resume_view(self.cfg),
+                "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                "total_steps": self.total_steps, "world_size": self.world,
+                "model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "rng": states, "history": self.history}
+
+    def save(self) -> None:
+        state = self._state()  # every process takes part (RNG gather)
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_save(state, self.out / "last.pt")
+            atomic_write_text("".join(json.dumps(h) + "\n" for h in self.history), self.out / "metrics.jsonl")
+            plot_training_curves(self.history, self.out / "curves.png")
+        if self.world > 1:
+            dist.barrier()
+
+    def restore(self) -> bool:
+        path = self.out / "last.pt"
+        if not path.exists():
+            if self.main:
+                self._log(f"no {path} to resume from; starting a new run")
+            return False
+        ckpt = load_checkpoint(path)
+        mine, theirs = resume_view(self.cfg), ckpt.get("config", {})
+        diff = [k for k in RESUME_KEYS if theirs.get(k) != mine[k]]
+        if diff:
+            k = diff[0]
+            raise AugLocalError(f"{path} belongs to a different run ({k}={theirs.get(k)!r}, now {mine[k]!r}); "
+                                "use the same options or another --out")
+        try:
+            self.net.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            if self.scaler is not None and ckpt["scaler"] is not None:
+                self.scaler.load_state_dict(ckpt["scaler"])
+        except (KeyError, RuntimeError, ValueError) as err:
+            reason = str(err).strip().splitlines()[0][:120]
+            raise AugLocalError(f"{path} does not match this model ({reason}); delete it or use another --out") from None
+        if ckpt["world_size"] == self.world:
+            set_rng_state(ckpt["rng"][self.rank])
+        self.epoch, self.step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
+        self.global_step, self.history = ckpt["global_step"], list(ckpt["history"])
+        if self.main:
+            self._log(f"resumed from {path} at epoch {self.epoch}, step {self.global_step}")
+        return True
+
+    # -- steps
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y.to(self.device, non_blocking=True)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.cfg.method == "auglocal":
+            losses = self.net.train_step(x, y, loss_fn=self.loss_fn, scaler=self.scaler,
+                                         autocast_dtype=self.amp_dtype)
+        else:
+            with self._autocast():
+                loss = self.loss_fn(self.net(x), y)
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            losses = loss.detach().reshape(1)
+        if self.world > 1:
+            average_gradients(self.params, self.world)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.cfg.grad_clip is not None:
+            for group in self._clip_groups():
+                nn.utils.clip_grad_norm_(group, self.cfg.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        return losses.float()
+
+    def _set_learning_rate(self) -> None:
+        """The paper's schedule sets the rate once per epoch, before it runs."""
+        lr = learning_rate(self.epoch + 1, self.cfg.epochs, self.lr, self.cfg.warmup_epochs)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def _clip_groups(self) -> List[List[nn.Parameter]]:
+        if self.cfg.method == "bp":
+            return [self.params]
+        groups = [list(self.net.block_parameters(j)) for j in range(len(self.net.aux))]
+        return groups + [list(self.net.output_module_parameters())]
+
+    @torch.no_grad()
+    def evaluate(self) -> Tuple[float, List[float]]:
+        self.net.eval()
+        n_aux = len(self.net.aux) if self.cfg.method == "auglocal" else 0
+        counts = torch.zeros(2 + n_aux, dtype=torch.float64)  # seen, primary correct, aux correct...
+        indices = list(range(self.rank, len(self.test_set), self.world))
+        loader = DataLoader(Subset(self.test_set, indices), batch_size=max(1, self.batch_size // self.world),
+                            num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda",
+                            generator=torch.Generator().manual_seed(0))
+        for x, y in self._bar(loader, "eval"):
+            x, y = self._to_device(x, y)
+            with self._autocast():
+                if n_aux:
+                    for j, h in enumerate(self.net.block_outputs(x)):
+                        if j < n_aux:
+                            counts[2 + j] += (self.net.aux[j](h).argmax(1) == y).sum().item()
+                    logits = self.net.head(h)
+                else:
+                    logits = self.net(x)
+            counts[0] += len(y)
+            counts[1] += (logits.argmax(1) == y).sum().item()
+        if self.world > 1:
+            reduced = counts.to(self.device)  # NCCL reduces device tensors only
+            dist.all_reduce(reduced)
+            counts = reduced.cpu()
+        self.net.train()
+        acc = (100.0 * counts[1:] / counts[0].clamp(min=1)).tolist()
+        return acc[0], acc[1:]
+
+    def _bar(self, iterable, desc: str, total: Optional[int] = None, initial: int = 0):
+        if not (self.main and self.cfg.progress):
+            return iterable
+        return tqdm(iterable, desc=desc, total=total, initial=initial, leave=False, dynamic_ncols=True)
+
+    def _log(self, text: str) -> None:
+        if self.cfg.progress:
+            tqdm.write(text)
+
+    def fit(self) -> TrainResult:
+        if self.cfg.resume:
+            self.restore()
+        elif (self.out / "last.pt").exists():
+            raise AugLocalError(f"{self.out / 'last.pt'} exists; pass --resume to continue that run or "
+                                "choose another --out")
+        self.net.train()
+        steps = self.sampler.steps
+        while self.epoch < self.cfg.epochs and self.global_step < self.total_steps:
+            self.sampler.set_epoch(self.epoch, self.step_in_epoch)
+            self._set_learning_rate()
+            # A private generator seeds the workers, so creating the loader leaves the global RNG alone.
+            gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch * 101 + self.rank)
+            loader = DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=self.cfg.num_workers,
+                                pin_memory=self.device.type == "cuda", generator=gen)
+            sums, count, start = None, 0, time.perf_counter()
+            bar = self._bar(loader, f"epoch {self.epoch + 1}/{self.cfg.epochs}", total=steps,
+                            initial=self.step_in_epoch)
+            for x, y in bar:
+                losses = self.train_step(*self._to_device(x, y))
+                sums = losses if sums is None else sums + losses
+                count += 1
+                self.step_in_epoch += 1
+                self.global_step += 1
+                if self.global_step >= self.total_steps:
+                    break
+            finished_epoch = self.step_in_epoch >= steps
+            if sums is not None and self.world > 1:
+                dist.all_reduce(sums)
+                sums /= self.world
+            if self.world > 1:
+                broadcast_buffers(self.net)
+            test_acc, aux_acc = self.evaluate()
+            mean = (sums / max(1, count)).tolist() if sums is not None else []
+            record = {"epoch": self.epoch + 1, "step": self.global_step, "partial": not finished_epoch,
+                      "method": self.cfg.method, "lr": self.optimizer.param_groups[0]["lr"],
+                      "train_loss": mean[-1] if mean else None,
+                      "local_losses": mean[:-1] if self.cfg.method == "auglocal" else [],
+                      "test_acc": test_acc, "aux_acc": aux_acc,
+                      "epoch_seconds": round(time.perf_counter() - start, 3)}
+            self.history.append(record)
+            if finished_epoch:
+                self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            self.save()
+            if self.main:
+                aux = f", aux nets {min(aux_acc):.1f}..{max(aux_acc):.1f}%" if aux_acc else ""
+                loss = f"{record['train_loss']:.4f}" if record["train_loss"] is not None else "-"
+                self._log(f"epoch {record['epoch']}: loss {loss}, test acc {test_acc:.2f}%{aux}")
+        return self.finish()
+
+    def finish(self) -> TrainResult:
+        path = self.out / "model.pt"
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            state = {k: v.detach().cpu() for k, v in self.primary.state_dict().items()}
+            atomic_save(state, path)
+        if self.world > 1:
+            dist.barrier()
+        last = self.history[-1] if self.history else {"test_acc": float("nan"), "aux_acc": []}
+        return TrainResult(str(self.out), last["test_acc"], list(last["aux_acc"]), list(self.history), str(path))
+
+
+def run(cfg: TrainConfig) -> TrainResult:
+    rank, world, local_rank = init_distributed(_wants_cuda(cfg))
+    try:
+        return Run(cfg, rank, world, local_rank).fit()
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def result_from_disk(cfg: TrainConfig) -> TrainResult:
+    out = Path(cfg.out)
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    last = history[-1] if history else {"test_acc": float("nan"), "aux_acc": []}
+    return TrainResult(str(out), last["test_acc"], list(last["aux_acc"]), history, str(out / "model.pt"))
+
+
+def run_spawned(cfg: TrainConfig) -> TrainResult:
+    """Run ``cfg`` in ``cfg.nproc`` spawned processes; the result is read from rank 0's files."""
+    spawn(cfg.nproc, run, cfg)
+    return result_from_disk(cfg)

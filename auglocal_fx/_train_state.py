@@ -1,0 +1,62 @@
+"""The training checkpoint: what ``last.pt`` holds, RNG states, and reading it back."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Dict
+
+import numpy as np
+import torch
+
+from .errors import AugLocalError
+
+__all__ = ["CKPT_FORMAT", "CKPT_VERSION", "RESUME_KEYS", "resume_view", "rng_state", "set_rng_state",
+           "load_checkpoint"]
+
+CKPT_FORMAT = "auglocal-fx-train"
+CKPT_VERSION = 2  # 2: the learning rate follows the epoch; no scheduler state
+# Fields that must match for a run to be resumed from a checkpoint.
+RESUME_KEYS = ("model", "dataset", "method", "d", "tau", "pyramid", "selection", "batch_size",
+               "epochs", "warmup_epochs", "seed", "input_size", "train_subset", "augment")
+
+
+def resume_view(cfg: Any) -> Dict[str, Any]:
+    """The fields of a ``TrainConfig`` that a resumed run must share with its checkpoint."""
+    view = {k: getattr(cfg, k) for k in RESUME_KEYS}
+    if not isinstance(view["model"], str):
+        view["model"] = type(view["model"]).__qualname__
+    return view
+
+
+def rng_state() -> Dict[str, Any]:
+    """This process's RNG states as plain Python values (picklable, gatherable, weights-only loadable)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state().tolist(),
+            "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+            "python": random.getstate()}
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def load_checkpoint(path: Path) -> Dict[str, Any]:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
+        reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        raise AugLocalError(f"cannot read checkpoint {path} ({reason}); delete it or use another --out") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise AugLocalError(f"{path} is not an auglocal-fx training checkpoint; delete it or use another --out")
+    if ckpt.get("version") != CKPT_VERSION:
+        raise AugLocalError(f"{path} has checkpoint version {ckpt.get('version')}, this auglocal-fx reads "
+                            f"{CKPT_VERSION}; start a new run in another --out")
+    return ckpt

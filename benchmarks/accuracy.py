@@ -1,0 +1,283 @@
+"""Accuracy side by side: BP and AugLocal (d=2, d=4) with auglocal-fx and with the authors' code.
+
+One recipe for every run: CIFAR ResNet-32 on real Fashion-MNIST (the Debian package
+``dataset-fashion-mnist``), a fixed training subset, SGD with Nesterov momentum 0.9, weight
+decay 1e-4, batch 128, peak learning rate 0.1, the paper's per-epoch cosine schedule with a
+linear warmup from 0.01, the paper's crop + flip augmentation. Each run is a subprocess on one
+thread; ``--jobs`` of them run at once.
+
+Our side runs ``auglocal_fx.train`` exactly as a user would. The authors' side builds their
+``LocalResNet`` (from ``--reference DIR``, a checkout of ChenxiangMA/AugLocal, or
+``$AUGLOCAL_REFERENCE``) and runs their training step (``model(img=x, target=y)`` back-propagates
+every local loss, then one SGD step) on the same data subset, batches and schedule. Without a
+reference folder only our side runs, and the script says so.
+
+Prints mean +- spread (half the range) per method and the gap to BP, writes JSON and a plot::
+
+    python benchmarks/accuracy.py --reference ../AugLocal --seeds 0 1 --jobs 2
+
+Finished runs are cached in ``--out`` (one JSON file each); ``--rerun`` ignores the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = (("bp", 0), ("auglocal", 2), ("auglocal", 4))
+
+
+def _label(method: str, d: int) -> str:
+    return "BP" if method == "bp" else f"AugLocal d={d}"
+
+
+def _run_name(impl: str, method: str, d: int, seed: int) -> str:
+    return f"{impl}-{method}{'' if method == 'bp' else f'-d{d}'}-seed{seed}"
+
+
+# ----------------------------------------------------------------------------- one run (worker)
+
+
+def _worker(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    if args.impl == "ours":
+        history = _ours(args)
+    else:
+        history = _theirs(args)
+    result = {"impl": args.impl, "method": args.method, "d": args.d, "seed": args.seed,
+              "test_acc": history[-1], "history": history,
+              "seconds": round(time.perf_counter() - start, 1), "recipe": _recipe(args)}
+    Path(args.result).write_text(json.dumps(result, indent=1))
+
+
+def _recipe(args: argparse.Namespace) -> Dict[str, object]:
+    return {"model": "paper:resnet32", "dataset": "fashion-mnist", "image_size": args.image_size,
+            "train_subset": args.train_subset, "test_subset": args.test_subset, "epochs": args.epochs,
+            "batch_size": 128, "lr": 0.1, "warmup_epochs": args.warmup_epochs, "momentum": 0.9,
+            "nesterov": True, "weight_decay": 1e-4, "threads": 1}
+
+
+def _ours(args: argparse.Namespace) -> List[float]:
+    from auglocal_fx.training import train
+
+    out = Path(args.result).with_suffix("")
+    result = train(model="paper:resnet32", dataset="fashion-mnist", method=args.method,
+                   d=max(2, args.d), epochs=args.epochs, batch_size=128, lr=0.1,
+                   warmup_epochs=args.warmup_epochs, seed=args.seed, device="cpu",
+                   input_size=args.image_size, train_subset=args.train_subset,
+                   test_subset=args.test_subset, out=str(out), progress=False, resume=True)
+    return [h["test_acc"] for h in result.history]
+
+
+def _theirs(args: argparse.Namespace) -> List[float]:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from auglocal_fx.data import build_datasets
+    from auglocal_fx.recipe import learning_rate
+    from auglocal_fx._train_loop import subset
+
+    sys.path.insert(0, args.reference)
+    import networks.resnet as reference  # the authors' code, from --reference
+
+    data = build_datasets("fashion-mnist", input_size=args.image_size)
+    train_set = subset(data.train, args.train_subset, args.seed)
+    test_set = subset(data.test, args.test_subset, args.seed + 1)
+    torch.manual_seed(args.seed)
+    if args.method == "bp":
+        model = reference.resnet32(local_module_num=1, batch_size=128, image_size=32,
+                                   dataset="fashion-mnist", class_num=10, rule="BP")
+    else:
+        # Their train.py: AugLocal runs with local_module_num = 16 - aux_net_depth.
+        depth = args.d - 1
+        model = reference.resnet32(local_module_num=16 - depth, batch_size=128, image_size=32,
+                                   dataset="fashion-mnist", class_num=10, aux_net_config="unifSamp",
+                                   rule="AugLocal", aux_net_depth=depth, is_pyramid=True,
+                                   paramid_coeff=0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
+                                weight_decay=1e-4)
+    loader = DataLoader(train_set, batch_size=128, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(args.seed))
+    history = []
+    for epoch in range(1, args.epochs + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(epoch, args.epochs, 0.1, args.warmup_epochs)
+        model.train()
+        for x, y in loader:
+            optimizer.zero_grad()
+            model(img=x, target=y)  # back-propagates every local loss and the output loss
+            optimizer.step()
+        model.eval()
+        correct = total = 0
+        with torch.no_grad():
+            for x, y in DataLoader(test_set, batch_size=256):
+                logits = model(img=x, target=y)[0]
+                correct += int((logits.argmax(1) == y).sum())
+                total += len(y)
+        history.append(100.0 * correct / total)
+    return history
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _launch(args: argparse.Namespace, impl: str, method: str, d: int, seed: int, path: Path) -> Optional[dict]:
+    cmd = [sys.executable, __file__, "--worker", impl, method, str(d), str(seed), str(path),
+           "--epochs", str(args.epochs), "--train-subset", str(args.train_subset),
+           "--test-subset", str(args.test_subset), "--image-size", str(args.image_size),
+           "--warmup-epochs", str(args.warmup_epochs)]
+    if args.reference:
+        cmd += ["--reference", args.reference]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        print(f"  {path.stem} failed:\n    " + "\n    ".join(tail), flush=True)
+        return None
+    result = json.loads(path.read_text())
+    print(f"  {path.stem}: {result['test_acc']:.2f}% in {result['seconds']:.0f} s", flush=True)
+    return result
+
+
+def _summary(results: List[dict], impls: List[str]) -> List[dict]:
+    rows = []
+    bp_mean = {}
+    for impl in impls:
+        for method, d in METHODS:
+            accs = [r["test_acc"] for r in results
+                    if r["impl"] == impl and r["method"] == method and (method == "bp" or r["d"] == d)]
+            if not accs:
+                continue
+            mean = sum(accs) / len(accs)
+            if method == "bp":
+                bp_mean[impl] = mean
+            rows.append({"impl": impl, "method": _label(method, d), "runs": len(accs), "accs": accs,
+                         "mean": mean, "spread": (max(accs) - min(accs)) / 2,
+                         "gap_to_bp": None if method == "bp" or impl not in bp_mean else bp_mean[impl] - mean})
+    return rows
+
+
+def _print_table(rows: List[dict], impls: List[str]) -> None:
+    print("\n| implementation | method | runs | test top-1 (%) mean +- spread | gap to its BP |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        gap = "" if row["gap_to_bp"] is None else f"{row['gap_to_bp']:.2f}"
+        name = "auglocal-fx" if row["impl"] == "ours" else "authors' code"
+        print(f"| {name} | {row['method']} | {row['runs']} | {row['mean']:.2f} +- {row['spread']:.2f} | {gap} |")
+    if len(impls) == 2:
+        print("\nours - authors' (mean):")
+        for method, d in METHODS:
+            label = _label(method, d)
+            ours = next((r for r in rows if r["impl"] == "ours" and r["method"] == label), None)
+            theirs = next((r for r in rows if r["impl"] == "theirs" and r["method"] == label), None)
+            if ours and theirs:
+                print(f"  {label}: {ours['mean'] - theirs['mean']:+.2f}")
+
+
+def _plot(rows: List[dict], path: Path, recipe: Dict[str, object]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [_label(m, d) for m, d in METHODS]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.38
+    for k, (impl, name, color) in enumerate((("ours", "auglocal-fx", "tab:blue"),
+                                             ("theirs", "authors' code", "tab:orange"))):
+        for i, label in enumerate(labels):
+            row = next((r for r in rows if r["impl"] == impl and r["method"] == label), None)
+            if row is None:
+                continue
+            x = i + (k - 0.5) * width
+            ax.bar(x, row["mean"], width, color=color, alpha=0.75, label=name if i == 0 else None)
+            ax.scatter([x] * len(row["accs"]), row["accs"], color="black", s=12, zorder=3)
+    ax.set_xticks(range(len(labels)), labels)
+    lows = [min(r["accs"]) for r in rows]
+    ax.set_ylim(min(lows) - 3 if lows else 0, max(max(r["accs"]) for r in rows) + 1.5 if rows else 100)
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(f"ResNet-32, Fashion-MNIST {recipe['image_size']}px, {recipe['train_subset']} train images, "
+                 f"{recipe['epochs']} epochs", fontsize=9)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reference", default=os.environ.get("AUGLOCAL_REFERENCE"),
+                        help="folder of the authors' code (ChenxiangMA/AugLocal); default $AUGLOCAL_REFERENCE")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--warmup-epochs", type=int, default=1)
+    parser.add_argument("--train-subset", type=int, default=4096)
+    parser.add_argument("--test-subset", type=int, default=5000)
+    parser.add_argument("--image-size", type=int, default=16,
+                        help="Fashion-MNIST is padded to 32 px, then resized to this side")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--impl", choices=("ours", "theirs", "both"), default="both")
+    parser.add_argument("--out", default="runs/accuracy")
+    parser.add_argument("--json", default=None, help="summary JSON (default OUT/summary.json)")
+    parser.add_argument("--plot", default="docs/accuracy.png")
+    parser.add_argument("--rerun", action="store_true")
+    parser.add_argument("--worker", nargs=5, metavar=("IMPL", "METHOD", "D", "SEED", "RESULT"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        args.impl, args.method, d, seed, args.result = args.worker
+        args.d, args.seed = int(d), int(seed)
+        _worker(args)
+        return
+
+    impls = ["ours", "theirs"] if args.impl == "both" else [args.impl]
+    if "theirs" in impls and not (args.reference and Path(args.reference, "networks", "resnet.py").is_file()):
+        print("no reference folder (--reference or $AUGLOCAL_REFERENCE with networks/resnet.py): "
+              "running auglocal-fx only")
+        impls = [i for i in impls if i != "theirs"] or ["ours"]
+    if args.reference:
+        args.reference = str(Path(args.reference).resolve())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs, results = [], []
+    for seed in args.seeds:
+        for impl in impls:
+            for method, d in METHODS:
+                path = out / (_run_name(impl, method, d, seed) + ".json")
+                if path.exists() and not args.rerun:
+                    cached = json.loads(path.read_text())
+                    if cached.get("recipe") == _recipe(argparse.Namespace(**{**vars(args), "d": d})):
+                        results.append(cached)
+                        continue
+                jobs.append((impl, method, d, seed, path))
+    print(f"{len(results)} runs cached, {len(jobs)} to run ({args.jobs} at a time, one thread each)")
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for result in pool.map(lambda job: _launch(args, *job), jobs):
+            if result is not None:
+                results.append(result)
+    rows = _summary(results, impls)
+    recipe = _recipe(args)
+    _print_table(rows, impls)
+    summary = {"recipe": recipe, "rows": rows, "runs": results}
+    json_path = Path(args.json) if args.json else out / "summary.json"
+    json_path.write_text(json.dumps(summary, indent=1))
+    if rows and args.plot:
+        _plot(rows, Path(args.plot), recipe)
+        print(f"\nwrote {json_path} and {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
