@@ -127,8 +127,10 @@ class Run:
     def _build_model(self) -> Tuple[nn.Module, nn.Module]:
         cfg = self.cfg
         if cfg.method == "auglocal":
+            # A model object has its own classifier; a spec is created for the dataset's classes.
+            classes = {"num_classes": self.num_classes} if isinstance(cfg.model, str) else {}
             local = to_local(cfg.model, d=cfg.d, tau=cfg.tau, pyramid=cfg.pyramid, selection=cfg.selection,
-                             input_size=self.input_size, num_classes=self.num_classes)
+                             input_size=self.input_size, **classes)
             return local, local.export()
         if isinstance(cfg.model, nn.Module):
             return cfg.model, cfg.model

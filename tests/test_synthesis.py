@@ -1,5 +1,6 @@
 """Auxiliary networks: channel and stride adaptation, fresh weights, the paper's Table 6."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -90,3 +91,15 @@ def test_input_adapter_fallback_warns_naming_the_modules():
     messages = [str(w.message) for w in caught if "input adapter" in str(w.message)]
     assert messages and all("features.conv5_3" in m for m in messages)
     assert any("auglocal_input_adapter" in name for name, _ in local.aux[0].named_modules())
+
+
+def test_unexpected_errors_in_adaptation_propagate(monkeypatch):
+    """Only shape errors fall back to the input adapter; a bug is not hidden behind it."""
+    import auglocal_fx.synthesis as synthesis
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(synthesis, "_adapt", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        to_local("paper:resnet32", d=2)

@@ -174,3 +174,13 @@ def test_initial_weights_helper_matches_the_run(tmp_path, seed):
     trained, start = _weights(tmp_path / "model.pt"), _initial_weights(TINY_NOBN, seed)
     for key in trained:
         assert torch.equal(trained[key], start[key]), key
+
+
+@pytest.mark.parametrize("method", ["auglocal", "bp"])
+def test_trains_a_model_object(tmp_path, method):
+    from tests._tiny_models import TinyCNN
+
+    model = TinyCNN(num_classes=10)
+    result = train(_config(tmp_path, model=model, method=method, max_steps=2))
+    assert result.history and (tmp_path / "model.pt").exists()
+    TinyCNN(num_classes=10).load_state_dict(_weights(tmp_path / "model.pt"), strict=True)
