@@ -120,8 +120,8 @@ def test_copied_convs_follow_the_source_models_he_fan_out_rule():
 
 
 def test_adapted_layers_follow_the_fitted_fan_rule():
-    # PyTorch's default init (kaiming-uniform a=sqrt(5)) is a fan-in rule: a copy of conv c
-    # (32 -> 32) adapted to 8 input channels must have the std of an 8-channel fan-in.
+    # A custom fan-in rule (normal, std 0.5 / sqrt(fan_in), unlike PyTorch's uniform default):
+    # a copy of conv c (32 -> 32) adapted to 8 input channels must get std 0.5 / sqrt(8 * 9).
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -130,6 +130,9 @@ def test_adapted_layers_follow_the_fitted_fan_rule():
             self.c = nn.Conv2d(32, 32, 3, padding=1)
             self.e = nn.Conv2d(32, 32, 3, padding=1)
             self.fc = nn.Linear(32, 5)
+            for conv in (self.a, self.b, self.c, self.e):
+                fan_in = conv.in_channels * 9
+                nn.init.normal_(conv.weight, 0.0, 0.5 / math.sqrt(fan_in))
 
         def forward(self, x):
             for conv in (self.a, self.b, self.c, self.e):
@@ -140,11 +143,10 @@ def test_adapted_layers_follow_the_fitted_fan_rule():
     assert local.aux[0].plan.selected == (2, 3)
     conv = [m for m in local.aux[0][0].modules() if isinstance(m, nn.Conv2d)][0]
     assert conv.in_channels == 8 and conv.out_channels == 32
-    uniform_std = lambda fan_in: 1 / math.sqrt(3 * fan_in)  # noqa: E731
-    assert abs(conv.weight.std().item() / uniform_std(8 * 9) - 1) < 0.1
-    assert describe_init(conv.weight).family == "uniform"
+    assert abs(conv.weight.std().item() / (0.5 / math.sqrt(8 * 9)) - 1) < 0.1
+    assert describe_init(conv.weight).family == "normal"  # PyTorch's default would be uniform
     unchanged = [m for m in local.aux[0][1].modules() if isinstance(m, nn.Conv2d)][0]
-    assert abs(unchanged.weight.std().item() / uniform_std(32 * 9) - 1) < 0.1
+    assert abs(unchanged.weight.std().item() / (0.5 / math.sqrt(32 * 9)) - 1) < 0.1
 
 
 def test_zero_initialised_last_norm_stays_zero_in_copies():
