@@ -136,6 +136,7 @@ def cost_report(
     selection: str = "uniform",
     input_size: Optional[Sequence[int]] = None,
     num_classes: Optional[int] = None,
+    aux_head: str = "auto",
     memory: bool = True,
     rss: bool = False,
     timing: bool = True,
@@ -157,6 +158,7 @@ def cost_report(
         selection: block selection strategy.
         input_size: ``(C, H, W)``; default: the spec's.
         num_classes: classifier width; default: the spec's.
+        aux_head: ``"auto"``, ``"copy"`` or ``"slim"`` (see :func:`auglocal_fx.to_local`).
         memory: measure memory with :func:`auglocal_fx.memory.measure_memory`.
         rss: on CPU, also measure peak RSS (one fresh subprocess per method: slow).
         timing: measure time per step.
@@ -189,7 +191,7 @@ def cost_report(
         input_size, num_classes = spec.input_size, spec.num_classes
     else:
         model, name = model_or_spec, type(model_or_spec).__name__
-    kwargs = {"tau": tau, "pyramid": pyramid, "selection": selection}
+    kwargs = {"tau": tau, "pyramid": pyramid, "selection": selection, "aux_head": aux_head}
     if input_size is not None:
         kwargs["input_size"] = tuple(input_size)
 

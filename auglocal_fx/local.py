@@ -23,7 +23,7 @@ from .initialization import InitReference
 from .partition import Partition, partition_blocks
 from .planning import AuxPlan, plan_aux_nets, validate_options
 from .specs import missing_input_size, model_input_size, resolve_model, spec_file
-from .synthesis import synthesize_aux_net
+from .synthesis import synthesize_aux_net, validate_aux_head, warn_adapters
 from .tracing import SHAPE_KEY, trace_model
 
 __all__ = ["LocalNet", "to_local", "load", "CHECKPOINT_FORMAT"]
@@ -63,6 +63,7 @@ class LocalNet(nn.Module):
         self.head_names = partition.head_names
         self.block_shapes = partition.block_shapes
         self.block_input_shapes = partition.block_input_shapes
+        self.input_layouts = partition.input_layouts
         self.options = dict(options)
         self.input_size = tuple(options["input_size"])
         self.num_classes = int(options["num_classes"])
@@ -163,7 +164,8 @@ class LocalNet(nn.Module):
         return Partition(blocks=list(self.blocks), head=self.head,
                          block_shapes=list(self.block_shapes),
                          block_input_shapes=list(self.block_input_shapes),
-                         block_names=list(self.block_names), head_names=list(self.head_names))
+                         block_names=list(self.block_names), head_names=list(self.head_names),
+                         input_layouts=list(self.input_layouts))
 
     def block_parameters(self, j: int) -> Iterator[nn.Parameter]:
         """Parameters updated by local loss ``j``: block ``j`` and auxiliary network ``j``."""
@@ -201,7 +203,8 @@ class LocalNet(nn.Module):
     def extra_repr(self) -> str:
         opts = self.options
         return (f"blocks={len(self.blocks)}, aux_nets={len(self.aux)}, d={opts['d']}, "
-                f"tau={opts['tau']}, pyramid={opts['pyramid']}, selection={opts['selection']!r}")
+                f"tau={opts['tau']}, pyramid={opts['pyramid']}, selection={opts['selection']!r}, "
+                f"aux_head={opts.get('aux_head', 'copy')!r}")
 
 
 def to_local(
@@ -216,6 +219,7 @@ def to_local(
     autowrap_functions: Sequence[Callable] = (),
     block_boundaries: Optional[Sequence[str]] = None,
     weights: Optional[str] = None,
+    aux_head: str = "auto",
 ) -> LocalNet:
     """Convert a ConvNet into an AugLocal :class:`LocalNet`.
 
@@ -235,12 +239,17 @@ def to_local(
         block_boundaries: module names whose outputs end a block, replacing the automatic cut.
         weights: for a spec string, a local ``state_dict`` file to load (load weights into a
             model object yourself).
+        aux_head: the auxiliary networks' head: ``"copy"`` (a fresh copy of the network's own
+            head, the method's choice), ``"slim"`` (the authors' 512-wide MLP head for VGG on
+            ImageNet) or ``"auto"``: slim where the head holds at least half of the network's
+            parameters (VGG's classifier, timm's ``pre_logits``), copy otherwise.
 
     Raises:
         AugLocalError: bad options, unknown model, untraceable model, no classifier head, an
             input too small for the network, or a depth that leaves nothing to train locally.
     """
     validate_options(d, tau, selection)
+    validate_aux_head(aux_head)
     spec = None
     initial = None
     if isinstance(model, str):
@@ -270,12 +279,15 @@ def to_local(
         partition = partition_blocks(traced, block_boundaries)
         plans = plan_aux_nets(partition.resolutions, d, tau, pyramid, selection)
         init = InitReference.from_model(model, initial)
-        aux = [synthesize_aux_net(partition, p, init) for p in plans]
+        notes: List[Tuple[str, str, str]] = []
+        aux = [synthesize_aux_net(partition, p, init, notes, aux_head) for p in plans]
+    warn_adapters(notes)
     classes = _output_classes(traced)
     options = {
         "d": d, "tau": float(tau), "pyramid": bool(pyramid), "selection": selection,
         "input_size": tuple(int(v) for v in traced.input_size), "num_classes": classes,
         "block_boundaries": list(block_boundaries) if block_boundaries else None,
+        "aux_head": aux_head,
     }
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     local = LocalNet(model, partition, aux, plans, options, spec)
@@ -329,6 +341,7 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None,
             "back, or pass load(path, model=...) with a fresh model of that architecture"
         )
     kwargs = {k: options[k] for k in ("d", "tau", "pyramid", "selection", "block_boundaries")}
+    kwargs["aux_head"] = options.get("aux_head", "copy")  # checkpoints before the option: copies
     local = to_local(source, input_size=options["input_size"],
                      num_classes=options["num_classes"] if spec else None, **kwargs)
     try:

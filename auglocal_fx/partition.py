@@ -10,6 +10,7 @@ is a convolution applied before pooling (SqueezeNet).
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Set, Tuple
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .errors import AugLocalError
+from .layouts import input_layout, layout_of, resolution
 from .tracing import SHAPE_KEY, TracedModel
 
 __all__ = ["GraphBlock", "Partition", "partition_blocks", "find_cut_points"]
@@ -96,11 +98,19 @@ class Partition:
     block_input_shapes: List[Tuple[int, ...]]
     block_names: List[List[str]]
     head_names: List[str] = field(default_factory=list)
+    input_layouts: List[str] = field(default_factory=list)
+
+    def output_layout(self, j: int) -> str:
+        """The layout of block ``j``'s output (see :mod:`auglocal_fx.layouts`)."""
+        if self.input_layouts:
+            return self.input_layouts[j + 1]
+        return layout_of(self.block_shapes[j])
 
     @property
     def resolutions(self) -> List[int]:
-        """Spatial height of each block's output (1 for non-spatial outputs)."""
-        return [s[1] if len(s) >= 2 else 1 for s in self.block_shapes]
+        """Spatial height of each block's output (1 for non-spatial outputs; token grids count
+        their side, without class tokens)."""
+        return [resolution(s, self.output_layout(j)) for j, s in enumerate(self.block_shapes)]
 
 
 def _single_input(graph: fx.Graph) -> fx.Node:
@@ -209,8 +219,28 @@ def _is_global_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
             return _covers_spatial(dims)
     if node.op == "call_method" and node.target in _REDUCE_METHODS:
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        return _covers_spatial(dims)
-    return False
+        if _covers_spatial(dims):
+            return True
+    return _reduces_positions(gm, node)
+
+
+def _reduces_positions(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A weightless operation from a map or token sequence to ``(N, C)`` that drops values.
+
+    Covers token pooling (``x[:, 0]``, ``x[:, 1:].mean(1)``) and channels-last pooling
+    (``x.mean((1, 2))`` on NHWC) without naming each form; a flatten keeps every value.
+    """
+    shape = node.meta.get(SHAPE_KEY)
+    if shape is None or len(shape) != 2 or node.op not in ("call_function", "call_method"):
+        return False
+    inputs = [a for a in node.all_input_nodes if a.meta.get(SHAPE_KEY) is not None]
+    if len(inputs) != 1 or len(inputs[0].meta[SHAPE_KEY]) < 3:
+        return False
+    if math.prod(shape) < math.prod(inputs[0].meta[SHAPE_KEY]):
+        return True
+    # One position left (a 1x1 map, one token): a reduction still, but not a reshape.
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return name in _REDUCE_METHODS or name == "getitem"
 
 
 def _covers_spatial(dims) -> bool:
@@ -228,6 +258,11 @@ def _is_flatten(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in _FLATTEN_FUNCTIONS
     return node.op == "call_method" and node.target in _FLATTEN_METHODS
+
+
+def _all_pool(gm: fx.GraphModule, cut: fx.Node, test) -> bool:
+    users = [u for u in cut.users if u.meta.get(SHAPE_KEY) is not None]
+    return len(users) > 1 and all(test(gm, u) for u in users)
 
 
 def _head_start(gm: fx.GraphModule, cuts: List[fx.Node], order: List[fx.Node]) -> int:
@@ -248,8 +283,10 @@ def _head_start(gm: fx.GraphModule, cuts: List[fx.Node], order: List[fx.Node]) -
     for test in (_is_global_pool, _is_flatten):
         # The pooling must itself be a cut point: an SE module pools too, but then reuses
         # the pooled tensor's input.
+        # (Distilled models pool twice from one cut: a class and a distillation token.)
         found = [k for k, c in enumerate(cuts)
-                 if k > 0 and any(u in cut_set and test(gm, u) for u in c.users)]
+                 if k > 0 and (any(u in cut_set and test(gm, u) for u in c.users)
+                               or _all_pool(gm, c, test))]
         if found:
             start = found[0]
             break
@@ -271,7 +308,78 @@ def _head_start(gm: fx.GraphModule, cuts: List[fx.Node], order: List[fx.Node]) -
         raise AugLocalError(
             "no classifier head found: nothing with weights follows the global pooling"
         )
+    start = _absorb_dense_layers(gm, cuts, order, start)
+    return _absorb_final_norm(gm, cuts, order, start)
+
+
+def _segment(cuts: List[fx.Node], order: List[fx.Node], index: Dict[fx.Node, int],
+             k: int) -> List[fx.Node]:
+    """The nodes after cut ``k - 1`` up to and including cut ``k``."""
+    return order[index[cuts[k - 1]] + 1:index[cuts[k]] + 1]
+
+
+def _convs(gm: fx.GraphModule, nodes: Sequence[fx.Node]) -> List[nn.modules.conv._ConvNd]:
+    found = []
+    for node in nodes:
+        if node.op == "call_module":
+            found += [m for m in gm.get_submodule(node.target).modules()
+                      if isinstance(m, nn.modules.conv._ConvNd)]
+    return found
+
+
+def _absorb_dense_layers(gm: fx.GraphModule, cuts: List[fx.Node], order: List[fx.Node],
+                         start: int) -> int:
+    """Move a conv-MLP before the pooling (timm VGG's ``pre_logits``) into the head.
+
+    Such an MLP starts with a valid convolution that covers the whole map (a fully connected
+    layer written as a conv) and then works on ``1x1`` maps: it is the classifier's MLP, not
+    a block. Recognised as the run of segments before the pooling whose outputs are ``1x1``
+    and whose convolutions are unpadded, containing a convolution with a kernel above 1.
+    """
+    index = {n: i for i, n in enumerate(order)}
+    k = start
+    covering = False
+    while k > 1:
+        nodes = _segment(cuts, order, index, k)
+        shape = cuts[k].meta.get(SHAPE_KEY)
+        convs = _convs(gm, nodes)
+        if shape is None or len(shape) != 4 or _spatial(shape) != 1 \
+                or any(any(p != 0 for p in c.padding) if isinstance(c.padding, tuple) else c.padding != 0
+                       for c in convs):
+            break
+        covering = covering or any(any(v > 1 for v in c.kernel_size) for c in convs)
+        k -= 1
+        if covering:
+            start = k
     return start
+
+
+def _absorb_final_norm(gm: fx.GraphModule, cuts: List[fx.Node], order: List[fx.Node],
+                       start: int) -> int:
+    """Move the network's final normalisation (ViT's ``norm``, DenseNet's ``norm5``) into the head.
+
+    The weightless segments right before the head join it from the earliest one holding a
+    norm layer, unless they directly follow a weight layer (VGG's last conv + BN stays a block).
+    """
+    index = {n: i for i, n in enumerate(order)}
+    k = start
+    earliest_norm = None
+    while k > 1:
+        nodes = _segment(cuts, order, index, k)
+        if _has_weight_layer(gm, nodes):
+            break
+        if any(node.op == "call_module" and _is_norm(gm.get_submodule(node.target)) for node in nodes):
+            earliest_norm = k - 1
+        k -= 1
+    if earliest_norm is None or _has_weight_layer(gm, [cuts[k]]):
+        return start
+    return earliest_norm
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)) \
+        or "norm" in type(module).__name__.lower() and not any(
+            p.dim() >= 2 for p in module.parameters())
 
 
 def _boundary_cuts(gm: fx.GraphModule, cuts: List[fx.Node], order: List[fx.Node],
@@ -307,6 +415,76 @@ def _module_stack(node: fx.Node) -> List[str]:
     return names
 
 
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+# Operations that keep a function linear in its input (with the weight layers and norms).
+_LINEAR_MODULES = (nn.modules.conv._ConvNd, nn.Linear, nn.Identity, nn.Dropout, nn.Flatten,
+                   nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+_LINEAR_FUNCTIONS = {operator.add, operator.mul, operator.getitem, getattr, torch.cat,
+                     torch.flatten, torch.reshape, torch.permute, torch.transpose, F.pad}
+_LINEAR_METHODS = {"flatten", "transpose", "reshape", "view", "permute", "expand", "contiguous",
+                   "size", "add", "mul", "unsqueeze", "squeeze"}
+
+
+def _is_linear_module(module: nn.Module) -> bool:
+    # timm's BatchNormAct2d is a norm with an activation inside
+    return (isinstance(module, _LINEAR_MODULES) or _is_norm(module)) \
+        and all(_is_linear_module(child) for child in module.children())
+
+
+def _has_nonlinearity(gm: fx.GraphModule, nodes: Sequence[fx.Node]) -> bool:
+    """Is anything in ``nodes`` other than weight layers, norms and reshaping (conservative)?"""
+    for node in nodes:
+        if node.meta.get(SHAPE_KEY) is None:
+            continue  # size arithmetic, not a function of the features
+        if node.op == "call_module":
+            if not _is_linear_module(gm.get_submodule(node.target)):
+                return True
+        elif node.op == "call_function":
+            name = getattr(node.target, "__name__", "")
+            if node.target not in _LINEAR_FUNCTIONS and not name.startswith("_assert"):
+                return True
+        elif node.op == "call_method" and node.target not in _LINEAR_METHODS:
+            return True
+    return False
+
+
+def _owner(node: fx.Node) -> Tuple[str, Optional[type]]:
+    """The module whose own ``forward`` code runs ``node`` (``""`` for the model's)."""
+    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    entries = [v if isinstance(v, tuple) else (str(v), None) for v in stack]
+    if node.op == "call_module" and entries:
+        entries = entries[:-1]  # the called module itself
+    return entries[-1] if entries else ("", None)
+
+
+def _inside(name: str, owner: str) -> bool:
+    return name == owner or name.startswith(owner + ".")
+
+
+def _module_cuts(cuts: List[fx.Node], order: List[fx.Node]) -> List[fx.Node]:
+    """Drop cut points inside one module's own code (docs/method.md, rule 1).
+
+    A transformer block adds two residuals in its own ``forward`` (attention, then MLP): the
+    value between them is a cut point of the graph, but the module is the unit its author
+    wrote, so it stays one block. A cut made by a container (Sequential, ModuleList) or by
+    the model's own forward, or one that ends a module, is kept.
+    """
+    index = {n: i for i, n in enumerate(order)}
+    kept = [cuts[0]]
+    for cut in cuts[1:]:
+        position = index[cut]
+        owner, kind = _owner(cut)
+        if position + 1 < len(order) and owner and kind is not None \
+                and not issubclass(kind, _CONTAINERS):
+            following = order[position + 1]
+            where = str(following.target) if following.op == "call_module" else _owner(following)[0]
+            if _inside(where, owner):
+                continue
+        kept.append(cut)
+    return kept
+
+
 def _partition_graph(gm: fx.GraphModule, boundaries: Optional[Sequence[str]]) -> _GraphPartition:
     graph = gm.graph
     input_node = _single_input(graph)
@@ -314,7 +492,9 @@ def _partition_graph(gm: fx.GraphModule, boundaries: Optional[Sequence[str]]) ->
     cuts = find_cut_points(graph)
     start = _head_start(gm, cuts, order)
     head_input = cuts[start]
-    body_cuts = cuts[:start + 1]
+    body_cuts = cuts[:start + 1] if boundaries else _module_cuts(cuts[:start + 1], order)
+    if body_cuts[-1] is not head_input:
+        body_cuts.append(head_input)
     if boundaries:
         chosen = _boundary_cuts(gm, body_cuts, order, boundaries)
         if chosen[-1] is not head_input:
@@ -333,6 +513,18 @@ def _partition_graph(gm: fx.GraphModule, boundaries: Optional[Sequence[str]]) ->
                 pending.extend(segment)  # weightless prefix (input scaling): joins block 0
         if pending:
             raise AugLocalError("the network has no weight layer before its head")
+        # A linear piece (a ViT's patch embedding, Swin's patch merging, a linear bottleneck's
+        # projection) joins the block after it: trained alone it would be a linear map under a
+        # classifier; with the next block it is that block's downsampling or input projection.
+        merged: List[List[fx.Node]] = []
+        carry: List[fx.Node] = []
+        for k, nodes in enumerate(blocks):
+            if k < len(blocks) - 1 and not _has_nonlinearity(gm, nodes):
+                carry += nodes
+            else:
+                merged.append(carry + nodes)
+                carry = []
+        blocks = merged
     index = {n: i for i, n in enumerate(order)}
     head = order[index[head_input] + 1:]
     if not blocks:
@@ -373,24 +565,22 @@ def _module_targets(nodes: Sequence[fx.Node]) -> List[str]:
 
 
 def _block_names(groups: List[List[str]]) -> List[List[str]]:
-    """Name each block by the module that holds all of its modules and nothing else."""
+    """Name each block by the largest modules it holds whole (no other block uses a part)."""
     names = []
     for i, targets in enumerate(groups):
-        if not targets:
-            names.append([])
-            continue
-        parts = [t.split(".") for t in targets]
-        common: List[str] = []
-        for level in zip(*parts):
-            if any(p != level[0] for p in level):
-                break
-            common.append(level[0])
-        prefix = ".".join(common)
-        others = (t for j, g in enumerate(groups) if j != i for t in g)
-        if prefix and not any(t == prefix or t.startswith(prefix + ".") for t in others):
-            names.append([prefix])
-        else:
-            names.append(targets)
+        others = [t for j, g in enumerate(groups) if j != i for t in g]
+        chosen: List[str] = []
+        for target in targets:
+            parts = target.split(".")
+            for depth in range(1, len(parts) + 1):
+                prefix = ".".join(parts[:depth])
+                if not any(t == prefix or t.startswith(prefix + ".") for t in others):
+                    break
+            else:
+                prefix = target
+            if prefix not in chosen:
+                chosen.append(prefix)
+        names.append(chosen)
     return names
 
 
@@ -439,13 +629,15 @@ def partition_blocks(traced: TracedModel, block_boundaries: Optional[Sequence[st
             head_train = None
     shapes = [tuple(nodes[-1].meta[SHAPE_KEY][1:]) for nodes in eval_part.blocks]
     in_shapes = [tuple(eval_part.input_node.meta[SHAPE_KEY][1:])] + shapes[:-1]
+    head = GraphBlock(head_eval, head_train)
     return Partition(
         blocks=blocks,
-        head=GraphBlock(head_eval, head_train),
+        head=head,
         block_shapes=shapes,
         block_input_shapes=in_shapes,
         block_names=_block_names([_module_targets(n) for n in eval_part.blocks + [eval_part.head]])[:-1],
         head_names=_block_names([_module_targets(n) for n in eval_part.blocks + [eval_part.head]])[-1],
+        input_layouts=[input_layout(b.eval_graph) for b in blocks + [head]],
     )
 
 

@@ -81,6 +81,13 @@ def num_local_modules(num_blocks: int, d: int) -> int:
     """
     n_max = d - 1
     k = num_blocks - n_max
+    if k < 2 and num_blocks < 3:
+        raise AugLocalError(
+            f"the network has only {num_blocks} local block{'s' if num_blocks != 1 else ''}: "
+            "AugLocal needs at least 3 (two trained locally, the last with the head); a block "
+            "ends where one tensor carries everything, so give block_boundaries=[...] to cut "
+            "a large block (see `auglocal-fx blocks SPEC`)"
+        )
     if k < 2:
         raise AugLocalError(
             f"d={d} is too large for a network of {num_blocks} blocks: the output module would "

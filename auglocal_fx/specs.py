@@ -67,16 +67,28 @@ def _check_input_size(input_size: Optional[Sequence[int]]) -> Optional[Tuple[int
     return size  # type: ignore[return-value]
 
 
-def _timm_factory(name: str, num_classes: Optional[int]):
+def _timm_factory(name: str, num_classes: Optional[int],
+                  input_size: Optional[Tuple[int, int, int]]):
     import timm
 
     if not timm.is_model(name):
         close = timm.list_models(f"*{name}*")[:5]
         hint = f" Close names: {', '.join(close)}." if close else " See timm.list_models()."
         raise AugLocalError(f"unknown timm model {name!r}.{hint}")
+    kwargs: Dict[str, object] = {} if num_classes is None else {"num_classes": num_classes}
+    default = timm.get_pretrained_cfg_value(name, "input_size")
+    if input_size is not None and default is not None \
+            and tuple(input_size[1:]) != tuple(default[1:]):
+        # Transformers size their position embeddings and windows for one input size: build
+        # the model for the size asked (ConvNets do not take img_size and need nothing).
+        try:
+            timm.create_model(name, pretrained=False, img_size=tuple(input_size[1:]), **kwargs)
+        except TypeError:
+            pass
+        else:
+            kwargs["img_size"] = tuple(input_size[1:])
 
     def factory() -> nn.Module:
-        kwargs = {} if num_classes is None else {"num_classes": num_classes}
         return timm.create_model(name, pretrained=False, **kwargs)
 
     return factory
@@ -241,7 +253,7 @@ def resolve_model(
     size = _check_input_size(input_size)
     prefix, name = _split_spec(spec)
     if prefix == "timm":
-        factory = _timm_factory(name, num_classes)
+        factory = _timm_factory(name, num_classes, size)
     elif prefix == "torchvision":
         factory = _torchvision_factory(name, num_classes)
     elif prefix == "paper":

@@ -29,11 +29,16 @@ from torch import fx, nn
 
 from .errors import AugLocalError
 from .initialization import InitReference
+from .layouts import FLAT, NCHW, ShapeAdapter, grid_size, input_layout, layout_of, resolution
 from .partition import Partition
 from .planning import AuxPlan
-from .tracing import SHAPE_KEY
+from .tracing import SHAPE_KEY, describe_node
 
-__all__ = ["AuxNet", "synthesize_aux_net", "adapt_copy"]
+__all__ = ["AUX_HEADS", "AuxNet", "synthesize_aux_net", "adapt_copy", "warn_adapters",
+           "slim_head", "choose_aux_head", "validate_aux_head"]
+
+AUX_HEADS = ("auto", "copy", "slim")
+SLIM_WIDTH = 512
 
 
 class AuxNet(nn.Sequential):
@@ -54,7 +59,8 @@ class _NeedsAdapter(Exception):
 
 # What adapting a copy to a new input shape can raise: our own errors, and the shape errors of
 # running a layer on the new shape (meta tensors). Anything else is a bug and propagates.
-_ADAPTATION_ERRORS = (AugLocalError, _NeedsAdapter, RuntimeError, ValueError, IndexError, TypeError)
+_ADAPTATION_ERRORS = (AugLocalError, _NeedsAdapter, RuntimeError, ValueError, IndexError, TypeError,
+                      AssertionError)
 
 
 class _Restart(Exception):
@@ -154,8 +160,7 @@ def _set_stride(gm: fx.GraphModule, node: fx.Node, stride: int) -> None:
             node.args, node.kwargs = tuple(args), kwargs
         return
     raise AugLocalError(
-        f"cannot change the stride of {node.format_node()}: auxiliary copies of this block "
-        "type are not supported; give other block boundaries or another selection"
+        f"cannot change the stride of {describe_node(node)}"
     )
 
 
@@ -382,7 +387,7 @@ class _Repairer:
             new = self.gm.graph.call_module(name, (source,))
         module.to(env[source].device).eval()
         if env[source].numel() == 0:
-            raise AugLocalError(f"internal: empty tensor reaches {user.format_node()}")
+            raise AugLocalError(f"internal: empty tensor reaches {describe_node(user)}")
         with torch.no_grad():
             env[new] = module(env[source])
         new.meta[SHAPE_KEY] = env[new].shape
@@ -431,12 +436,12 @@ class _Repairer:
                         and not str(node.target).startswith("auglocal_"):
                     _refit_module(self.gm, node, env[first], original.get(first))
                 return _execute(self.gm, node, env)
-            except (_NeedsAdapter, RuntimeError, ValueError, IndexError, TypeError) as exc:
+            except (_NeedsAdapter, RuntimeError, ValueError, IndexError, TypeError,
+                    AssertionError) as exc:  # AssertionError: torch._assert on a fixed size
                 if attempt or first is None or not self._adapt_channels(node, first, env, original):
                     raise AugLocalError(
-                        f"cannot adapt {node.format_node()} of an auxiliary copy to its new "
-                        f"input shape ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                        "give other block boundaries or another selection"
+                        f"{describe_node(node)} cannot take the new input shape "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
                     ) from exc
         raise AssertionError("unreachable")
 
@@ -494,8 +499,7 @@ class _Repairer:
             stride = int(round(have_hw[0] / hw[0]))
             if stride < 1 or tuple(math.ceil(h / stride) for h in have_hw) != hw:
                 raise AugLocalError(
-                    f"cannot match resolutions {have_hw} and {hw} at {node.format_node()} in an "
-                    "auxiliary copy; give other block boundaries"
+                    f"cannot match resolutions {have_hw} and {hw} at {describe_node(node)}"
                 )
         if not _identity_derived(source, self.gm, deps) and stride > 1 and channels == value.shape[1]:
             conv = _upstream_pointwise_conv(source, self.gm, deps)
@@ -530,7 +534,7 @@ def _execute(gm: fx.GraphModule, node: fx.Node, env: Dict[fx.Node, Any]) -> Any:
     if node.op == "call_method":
         self_obj, *rest = args
         return getattr(self_obj, node.target)(*rest, **kwargs)
-    raise AugLocalError(f"internal: unexpected node {node.format_node()}")
+    raise AugLocalError(f"internal: unexpected operation {describe_node(node)}")
 
 
 def _meta_copy(source: fx.GraphModule) -> fx.GraphModule:
@@ -589,20 +593,36 @@ def _materialize(gm: fx.GraphModule, source: fx.GraphModule, device: torch.devic
                 init.initialise_(module, sources)
 
 
+def _insert_input_adapter(gm: fx.GraphModule, adapter: nn.Module, want: torch.Size) -> None:
+    """Run ``adapter`` on the copy's input first; the copy then sees the shape ``want``."""
+    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    gm.add_submodule("auglocal_input_adapter", adapter.to("meta"))
+    with gm.graph.inserting_after(placeholder):
+        node = gm.graph.call_module("auglocal_input_adapter", (placeholder,))
+    placeholder.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
+    node.meta["auglocal_original_shape"] = want
+
+
 def _adapt(source: fx.GraphModule, in_shape: Tuple[int, ...], stride: Optional[int],
-           input_adapter: bool) -> Tuple[fx.GraphModule, torch.Tensor]:
+           adapter: Optional[str], in_layout: str) -> Tuple[fx.GraphModule, torch.Tensor]:
+    """Adapt a meta copy of ``source`` to ``in_shape``.
+
+    ``adapter``: ``None`` (layer by layer), ``"channels"`` (a 1x1 conv + BN restores the input
+    width, strides still adapted) or ``"shape"`` (a :class:`ShapeAdapter` restores the whole
+    input shape; the copy keeps its own strides).
+    """
     gm = _meta_copy(source)
-    if stride is not None:
-        _adapt_stride(gm, stride)
     placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
     want = placeholder.meta.get(SHAPE_KEY)
-    if input_adapter and want is not None and len(want) == 4 and int(want[1]) != in_shape[0]:
-        proj = _projection(in_shape[0], int(want[1]), 1, 4).to("meta")
-        gm.add_submodule("auglocal_input_adapter", proj)
-        with gm.graph.inserting_after(placeholder):
-            node = gm.graph.call_module("auglocal_input_adapter", (placeholder,))
-        placeholder.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
-        node.meta["auglocal_original_shape"] = want
+    if adapter == "shape":
+        stride = None
+        if tuple(want[1:]) != in_shape:
+            _insert_input_adapter(gm, ShapeAdapter(in_shape, in_layout, tuple(want[1:]),
+                                                   input_layout(source)), want)
+    if stride is not None:
+        _adapt_stride(gm, stride)
+    if adapter == "channels" and want is not None and len(want) == 4 and int(want[1]) != in_shape[0]:
+        _insert_input_adapter(gm, _projection(in_shape[0], int(want[1]), 1, 4), want)
     gm.recompile()
     out = _Repairer(gm, in_shape).run()
     if stride is not None and out.dim() == 4 and len(in_shape) == 3:
@@ -622,53 +642,103 @@ def _adapt(source: fx.GraphModule, in_shape: Tuple[int, ...], stride: Optional[i
     return gm, out
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def adapt_copy(source: fx.GraphModule, in_shape: Sequence[int], stride: Optional[int],
                name: str, init: Optional[InitReference] = None,
-               label: Optional[str] = None) -> Tuple[fx.GraphModule, Tuple[int, ...]]:
+               label: Optional[str] = None,
+               in_layout: Optional[str] = None,
+               notes: Optional[List[Tuple[str, str, str]]] = None,
+               ) -> Tuple[fx.GraphModule, Tuple[int, ...]]:
     """A fresh copy of ``source`` that takes ``in_shape`` and reduces by ``stride``.
 
     The adaptation runs on the meta device (shapes only), then the copy is allocated and
-    freshly initialised on the source's device. Blocks whose code hard-codes their channel
-    counts (DPN's slicing, MixNet's splits) get a 1x1 conv + BN at their input instead.
+    freshly initialised on the source's device. Channels-first copies (ConvNets) are adapted
+    layer by layer (docs/method.md, rule 5); blocks whose code hard-codes their channel counts
+    (DPN's slicing, MixNet's splits) get a 1x1 conv + BN at their input instead. Where neither
+    works (a stride inside attention windows, a channel shuffle, a fixed-size attention), and
+    for token and channels-last copies whose input differs from their own, a
+    :class:`~auglocal_fx.layouts.ShapeAdapter` (average pooling + linear projection) gives the
+    copy its original input shape (rule 11), with a warning naming the copied modules.
 
     Args:
         source: a block's (or the head's) eval-mode subgraph with recorded shapes.
-        in_shape: ``(C, H, W)`` that will reach the copy.
+        in_shape: the shape (no batch) that will reach the copy.
         stride: 1 or 2 for block copies; ``None`` for the head (no stride change).
         name: class name of the resulting GraphModule.
         init: initial-value statistics of the source model; ``None``: PyTorch's defaults.
         label: how messages name the copied block (its modules); default ``name``.
+        in_layout: the layout of ``in_shape`` (see :mod:`auglocal_fx.layouts`); default: read
+            from the shape.
+        notes: given, an input adapter is recorded here as ``(label, adapter, reason)``
+            instead of warned about (:func:`warn_adapters` says it once per conversion).
 
     Returns:
         The adapted copy (training mode, fresh weights) and its output shape without batch.
     """
     device = next((t.device for t in source.parameters()), torch.device("cpu"))
     shape = tuple(int(v) for v in in_shape)
-    try:
-        gm, out = _adapt(source, shape, stride, input_adapter=False)
-    except _ADAPTATION_ERRORS as first:
-        # The copy cannot take the new shape layer by layer (widths hard-coded in its code):
-        # restore the channel count it was built for at its input instead.
+    layout = in_layout or layout_of(shape)
+    own_shape = tuple(next(n for n in source.graph.nodes if n.op == "placeholder").meta[SHAPE_KEY][1:])
+    own_layout = input_layout(source)
+    if layout == own_layout and layout in (NCHW, FLAT):
+        attempts: List[Optional[str]] = [None, "channels", "shape"]
+    elif shape == own_shape or (layout == own_layout and
+                                grid_size(shape, layout) == grid_size(own_shape, own_layout)):
+        attempts = [None, "shape"]
+    else:
+        attempts = ["shape"]
+    errors: List[BaseException] = []
+    for adapter in attempts:
         try:
-            gm, out = _adapt(source, shape, stride, input_adapter=True)
-        except _ADAPTATION_ERRORS as second:
-            if isinstance(first, AugLocalError):
-                raise first from second
-            raise AugLocalError(
-                f"cannot build {label or name} ({type(first).__name__}: "
-                f"{str(first).splitlines()[0] if str(first) else ''}); "
-                "give other block boundaries or another selection"
-            ) from first
-        warnings.warn(
-            f"{label or name}: its copy cannot take {shape[0]} input channels layer by layer "
-            f"({str(first).splitlines()[0] if str(first) else type(first).__name__}); a 1x1 conv + "
-            "BatchNorm input adapter restores the channels it was built for",
-            stacklevel=2,
-        )
+            gm, out = _adapt(source, shape, stride, adapter, layout)
+            break
+        except _ADAPTATION_ERRORS as exc:
+            errors.append(exc)
+    else:
+        raise AugLocalError(
+            f"cannot build {label or name}: {_first_line(errors[0])}; "
+            + (f"with an input adapter: {_first_line(errors[-1])}; " if len(errors) > 1 else "")
+            + "give other block boundaries (block_boundaries=) or another selection"
+        ) from errors[-1]
+    if adapter == "channels" or (adapter == "shape" and shape != own_shape):
+        reason = _first_line(errors[0]) if errors else (
+            f"it takes {own_layout} features of shape {own_shape}")
+        note = (label or name, adapter, reason)
+        if notes is None:
+            warn_adapters([note], stacklevel=3)
+        else:
+            notes.append(note)
     copy_gm = fx.GraphModule(gm, gm.graph, name)
     _materialize(copy_gm, source, device, init)
     copy_gm.train()
     return copy_gm, tuple(out.shape[1:])
+
+
+def warn_adapters(notes: Sequence[Tuple[str, str, str]], stacklevel: int = 2) -> None:
+    """One warning for the copies that got an input adapter (see :func:`adapt_copy`)."""
+    if not notes:
+        return
+    by_kind: Dict[str, Dict[str, str]] = {}
+    for label, kind, reason in notes:
+        by_kind.setdefault(kind, {}).setdefault(label, reason)
+    for kind, copies in by_kind.items():
+        first, reason = next(iter(copies.items()))
+        listed = "; ".join(list(copies)[:4]) + (f"; and {len(copies) - 4} more" if len(copies) > 4 else "")
+        if kind == "channels":
+            action = ("a 1x1 conv + BatchNorm input adapter restores the channels they were "
+                      "built for")
+        else:
+            action = ("they keep their own strides and widths and take their original input "
+                      "shape through average pooling + a linear projection (docs/method.md, rule 11)")
+        warnings.warn(
+            f"auglocal-fx: auxiliary copies of {listed} cannot be adapted layer by layer "
+            f"({first}: {reason}); {action}",
+            stacklevel=stacklevel + 1,
+        )
 
 
 def _module_list(names: Sequence[str], most: int = 3) -> str:
@@ -702,8 +772,61 @@ def _insert_norm_before_classifier(head: fx.GraphModule) -> bool:
     return False
 
 
+def validate_aux_head(aux_head: str) -> None:
+    """Raises AugLocalError for an unknown ``aux_head``."""
+    if aux_head not in AUX_HEADS:
+        raise AugLocalError(
+            f"unknown auxiliary head {aux_head!r}: choose one of {', '.join(AUX_HEADS)} (auto: "
+            "slim where the classifier head holds most of the network's parameters)"
+        )
+
+
+def choose_aux_head(partition: Partition, aux_head: str = "auto") -> str:
+    """``"copy"`` or ``"slim"``: what ``aux_head`` means for this network.
+
+    ``"auto"`` is ``"slim"`` where the head (with a ``pre_logits`` MLP) holds at least half of
+    the network's parameters, as VGG's 120M-parameter classifier does: a copy per auxiliary
+    network would multiply it; otherwise ``"copy"``, the method's own head.
+    """
+    validate_aux_head(aux_head)
+    if aux_head != "auto":
+        return aux_head
+    head = sum(p.numel() for p in partition.head.eval_graph.parameters())
+    body = sum(p.numel() for b in partition.blocks for p in b.eval_graph.parameters())
+    return "slim" if head >= body else "copy"
+
+
+def slim_head(num_classes: int, device: torch.device, dtype: torch.dtype = torch.float32,
+              init: Optional[InitReference] = None) -> nn.Sequential:
+    """The authors' auxiliary head for VGG on ImageNet (``exp_imagenet``'s ``AuxClassifier_VGG``).
+
+    Flatten, average-pool the flat features to 512 values, two 512-wide Linear + BatchNorm1d +
+    ReLU layers, then the classifier: about 0.8M parameters at 1000 classes, whatever the
+    primary head's size. Works on any layout (maps or tokens are flattened).
+    """
+    head = nn.Sequential(
+        nn.Flatten(),
+        nn.AdaptiveAvgPool1d(SLIM_WIDTH),
+        nn.Linear(SLIM_WIDTH, SLIM_WIDTH), nn.BatchNorm1d(SLIM_WIDTH), nn.ReLU(inplace=True),
+        nn.Linear(SLIM_WIDTH, SLIM_WIDTH), nn.BatchNorm1d(SLIM_WIDTH), nn.ReLU(inplace=True),
+        nn.Linear(SLIM_WIDTH, num_classes),
+    ).to(device=device, dtype=dtype)
+    if init is not None:
+        with torch.no_grad():
+            for module in head.modules():
+                init.initialise_(module, {})
+    return head
+
+
+def _num_classes(partition: Partition) -> int:
+    output = next(n for n in partition.head.eval_graph.graph.nodes if n.op == "output")
+    return int(output.args[0].meta[SHAPE_KEY][-1])
+
+
 def synthesize_aux_net(partition: Partition, plan: AuxPlan,
-                       init: Optional[InitReference] = None) -> AuxNet:
+                       init: Optional[InitReference] = None,
+                       notes: Optional[List[Tuple[str, str, str]]] = None,
+                       aux_head: str = "auto") -> AuxNet:
     """Build the auxiliary network of block ``plan.block`` (docs/method.md, rules 5 and 10).
 
     Args:
@@ -711,6 +834,9 @@ def synthesize_aux_net(partition: Partition, plan: AuxPlan,
         plan: which blocks to copy and each copy's stride.
         init: initial-value statistics of the source model (see
             :class:`~auglocal_fx.initialization.InitReference`); ``None``: PyTorch's defaults.
+        notes: collects input adapters (see :func:`adapt_copy`); ``None``: warn here.
+        aux_head: ``"copy"`` (a fresh copy of the network's head), ``"slim"`` (see
+            :func:`slim_head`) or ``"auto"`` (see :func:`choose_aux_head`).
 
     Returns:
         An :class:`AuxNet` mapping block ``j``'s output to ``(N, num_classes)`` logits. With one
@@ -718,15 +844,30 @@ def synthesize_aux_net(partition: Partition, plan: AuxPlan,
         authors' code builds it.
     """
     shape = partition.block_shapes[plan.block]
+    layout = partition.output_layout(plan.block)
+    planned = resolution(shape, layout)
     modules: List[nn.Module] = []
     for k, stride in zip(plan.selected, plan.strides):
-        label = (f"the copy of block {k} ({_module_list(partition.block_names[k])}) in the "
-                 f"auxiliary network of block {plan.block}")
+        label = f"block {k} ({_module_list(partition.block_names[k])})"
+        current = resolution(shape, layout)
+        if current != planned:
+            # An earlier copy kept its own resolution (input adapter): reduce while this copy's
+            # input is finer than the original block's output.
+            target = partition.resolutions[k]
+            stride = 2 if current > 0 and target > 0 and round(math.log2(current / target)) >= 1 else 1
         copy_gm, shape = adapt_copy(partition.blocks[k].eval_graph, shape, stride,
-                                    f"Aux{plan.block}CopyOfBlock{k}", init, label)
+                                    f"Aux{plan.block}CopyOfBlock{k}", init, label, layout, notes)
+        planned = math.ceil(planned / stride)
+        layout = partition.output_layout(k)
         modules.append(copy_gm)
-    head, _ = adapt_copy(partition.head.eval_graph, shape, None, f"Aux{plan.block}Head", init)
-    if len(plan.selected) == 1:
-        _insert_norm_before_classifier(head)
+    if choose_aux_head(partition, aux_head) == "slim":
+        reference = next(partition.head.eval_graph.parameters())
+        head: nn.Module = slim_head(_num_classes(partition), reference.device, reference.dtype,
+                                    init)
+    else:
+        head, _ = adapt_copy(partition.head.eval_graph, shape, None, f"Aux{plan.block}Head", init,
+                             f"the head ({_module_list(partition.head_names)})", layout, notes)
+        if len(plan.selected) == 1:
+            _insert_norm_before_classifier(head)
     modules.append(head)
     return AuxNet(modules, plan)

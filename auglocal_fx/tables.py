@@ -84,7 +84,14 @@ def describe_options(local) -> str:
     """``"d=6, tau=0.5, pyramid=True, selection=uniform"`` for a ``LocalNet``."""
     opts = getattr(local, "options", {}) or {}
     keys = ("d", "tau", "pyramid", "selection")
-    return ", ".join(f"{k}={v}" for k, v in opts.items() if k in keys)
+    text = ", ".join(f"{k}={v}" for k, v in opts.items() if k in keys)
+    partition = getattr(local, "partition", None)
+    if partition is not None and "aux_head" in opts:
+        from .synthesis import choose_aux_head
+
+        if choose_aux_head(partition, opts["aux_head"]) == "slim":
+            text += ", slim auxiliary heads"
+    return text
 
 
 def _shape(shape: Iterable[int]) -> str:

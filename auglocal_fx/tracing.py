@@ -7,6 +7,7 @@ shape of every value from one example input.
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 import warnings
@@ -150,14 +151,62 @@ class TracedModel:
 _MAX_AUTO_LEAVES = 32
 
 
+def _defaulted_arguments(model: nn.Module) -> Dict[str, Any]:
+    """Forward arguments after the image that have defaults (``attn_mask=None``, ...).
+
+    They are traced at their default value: a ViT called with one image never receives them.
+    """
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return {}
+    found: Dict[str, Any] = {}
+    for index, param in enumerate(signature.parameters.values()):
+        if index == 0 or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        if param.default is param.empty:
+            return {}  # a second required input: reported as such by the partitioner
+        found[param.name] = param.default
+    return found
+
+
+def _drop_specialized_inputs(graph: fx.Graph) -> None:
+    """Remove the placeholders of defaulted arguments and fx's checks of their values.
+
+    ``concrete_args`` leaves a placeholder per argument and an assertion that the caller passes
+    the traced value; the converted network takes the image only, so both go.
+    """
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for extra in placeholders[1:]:
+        doomed: List[fx.Node] = []
+        frontier = [extra]
+        while frontier:
+            node = frontier.pop()
+            doomed.append(node)
+            frontier.extend(u for u in node.users if u not in doomed)
+        if any(placeholders[0] in node.all_input_nodes or node.op == "output" for node in doomed):
+            continue  # the argument's value is really used: leave it, to be reported
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        for node in sorted(set(doomed), key=order.__getitem__, reverse=True):
+            graph.erase_node(node)
+
+
 def _trace_once(model: nn.Module, leaves: Sequence[Union[type, str]],
                 autowrap_functions: Sequence[Callable]) -> fx.GraphModule:
     tracer = LocalTracer(leaves, autowrap_functions)
+    before = set(vars(model))
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=_defaulted_arguments(model) or None)
+        _drop_specialized_inputs(graph)
+        return fx.GraphModule(tracer.root, graph, model.__class__.__name__)
     except Exception as exc:
         raise _TraceFailure(tracer.failed_module, exc) from exc
-    return fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+    finally:
+        # fx stores tensor constants (Swin's plain-tensor index tables) on the model itself; the
+        # GraphModule holds its own reference, so the user's model is left as it was, and the
+        # train-mode trace numbers its constants as the eval-mode one did.
+        for name in set(vars(model)) - before:
+            delattr(model, name)
 
 
 class _TraceFailure(Exception):
@@ -217,9 +266,39 @@ def _drop_training_outputs(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
+def describe_node(node: fx.Node) -> str:
+    """How messages name the place of ``node``: its module, never the fx node."""
+    if node.op == "call_module":
+        return f"module {str(node.target)!r}"
+    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    what = getattr(node.target, "__name__", str(node.target))
+    if stack:
+        owner = stack[-1][0] if isinstance(stack[-1], tuple) else str(stack[-1])
+        return f"the {what} in module {owner!r}"
+    return f"the {what} in the model's own forward"
+
+
+class _NodeFailure(Exception):
+    """An operation failed while shapes were recorded: says which module ran it."""
+
+    def __init__(self, node: fx.Node, cause: BaseException):
+        message = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        super().__init__(f"{type(cause).__name__}{': ' + message if message else ''} in "
+                         f"{describe_node(node)}")
+
+
 class _ShapeRecorder(fx.Interpreter):
+    def __init__(self, module: fx.GraphModule):
+        super().__init__(module)
+        self.extra_traceback = False  # our messages name the module, not the fx node
+
     def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
+        try:
+            result = super().run_node(n)
+        except _NodeFailure:
+            raise
+        except Exception as exc:
+            raise _NodeFailure(n, exc) from exc
         n.meta[SHAPE_KEY] = result.shape if isinstance(result, torch.Tensor) else None
         return result
 
@@ -287,9 +366,14 @@ def trace_model(
     try:
         out = record_shapes(eval_gm, example)
     except Exception as exc:
+        reason = _first_line(exc)
+        if any(word in reason.lower() for word in ("too small", "output size", "kernel size")):
+            advice = "the input is too small for this network; use a larger input size"
+        else:
+            advice = ("use an input size the model accepts (a transformer built for one size: "
+                      "create it for this size, e.g. timm's img_size=)")
         raise AugLocalError(
-            f"the model cannot run on an input of size {size} ({_first_line(exc)}): the input is "
-            "probably too small for this network; use a larger input size"
+            f"the model cannot run on an input of size {size} ({reason}): {advice}"
         ) from exc
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise AugLocalError(

@@ -66,7 +66,8 @@ class TrainConfig:
         warmup_epochs: linear warmup from 0.01 into the per-epoch cosine schedule (the paper's
             10; 0 for none); see :func:`auglocal_fx.recipe.learning_rate`.
         momentum, nesterov, weight_decay: SGD settings.
-        d, tau, pyramid, selection: AugLocal options (see :func:`auglocal_fx.to_local`).
+        d, tau, pyramid, selection, aux_head: AugLocal options (see
+            :func:`auglocal_fx.to_local`).
         seed: seeds the weights, the data order and the augmentations.
         device: ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda[:N]"``.
         amp: ``"none"``, ``"bf16"`` (CPU or CUDA) or ``"fp16"`` (CUDA, with gradient scaling).
@@ -99,6 +100,7 @@ class TrainConfig:
     tau: float = 0.5
     pyramid: bool = True
     selection: str = "uniform"
+    aux_head: str = "auto"
     seed: int = 0
     device: str = "auto"
     amp: str = "none"

@@ -33,8 +33,8 @@ __all__ = ["convert"]
 @click.option("--flops-budget", default=None, metavar="X",
               help="Pick d and tau to fit a forward-FLOPs budget: a multiple of BP like 2.5x, "
                    "or an absolute figure like 1.1G or 800M (1 multiply-add = 1 FLOP).")
-def convert(spec: str, d: Optional[int], tau, no_pyramid, selection, input_size, num_classes,
-            output, force, as_json, flops_budget) -> None:
+def convert(spec: str, d: Optional[int], tau, no_pyramid, selection, aux_head, input_size,
+            num_classes, output, force, as_json, flops_budget) -> None:
     """Convert SPEC into an AugLocal network; print it, and save it with -o FILE.
 
     SPEC is timm:NAME, torchvision:NAME, paper:resnet32|resnet110|vgg19 or path/file.py:factory.
@@ -45,7 +45,7 @@ def convert(spec: str, d: Optional[int], tau, no_pyramid, selection, input_size,
     from auglocal_fx.flops import count_flops, solve_budget
     from auglocal_fx.tables import describe_options, flops_table
 
-    kwargs = conversion_kwargs(tau, no_pyramid, selection, input_size, num_classes)
+    kwargs = conversion_kwargs(tau, no_pyramid, selection, input_size, num_classes, aux_head)
     if d is None and flops_budget is None:
         raise click.ClickException(
             "give the auxiliary depth --d D (e.g. --d 2) or a --flops-budget like 3x")

@@ -20,6 +20,7 @@ __all__ = [
     "depths_option",
     "pyramid_options",
     "selection_option",
+    "aux_head_option",
     "MultiValueCommand",
     "user_errors",
     "conversion_kwargs",
@@ -90,8 +91,17 @@ def selection_option(fn):
     )(fn)
 
 
+def aux_head_option(fn):
+    """``--aux-head auto|copy|slim``."""
+    return click.option(
+        "--aux-head", type=click.Choice(["auto", "copy", "slim"]), default="auto", show_default=True,
+        help="Auxiliary networks' head: a copy of the model's head, the authors' slim 512-wide MLP "
+             "head, or auto (slim where the head holds half of the parameters or more, as VGG's).",
+    )(fn)
+
+
 def conversion_kwargs(tau: Optional[float], no_pyramid: bool, selection: str,
-                      input_size, num_classes: Optional[int]) -> dict:
+                      input_size, num_classes: Optional[int], aux_head: str = "auto") -> dict:
     """The ``to_local`` keyword arguments the shared options stand for.
 
     Raises:
@@ -100,7 +110,7 @@ def conversion_kwargs(tau: Optional[float], no_pyramid: bool, selection: str,
     if tau is not None and no_pyramid:
         raise click.ClickException("give --tau or --no-pyramid, not both")
     kwargs = {"tau": 0.5 if tau is None else tau, "pyramid": not no_pyramid,
-              "selection": selection}
+              "selection": selection, "aux_head": aux_head}
     if input_size:
         kwargs["input_size"] = tuple(input_size)
     if num_classes is not None:
@@ -162,8 +172,9 @@ def is_checkpoint(spec: str) -> bool:
 
 
 def conversion_options(fn):
-    """The conversion options every model command shares: pyramid, selection, input size,
-    number of classes."""
-    for option in (num_classes_option, input_size_option, selection_option, pyramid_options):
+    """The conversion options every model command shares: pyramid, selection, auxiliary head,
+    input size, number of classes."""
+    for option in (num_classes_option, input_size_option, aux_head_option, selection_option,
+                   pyramid_options):
         fn = option(fn)
     return fn

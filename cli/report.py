@@ -36,7 +36,7 @@ __all__ = ["report"]
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
               help="Draw FLOPs and memory per method and the per-block profile (.png/.svg).")
-def report(spec, depths, batch_size, device, tau, no_pyramid, selection, input_size,
+def report(spec, depths, batch_size, device, tau, no_pyramid, selection, aux_head, input_size,
            num_classes, flops_only, rss, repeats, threads, as_json, plot) -> None:
     """Compare BP, gradient checkpointing and AugLocal at each d for SPEC.
 
@@ -47,7 +47,7 @@ def report(spec, depths, batch_size, device, tau, no_pyramid, selection, input_s
     from auglocal_fx.costs import cost_report
     from auglocal_fx.tables import cost_table
 
-    kwargs = conversion_kwargs(tau, no_pyramid, selection, input_size, num_classes)
+    kwargs = conversion_kwargs(tau, no_pyramid, selection, input_size, num_classes, aux_head)
     with user_errors():
         if plot is not None:
             from auglocal_fx.plots import check_figure_path

@@ -4,8 +4,8 @@ import os
 
 import click
 
-from .options import (conversion_kwargs, depth_option, input_size_option, pyramid_options, selection_option,
-                      spec_argument, user_errors)
+from .options import (aux_head_option, conversion_kwargs, depth_option, input_size_option, pyramid_options,
+                      selection_option, spec_argument, user_errors)
 
 
 @click.command()
@@ -28,6 +28,7 @@ from .options import (conversion_kwargs, depth_option, input_size_option, pyrami
 @depth_option(required=False, default=2, help_text="Auxiliary depth, classifier included [default: 2].")
 @pyramid_options
 @selection_option
+@aux_head_option
 @click.option("--out", type=click.Path(file_okay=False), default="runs/auglocal", show_default=True,
               help="Output folder: metrics.jsonl, curves.png, last.pt, model.pt.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
@@ -50,17 +51,18 @@ from .options import (conversion_kwargs, depth_option, input_size_option, pyrami
               help="Data-parallel processes to spawn (or launch with torchrun --nproc-per-node N).")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
 def train(spec, dataset, data_dir, method, epochs, batch_size, lr, warmup_epochs, momentum, weight_decay, d, tau, no_pyramid,
-          selection, out, resume, seed, device, amp, grad_clip, label_smoothing, channels_last, input_size,
+          selection, aux_head, out, resume, seed, device, amp, grad_clip, label_smoothing, channels_last, input_size,
           max_steps, train_subset, test_subset, no_augment, workers, nproc, quiet):
     """Train SPEC (e.g. paper:resnet32, timm:resnet18) with AugLocal or backprop."""
     from auglocal_fx.training import TrainConfig, train as run_training
 
     with user_errors():
-        options = conversion_kwargs(tau, no_pyramid, selection, input_size, None)
+        options = conversion_kwargs(tau, no_pyramid, selection, input_size, None, aux_head)
         config = TrainConfig(
             model=spec, dataset=dataset, data_dir=data_dir, out=out, method=method, epochs=epochs,
             batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs, momentum=momentum, weight_decay=weight_decay, d=d,
-            tau=options["tau"], pyramid=options["pyramid"], selection=options["selection"], seed=seed,
+            tau=options["tau"], pyramid=options["pyramid"], selection=options["selection"],
+            aux_head=options["aux_head"], seed=seed,
             device=device, amp=amp, grad_clip=grad_clip, label_smoothing=label_smoothing,
             channels_last=channels_last, input_size=options.get("input_size"), max_steps=max_steps,
             train_subset=train_subset, test_subset=test_subset, augment=not no_augment, num_workers=workers,

@@ -25,8 +25,19 @@ TORCHVISION_MODELS = [
 ]
 SWEEP = [f"timm:{m}" for m in TIMM_MODELS] + [f"torchvision:{m}" for m in TORCHVISION_MODELS]
 
+# Transformers and hybrids, each from another timm module, at the smallest input each accepts
+# (a multiple of its patch size, windows and stage count), at one depth to keep CI short.
+TRANSFORMERS = {
+    "vit_tiny_patch16_224": 32, "deit_tiny_distilled_patch16_224": 32, "cait_xxs24_224": 32,
+    "swin_tiny_patch4_window7_224": 56, "swinv2_tiny_window8_256": 64, "levit_128s": 64,
+    "pvt_v2_b0": 64, "efficientformer_l1": 224, "maxvit_pico_rw_256": 64,
+    "efficientvit_b0": 32, "fastvit_t8": 32, "mixer_s16_224": 32, "poolformer_s12": 32,
+    "mobilevit_xxs": 64, "tiny_vit_5m_224": 64, "botnet26t_256": 64,
+}
+TRANSFORMER_SWEEP = [f"timm:{m}" for m in TRANSFORMERS]
+
 # Small inputs keep the sweep fast; a few models need more than 32 px.
-_INPUT_SIZE = {"timm:inception_v3": 75}
+_INPUT_SIZE = {"timm:inception_v3": 75, **{f"timm:{m}": s for m, s in TRANSFORMERS.items()}}
 NUM_CLASSES = 7
 
 
@@ -46,11 +57,25 @@ def _block_grads(local, j):
 @pytest.mark.parametrize("spec", SWEEP)
 def test_convert(spec, d):
     resolved, local = _make(spec, d=d)
-    model = resolved.model
-    x, y = batch(resolved.input_size, num_classes=NUM_CLASSES)
     K = local.num_local
     assert len(local.aux) == K - 1 == len(local.blocks) - d  # K = L - (d - 1)
     assert all(p.depth <= d for p in local.plan)
+    check_local(resolved.model, local, resolved.input_size, NUM_CLASSES, resolved.create)
+
+
+@pytest.mark.sweep
+@pytest.mark.parametrize("spec", TRANSFORMER_SWEEP)
+def test_convert_transformer(spec):
+    resolved, local = _make(spec, d=3)
+    assert len(local.aux) == local.num_local - 1 == len(local.blocks) - 3
+    check_local(resolved.model, local, resolved.input_size, NUM_CLASSES, resolved.create)
+
+
+def check_local(model, local, input_size, num_classes, create):
+    """Every guarantee of a conversion: eval and train-mode equality with the original, a
+    finite step reaching every parameter, isolated block gradients, a strict export."""
+    x, y = batch(input_size, num_classes=num_classes)
+    K = local.num_local
 
     # eval: exactly the original
     model.eval()
@@ -63,7 +88,7 @@ def test_convert(spec, d):
         h = x
         for j, aux in enumerate(local.aux):
             h = local.blocks[j](h)
-            assert aux(h).shape == (2, NUM_CLASSES), f"aux {j}"
+            assert aux(h).shape == (2, num_classes), f"aux {j}"
 
     # train mode: blocks then head equal the original's train-mode output under one seed
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -119,5 +144,5 @@ def test_convert(spec, d):
             assert all(g is None for g in later), f"gradient crossed into block {j}"
 
     # export: strict load into a fresh model
-    fresh = resolved.create()
+    fresh = create()
     fresh.load_state_dict(local.export().state_dict(), strict=True)
