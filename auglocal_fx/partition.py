@@ -467,16 +467,23 @@ def _module_cuts(cuts: List[fx.Node], order: List[fx.Node]) -> List[fx.Node]:
 
     A transformer block adds two residuals in its own ``forward`` (attention, then MLP): the
     value between them is a cut point of the graph, but the module is the unit its author
-    wrote, so it stays one block. A cut made by a container (Sequential, ModuleList) or by
-    the model's own forward, or one that ends a module, is kept.
+    wrote, so it stays one block. Only modules of a class the network repeats count; a cut
+    made by a container (Sequential, ModuleList), by the model's (or a wrapped model's) own
+    forward, or one that ends a module, is kept.
     """
     index = {n: i for i, n in enumerate(order)}
+    instances: Dict[type, Set[str]] = {}
+    for node in order:
+        for value in (node.meta.get("nn_module_stack") or {}).values():
+            if isinstance(value, tuple) and isinstance(value[1], type):
+                instances.setdefault(value[1], set()).add(value[0])
     kept = [cuts[0]]
     for cut in cuts[1:]:
         position = index[cut]
         owner, kind = _owner(cut)
+        # Only repeated units: a model wrapped in another module keeps the cuts its forward makes.
         if position + 1 < len(order) and owner and kind is not None \
-                and not issubclass(kind, _CONTAINERS):
+                and not issubclass(kind, _CONTAINERS) and len(instances.get(kind, ())) > 1:
             following = order[position + 1]
             where = str(following.target) if following.op == "call_module" else _owner(following)[0]
             if _inside(where, owner):

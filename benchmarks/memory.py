@@ -2,6 +2,7 @@
 
     python benchmarks/memory.py                      # paper:resnet32 and paper:resnet110, batch 128, CPU
     python benchmarks/memory.py --models paper:resnet110 --depths 2 6 --no-rss
+    python benchmarks/memory.py --models timm:vit_small_patch16_224 --input-size 224 --batch-size 32 --depths 2 4 --no-rss
 
 Every figure is measured in this run by :func:`auglocal_fx.measure_memory` (see its docstring):
 the peak of bytes held for backward (saved_tensors_hooks), the growth of peak RSS over one step
@@ -22,6 +23,7 @@ def main() -> None:
     parser.add_argument("--depths", nargs="+", type=int, default=[2, 3, 4, 5, 6])
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--input-size", type=int, default=32, help="image side (default 32)")
     parser.add_argument("--no-rss", action="store_true", help="skip the subprocess RSS measurements")
     parser.add_argument("--mmap-threshold", type=int, default=None,
                         help="run the RSS subprocesses with MALLOC_MMAP_THRESHOLD_ fixed to this many bytes")
@@ -30,7 +32,7 @@ def main() -> None:
     for spec in args.models:
         start = time.perf_counter()
         report = measure_memory(spec, d=tuple(args.depths), batch_size=args.batch_size, device=args.device,
-                                input_size=(3, 32, 32), rss=not args.no_rss,
+                                input_size=(3, args.input_size, args.input_size), rss=not args.no_rss,
                                 mmap_threshold=args.mmap_threshold)
         print(report)
         bp = report.row("bp")

@@ -93,13 +93,21 @@ def run(name, d, timeout):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modules", nargs="*", default=None, help="timm modules (default: all)")
+    parser.add_argument("--choice", default=None,
+                        help="a JSON file {module: model} to convert instead of choosing the smallest "
+                             "(choosing creates every timm model on the meta device: minutes)")
     parser.add_argument("--d", type=int, default=2)
     parser.add_argument("--timeout", type=int, default=600, help="seconds per model")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--json", default=None, help="write the rows to this file")
     args = parser.parse_args()
 
-    chosen = smallest_models(args.modules)
+    if args.choice:
+        with open(args.choice) as handle:
+            chosen = {m: n for m, n in json.load(handle).items()
+                      if not args.modules or m in args.modules}
+    else:
+        chosen = smallest_models(args.modules)
     print(f"{len(chosen)} timm modules; converting the smallest model of each at d={args.d}",
           flush=True)
     rows = []

@@ -123,6 +123,18 @@ def test_convert_options_reach_the_network(run):
     assert local.options["d"] == 3 and local.num_classes == 7
 
 
+def test_convert_aux_head_option(run):
+    result = run("convert", TINY, *TINY_SIZE, "--d", "2", "--aux-head", "slim", "-o", "s.pt")
+    assert result.exit_code == 0, result.output
+    assert "slim auxiliary heads" in result.output
+    assert load("s.pt").options["aux_head"] == "slim"
+    result = run("report", TINY, *TINY_SIZE, "--d", "2", "--flops-only", "--aux-head", "copy",
+                 "--json")
+    assert result.exit_code == 0, result.output
+    wrong = run("convert", TINY, "--d", "2", "--aux-head", "wide")
+    assert wrong.exit_code == 2 and "'wide' is not one of 'auto', 'copy', 'slim'" in wrong.output
+
+
 def test_convert_checkpoint_round_trip(run, tmp_path):
     torch.manual_seed(123)
     result = run("convert", TINY, *TINY_SIZE, "--d", "2", "-o", "tiny.pt")

@@ -70,3 +70,19 @@ class _NoHead(nn.Module):
 def test_no_classifier_head():
     with pytest.raises(AugLocalError, match="no classifier head"):
         trace_model(_NoHead(), (3, 16, 16))
+
+
+class _Wrapper(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_a_wrapped_model_keeps_its_blocks():
+    resolved = resolve_model("paper:resnet32")
+    part = partition_blocks(trace_model(_Wrapper(resolved.model), resolved.input_size))
+    assert len(part.blocks) == 16
+    assert part.block_names[0] == ["inner.conv1", "inner.bn1", "inner.relu"]
