@@ -17,7 +17,8 @@ __all__ = ["CKPT_FORMAT", "CKPT_VERSION", "RESUME_KEYS", "resume_view", "rng_sta
 CKPT_FORMAT = "auglocal-fx-train"
 CKPT_VERSION = 2  # 2: the learning rate follows the epoch; no scheduler state
 # Fields that must match for a run to be resumed from a checkpoint.
-RESUME_KEYS = ("model", "dataset", "method", "d", "tau", "pyramid", "selection", "aux_head", "batch_size",
+RESUME_KEYS = ("model", "dataset", "method", "d", "tau", "pyramid", "selection", "aux_head", "rule",
+               "batch_size",
                "epochs", "warmup_epochs", "seed", "input_size", "train_subset", "augment")
 
 

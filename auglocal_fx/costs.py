@@ -32,7 +32,7 @@ class CostRow:
     """One method's costs.
 
     Attributes:
-        method: ``"BP"``, ``"GC"`` or ``"AugLocal d=D"``.
+        method: ``"BP"``, ``"GC"``, ``"AugLocal d=D"``, ``"DGL"``, ``"PredSim"``, ...
         d: the auxiliary depth (``None`` for BP and GC).
         flops: forward FLOPs of one example (one multiply-add = one FLOP).
         params: parameters trained (AugLocal: primary plus auxiliary networks).
@@ -49,10 +49,11 @@ class CostRow:
     memory: Optional[int] = None
     rss: Optional[int] = None
     step_time: Optional[float] = None
+    rule: Optional[str] = None
 
     def as_dict(self) -> dict:
         """A JSON-ready row."""
-        return {"method": self.method, "d": self.d, "flops": int(self.flops),
+        return {"method": self.method, "rule": self.rule, "d": self.d, "flops": int(self.flops),
                 "params": int(self.params), "memory": self.memory, "rss": self.rss,
                 "step_time": None if self.step_time is None else round(self.step_time, 6)}
 
@@ -137,6 +138,7 @@ def cost_report(
     input_size: Optional[Sequence[int]] = None,
     num_classes: Optional[int] = None,
     aux_head: str = "auto",
+    rules: Sequence[str] = ("bp", "gc", "auglocal"),
     memory: bool = True,
     rss: bool = False,
     timing: bool = True,
@@ -159,6 +161,9 @@ def cost_report(
         input_size: ``(C, H, W)``; default: the spec's.
         num_classes: classifier width; default: the spec's.
         aux_head: ``"auto"``, ``"copy"`` or ``"slim"`` (see :func:`auglocal_fx.to_local`).
+        rules: the rows: ``"bp"``, ``"gc"`` (gradient checkpointing), and local rules
+            (``"auglocal"``, ``"dgl"``, ``"predsim"``, ``"infopro"``, ``"auglocal+infopro"``);
+            a rule with a depth gets one row per ``d`` in ``depths``.
         memory: measure memory with :func:`auglocal_fx.memory.measure_memory`.
         rss: on CPU, also measure peak RSS (one fresh subprocess per method: slow).
         timing: measure time per step.
@@ -195,15 +200,26 @@ def cost_report(
     if input_size is not None:
         kwargs["input_size"] = tuple(input_size)
 
-    nets = [(d, to_local(model, d=d, **kwargs)) for d in depths]  # the model has its classes
-    first = count_flops(nets[0][1])
+    entries = _rule_entries(rules, depths)
+    nets = []  # (row label, rule, d, LocalNet); the model has its classes
+    for label, rule, d in entries:
+        if rule in ("bp", "gc"):
+            continue
+        nets.append((label, rule, d, to_local(model, d=d if d is not None else min(depths),
+                                              rule=rule, **kwargs)))
+    base = nets[0][3] if nets else to_local(model, d=2, **kwargs)
+    first = count_flops(base)
     bp_flops, bp_params = first.primary, first.params_primary
-    rows = [CostRow("BP", None, bp_flops, bp_params), CostRow("GC", None, bp_flops, bp_params)]
-    for d, local in nets:
-        f = count_flops(local)
-        rows.append(CostRow(f"AugLocal d={d}", d, f.total, f.params_primary + f.params_aux))
+    by_label = {label: (rule, d, local) for label, rule, d, local in nets}
+    rows = []
+    for label, rule, d in entries:
+        if rule in ("bp", "gc"):
+            rows.append(CostRow(label, None, bp_flops, bp_params))
+        else:
+            f = count_flops(by_label[label][2])
+            rows.append(CostRow(label, d, f.total, f.params_primary + f.params_aux, rule=rule))
 
-    size = tuple(nets[0][1].input_size)
+    size = tuple(base.input_size)
     profile = [{"index": b.index, "flops": b.flops,
                 "activation_bytes": int(math.prod(b.output_shape)) * 4 * batch_size}
                for b in first.blocks]
@@ -212,20 +228,20 @@ def cost_report(
                         unsupported_ops=dict(sorted(first.unsupported_ops().items())))
 
     if memory:
-        _add_memory(report, model_or_spec, depths, dev, rss, dict(kwargs, num_classes=num_classes))
+        _add_memory(report, model_or_spec, entries, dev, rss, dict(kwargs, num_classes=num_classes))
     else:
         report.memory_note = "not measured (FLOPs only)" if not timing else "not measured"
     if timing:
         gen = torch.Generator().manual_seed(0)
         x = torch.randn((batch_size,) + size, generator=gen).to(dev)
-        y = torch.randint(0, int(nets[0][1].num_classes), (batch_size,), generator=gen).to(dev)
-        methods = ["bp", "checkpoint"] + ["auglocal"] * len(nets)
-        locals_ = [nets[0][1], nets[0][1]] + [local for _, local in nets]
+        y = torch.randint(0, int(base.num_classes), (batch_size,), generator=gen).to(dev)
+        runs = [(base, {"bp": "bp", "gc": "checkpoint"}[rule]) if rule in ("bp", "gc")
+                else (by_label[label][2], "auglocal") for label, rule, _ in entries]
         default_threads = torch.get_num_threads()
         used = threads or default_threads
         torch.set_num_threads(used)
         try:
-            for row, method, local in zip(rows, methods, locals_):
+            for row, (local, method) in zip(rows, runs):
                 state = {k: v.detach().clone() for k, v in local.state_dict().items()}
                 local.to(dev).train()
                 row.step_time = _time(_train_step(local, method, x, y), dev, repeats)
@@ -239,23 +255,58 @@ def cost_report(
     return report
 
 
+REPORT_RULES = ("bp", "gc", "auglocal", "dgl", "predsim", "infopro", "auglocal+infopro")
+_LABELS = {"bp": "BP", "gc": "GC", "auglocal": "AugLocal", "dgl": "DGL", "predsim": "PredSim",
+           "infopro": "InfoPro", "auglocal+infopro": "AugLocal+InfoPro"}
+
+
+def _rule_entries(rules: Sequence[str], depths: Sequence[int]) -> List[Tuple[str, str, Optional[int]]]:
+    """``(row label, rule, d)`` per report row: a rule with depths gets one row per ``d``."""
+    from .rules import get_rule
+
+    entries = []
+    for rule in rules:
+        if rule not in REPORT_RULES:
+            raise AugLocalError(
+                f"unknown rule {rule!r} for the report: choose from {', '.join(REPORT_RULES)} "
+                "(gc = gradient checkpointing)")
+        if rule in ("bp", "gc"):
+            entries.append((_LABELS[rule], rule, None))
+        elif get_rule(rule).uses_depth:
+            entries += [(f"{_LABELS[rule]} d={d}", rule, d) for d in depths]
+        else:
+            entries.append((_LABELS[rule], rule, None))
+    return entries
+
+
 # What can stop a measurement on a given machine (no memory left, no /proc, a device error
 # reported as ours); anything else is a bug and propagates.
 _MEASUREMENT_FAILURES = (AugLocalError, MemoryError, torch.OutOfMemoryError, OSError)
 
 
-def _add_memory(report: CostReport, model_or_spec, depths, device, rss: bool, kwargs) -> None:
+def _add_memory(report: CostReport, model_or_spec, entries, device, rss: bool, kwargs) -> None:
     """Fill the memory columns from :func:`auglocal_fx.memory.measure_memory`, or say why not."""
     from .memory import measure_memory
-    options = {k: v for k, v in kwargs.items() if k not in ("input_size", "num_classes")}
+    options = {k: v for k, v in kwargs.items() if k not in ("input_size", "num_classes", "rule")}
+    common = dict(batch_size=report.batch_size, device=device, input_size=kwargs.get("input_size"),
+                  num_classes=kwargs.get("num_classes"), rss=rss and device.type == "cpu")
+    found = []
+    notes: List[str] = []
     try:
-        measured = measure_memory(
-            model_or_spec, d=depths, batch_size=report.batch_size, device=device,
-            input_size=kwargs.get("input_size"), num_classes=kwargs.get("num_classes"),
-            rss=rss and device.type == "cpu", to_local_kwargs=options)
-        by_key = {(r.method, r.d): r for r in measured.rows}
-        keys = [("bp", None), ("checkpoint", None)] + [("auglocal", d) for d in depths]
-        found = [by_key[k] for k in keys]
+        baseline = None
+        for _, rule, d in entries:
+            if rule in ("bp", "gc"):
+                if baseline is None:
+                    baseline = measure_memory(model_or_spec, methods=("bp", "checkpoint"), d=2,
+                                              to_local_kwargs=options, **common)
+                    notes = baseline.notes
+                found.append(baseline.row("bp" if rule == "bp" else "checkpoint"))
+            else:
+                measured = measure_memory(model_or_spec, methods=("auglocal",),
+                                          d=d if d is not None else 2,
+                                          to_local_kwargs=dict(options, rule=rule), **common)
+                notes = notes or measured.notes
+                found.append(measured.rows[0])
     except _MEASUREMENT_FAILURES as exc:  # never make numbers up: drop the columns and say why
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         report.memory_note = f"not measured: measure_memory failed ({type(exc).__name__}: {first})"
@@ -270,5 +321,5 @@ def _add_memory(report: CostReport, model_or_spec, depths, device, rss: bool, kw
     if rss and device.type == "cpu":
         names["RSS MiB:"] = "peak RSS:"
     names["checkpoint:"] = "GC:"
-    report.memory_how = [new + note[len(old):] for note in measured.notes
+    report.memory_how = [new + note[len(old):] for note in notes
                          for old, new in names.items() if note.startswith(old)]

@@ -23,7 +23,8 @@ from .initialization import InitReference
 from .partition import Partition, partition_blocks
 from .planning import AuxPlan, plan_aux_nets, validate_options
 from .specs import missing_input_size, model_input_size, resolve_model, spec_file
-from .synthesis import synthesize_aux_net, validate_aux_head, warn_adapters
+from .rules import RuleContext, get_rule
+from .synthesis import validate_aux_head, warn_adapters
 from .tracing import SHAPE_KEY, trace_model
 
 __all__ = ["LocalNet", "to_local", "load", "CHECKPOINT_FORMAT"]
@@ -132,7 +133,11 @@ class LocalNet(nn.Module):
         for j in range(self.num_local - 1):
             with autocast():
                 out = self.blocks[j](h.detach())
-                loss = loss_fn(self.aux[j](out), y)
+                aux = self.aux[j]
+                if hasattr(aux, "local_loss"):  # a rule with a second loss (PredSim, InfoPro)
+                    loss = aux.local_loss(out, x, y, loss_fn)
+                else:
+                    loss = loss_fn(aux(out), y)
             # Only the detached output survives: block j's graph goes with its loss.
             h = out.detach()
             del out
@@ -204,7 +209,8 @@ class LocalNet(nn.Module):
         opts = self.options
         return (f"blocks={len(self.blocks)}, aux_nets={len(self.aux)}, d={opts['d']}, "
                 f"tau={opts['tau']}, pyramid={opts['pyramid']}, selection={opts['selection']!r}, "
-                f"aux_head={opts.get('aux_head', 'copy')!r}")
+                f"aux_head={opts.get('aux_head', 'copy')!r}"
+                + (f", rule={opts['rule']!r}" if opts.get("rule", "auglocal") != "auglocal" else ""))
 
 
 def to_local(
@@ -220,6 +226,7 @@ def to_local(
     block_boundaries: Optional[Sequence[str]] = None,
     weights: Optional[str] = None,
     aux_head: str = "auto",
+    rule: str = "auglocal",
 ) -> LocalNet:
     """Convert a ConvNet into an AugLocal :class:`LocalNet`.
 
@@ -243,6 +250,10 @@ def to_local(
             head, the method's choice), ``"slim"`` (the authors' 512-wide MLP head for VGG on
             ImageNet) or ``"auto"``: slim where the head holds at least half of the network's
             parameters (VGG's classifier, timm's ``pre_logits``), copy otherwise.
+        rule: the local learning rule: ``"auglocal"``, or the paper's comparison systems
+            ``"dgl"``, ``"predsim"``, ``"infopro"``, or ``"auglocal+infopro"`` (see
+            :mod:`auglocal_fx.rules`). The baselines train every block but the last locally
+            and ignore ``d``, ``tau``, ``pyramid``, ``selection`` and ``aux_head``.
 
     Raises:
         AugLocalError: bad options, unknown model, untraceable model, no classifier head, an
@@ -250,6 +261,7 @@ def to_local(
     """
     validate_options(d, tau, selection)
     validate_aux_head(aux_head)
+    local_rule = get_rule(rule)
     spec = None
     initial = None
     if isinstance(model, str):
@@ -277,10 +289,13 @@ def to_local(
     with single_thread():
         traced = trace_model(model, size, leaf_modules, autowrap_functions)
         partition = partition_blocks(traced, block_boundaries)
-        plans = plan_aux_nets(partition.resolutions, d, tau, pyramid, selection)
+        plans = local_rule.plan(partition.resolutions, d, tau, pyramid, selection)
         init = InitReference.from_model(model, initial)
         notes: List[Tuple[str, str, str]] = []
-        aux = [synthesize_aux_net(partition, p, init, notes, aux_head) for p in plans]
+        context = RuleContext(partition, _output_classes(traced),
+                              tuple(int(v) for v in traced.input_size), len(plans) + 1, init,
+                              aux_head, notes)
+        aux = [local_rule.build(p, context) for p in plans]
     warn_adapters(notes)
     classes = _output_classes(traced)
     options = {
@@ -288,6 +303,7 @@ def to_local(
         "input_size": tuple(int(v) for v in traced.input_size), "num_classes": classes,
         "block_boundaries": list(block_boundaries) if block_boundaries else None,
         "aux_head": aux_head,
+        "rule": rule,
     }
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     local = LocalNet(model, partition, aux, plans, options, spec)
@@ -342,6 +358,7 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None,
         )
     kwargs = {k: options[k] for k in ("d", "tau", "pyramid", "selection", "block_boundaries")}
     kwargs["aux_head"] = options.get("aux_head", "copy")  # checkpoints before the option: copies
+    kwargs["rule"] = options.get("rule", "auglocal")
     local = to_local(source, input_size=options["input_size"],
                      num_classes=options["num_classes"] if spec else None, **kwargs)
     try:

@@ -12,7 +12,14 @@ the head. Each copy is the block's traced subgraph, adapted to what actually rea
   (1x1 conv with the block's stride + BatchNorm), as a residual block with different in/out
   shapes is normally built;
 * anything else that cannot take the new shape (a depthwise convolution, a hard-coded split)
-  gets a 1x1 conv + BatchNorm in front of it that restores the channel count it was built for.
+  gets a 1x1 conv + BatchNorm in front of it that restores the channel count it was built for;
+* a copy that cannot be re-strided or re-widened at all (attention windows, a channel shuffle,
+  attention built for one feature size), and a token or channels-last copy whose input is not
+  its own, keeps its strides and widths and takes its original input shape through a
+  :class:`~auglocal_fx.layouts.ShapeAdapter` (rule 11).
+
+The head is a fresh copy of the network's head, or the authors' slim MLP head where the head
+holds most of the parameters (``aux_head``, rule 12).
 """
 
 from __future__ import annotations

@@ -219,6 +219,10 @@ def cost_table(report) -> str:
         rows.append(row)
     lines = [format_table(headers, rows, right=[False] + [True] * (len(headers) - 1)),
              f"{FLOPS_NOTE} ({_shape(report.input_size)}); GC = gradient checkpointing."]
+    if any(getattr(r, "rule", None) in ("predsim", "infopro", "auglocal+infopro") for r in report.rows):
+        lines.append("Local rules: primary + auxiliary classifier networks, as the paper's Table 7 "
+                     "counts them; the decoders of PredSim's and InfoPro's second losses are not "
+                     "counted (their parameters are).")
     if has_mem:
         lines += [f"memory: {how}" for how in report.memory_how]
     elif report.memory_note:

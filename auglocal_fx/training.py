@@ -68,6 +68,8 @@ class TrainConfig:
         momentum, nesterov, weight_decay: SGD settings.
         d, tau, pyramid, selection, aux_head: AugLocal options (see
             :func:`auglocal_fx.to_local`).
+        rule: the local learning rule for ``method="auglocal"`` (``"auglocal"``, ``"dgl"``,
+            ``"predsim"``, ``"infopro"``, ``"auglocal+infopro"``).
         seed: seeds the weights, the data order and the augmentations.
         device: ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda[:N]"``.
         amp: ``"none"``, ``"bf16"`` (CPU or CUDA) or ``"fp16"`` (CUDA, with gradient scaling).
@@ -101,6 +103,7 @@ class TrainConfig:
     pyramid: bool = True
     selection: str = "uniform"
     aux_head: str = "auto"
+    rule: str = "auglocal"
     seed: int = 0
     device: str = "auto"
     amp: str = "none"

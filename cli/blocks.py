@@ -22,7 +22,8 @@ __all__ = ["blocks"]
 @conversion_options
 @click.option("--svg", "figure", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Also draw the blocks and what each auxiliary network copies (.svg or .png).")
-def blocks(spec, d, tau, no_pyramid, selection, aux_head, input_size, num_classes, figure) -> None:
+def blocks(spec, d, tau, no_pyramid, selection, rule, aux_head, input_size, num_classes,
+           figure) -> None:
     """Show how SPEC is cut into local blocks and what each auxiliary network copies.
 
     SPEC is a model spec (timm:NAME, torchvision:NAME, paper:NAME, path/file.py:factory) or a
@@ -33,11 +34,12 @@ def blocks(spec, d, tau, no_pyramid, selection, aux_head, input_size, num_classe
     from auglocal_fx.plots import plot_blocks
     from auglocal_fx.tables import blocks_table
 
-    kwargs = conversion_kwargs(tau, no_pyramid, selection, input_size, num_classes, aux_head)
+    kwargs = conversion_kwargs(tau, no_pyramid, selection, input_size, num_classes, aux_head, rule)
     if is_checkpoint(spec):
         ctx = click.get_current_context()
         given = [f"--{name.replace('_', '-')}" for name in
-                 ("d", "tau", "no_pyramid", "selection", "aux_head", "input_size", "num_classes")
+                 ("d", "tau", "no_pyramid", "selection", "rule", "aux_head", "input_size",
+                  "num_classes")
                  if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
         if given:
             raise click.ClickException(

@@ -33,7 +33,7 @@ __all__ = ["convert"]
 @click.option("--flops-budget", default=None, metavar="X",
               help="Pick d and tau to fit a forward-FLOPs budget: a multiple of BP like 2.5x, "
                    "or an absolute figure like 1.1G or 800M (1 multiply-add = 1 FLOP).")
-def convert(spec: str, d: Optional[int], tau, no_pyramid, selection, aux_head, input_size,
+def convert(spec: str, d: Optional[int], tau, no_pyramid, selection, rule, aux_head, input_size,
             num_classes, output, force, as_json, flops_budget) -> None:
     """Convert SPEC into an AugLocal network; print it, and save it with -o FILE.
 
@@ -45,7 +45,16 @@ def convert(spec: str, d: Optional[int], tau, no_pyramid, selection, aux_head, i
     from auglocal_fx.flops import count_flops, solve_budget
     from auglocal_fx.tables import describe_options, flops_table
 
-    kwargs = conversion_kwargs(tau, no_pyramid, selection, input_size, num_classes, aux_head)
+    kwargs = conversion_kwargs(tau, no_pyramid, selection, input_size, num_classes, aux_head, rule)
+    from auglocal_fx.rules import get_rule
+
+    with user_errors():
+        uses_depth = get_rule(rule).uses_depth
+    if flops_budget is not None and not uses_depth:
+        raise click.ClickException(
+            f"--flops-budget chooses AugLocal's d and tau; the {rule} rule has neither: drop one")
+    if d is None and not uses_depth:
+        d = 2  # the baselines train every block but the last; d does not apply
     if d is None and flops_budget is None:
         raise click.ClickException(
             "give the auxiliary depth --d D (e.g. --d 2) or a --flops-budget like 3x")

@@ -10,6 +10,7 @@ from typing import Iterator, List, Optional
 import click
 
 from auglocal_fx.errors import AugLocalError
+from auglocal_fx.rules import RULES
 
 __all__ = [
     "conversion_options",
@@ -21,6 +22,7 @@ __all__ = [
     "pyramid_options",
     "selection_option",
     "aux_head_option",
+    "rule_option",
     "MultiValueCommand",
     "user_errors",
     "conversion_kwargs",
@@ -100,8 +102,21 @@ def aux_head_option(fn):
     )(fn)
 
 
+RULE_NAMES = tuple(RULES)
+
+
+def rule_option(fn):
+    """``--rule auglocal|dgl|predsim|infopro|auglocal+infopro``."""
+    return click.option(
+        "--rule", type=click.Choice(RULE_NAMES), default="auglocal", show_default=True,
+        help="Local learning rule: AugLocal, or the paper's comparison systems (they train every "
+             "block but the last locally and ignore --d/--tau).",
+    )(fn)
+
+
 def conversion_kwargs(tau: Optional[float], no_pyramid: bool, selection: str,
-                      input_size, num_classes: Optional[int], aux_head: str = "auto") -> dict:
+                      input_size, num_classes: Optional[int], aux_head: str = "auto",
+                      rule: str = "auglocal") -> dict:
     """The ``to_local`` keyword arguments the shared options stand for.
 
     Raises:
@@ -110,7 +125,7 @@ def conversion_kwargs(tau: Optional[float], no_pyramid: bool, selection: str,
     if tau is not None and no_pyramid:
         raise click.ClickException("give --tau or --no-pyramid, not both")
     kwargs = {"tau": 0.5 if tau is None else tau, "pyramid": not no_pyramid,
-              "selection": selection, "aux_head": aux_head}
+              "selection": selection, "aux_head": aux_head, "rule": rule}
     if input_size:
         kwargs["input_size"] = tuple(input_size)
     if num_classes is not None:
@@ -119,12 +134,13 @@ def conversion_kwargs(tau: Optional[float], no_pyramid: bool, selection: str,
 
 
 class MultiValueCommand(click.Command):
-    """A command whose ``--d`` takes several values: ``--d 2 3 4`` means ``--d 2 --d 3 --d 4``.
+    """A command whose ``--d`` and ``--rules`` take several values: ``--d 2 3 4`` means
+    ``--d 2 --d 3 --d 4``.
 
     click options take a fixed number of values; this rewrites the arguments before parsing.
     """
 
-    multi_value_options = ("--d",)
+    multi_value_options = {"--d": _INT, "--rules": re.compile(r"^[a-z+]+$")}
 
     def parse_args(self, ctx: click.Context, args: List[str]) -> List[str]:
         out: List[str] = []
@@ -137,7 +153,7 @@ class MultiValueCommand(click.Command):
                 if i < len(args):  # the first value, whatever it is (click checks it)
                     out.append(args[i])
                     i += 1
-                while i < len(args) and _INT.match(args[i]):
+                while i < len(args) and self.multi_value_options[arg].match(args[i]):
                     out += [arg, args[i]]
                     i += 1
             elif arg == "--":
@@ -174,7 +190,7 @@ def is_checkpoint(spec: str) -> bool:
 def conversion_options(fn):
     """The conversion options every model command shares: pyramid, selection, auxiliary head,
     input size, number of classes."""
-    for option in (num_classes_option, input_size_option, aux_head_option, selection_option,
-                   pyramid_options):
+    for option in (num_classes_option, input_size_option, aux_head_option, rule_option,
+                   selection_option, pyramid_options):
         fn = option(fn)
     return fn

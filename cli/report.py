@@ -15,6 +15,8 @@ from .options import (
     user_errors,
 )
 
+from auglocal_fx.costs import REPORT_RULES
+
 __all__ = ["report"]
 
 
@@ -25,6 +27,9 @@ __all__ = ["report"]
               help="Batch size of the memory and time measurements.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @conversion_options
+@click.option("--rules", type=click.Choice(list(REPORT_RULES)), multiple=True, metavar="RULE...",
+              help="Rows to compare, e.g. --rules bp gc dgl predsim infopro auglocal (gc = gradient "
+                   "checkpointing; rules with a depth get a row per --d) [default: bp gc auglocal].")
 @click.option("--flops-only", "--no-memory", "flops_only", is_flag=True,
               help="Count FLOPs and parameters only: no memory or time measurement (fast).")
 @click.option("--rss", is_flag=True,
@@ -36,8 +41,9 @@ __all__ = ["report"]
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
               help="Draw FLOPs and memory per method and the per-block profile (.png/.svg).")
-def report(spec, depths, batch_size, device, tau, no_pyramid, selection, aux_head, input_size,
-           num_classes, flops_only, rss, repeats, threads, as_json, plot) -> None:
+def report(spec, depths, batch_size, device, tau, no_pyramid, selection, rule, aux_head,
+           input_size, num_classes, rules, flops_only, rss, repeats, threads, as_json,
+           plot) -> None:
     """Compare BP, gradient checkpointing and AugLocal at each d for SPEC.
 
     Rows: forward FLOPs (fvcore: 1 multiply-add = 1 FLOP, one example), trained parameters,
@@ -48,6 +54,12 @@ def report(spec, depths, batch_size, device, tau, no_pyramid, selection, aux_hea
     from auglocal_fx.tables import cost_table
 
     kwargs = conversion_kwargs(tau, no_pyramid, selection, input_size, num_classes, aux_head)
+    del kwargs["rule"]  # the report's rows are --rules
+    if rules and click.get_current_context().get_parameter_source("rule") \
+            is not click.core.ParameterSource.DEFAULT:
+        raise click.ClickException("give --rule or --rules, not both: --rules lists every row")
+    if rule != "auglocal" and not rules:
+        rules = ("bp", "gc", rule)
     with user_errors():
         if plot is not None:
             from auglocal_fx.plots import check_figure_path
@@ -55,7 +67,7 @@ def report(spec, depths, batch_size, device, tau, no_pyramid, selection, aux_hea
         result = cost_report(spec, tuple(depths), batch_size=batch_size, device=device,
                              memory=not flops_only, rss=rss, timing=not flops_only,
                              repeats=repeats, threads=threads,
-                             **kwargs)
+                             rules=tuple(rules) or ("bp", "gc", "auglocal"), **kwargs)
         if plot is not None:
             from auglocal_fx.plots import plot_report
             plot_report(result, plot)

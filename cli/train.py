@@ -4,7 +4,7 @@ import os
 
 import click
 
-from .options import (aux_head_option, conversion_kwargs, depth_option, input_size_option, pyramid_options,
+from .options import (aux_head_option, rule_option, conversion_kwargs, depth_option, input_size_option, pyramid_options,
                       selection_option, spec_argument, user_errors)
 
 
@@ -29,6 +29,7 @@ from .options import (aux_head_option, conversion_kwargs, depth_option, input_si
 @pyramid_options
 @selection_option
 @aux_head_option
+@rule_option
 @click.option("--out", type=click.Path(file_okay=False), default="runs/auglocal", show_default=True,
               help="Output folder: metrics.jsonl, curves.png, last.pt, model.pt.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
@@ -51,18 +52,18 @@ from .options import (aux_head_option, conversion_kwargs, depth_option, input_si
               help="Data-parallel processes to spawn (or launch with torchrun --nproc-per-node N).")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
 def train(spec, dataset, data_dir, method, epochs, batch_size, lr, warmup_epochs, momentum, weight_decay, d, tau, no_pyramid,
-          selection, aux_head, out, resume, seed, device, amp, grad_clip, label_smoothing, channels_last, input_size,
+          selection, aux_head, rule, out, resume, seed, device, amp, grad_clip, label_smoothing, channels_last, input_size,
           max_steps, train_subset, test_subset, no_augment, workers, nproc, quiet):
     """Train SPEC (e.g. paper:resnet32, timm:resnet18) with AugLocal or backprop."""
     from auglocal_fx.training import TrainConfig, train as run_training
 
     with user_errors():
-        options = conversion_kwargs(tau, no_pyramid, selection, input_size, None, aux_head)
+        options = conversion_kwargs(tau, no_pyramid, selection, input_size, None, aux_head, rule)
         config = TrainConfig(
             model=spec, dataset=dataset, data_dir=data_dir, out=out, method=method, epochs=epochs,
             batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs, momentum=momentum, weight_decay=weight_decay, d=d,
             tau=options["tau"], pyramid=options["pyramid"], selection=options["selection"],
-            aux_head=options["aux_head"], seed=seed,
+            aux_head=options["aux_head"], rule=options["rule"], seed=seed,
             device=device, amp=amp, grad_clip=grad_clip, label_smoothing=label_smoothing,
             channels_last=channels_last, input_size=options.get("input_size"), max_steps=max_steps,
             train_subset=train_subset, test_subset=test_subset, augment=not no_augment, num_workers=workers,

@@ -123,6 +123,22 @@ def test_convert_options_reach_the_network(run):
     assert local.options["d"] == 3 and local.num_classes == 7
 
 
+def test_rule_option_and_report_rules(run):
+    result = run("convert", TINY, *TINY_SIZE, "--rule", "dgl", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["options"]["rule"] == "dgl" and len(data["aux_nets"]) == len(data["blocks"]) - 1
+    result = run("report", "paper:resnet32", "--rules", "bp", "gc", "dgl", "predsim", "infopro",
+                 "auglocal", "--d", "2", "3", "--flops-only", "--json")
+    assert result.exit_code == 0, result.output
+    rows = {r["method"]: r for r in json.loads(result.output)["rows"]}
+    assert list(rows) == ["BP", "GC", "DGL", "PredSim", "InfoPro", "AugLocal d=2", "AugLocal d=3"]
+    assert rows["InfoPro"]["rule"] == "infopro" and rows["BP"]["rule"] is None
+    assert rows["BP"]["flops"] < rows["PredSim"]["flops"] < rows["DGL"]["flops"] < rows["InfoPro"]["flops"]
+    both = run("report", TINY, *TINY_SIZE, "--rule", "dgl", "--rules", "bp", "--flops-only")
+    assert_user_error(both, "--rule or --rules")
+
+
 def test_convert_aux_head_option(run):
     result = run("convert", TINY, *TINY_SIZE, "--d", "2", "--aux-head", "slim", "-o", "s.pt")
     assert result.exit_code == 0, result.output

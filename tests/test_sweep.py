@@ -41,10 +41,10 @@ _INPUT_SIZE = {"timm:inception_v3": 75, **{f"timm:{m}": s for m, s in TRANSFORME
 NUM_CLASSES = 7
 
 
-def _make(spec, d):
+def _make(spec, d, convert=True):
     size = _INPUT_SIZE.get(spec, 32)
     resolved = resolve_model(spec, num_classes=NUM_CLASSES, input_size=(3, size, size))
-    local = to_local(resolved.model, d=d, input_size=resolved.input_size)
+    local = to_local(resolved.model, d=d, input_size=resolved.input_size) if convert else None
     return resolved, local
 
 
@@ -127,8 +127,7 @@ def check_local(model, local, input_size, num_classes, create):
     # gradient isolation: block j's gradient is that of loss_j alone, none from later losses
     model.load_state_dict(state)
     torch.manual_seed(2)
-    logits, aux_logits = local(x)
-    aux_losses = [torch.nn.functional.cross_entropy(a, y) for a in aux_logits]
+    aux_losses = _local_losses_with_stop_gradients(local, x, y)
     for j in sorted({0, (K - 1) // 2, K - 2}):  # first, middle and last local block
         params = [p for p in local.blocks[j].parameters() if p.requires_grad]
         grads = torch.autograd.grad(aux_losses[j], params, retain_graph=True, allow_unused=True)
@@ -146,3 +145,18 @@ def check_local(model, local, input_size, num_classes, create):
     # export: strict load into a fresh model
     fresh = create()
     fresh.load_state_dict(local.export().state_dict(), strict=True)
+
+
+def _local_losses_with_stop_gradients(local, x, y):
+    """Each local module's loss, computed as ``local(x)`` in train mode runs the modules (block
+    ``j`` then its auxiliary network), with the rule's own loss (PredSim, InfoPro)."""
+    losses = []
+    h = x
+    for j, block in enumerate(local.blocks[:local.num_local - 1]):
+        h = block(h.detach() if j else h)
+        aux = local.aux[j]
+        if hasattr(aux, "local_loss"):
+            losses.append(aux.local_loss(h, x, y))
+        else:
+            losses.append(torch.nn.functional.cross_entropy(aux(h), y))
+    return losses

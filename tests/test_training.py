@@ -184,3 +184,13 @@ def test_trains_a_model_object(tmp_path, method):
     result = train(_config(tmp_path, model=model, method=method, max_steps=2))
     assert result.history and (tmp_path / "model.pt").exists()
     TinyCNN(num_classes=10).load_state_dict(_weights(tmp_path / "model.pt"), strict=True)
+
+
+@pytest.mark.parametrize("rule", ["infopro", "predsim"])
+def test_trains_with_a_comparison_rule(tmp_path, rule):
+    result = train(_config(tmp_path, rule=rule, aux_head="copy", max_steps=2))
+    assert len(result.aux_acc) == 3  # tiny_cnn: 4 blocks, every block but the last local
+    fresh = resolve_model(TINY, num_classes=10, input_size=(3, 16, 16)).create()
+    fresh.load_state_dict(_weights(tmp_path / "model.pt"), strict=True)
+    saved = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
+    assert saved["config"]["rule"] == rule
