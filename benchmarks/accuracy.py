@@ -1,4 +1,4 @@
-"""Accuracy side by side: BP and AugLocal (d=2, d=4) with auglocal-fx and with the authors' code.
+"""Accuracy side by side: BP, AugLocal (d=2, d=4) and the comparison rules, ours and the authors'.
 
 One recipe for every run: CIFAR ResNet-32 on real Fashion-MNIST (the Debian package
 ``dataset-fashion-mnist``), a fixed training subset, SGD with Nesterov momentum 0.9, weight
@@ -15,6 +15,13 @@ reference folder only our side runs, and the script says so.
 Prints mean +- spread (half the range) per method and the gap to BP, writes JSON and a plot::
 
     python benchmarks/accuracy.py --reference ../AugLocal --seeds 0 1 --jobs 2
+    python benchmarks/accuracy.py --reference ../AugLocal --methods dgl predsim infopro --seeds 0
+
+``--methods`` picks rows: ``bp``, ``auglocal2``, ``auglocal4`` (default: those three), ``dgl``,
+``predsim``, ``infopro``. The comparison rules run with the loss weights of the authors'
+``run.sh`` for ResNet-32 on both sides (DGL: CE only; PredSim 0.99 similarity + 0.01 CE; InfoPro
+reconstruction/CE 5/0.05 -> 0.2/0.5). Their InfoPro restores the image with CIFAR statistics
+on CUDA; here it is given Fashion-MNIST's (the normalisation our data pipeline applies) on CPU.
 
 Finished runs are cached in ``--out`` (one JSON file each); ``--rerun`` ignores the cache.
 """
@@ -32,15 +39,23 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = (("bp", 0), ("auglocal", 2), ("auglocal", 4))
+METHOD_CHOICES = {"bp": ("bp", 0), "auglocal2": ("auglocal", 2), "auglocal4": ("auglocal", 4),
+                  "dgl": ("dgl", 0), "predsim": ("predsim", 0), "infopro": ("infopro", 0)}
+METHODS = (("bp", 0), ("auglocal", 2), ("auglocal", 4))  # the default rows
+RULES = {"dgl": "DGL", "predsim": "PredSim", "infopro": "InfoPro"}
+# The authors' run.sh for ResNet-32: (ixx_1, ixy_1, ixx_2, ixy_2).
+LOSS_WEIGHTS = {"dgl": (0.0, 1.0, 0.0, 1.0), "predsim": (0.99, 0.01, 0.99, 0.01),
+                "infopro": (5.0, 0.05, 0.2, 0.5)}
 
 
 def _label(method: str, d: int) -> str:
+    if method in RULES:
+        return RULES[method]
     return "BP" if method == "bp" else f"AugLocal d={d}"
 
 
 def _run_name(impl: str, method: str, d: int, seed: int) -> str:
-    return f"{impl}-{method}{'' if method == 'bp' else f'-d{d}'}-seed{seed}"
+    return f"{impl}-{method}{'' if method != 'auglocal' else f'-d{d}'}-seed{seed}"
 
 
 # ----------------------------------------------------------------------------- one run (worker)
@@ -72,7 +87,9 @@ def _ours(args: argparse.Namespace) -> List[float]:
     from auglocal_fx.training import train
 
     out = Path(args.result).with_suffix("")
-    result = train(model="paper:resnet32", dataset="fashion-mnist", method=args.method,
+    rule = args.method if args.method in RULES else "auglocal"
+    result = train(model="paper:resnet32", dataset="fashion-mnist",
+                   method="bp" if args.method == "bp" else "auglocal", rule=rule,
                    d=max(2, args.d), epochs=args.epochs, batch_size=128, lr=0.1,
                    warmup_epochs=args.warmup_epochs, seed=args.seed, device="cpu",
                    input_size=args.image_size, train_subset=args.train_subset,
@@ -98,6 +115,25 @@ def _theirs(args: argparse.Namespace) -> List[float]:
     if args.method == "bp":
         model = reference.resnet32(local_module_num=1, batch_size=128, image_size=32,
                                    dataset="fashion-mnist", class_num=10, rule="BP")
+    elif args.method in RULES:
+        # Their train.py: the baselines train all 16 blocks locally; InfoPro's decoder is '2c'.
+        # Their PredSim sizes its pooling by image_size (they accept 32 and 96 only: run the
+        # comparison with --image-size 32); their InfoPro builds CUDA tensors: kept on the CPU.
+        from unittest import mock
+
+        with mock.patch.object(torch.Tensor, "cuda", lambda tensor, *a, **k: tensor):
+            model = reference.resnet32(local_module_num=16, batch_size=128, image_size=args.image_size,
+                                       dataset="fashion-mnist", class_num=10,
+                                       aux_net_config=RULES[args.method], aux_net_config_aux_loss="2c",
+                                       rule=RULES[args.method], hidden_dim=512, aux_net_feature_dim=128)
+        if args.method == "infopro":
+            # Their _image_restore uses CIFAR statistics made on CUDA: give it ours, on CPU.
+            from auglocal_fx.data import _MEAN_STD
+
+            mean, std = _MEAN_STD["fashion-mnist"]
+            size = (128, len(mean), args.image_size, args.image_size)
+            model.mask_train_mean = torch.tensor(mean).view(1, -1, 1, 1).expand(*size)
+            model.mask_train_std = torch.tensor(std).view(1, -1, 1, 1).expand(*size)
     else:
         # Their train.py: AugLocal runs with local_module_num = 16 - aux_net_depth.
         depth = args.d - 1
@@ -119,7 +155,8 @@ def _theirs(args: argparse.Namespace) -> List[float]:
             # Back-propagates every local loss and the output loss. The loss weights are their
             # train.py's defaults (ixy 1, ixx 0: cross-entropy only); the forward's own defaults
             # are 0, which would switch the local losses off.
-            model(img=x, target=y, ixx_1=0.0, ixy_1=1.0, ixx_2=0.0, ixy_2=1.0)
+            ixx_1, ixy_1, ixx_2, ixy_2 = LOSS_WEIGHTS.get(args.method, (0.0, 1.0, 0.0, 1.0))
+            model(img=x, target=y, ixx_1=ixx_1, ixy_1=ixy_1, ixx_2=ixx_2, ixy_2=ixy_2)
             optimizer.step()
         model.eval()
         correct = total = 0
@@ -154,13 +191,13 @@ def _launch(args: argparse.Namespace, impl: str, method: str, d: int, seed: int,
     return result
 
 
-def _summary(results: List[dict], impls: List[str]) -> List[dict]:
+def _summary(results: List[dict], impls: List[str], methods=METHODS) -> List[dict]:
     rows = []
     bp_mean = {}
     for impl in impls:
-        for method, d in METHODS:
+        for method, d in methods:
             accs = [r["test_acc"] for r in results
-                    if r["impl"] == impl and r["method"] == method and (method == "bp" or r["d"] == d)]
+                    if r["impl"] == impl and r["method"] == method and (method != "auglocal" or r["d"] == d)]
             if not accs:
                 continue
             mean = sum(accs) / len(accs)
@@ -172,7 +209,7 @@ def _summary(results: List[dict], impls: List[str]) -> List[dict]:
     return rows
 
 
-def _print_table(rows: List[dict], impls: List[str]) -> None:
+def _print_table(rows: List[dict], impls: List[str], methods=METHODS) -> None:
     print("\n| implementation | method | runs | test top-1 (%) mean +- spread | gap to its BP |")
     print("|---|---|---|---|---|")
     for row in rows:
@@ -181,7 +218,7 @@ def _print_table(rows: List[dict], impls: List[str]) -> None:
         print(f"| {name} | {row['method']} | {row['runs']} | {row['mean']:.2f} +- {row['spread']:.2f} | {gap} |")
     if len(impls) == 2:
         print("\nours - authors' (mean):")
-        for method, d in METHODS:
+        for method, d in methods:
             label = _label(method, d)
             ours = next((r for r in rows if r["impl"] == "ours" and r["method"] == label), None)
             theirs = next((r for r in rows if r["impl"] == "theirs" and r["method"] == label), None)
@@ -189,13 +226,13 @@ def _print_table(rows: List[dict], impls: List[str]) -> None:
                 print(f"  {label}: {ours['mean'] - theirs['mean']:+.2f}")
 
 
-def _plot(rows: List[dict], path: Path, recipe: Dict[str, object]) -> None:
+def _plot(rows: List[dict], path: Path, recipe: Dict[str, object], methods=METHODS) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [_label(m, d) for m, d in METHODS]
+    labels = [_label(m, d) for m, d in methods]
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.38
     for k, (impl, name, color) in enumerate((("ours", "auglocal-fx", "tab:blue"),
@@ -237,6 +274,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--json", default=None, help="summary JSON (default OUT/summary.json)")
     parser.add_argument("--plot", default="docs/accuracy.png")
     parser.add_argument("--rerun", action="store_true")
+    parser.add_argument("--methods", nargs="+", choices=list(METHOD_CHOICES),
+                        default=["bp", "auglocal2", "auglocal4"])
     parser.add_argument("--worker", nargs=5, metavar=("IMPL", "METHOD", "D", "SEED", "RESULT"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -255,10 +294,11 @@ def main(argv: Optional[List[str]] = None) -> None:
         args.reference = str(Path(args.reference).resolve())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    methods = [METHOD_CHOICES[m] for m in args.methods]
     jobs, results = [], []
     for seed in args.seeds:
         for impl in impls:
-            for method, d in METHODS:
+            for method, d in methods:
                 path = out / (_run_name(impl, method, d, seed) + ".json")
                 if path.exists() and not args.rerun:
                     cached = json.loads(path.read_text())
@@ -271,14 +311,14 @@ def main(argv: Optional[List[str]] = None) -> None:
         for result in pool.map(lambda job: _launch(args, *job), jobs):
             if result is not None:
                 results.append(result)
-    rows = _summary(results, impls)
+    rows = _summary(results, impls, methods)
     recipe = _recipe(args)
-    _print_table(rows, impls)
+    _print_table(rows, impls, methods)
     summary = {"recipe": recipe, "rows": rows, "runs": results}
     json_path = Path(args.json) if args.json else out / "summary.json"
     json_path.write_text(json.dumps(summary, indent=1))
     if rows and args.plot:
-        _plot(rows, Path(args.plot), recipe)
+        _plot(rows, Path(args.plot), recipe, methods)
         print(f"\nwrote {json_path} and {args.plot}")
 
 
