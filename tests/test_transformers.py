@@ -56,7 +56,10 @@ def test_swin_blocks_merge_patch_merging_into_the_next_block():
                              input_size=(3, 56, 56))
     part = partition_blocks(trace_model(resolved.model, resolved.input_size))
     assert len(part.blocks) == 12  # depths 2, 2, 6, 2: one block per transformer block
-    assert part.block_names[2] == ["layers.1"] or "layers.1.downsample" in part.block_names[2][0]
+    # patch embedding and patch merging (linear) join the transformer block after them
+    assert part.block_names[0] == ["patch_embed", "layers.0.downsample", "layers.0.blocks.0"]
+    assert part.block_names[2] == ["layers.1.downsample", "layers.1.blocks.0"]
+    assert part.head_names == ["norm", "head"]
     assert part.input_layouts[1:-1] == [NHWC] * 11
     assert part.resolutions == [14, 14, 7, 7, 4, 4, 4, 4, 4, 4, 2, 2]
 
