@@ -81,10 +81,16 @@ def abbreviate_names(names: Sequence[str], width: int = 24) -> str:
 
 
 def describe_options(local) -> str:
-    """``"d=6, tau=0.5, pyramid=True, selection=uniform"`` for a ``LocalNet``."""
+    """``"d=6, tau=0.5, pyramid=True, selection=uniform"`` for a ``LocalNet`` (a comparison
+    rule: ``"rule=dgl, every block but the last trained locally"``)."""
     opts = getattr(local, "options", {}) or {}
+    rule = opts.get("rule", "auglocal")
+    if rule not in ("auglocal", "auglocal+infopro"):
+        return f"rule={rule}, every block but the last trained locally"
     keys = ("d", "tau", "pyramid", "selection")
     text = ", ".join(f"{k}={v}" for k, v in opts.items() if k in keys)
+    if rule != "auglocal":
+        text += f", rule={rule}"
     partition = getattr(local, "partition", None)
     if partition is not None and "aux_head" in opts:
         from .synthesis import choose_aux_head

@@ -87,7 +87,8 @@ def convert(spec: str, d: Optional[int], tau, no_pyramid, selection, rule, aux_h
     if choice is not None:
         click.echo(choice.reason)
     size = "x".join(map(str, local.input_size))
-    click.echo(f"{spec} -> AugLocal ({describe_options(local)}), input {size}")
+    name = "AugLocal" if local.options.get("rule", "auglocal") == "auglocal" else "local learning"
+    click.echo(f"{spec} -> {name} ({describe_options(local)}), input {size}")
     click.echo(flops_table(flops))
     if output is not None:
         click.echo(f"saved {output}; restore with auglocal_fx.load({output!r})")
