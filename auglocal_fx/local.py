@@ -21,10 +21,10 @@ from ._threads import single_thread
 from .errors import AugLocalError
 from .initialization import InitReference
 from .partition import Partition, partition_blocks
-from .planning import AuxPlan, plan_aux_nets, validate_options
+from .planning import AuxPlan, validate_options
 from .specs import missing_input_size, model_input_size, resolve_model, spec_file
 from .rules import RuleContext, get_rule
-from .synthesis import validate_aux_head, warn_adapters
+from .synthesis import choose_aux_head, validate_aux_head, warn_adapters
 from .tracing import SHAPE_KEY, trace_model
 
 __all__ = ["LocalNet", "to_local", "load", "CHECKPOINT_FORMAT"]
@@ -294,7 +294,7 @@ def to_local(
         notes: List[Tuple[str, str, str]] = []
         context = RuleContext(partition, _output_classes(traced),
                               tuple(int(v) for v in traced.input_size), len(plans) + 1, init,
-                              aux_head, notes)
+                              choose_aux_head(partition, aux_head), notes)  # resolved once
         aux = [local_rule.build(p, context) for p in plans]
     warn_adapters(notes)
     classes = _output_classes(traced)

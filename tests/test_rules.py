@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from auglocal_fx import AugLocalError, load, resolve_model, to_local
+from auglocal_fx import AugLocalError, load, to_local
 from auglocal_fx.flops import count_flops
 from auglocal_fx.rules import RULES, RuleAux
 
