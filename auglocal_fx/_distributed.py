@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any, Callable, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -17,8 +17,8 @@ from torch import nn
 
 from .errors import AugLocalError
 
-__all__ = ["launched_by_torchrun", "init_distributed", "average_gradients", "broadcast_buffers",
-           "spawn"]
+__all__ = ["launched_by_torchrun", "init_distributed", "check_same_settings", "average_gradients",
+           "broadcast_buffers", "spawn"]
 
 
 def launched_by_torchrun() -> bool:
@@ -50,6 +50,9 @@ def spawn(nproc: int, worker: Callable[..., Any], *args: Any) -> None:
         if "AugLocalError:" in last:
             raise AugLocalError(last.split("AugLocalError:", 1)[1].strip()) from None
         raise
+    except mp.ProcessExitedException as err:
+        raise AugLocalError(f"process {err.error_index} of {nproc} exited ({str(err).strip()}); the others were "
+                            "stopped; continue from the last checkpoint with --resume") from None
 
 
 def _spawned(rank: int, nproc: int, port: int, worker: Callable[..., Any], args: Tuple[Any, ...]) -> None:
@@ -74,8 +77,21 @@ def init_distributed(wants_cuda: bool) -> Tuple[int, int, int]:
     return rank, world, local_rank
 
 
-def average_gradients(params: Sequence[nn.Parameter], world: int, bucket_bytes: int = 25 * 2 ** 20) -> None:
-    """All-reduce and average the gradients of ``params`` over the process group, in buckets."""
+def check_same_settings(settings: Dict[str, Any]) -> None:
+    """Raise if any process of the group was started with other ``settings`` than rank 0."""
+    every: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, settings)
+    for rank, theirs in enumerate(every):
+        for key, value in settings.items():
+            if theirs.get(key) != every[0].get(key):
+                raise AugLocalError(f"process {rank} was started with {key}={theirs.get(key)!r}, process 0 with "
+                                    f"{every[0].get(key)!r}; launch every process with the same options")
+
+
+def average_gradients(params: Sequence[nn.Parameter], world: int, bucket_bytes: int = 25 * 2 ** 20,
+                      group: Optional[Any] = None) -> None:
+    """All-reduce and average the gradients of ``params`` over ``group`` (of ``world`` processes;
+    default the whole process group), in buckets."""
     grads = [p.grad for p in params if p.grad is not None]
     bucket: List[torch.Tensor] = []
     size = 0
@@ -86,7 +102,7 @@ def average_gradients(params: Sequence[nn.Parameter], world: int, bucket_bytes: 
             continue
         if bucket:
             flat = torch.cat([b.reshape(-1) for b in bucket])
-            dist.all_reduce(flat)
+            dist.all_reduce(flat, group=group)
             flat /= world
             offset = 0
             for b in bucket:
@@ -95,7 +111,7 @@ def average_gradients(params: Sequence[nn.Parameter], world: int, bucket_bytes: 
         bucket, size = ([g], g.numel() * g.element_size()) if g is not None else ([], 0)
 
 
-def broadcast_buffers(module: nn.Module) -> None:
-    """Give every process rank 0's buffers (batch-norm statistics)."""
+def broadcast_buffers(module: nn.Module, src: int = 0, group: Optional[Any] = None) -> None:
+    """Give every process of ``group`` the buffers (batch-norm statistics) of global rank ``src``."""
     for buf in module.buffers():
-        dist.broadcast(buf, 0)
+        dist.broadcast(buf, src, group=group)

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm.auto import tqdm
 
 from ._device import resolve_device
-from ._distributed import average_gradients, broadcast_buffers, init_distributed, spawn
+from ._distributed import average_gradients, broadcast_buffers, check_same_settings, init_distributed, spawn
 from ._io import atomic_save, atomic_write_text
 from ._train_state import CKPT_FORMAT, CKPT_VERSION, RESUME_KEYS, load_checkpoint, resume_view, rng_state, set_rng_state
 from .data import build_datasets
@@ -87,10 +87,12 @@ class Run:
         self.main = rank == 0
         self.out = Path(cfg.out)
         self.device = _device(cfg, local_rank)
+        # Data parallel: this process's replica among dp_world, gradients averaged over dp_group.
+        self.dp_rank, self.dp_world, self.dp_group = self._data_parallel()
         self.batch_size, self.lr = default_recipe(cfg.dataset, cfg.batch_size, cfg.lr)
-        if self.batch_size % world:
-            raise AugLocalError(f"batch size {self.batch_size} is not divisible by {world} processes; "
-                                "change --batch-size or --nproc")
+        if self.batch_size % self.dp_world:
+            raise AugLocalError(f"batch size {self.batch_size} is not divisible by {self.dp_world} data-parallel "
+                                "processes; change --batch-size or --nproc")
         self.channels_last = cfg.channels_last if cfg.channels_last is not None else self.device.type == "cuda"
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
 
@@ -112,10 +114,11 @@ class Run:
         np.random.seed((cfg.seed * 7919 + rank) % 2 ** 32)
         random.seed(cfg.seed * 7919 + rank)
 
-        self.params = [p for p in self.net.parameters() if p.requires_grad]
+        self.params = [p for p in self._own_parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(self.params, lr=self.lr, momentum=cfg.momentum,
                                          nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
-        self.sampler = GlobalBatchSampler(len(self.train_set), self.batch_size, rank, world, cfg.seed)
+        self.sampler = GlobalBatchSampler(len(self.train_set), self.batch_size, self.dp_rank, self.dp_world,
+                                          cfg.seed)
         self.total_steps = cfg.epochs * self.sampler.steps
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
@@ -123,6 +126,14 @@ class Run:
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.history: List[Dict[str, Any]] = []
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+
+    def _own_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters this process's optimizer steps: all of them here."""
+        return self.net.parameters()
+
+    def _data_parallel(self) -> Tuple[int, int, Optional[Any]]:
+        """``(replica, replicas, process group)``: every process is a replica here."""
+        return self.rank, self.world, None
 
     def _build_model(self) -> Tuple[nn.Module, nn.Module]:
         cfg = self.cfg
@@ -140,36 +151,46 @@ class Run:
 
     # -- checkpoints
 
-    def _state(self) -> Dict[str, Any]:
+    def _gather_rng(self, size: int, group: Optional[Any] = None) -> List[Any]:
+        """The RNG states of the ``size`` processes of ``group`` (default all), in rank order."""
         rng = rng_state()
-        if self.world > 1:
-            states: List[Any] = [None] * self.world
-            dist.all_gather_object(states, rng)
-        else:
-            states = [rng]
+        if size == 1:
+            return [rng]
+        states: List[Any] = [None] * size
+        dist.all_gather_object(states, rng, group=group)
+        return states
+
+    def _progress_state(self) -> Dict[str, Any]:
+        """What ``last.pt`` holds besides the weights: config, position, history."""
         return {"format": CKPT_FORMAT, "version": CKPT_VERSION, "config": resume_view(self.cfg),
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                "total_steps": self.total_steps, "world_size": self.world,
-                "model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "rng": states, "history": self.history}
+                "total_steps": self.total_steps, "world_size": self.world, "history": self.history}
+
+    def _trainer_state(self, model: Dict[str, torch.Tensor], rng: List[Any]) -> Dict[str, Any]:
+        return {"model": model, "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None, "rng": rng}
+
+    def _write_progress(self, state: Dict[str, Any]) -> None:
+        """Rank 0: ``last.pt``, ``metrics.jsonl`` and the curves."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_save(state, self.out / "last.pt")
+        atomic_write_text("".join(json.dumps(h) + "\n" for h in self.history), self.out / "metrics.jsonl")
+        plot_training_curves(self.history, self.out / "curves.png")
 
     def save(self) -> None:
-        state = self._state()  # every process takes part (RNG gather)
+        rng = self._gather_rng(self.world)  # every process takes part
         if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            atomic_save(state, self.out / "last.pt")
-            atomic_write_text("".join(json.dumps(h) + "\n" for h in self.history), self.out / "metrics.jsonl")
-            plot_training_curves(self.history, self.out / "curves.png")
+            self._write_progress({**self._progress_state(), **self._trainer_state(self.net.state_dict(), rng)})
         if self.world > 1:
             dist.barrier()
 
-    def restore(self) -> bool:
+    def _read_resumable(self) -> Optional[Dict[str, Any]]:
+        """``last.pt`` if it exists and belongs to this run's options, else ``None``."""
         path = self.out / "last.pt"
         if not path.exists():
             if self.main:
                 self._log(f"no {path} to resume from; starting a new run")
-            return False
+            return None
         ckpt = load_checkpoint(path)
         mine, theirs = resume_view(self.cfg), ckpt.get("config", {})
         diff = [k for k in RESUME_KEYS if theirs.get(k) != mine[k]]
@@ -177,20 +198,39 @@ class Run:
             k = diff[0]
             raise AugLocalError(f"{path} belongs to a different run ({k}={theirs.get(k)!r}, now {mine[k]!r}); "
                                 "use the same options or another --out")
+        stages = (ckpt.get("pipeline") or {}).get("stages", 1)
+        if stages != self.cfg.pipeline:
+            raise AugLocalError(f"{path} was written by a run with --pipeline {stages}; resume it with "
+                                f"--pipeline {stages} or use another --out")
+        return ckpt
+
+    def _load_trainer_state(self, state: Dict[str, Any], path: Path, rank_in_rng: int, strict: bool = True):
+        """Weights, optimizer, scaler and this process's RNG (``rank_in_rng < 0``: keep the RNG)."""
         try:
-            self.net.load_state_dict(ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            if self.scaler is not None and ckpt["scaler"] is not None:
-                self.scaler.load_state_dict(ckpt["scaler"])
+            loaded = self.net.load_state_dict(state["model"], strict=strict)
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scaler is not None and state["scaler"] is not None:
+                self.scaler.load_state_dict(state["scaler"])
         except (KeyError, RuntimeError, ValueError) as err:
             reason = str(err).strip().splitlines()[0][:120]
             raise AugLocalError(f"{path} does not match this model ({reason}); delete it or use another --out") from None
-        if ckpt["world_size"] == self.world:
-            set_rng_state(ckpt["rng"][self.rank])
+        if 0 <= rank_in_rng < len(state["rng"]):
+            set_rng_state(state["rng"][rank_in_rng])
+        return loaded
+
+    def _restore_progress(self, ckpt: Dict[str, Any]) -> None:
         self.epoch, self.step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
         self.global_step, self.history = ckpt["global_step"], list(ckpt["history"])
         if self.main:
-            self._log(f"resumed from {path} at epoch {self.epoch}, step {self.global_step}")
+            self._log(f"resumed from {self.out / 'last.pt'} at epoch {self.epoch}, step {self.global_step}")
+
+    def restore(self) -> bool:
+        ckpt = self._read_resumable()
+        if ckpt is None:
+            return False
+        # RNG states are per process: restored only when the number of processes is the same.
+        self._load_trainer_state(ckpt, self.out / "last.pt", self.rank if ckpt["world_size"] == self.world else -1)
+        self._restore_progress(ckpt)
         return True
 
     # -- steps
@@ -214,8 +254,13 @@ class Run:
                 loss = self.loss_fn(self.net(x), y)
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             losses = loss.detach().reshape(1)
-        if self.world > 1:
-            average_gradients(self.params, self.world)
+        self._apply_gradients()
+        return losses.float()
+
+    def _apply_gradients(self) -> None:
+        """Average over the replicas, unscale, clip, step."""
+        if self.dp_world > 1:
+            average_gradients(self.params, self.dp_world, group=self.dp_group)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.cfg.grad_clip is not None:
@@ -226,7 +271,6 @@ class Run:
             self.scaler.update()
         else:
             self.optimizer.step()
-        return losses.float()
 
     def _set_learning_rate(self) -> None:
         """The paper's schedule sets the rate once per epoch, before it runs."""
@@ -240,16 +284,19 @@ class Run:
         groups = [list(self.net.block_parameters(j)) for j in range(len(self.net.aux))]
         return groups + [list(self.net.output_module_parameters())]
 
+    def _test_loader(self) -> DataLoader:
+        """This replica's share of the test set, in a fixed order."""
+        indices = list(range(self.dp_rank, len(self.test_set), self.dp_world))
+        return DataLoader(Subset(self.test_set, indices), batch_size=max(1, self.batch_size // self.dp_world),
+                          num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda",
+                          generator=torch.Generator().manual_seed(0))
+
     @torch.no_grad()
     def evaluate(self) -> Tuple[float, List[float]]:
         self.net.eval()
         n_aux = len(self.net.aux) if self.cfg.method == "auglocal" else 0
         counts = torch.zeros(2 + n_aux, dtype=torch.float64)  # seen, primary correct, aux correct...
-        indices = list(range(self.rank, len(self.test_set), self.world))
-        loader = DataLoader(Subset(self.test_set, indices), batch_size=max(1, self.batch_size // self.world),
-                            num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda",
-                            generator=torch.Generator().manual_seed(0))
-        for x, y in self._bar(loader, "eval"):
+        for x, y in self._bar(self._test_loader(), "eval"):
             x, y = self._to_device(x, y)
             with self._autocast():
                 if n_aux:
@@ -261,11 +308,15 @@ class Run:
                     logits = self.net(x)
             counts[0] += len(y)
             counts[1] += (logits.argmax(1) == y).sum().item()
+        self.net.train()
+        return self._accuracies(counts)
+
+    def _accuracies(self, counts: torch.Tensor) -> Tuple[float, List[float]]:
+        """Sum ``counts`` (seen, correct...) over the processes: the primary and auxiliary accuracies."""
         if self.world > 1:
             reduced = counts.to(self.device)  # NCCL reduces device tensors only
             dist.all_reduce(reduced)
             counts = reduced.cpu()
-        self.net.train()
         acc = (100.0 * counts[1:] / counts[0].clamp(min=1)).tolist()
         return acc[0], acc[1:]
 
@@ -289,27 +340,13 @@ class Run:
         while self.epoch < self.cfg.epochs and self.global_step < self.total_steps:
             self.sampler.set_epoch(self.epoch, self.step_in_epoch)
             self._set_learning_rate()
-            # A private generator seeds the workers, so creating the loader leaves the global RNG alone.
-            gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch * 101 + self.rank)
-            loader = DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=self.cfg.num_workers,
-                                pin_memory=self.device.type == "cuda", generator=gen)
-            sums, count, start = None, 0, time.perf_counter()
-            bar = self._bar(loader, f"epoch {self.epoch + 1}/{self.cfg.epochs}", total=steps,
-                            initial=self.step_in_epoch)
-            for x, y in bar:
-                losses = self.train_step(*self._to_device(x, y))
-                sums = losses if sums is None else sums + losses
-                count += 1
-                self.step_in_epoch += 1
-                self.global_step += 1
-                if self.global_step >= self.total_steps:
-                    break
+            start = time.perf_counter()
+            sums, count = self._train_epoch()
+            train_seconds = time.perf_counter() - start
             finished_epoch = self.step_in_epoch >= steps
-            if sums is not None and self.world > 1:
-                dist.all_reduce(sums)
-                sums /= self.world
-            if self.world > 1:
-                broadcast_buffers(self.net)
+            if sums is not None:
+                sums = self._reduce_losses(sums)
+            self._sync_buffers()
             test_acc, aux_acc = self.evaluate()
             mean = (sums / max(1, count)).tolist() if sums is not None else []
             record = {"epoch": self.epoch + 1, "step": self.global_step, "partial": not finished_epoch,
@@ -317,7 +354,8 @@ class Run:
                       "train_loss": mean[-1] if mean else None,
                       "local_losses": mean[:-1] if self.cfg.method == "auglocal" else [],
                       "test_acc": test_acc, "aux_acc": aux_acc,
-                      "epoch_seconds": round(time.perf_counter() - start, 3)}
+                      "train_seconds": round(train_seconds, 3),
+                      "epoch_seconds": round(time.perf_counter() - start, 3), **self._record_extra(train_seconds)}
             self.history.append(record)
             if finished_epoch:
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
@@ -327,6 +365,45 @@ class Run:
                 loss = f"{record['train_loss']:.4f}" if record["train_loss"] is not None else "-"
                 self._log(f"epoch {record['epoch']}: loss {loss}, test acc {test_acc:.2f}%{aux}")
         return self.finish()
+
+    def _epoch_steps(self) -> int:
+        """Steps left in this epoch (the run may stop early at ``max_steps``)."""
+        return min(len(self.sampler), self.total_steps - self.global_step)
+
+    def _train_loader(self) -> DataLoader:
+        # A private generator seeds the workers, so creating the loader leaves the global RNG alone.
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch * 101 + self.rank)
+        return DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=self.cfg.num_workers,
+                          pin_memory=self.device.type == "cuda", generator=gen)
+
+    def _train_epoch(self) -> Tuple[Optional[torch.Tensor], int]:
+        """Run this epoch's steps: the summed per-step losses and the number of steps."""
+        sums, count = None, 0
+        bar = self._bar(self._train_loader(), f"epoch {self.epoch + 1}/{self.cfg.epochs}",
+                        total=self.sampler.steps, initial=self.step_in_epoch)
+        for x, y in bar:
+            losses = self.train_step(*self._to_device(x, y))
+            sums = losses if sums is None else sums + losses
+            count += 1
+            self.step_in_epoch += 1
+            self.global_step += 1
+            if self.global_step >= self.total_steps:
+                break
+        return sums, count
+
+    def _reduce_losses(self, sums: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(sums)
+            sums /= self.world
+        return sums
+
+    def _sync_buffers(self) -> None:
+        """Rank 0's batch-norm statistics for evaluation, as DDP gives them at each forward."""
+        if self.world > 1:
+            broadcast_buffers(self.net)
+
+    def _record_extra(self, train_seconds: float) -> Dict[str, Any]:
+        return {}
 
     def finish(self) -> TrainResult:
         path = self.out / "model.pt"
@@ -341,12 +418,35 @@ class Run:
 
 
 def run(cfg: TrainConfig) -> TrainResult:
+    """This process's part of the run: the whole of it, a data-parallel replica or a pipeline worker."""
     rank, world, local_rank = init_distributed(_wants_cuda(cfg))
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     try:
-        return Run(cfg, rank, world, local_rank).fit()
+        if world > 1:
+            check_same_settings(_settings(cfg))
+        if cfg.pipeline == 1:
+            return Run(cfg, rank, world, local_rank).fit()
+        from ._pipeline import PipelineRun  # it builds on Run
+
+        try:
+            return PipelineRun(cfg, rank, world, local_rank).fit()
+        except AugLocalError:
+            raise
+        except Exception as err:  # noqa: BLE001 - the other workers must learn which one failed
+            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+            raise AugLocalError(f"pipeline worker {rank} failed: {type(err).__name__}: {reason}") from err
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _settings(cfg: TrainConfig) -> Dict[str, Any]:
+    """The options every process of one run must share."""
+    view = resume_view(cfg)
+    view.update(pipeline=cfg.pipeline, pipeline_balance=cfg.pipeline_balance, lr=cfg.lr, amp=cfg.amp,
+                grad_clip=cfg.grad_clip, max_steps=cfg.max_steps, test_subset=cfg.test_subset)
+    return view
 
 
 def result_from_disk(cfg: TrainConfig) -> TrainResult:
@@ -357,6 +457,6 @@ def result_from_disk(cfg: TrainConfig) -> TrainResult:
 
 
 def run_spawned(cfg: TrainConfig) -> TrainResult:
-    """Run ``cfg`` in ``cfg.nproc`` spawned processes; the result is read from rank 0's files."""
-    spawn(cfg.nproc, run, cfg)
+    """Run ``cfg`` in ``cfg.nproc x cfg.pipeline`` spawned processes; the result is read from rank 0's files."""
+    spawn(cfg.nproc * cfg.pipeline, run, cfg)
     return result_from_disk(cfg)

@@ -110,11 +110,32 @@ class LocalNet(nn.Module):
         Returns:
             A detached 1-D tensor of ``K`` losses: the ``K-1`` local losses, then the output loss.
         """
-        losses = []
-        for loss in self.local_losses(x, y, loss_fn, autocast_dtype):
+        return self.train_modules(x, y, loss_fn=loss_fn, scaler=scaler, autocast_dtype=autocast_dtype)[0]
+
+    def train_modules(
+        self,
+        h: torch.Tensor,
+        y: torch.Tensor,
+        start: int = 0,
+        stop: Optional[int] = None,
+        image: Optional[torch.Tensor] = None,
+        loss_fn: Optional[LossFn] = None,
+        scaler: Optional["torch.amp.GradScaler"] = None,
+        autocast_dtype: Optional[torch.dtype] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`train_step` for local modules ``start .. stop-1`` only (a pipeline worker's share).
+
+        Args are those of :meth:`module_losses` and :meth:`train_step`.
+
+        Returns:
+            The detached losses of the modules, and the detached output of the last one.
+        """
+        losses, out = [], h
+        for loss, out in self.module_losses(h, y, start, stop, image=image, loss_fn=loss_fn,
+                                            autocast_dtype=autocast_dtype):
             (scaler.scale(loss) if scaler is not None else loss).backward()
             losses.append(loss.detach())
-        return torch.stack([v.float() for v in losses])
+        return torch.stack([v.float() for v in losses]), out
 
     def local_losses(self, x: torch.Tensor, y: torch.Tensor, loss_fn: Optional[LossFn] = None,
                      autocast_dtype: Optional[torch.dtype] = None) -> Iterator[torch.Tensor]:
@@ -124,31 +145,62 @@ class LocalNet(nn.Module):
         back-propagate (and so free) a module's graph before the next runs, as
         :meth:`train_step` does, or measure each module on its own.
         """
+        for loss, _ in self.module_losses(x, y, loss_fn=loss_fn, autocast_dtype=autocast_dtype):
+            yield loss
+
+    def module_losses(self, h: torch.Tensor, y: torch.Tensor, start: int = 0, stop: Optional[int] = None,
+                      image: Optional[torch.Tensor] = None, loss_fn: Optional[LossFn] = None,
+                      autocast_dtype: Optional[torch.dtype] = None) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """Local modules ``start .. stop-1`` on ``h``: ``(loss, detached output)`` for each.
+
+        Local module ``j < K-1`` is block ``j`` with auxiliary network ``j``; module ``K-1`` (the
+        output module) is blocks ``K-1 .. L-1`` with the head, and its output is the last block's.
+        A pipeline worker runs its own range on what the worker before it sent.
+
+        Args:
+            h: the input of module ``start`` (the image for ``start=0``).
+            y: targets.
+            start, stop: the range of local modules (default all ``K``).
+            image: the input image, for rules whose loss reconstructs it (InfoPro); default ``h``
+                when ``start == 0``.
+            loss_fn: ``loss_fn(logits, y)``; default cross-entropy.
+            autocast_dtype: run forwards under ``torch.autocast`` with this dtype.
+        """
+        stop = self.num_local if stop is None else stop
+        if not 0 <= start < stop <= self.num_local:
+            raise AugLocalError(f"local modules {start}..{stop - 1} are not in 0..{self.num_local - 1}")
+        if image is None and start == 0:
+            image = h
         loss_fn = loss_fn or F.cross_entropy
         if autocast_dtype is not None:
-            autocast = lambda: torch.autocast(device_type=x.device.type, dtype=autocast_dtype)  # noqa: E731
+            autocast = lambda: torch.autocast(device_type=h.device.type, dtype=autocast_dtype)  # noqa: E731
         else:
             autocast = contextlib.nullcontext
-        h = x
-        for j in range(self.num_local - 1):
+        for j in range(start, min(stop, self.num_local - 1)):
             with autocast():
                 out = self.blocks[j](h.detach())
                 aux = self.aux[j]
                 if hasattr(aux, "local_loss"):  # a rule with a second loss (PredSim, InfoPro)
-                    loss = aux.local_loss(out, x, y, loss_fn)
+                    loss = aux.local_loss(out, image, y, loss_fn)
                 else:
                     loss = loss_fn(aux(out), y)
             # Only the detached output survives: block j's graph goes with its loss.
             h = out.detach()
             del out
-            yield loss
+            yield loss, h
             del loss
-        with autocast():
-            out = h.detach()
-            for block in self.blocks[self.num_local - 1:]:
-                out = block(out)
-            loss = loss_fn(self.head(out), y)
-        yield loss
+        if stop == self.num_local:
+            with autocast():
+                out = h.detach()
+                for block in self.blocks[self.num_local - 1:]:
+                    out = block(out)
+                loss = loss_fn(self.head(out), y)
+            yield loss, out.detach()
+
+    @property
+    def needs_image(self) -> bool:
+        """Whether a local loss takes the input image (InfoPro's reconstruction)."""
+        return any(getattr(aux, "kind", None) == "reconstruction" for aux in self.aux)
 
     def block_outputs(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
         """Each primary block's output in order, without stop-gradients."""

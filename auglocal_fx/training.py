@@ -81,7 +81,15 @@ class TrainConfig:
         train_subset, test_subset: use a fixed random subset of this many images.
         augment: the paper's data augmentation on the training set.
         num_workers: DataLoader worker processes.
-        nproc: processes to spawn for data parallel (ignored under ``torchrun``).
+        nproc: data-parallel replicas to spawn (ignored under ``torchrun``, whose process
+            count is ``pipeline x`` replicas).
+        pipeline: ``K`` pipeline workers, each owning a contiguous range of local modules
+            (``method="auglocal"`` only); ``pipeline x nproc`` processes in all. See
+            :mod:`auglocal_fx._pipeline`.
+        pipeline_balance: how the ranges are chosen: ``"time"`` (each module's measured step
+            time) or ``"flops"`` (forward FLOPs).
+        threads: CPU threads per process (``torch.set_num_threads``); default all cores, shared
+            equally by spawned processes.
         resume: continue from ``out/last.pt`` if it exists.
         progress: show tqdm progress bars and per-epoch lines (rank 0).
     """
@@ -117,6 +125,9 @@ class TrainConfig:
     augment: bool = True
     num_workers: int = 0
     nproc: int = 1
+    pipeline: int = 1
+    pipeline_balance: str = "time"
+    threads: Optional[int] = None
     resume: bool = False
     progress: bool = True
 
@@ -166,7 +177,7 @@ def train(config: Optional[TrainConfig] = None, **overrides: Any) -> TrainResult
     from . import _train_loop  # it builds on the classes above
 
     cfg = _check_config(config, overrides)
-    if launched_by_torchrun() or cfg.nproc == 1:
+    if launched_by_torchrun() or cfg.nproc * cfg.pipeline == 1:
         return _train_loop.run(cfg)
     return _train_loop.run_spawned(cfg)
 
@@ -189,13 +200,18 @@ def _check_config(config: Optional[TrainConfig], overrides: Dict[str, Any]) -> T
         raise AugLocalError(f"unknown amp mode {cfg.amp!r}; choose from {', '.join(AMP_MODES)}")
     if isinstance(cfg.warmup_epochs, bool) or not isinstance(cfg.warmup_epochs, int) or cfg.warmup_epochs < 0:
         raise AugLocalError(f"warmup_epochs must be an integer >= 0, got {cfg.warmup_epochs!r}")
-    for name in ("epochs", "nproc"):
+    for name in ("epochs", "nproc", "pipeline"):
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise AugLocalError(f"{name} must be a positive integer, got {value!r}")
     if isinstance(cfg.input_size, (tuple, list)):
         cfg.input_size = tuple(int(v) for v in cfg.input_size)  # (C, H, W); build_datasets checks it
-    for name in ("batch_size", "max_steps", "train_subset", "test_subset") + (
+    if cfg.pipeline > 1 and cfg.method != "auglocal":
+        raise AugLocalError("pipeline needs local learning (method 'auglocal'); backprop's blocks wait for each "
+                            "other's gradients")
+    if cfg.pipeline_balance not in ("time", "flops"):
+        raise AugLocalError(f"unknown pipeline_balance {cfg.pipeline_balance!r}; choose from time, flops")
+    for name in ("batch_size", "max_steps", "train_subset", "test_subset", "threads") + (
             () if isinstance(cfg.input_size, tuple) else ("input_size",)):
         value = getattr(cfg, name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):

@@ -50,10 +50,17 @@ from .options import (aux_head_option, rule_option, conversion_kwargs, depth_opt
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="DataLoader workers.")
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="Data-parallel processes to spawn (or launch with torchrun --nproc-per-node N).")
+@click.option("--pipeline", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Pipeline workers, each owning a contiguous range of local modules (K x --nproc "
+                   "processes; under torchrun the launched processes are split into pipelines of K).")
+@click.option("--pipeline-balance", type=click.Choice(["time", "flops"]), default="time", show_default=True,
+              help="Split the local modules by their measured step time or by their FLOPs.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads per process [default: the cores, shared by spawned processes].")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
 def train(spec, dataset, data_dir, method, epochs, batch_size, lr, warmup_epochs, momentum, weight_decay, d, tau, no_pyramid,
           selection, aux_head, rule, out, resume, seed, device, amp, grad_clip, label_smoothing, channels_last, input_size,
-          max_steps, train_subset, test_subset, no_augment, workers, nproc, quiet):
+          max_steps, train_subset, test_subset, no_augment, workers, nproc, pipeline, pipeline_balance, threads, quiet):
     """Train SPEC (e.g. paper:resnet32, timm:resnet18) with AugLocal or backprop."""
     from auglocal_fx.training import TrainConfig, train as run_training
 
@@ -67,7 +74,8 @@ def train(spec, dataset, data_dir, method, epochs, batch_size, lr, warmup_epochs
             device=device, amp=amp, grad_clip=grad_clip, label_smoothing=label_smoothing,
             channels_last=channels_last, input_size=options.get("input_size"), max_steps=max_steps,
             train_subset=train_subset, test_subset=test_subset, augment=not no_augment, num_workers=workers,
-            nproc=nproc, resume=resume, progress=not quiet)
+            nproc=nproc, pipeline=pipeline, pipeline_balance=pipeline_balance, threads=threads, resume=resume,
+            progress=not quiet)
         result = run_training(config)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun, rank 0 reports

@@ -1,5 +1,7 @@
 """Tiny networks for the training and memory tests (file specs: ``tests/_tiny_models.py:NAME``)."""
 
+import os
+
 import torch
 from torch import nn
 
@@ -35,3 +37,28 @@ def tiny_cnn(num_classes: int = 10) -> TinyCNN:
 def tiny_nobn(num_classes: int = 10) -> TinyCNN:
     """Conv-ReLU blocks without batch norm (per-process batch statistics would differ under DDP)."""
     return TinyCNN(num_classes, batch_norm=False)
+
+
+@torch.fx.wrap
+def fail_in_worker(x: torch.Tensor) -> torch.Tensor:
+    """Raise in the process whose ``RANK`` is ``$AUGLOCAL_TEST_FAIL_RANK``, on its second
+    training forward with a batch of 8 (a pipeline worker dying mid-run); identity elsewhere."""
+    if (os.environ.get("AUGLOCAL_TEST_FAIL_RANK") == os.environ.get("RANK") and x.shape[0] == 8
+            and torch.is_grad_enabled()):
+        _FAILURES["calls"] += 1
+        if _FAILURES["calls"] >= 2:
+            raise RuntimeError("injected failure")
+    return x
+
+
+_FAILURES = {"calls": 0}
+
+
+class FailingCNN(TinyCNN):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(fail_in_worker(self.features(x))), 1))
+
+
+def tiny_failing(num_classes: int = 10) -> FailingCNN:
+    """:func:`tiny_cnn` whose last block fails in the worker named by ``$AUGLOCAL_TEST_FAIL_RANK``."""
+    return FailingCNN(num_classes)

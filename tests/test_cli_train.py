@@ -48,6 +48,8 @@ def test_train_paper_resnet32_on_digits_with_auglocal(tmp_path):
     (["--dataset", "svhn"], "--data-dir"),
     (["--d", "1"], "auxiliary depth d=1 is invalid"),
     (["--warmup-epochs", "-1"], "--warmup-epochs"),
+    (["--pipeline", "2", "--method", "bp"], "pipeline needs local learning"),
+    (["--pipeline", "0"], "--pipeline"),
 ])
 def test_library_errors_are_one_line(tmp_path, args, message):
     result = CliRunner().invoke(train, [TINY, "--out", str(tmp_path), "--quiet"] + args)

@@ -1,0 +1,134 @@
+"""Pipelined local training: stage balancing, exactness against the sequential step, resume,
+errors. The pipeline runs are spawned gloo processes on the CPU, one thread each."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from auglocal_fx import AugLocalError, to_local
+from auglocal_fx._pipeline import balance_stages, flop_costs, measure_module_times
+from auglocal_fx.flops import count_flops
+from auglocal_fx.training import TrainConfig, train
+
+TINY = str(Path(__file__).with_name("_tiny_models.py")) + ":tiny_cnn"
+TINY_NOBN = str(Path(__file__).with_name("_tiny_models.py")) + ":tiny_nobn"
+FAILING = str(Path(__file__).with_name("_tiny_models.py")) + ":tiny_failing"
+NUM_LOCAL = 3  # local modules of TINY at d=2 (checked below)
+
+# Batch norm, augmentation and a rule with a second loss: exactness must hold for all of them.
+COMMON = dict(model=TINY, dataset="synthetic", input_size=16, batch_size=8, train_subset=32, test_subset=8,
+              epochs=2, warmup_epochs=1, lr=0.2, d=2, device="cpu", threads=1, progress=False)
+
+
+def _weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _assert_same_weights(a, b):
+    a, b = _weights(a), _weights(b)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def _largest_stage(costs, ranges):
+    return max(sum(costs[a:b]) for a, b in ranges)
+
+
+def test_balance_stages_is_the_best_contiguous_split():
+    costs = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    ranges = balance_stages(costs, 3)
+    assert ranges == [(0, 5), (5, 7), (7, 9)]  # 15, 13, 17
+    assert [r[0] for r in ranges[1:]] == [r[1] for r in ranges[:-1]]
+    # Every other split into 3 contiguous ranges has a larger or equal largest stage.
+    best = min(_largest_stage(costs, [(0, i), (i, j), (j, 9)]) for i in range(1, 8) for j in range(i + 1, 9))
+    assert _largest_stage(costs, ranges) == best
+    assert balance_stages([5.0], 1) == [(0, 1)]
+    assert balance_stages([1, 1, 1], 3) == [(0, 1), (1, 2), (2, 3)]
+    with pytest.raises(AugLocalError, match="cannot split 3 local modules into 4"):
+        balance_stages([1, 1, 1], 4)
+
+
+def test_flop_costs_add_up_to_the_network():
+    local = to_local(TINY, d=2, input_size=(3, 16, 16))
+    costs = flop_costs(local)
+    assert len(costs) == local.num_local == NUM_LOCAL
+    assert sum(costs) == count_flops(local).total
+
+
+def test_measuring_module_times_leaves_the_run_untouched():
+    local = to_local(TINY, d=2, input_size=(3, 16, 16))
+    before = {k: v.clone() for k, v in local.state_dict().items()}
+    rng = torch.get_rng_state()
+    times = measure_module_times(local, 4, 10, torch.device("cpu"), repeats=1)
+    assert len(times) == local.num_local and all(t > 0 for t in times)
+    assert all(torch.equal(before[k], v) for k, v in local.state_dict().items())  # BN statistics too
+    assert all(p.grad is None for p in local.parameters())
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+@pytest.fixture(scope="module")
+def sequential(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sequential")
+    torch_threads = torch.get_num_threads()
+    try:
+        return train(TrainConfig(out=str(out), **COMMON))
+    finally:
+        torch.set_num_threads(torch_threads)
+
+
+def _check_pipeline_record(result, stages):
+    pipe = result.history[-1]["pipeline"]
+    assert pipe["stages"] == stages and len(pipe["busy"]) == stages
+    ranges = pipe["modules"]
+    assert ranges[0][0] == 0 and ranges[-1][1] == NUM_LOCAL
+    assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(ranges, ranges[1:]))
+
+
+def test_two_workers_give_the_weights_of_the_sequential_schedule(tmp_path, sequential):
+    result = train(TrainConfig(out=str(tmp_path), pipeline=2, **COMMON))
+    _assert_same_weights(sequential.model_path, result.model_path)
+    for mine, theirs in zip(result.history, sequential.history):
+        assert mine["local_losses"] == theirs["local_losses"] and mine["train_loss"] == theirs["train_loss"]
+        assert mine["test_acc"] == theirs["test_acc"] and mine["aux_acc"] == theirs["aux_acc"]
+    _check_pipeline_record(result, 2)
+    parts = sorted(p.name for p in tmp_path.glob("last.stage*.pt"))
+    assert parts == [f"last.stage{k}-of-2.step8.pt" for k in range(2)]  # older parts deleted
+
+
+def test_three_workers_stopped_and_resumed_give_the_same_weights(tmp_path, sequential):
+    config = TrainConfig(out=str(tmp_path), pipeline=3, pipeline_balance="flops", **COMMON)
+    train(config, max_steps=5)  # stops in the middle of epoch 2
+    manifest = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert manifest["global_step"] == 5 and manifest["pipeline"]["stages"] == 3
+    assert manifest["pipeline"]["parts"] == [f"last.stage{k}-of-3.step5.pt" for k in range(3)]
+    result = train(config, resume=True)
+    _assert_same_weights(sequential.model_path, result.model_path)
+    _check_pipeline_record(result, 3)
+    with pytest.raises(AugLocalError, match="resume it with --pipeline 3"):
+        train(TrainConfig(out=str(tmp_path), **COMMON), resume=True)
+
+
+def test_pipeline_errors_are_one_line(tmp_path, monkeypatch):
+    with pytest.raises(AugLocalError, match=f"more than the {NUM_LOCAL} local modules"):
+        train(TrainConfig(out=str(tmp_path / "many"), pipeline=NUM_LOCAL + 1, **{**COMMON, "epochs": 1}))
+    with pytest.raises(AugLocalError, match="needs local learning"):
+        train(TrainConfig(out=str(tmp_path / "bp"), pipeline=2, method="bp", **COMMON))
+    # A worker that dies stops the others, and the message names it.
+    monkeypatch.setenv("AUGLOCAL_TEST_FAIL_RANK", "1")
+    with pytest.raises(AugLocalError, match="pipeline worker 1"):
+        train(TrainConfig(out=str(tmp_path / "dies"), pipeline=2, **{**COMMON, "model": FAILING}))
+
+
+def test_pipelines_compose_with_data_parallel_replicas(tmp_path):
+    # Two replicas of a two-worker pipeline (4 processes) against one process on the whole batch.
+    # Batch-norm-free model, no augmentation and d=3 (no BatchNorm1d in the auxiliary heads): with
+    # batch norm each replica would normalise its half-batch, which legitimately differs.
+    common = {**COMMON, "model": TINY_NOBN, "augment": False, "d": 3, "epochs": 1, "max_steps": 3}
+    one = train(TrainConfig(out=str(tmp_path / "one"), **common))
+    four = train(TrainConfig(out=str(tmp_path / "four"), pipeline=2, nproc=2, **common))
+    assert four.history[-1]["pipeline"]["replicas"] == 2 and len(four.history[-1]["pipeline"]["busy"]) == 4
+    a, b = _weights(one.model_path), _weights(four.model_path)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
