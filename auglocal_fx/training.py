@@ -28,6 +28,10 @@ and the gradients are averaged with bucketed ``all_reduce`` before the optimizer
 local step calls ``backward`` once per local module, so DDP's reducer does not fit).
 gloo on CPU, NCCL on CUDA. Batch-norm statistics are local to each process during an epoch
 and rank 0's are broadcast before evaluation, as DDP does at each forward.
+
+Pipeline (``pipeline=K``): K worker processes, each owning a contiguous range of local modules,
+pass detached block outputs forward; the weights after N steps equal the sequential run's. It
+composes with data parallel (``K x nproc`` processes). See :mod:`auglocal_fx._pipeline`.
 """
 
 from __future__ import annotations
