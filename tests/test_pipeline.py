@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from auglocal_fx import AugLocalError, to_local
+from auglocal_fx._distributed import spawn
 from auglocal_fx._pipeline import balance_stages, flop_costs, measure_module_times
 from auglocal_fx.flops import count_flops
 from auglocal_fx.training import TrainConfig, train
@@ -132,3 +133,22 @@ def test_pipelines_compose_with_data_parallel_replicas(tmp_path):
     a, b = _weights(one.model_path), _weights(four.model_path)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def _check_settings_worker(settings_by_rank):
+    import torch.distributed as dist
+
+    from auglocal_fx._distributed import check_same_settings, init_distributed
+
+    rank, _, _ = init_distributed(wants_cuda=False)
+    try:
+        check_same_settings(settings_by_rank[rank])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_processes_started_with_other_settings_are_refused():
+    # torchrun starts every process from its own command line: a different batch size or K on
+    # one of them must stop the run with one line, not deadlock it.
+    with pytest.raises(AugLocalError, match="process 1 was started with batch_size=64, process 0 with 128"):
+        spawn(2, _check_settings_worker, [{"pipeline": 2, "batch_size": 128}, {"pipeline": 2, "batch_size": 64}])
