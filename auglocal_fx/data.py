@@ -127,11 +127,7 @@ def build_datasets(name: str, data_dir: Optional[str] = None,
     Raises:
         AugLocalError: for an unknown name or a dataset that is not on disk.
     """
-    if not isinstance(name, str) or not name:
-        raise AugLocalError(f"dataset must be a name, got {name!r}; choose from {', '.join(DATASETS)}")
-    key = "imagefolder" if name.startswith("imagefolder:") else name.lower()
-    if key not in _NATIVE_SIZE:
-        raise AugLocalError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    key = _dataset_key(name)
     side = _side(input_size, _NATIVE_SIZE[key])
     native = _NATIVE_SIZE[key]
     if key == "imagefolder":
@@ -158,11 +154,7 @@ def dataset_geometry(name: str, input_size: Union[None, int, Sequence[int]] = No
     Raises:
         AugLocalError: for an unknown name, a bad size, or an image folder without ``train/``.
     """
-    if not isinstance(name, str) or not name:
-        raise AugLocalError(f"dataset must be a name, got {name!r}; choose from {', '.join(DATASETS)}")
-    key = "imagefolder" if name.startswith("imagefolder:") else name.lower()
-    if key not in _NATIVE_SIZE:
-        raise AugLocalError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    key = _dataset_key(name)
     side = _side(input_size, _NATIVE_SIZE[key])
     if key != "imagefolder":
         return _NUM_CLASSES[key], (3, side, side)
@@ -170,6 +162,15 @@ def dataset_geometry(name: str, input_size: Union[None, int, Sequence[int]] = No
     if not os.path.isdir(train):
         raise AugLocalError(f"{name} needs {train}/<class>/*; create it or pass another path")
     return sum(os.path.isdir(os.path.join(train, c)) for c in os.listdir(train)), (3, side, side)
+
+
+def _dataset_key(name: str) -> str:
+    if not isinstance(name, str) or not name:
+        raise AugLocalError(f"dataset must be a name, got {name!r}; choose from {', '.join(DATASETS)}")
+    key = "imagefolder" if name.startswith("imagefolder:") else name.lower()
+    if key not in _NATIVE_SIZE:
+        raise AugLocalError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    return key
 
 
 def _side(input_size, default: int) -> int:
