@@ -201,7 +201,8 @@ def plot_analysis(cka: Mapping[str, Sequence[float]], probe: Mapping[str, Sequen
     ax.set_xlabel("block")
     ax.set_ylabel("linear CKA to reference")
     ax.set_title("(a) CKA per block", fontsize=9)
-    ax.legend(fontsize=7)
+    if cka:
+        ax.legend(fontsize=7)
     ax = axes[1]
     means = [float(np.nanmean(v)) for v in cka.values()]
     ax.bar(range(len(means)), means, color=[colors[m] for m in cka])

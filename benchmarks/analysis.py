@@ -83,7 +83,7 @@ def analyse(out: Path, names: List[str], runs: Dict[str, Dict[str, object]], bat
     for name in names:
         start = time.perf_counter()
         cka = block_cka(nets["bp"], nets[name], data.test, batch_size=batch_size, progress=False)
-        probe = linear_probe(nets[name], data.train, data.test, seed=RECIPE["seed"], progress=False)
+        probe = linear_probe(nets[name], data.train, data.test, progress=False)
         results["methods"][name] = {
             "label": LABELS[name], "test_acc": runs[name]["test_acc"],
             "train_seconds": runs[name]["seconds"], "cka": cka.values, "mean_cka": cka.mean,
