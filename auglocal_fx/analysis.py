@@ -158,13 +158,8 @@ class _CKASums:
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         same = x is y
-        x = x.reshape(x.shape[0], -1).to(torch.float64)
-        k = x @ x.T
-        if same:
-            l = k
-        else:
-            y = y.reshape(y.shape[0], -1).to(torch.float64)
-            l = y @ y.T
+        k = _gram(x)
+        l = k if same else _gram(y)
         xx = float(hsic_unbiased(k, k))
         self.xx += xx
         self.yy += xx if same else float(hsic_unbiased(l, l))
@@ -175,6 +170,17 @@ class _CKASums:
         """The CKA; NaN where a block's features are constant (``HSIC_1(K, K) = 0``)."""
         denominator = math.sqrt(self.xx * self.yy) if self.xx > 0 and self.yy > 0 else 0.0
         return self.xy / denominator if denominator > 0 else float("nan")
+
+
+def _gram(x: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
+    """``X Xᵀ`` in float64 of the flattened features, summed over column chunks so that a large
+    feature map (256 x 56 x 56 per example) never exists in float64 all at once."""
+    x = x.reshape(x.shape[0], -1)
+    gram = torch.zeros(x.shape[0], x.shape[0], dtype=torch.float64, device=x.device)
+    for i in range(0, x.shape[1], chunk):
+        part = x[:, i:i + chunk].to(torch.float64)
+        gram += part @ part.T
+    return gram
 
 
 def _batch_slices(n: int, batch_size: int) -> List[slice]:
@@ -474,7 +480,7 @@ def _fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, max_iter: int,
     return clf
 
 
-def linear_probe(model: NetLike, train_data: DataLike, test_data: DataLike, batch_size: int = 256,
+def linear_probe(model: NetLike, train_data: Dataset, test_data: Dataset, batch_size: int = 256,
                  device: Union[str, torch.device] = "cpu", max_iter: int = 200,
                  weight_decay: float = 1e-4, progress: bool = True) -> Probe:
     """Test accuracy of a linear classifier on each block's frozen, pooled features.
@@ -591,7 +597,7 @@ def _rule_text(options: Dict[str, Any]) -> str:
 def compare(model_a: NetLike, model_b: NetLike, dataset: Optional[str] = None, data_dir: Optional[str] = None,
             batch_size: int = 256, test_subset: Optional[int] = None, probe: bool = False,
             probe_train_subset: Optional[int] = None, device: Union[str, torch.device] = "cpu",
-            seed: int = 0, progress: bool = True) -> Comparison:
+            seed: int = 0, progress: bool = True, input_size: Optional[Sequence[int]] = None) -> Comparison:
     """:func:`block_cka` of two trained networks and, with ``probe``, :func:`linear_probe` of each.
 
     Args:
@@ -607,16 +613,13 @@ def compare(model_a: NetLike, model_b: NetLike, dataset: Optional[str] = None, d
         device: ``"cpu"``, ``"cuda[:N]"`` or ``"auto"``.
         seed: seeds the subsets.
         progress: tqdm bars.
+        input_size: ``(C, H, W)`` to convert plain ``nn.Module`` arguments at (default: the
+            dataset's own size); trained networks keep the size they were trained at.
 
     Raises:
         AugLocalError: unreadable checkpoints, different architectures or input sizes, a
             missing dataset, bad options.
     """
-    a, b = _as_local(model_a), _as_local(model_b)
-    _check_same_partition(a, b)
-    if tuple(a.input_size) != tuple(b.input_size):
-        raise AugLocalError(f"the networks were trained at {tuple(a.input_size)} and {tuple(b.input_size)}; "
-                            "compare two networks trained at the same input size")
     if dataset is None:
         config = trained_config(model_a) if isinstance(model_a, (str, os.PathLike)) else None
         if config is not None:
@@ -625,6 +628,15 @@ def compare(model_a: NetLike, model_b: NetLike, dataset: Optional[str] = None, d
             from .training import default_dataset
 
             dataset = default_dataset()
+    if input_size is None:
+        from .data import dataset_geometry
+
+        input_size = dataset_geometry(dataset)[1]
+    a, b = _as_local(model_a, input_size), _as_local(model_b, input_size)
+    _check_same_partition(a, b)
+    if tuple(a.input_size) != tuple(b.input_size):
+        raise AugLocalError(f"the networks were trained at {tuple(a.input_size)} and {tuple(b.input_size)}; "
+                            "compare two networks trained at the same input size")
     data = analysis_data(dataset, a.input_size, data_dir, test_subset,
                          probe_train_subset if probe else 1, seed)
     cka = block_cka(a, b, data.test, batch_size=batch_size, device=device, progress=progress)
@@ -632,7 +644,8 @@ def compare(model_a: NetLike, model_b: NetLike, dataset: Optional[str] = None, d
     if probe:
         probe_a = linear_probe(a, data.train, data.test, batch_size, device, progress=progress)
         probe_b = linear_probe(b, data.train, data.test, batch_size, device, progress=progress)
-    names = tuple(str(m) if isinstance(m, (str, os.PathLike)) else (m.spec or "model") for m in (model_a, model_b))
+    names = tuple(str(m) if isinstance(m, (str, os.PathLike)) else (getattr(m, "spec", None) or type(m).__name__)
+                  for m in (model_a, model_b))
     return Comparison(names, (describe(model_a if not isinstance(model_a, nn.Module) else a),
                               describe(model_b if not isinstance(model_b, nn.Module) else b)),
                       dataset, tuple(data.input_size), cka, probe_a, probe_b, seed)

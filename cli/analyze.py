@@ -25,7 +25,7 @@ from .options import user_errors
               help="Write the results as JSON to FILE, or print them instead of the table with -.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
               help="Write the CKA (and probe) figure, as the paper's Figures 3 and 4.")
-@click.option("--device", default="cpu", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu or cuda[:N].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the test and probe subsets.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def analyze(a, b, dataset, data_dir, batch_size, test_subset, probe, probe_train_subset, json_file, plot,

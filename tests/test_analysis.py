@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from auglocal_fx import AugLocalError, block_cka, linear_probe, to_local
-from auglocal_fx.analysis import analysis_data, hsic_unbiased, linear_cka, load_trained
+from auglocal_fx.analysis import _gram, analysis_data, compare, hsic_unbiased, linear_cka, load_trained
 from auglocal_fx.training import train
 
 from ._tiny_models import TinyCNN
@@ -77,6 +77,11 @@ def test_minibatch_estimate_agrees_with_the_full_set_within_1e3():
     assert full == pytest.approx(biased, abs=2e-3)
 
 
+def test_gram_matrix_in_column_chunks_is_the_float64_product():
+    x, _ = _features(16)
+    assert torch.allclose(_gram(x.reshape(16, 10, 20), chunk=7), x.double() @ x.double().T, rtol=1e-12)
+
+
 def test_batches_need_four_examples():
     x, y = _features(10)
     with pytest.raises(AugLocalError, match="at least 4"):
@@ -115,6 +120,16 @@ def test_block_cka_of_a_network_with_itself_is_one_per_block():
     assert local.training  # the mode is restored
 
 
+def test_plain_models_are_converted_at_the_data_size():
+    torch.manual_seed(0)
+    a, b = TinyCNN(), TinyCNN()
+    result = compare(a, b, dataset="synthetic", batch_size=64, progress=False)
+    assert result.names == ("TinyCNN", "TinyCNN") and result.input_size == (3, 32, 32)
+    assert len(result.cka.values) == 4 and result.cka.batches == 2 and result.probe_a is None
+    direct = block_cka(a, b, torch.randn(16, *SIZE), batch_size=8, progress=False)
+    assert direct.shapes[0] == (8, 16, 16)
+
+
 def test_trained_network_differs_from_its_initialisation(runs):
     trained = load_trained(runs / "bp")
     torch.manual_seed(0)
@@ -133,6 +148,19 @@ def test_linear_probe_on_random_init_is_far_below_trained(runs):
     again = linear_probe(runs / "bp", data.train, data.test, progress=False)
     assert again.accuracy == trained.accuracy  # deterministic
     assert trained.features == [8, 8, 8, 8] and trained.test_examples == 128
+
+
+def test_cuda_gives_the_cpu_values(runs):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    local, data = load_trained(runs / "bp"), analysis_data("synthetic", SIZE, probe_train_subset=256)
+    cpu = block_cka(local, runs / "auglocal", data.test, batch_size=32, progress=False)
+    gpu = block_cka(local, runs / "auglocal", data.test, batch_size=32, device="cuda", progress=False)
+    assert gpu.values == pytest.approx(cpu.values, abs=1e-4)
+    assert next(local.parameters()).device.type == "cpu"  # moved back
+    probe_cpu = linear_probe(local, data.train, data.test, progress=False).accuracy
+    probe_gpu = linear_probe(local, data.train, data.test, device="cuda", progress=False).accuracy
+    assert probe_gpu == pytest.approx(probe_cpu, abs=2.0)
 
 
 @pytest.mark.parametrize("other, message", [
