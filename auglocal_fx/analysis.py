@@ -256,10 +256,10 @@ def load_trained(path: Union[str, os.PathLike], map_location: Union[str, torch.d
     from .data import dataset_geometry
 
     classes, size = dataset_geometry(config["dataset"], config.get("input_size"))
-    local = to_local(spec, d=config.get("d", 2), tau=config.get("tau", 0.5),
-                     pyramid=config.get("pyramid", True), selection=config.get("selection", "uniform"),
-                     aux_head=config.get("aux_head", "auto"), rule=config.get("rule", "auglocal"),
-                     input_size=size, num_classes=classes)
+    # A BP run's local options were never used: the defaults only give it (unused) auxiliary nets.
+    options = {} if config.get("method") == "bp" else {
+        k: config[k] for k in ("d", "tau", "pyramid", "selection", "aux_head", "rule") if k in config}
+    local = to_local(spec, input_size=size, num_classes=classes, **options)
     state = torch.load(model_file, map_location=map_location, weights_only=True)
     try:
         local.export().load_state_dict(state, strict=True)

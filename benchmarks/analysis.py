@@ -10,7 +10,8 @@ resized to 16x16, a fixed 4096-image training subset, 6 epochs, batch 128, SGD N
 weight decay 1e-4, lr 0.1 with the paper's per-epoch cosine and a 1-epoch warmup, the paper's
 crop + flip, seed 0, one thread. Methods: BP, AugLocal d=2, 4, 6 and DGL (``rule="dgl"``).
 
-Then, on 2000 test images (a seeded subset): :func:`auglocal_fx.block_cka` of each method to BP
+Then, on 2000 test images (a seeded subset): :func:`auglocal_fx.block_cka` of each method (and of
+the untrained network every run starts from: ``train`` seeds the weights, so all runs share them) to BP
 (flattened block outputs, minibatch unbiased HSIC, batches of 250), and
 :func:`auglocal_fx.linear_probe` of every network (global-average-pooled block outputs of 4096
 training images, standardised, L-BFGS logistic regression; accuracy on the 2000 test images).
@@ -73,6 +74,9 @@ def train_runs(out: Path, names: List[str]) -> Dict[str, Dict[str, object]]:
 def analyse(out: Path, names: List[str], runs: Dict[str, Dict[str, object]], batch_size: int,
             probe_train: int) -> Dict[str, object]:
     """CKA of every run to BP, and the linear probe of every run."""
+    import torch
+
+    from auglocal_fx import to_local
     from auglocal_fx.analysis import analysis_data, block_cka, linear_probe, load_trained
 
     nets = {name: load_trained(out / name) for name in names}
@@ -90,6 +94,15 @@ def analyse(out: Path, names: List[str], runs: Dict[str, Dict[str, object]], bat
             "probe": probe.accuracy, "analysis_seconds": round(time.perf_counter() - start, 1)}
         print(f"{LABELS[name]}: mean CKA to BP {cka.mean:.4f}, probe of the last block "
               f"{probe.accuracy[-1]:.2f}%", flush=True)
+    # Every run starts from the same primary weights (train seeds them before building the model),
+    # so part of any similarity is inherited: the untrained network measures that part.
+    torch.manual_seed(RECIPE["seed"])
+    init = to_local(RECIPE["model"], input_size=nets["bp"].input_size, num_classes=10)
+    cka = block_cka(nets["bp"], init, data.test, batch_size=batch_size, progress=False)
+    probe = linear_probe(init, data.train, data.test, progress=False)
+    results["methods"]["init"] = {"label": "untrained (common init)", "test_acc": None, "train_seconds": 0,
+                                  "cka": cka.values, "mean_cka": cka.mean, "probe": probe.accuracy}
+    print(f"untrained: mean CKA to BP {cka.mean:.4f}, probe of the last block {probe.accuracy[-1]:.2f}%", flush=True)
     results["block_names"] = cka.names
     return results
 
@@ -101,7 +114,8 @@ def markdown(results: Dict[str, object]) -> str:
     for entry in methods.values():
         cka = " ".join(f"{v:.2f}" for v in entry["cka"])
         probe = " ".join(f"{v:.0f}" for v in entry["probe"])
-        rows.append(f"| {entry['label']} | {entry['test_acc']:.2f} | {entry['mean_cka']:.3f} | {cka} | "
+        acc = "-" if entry["test_acc"] is None else f"{entry['test_acc']:.2f}"
+        rows.append(f"| {entry['label']} | {acc} | {entry['mean_cka']:.3f} | {cka} | "
                     f"{probe} |")
     return "\n".join(rows)
 

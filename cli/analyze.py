@@ -51,10 +51,9 @@ def analyze(a, b, dataset, data_dir, batch_size, test_subset, probe, probe_train
 
             probes = {}
             if result.probe_a is not None:
-                probes = {f"A ({result.descriptions[0]})": result.probe_a.accuracy,
-                          f"B ({result.descriptions[1]})": result.probe_b.accuracy}
-            plot_analysis({f"B ({result.descriptions[1]})": result.cka.values}, probes, plot,
-                          title=f"CKA of B to A on {result.dataset}")
+                probes = {"A": result.probe_a.accuracy, "B": result.probe_b.accuracy}
+            plot_analysis({"B": result.cka.values}, probes, plot,
+                          title=f"A: {result.descriptions[0]}; B: {result.descriptions[1]}; {result.dataset}")
         record = result.to_dict()
         if plot is not None:
             record["plot"] = plot
