@@ -20,10 +20,12 @@ incomplete one is dropped so that every term has the same ``n`` (a set smaller t
 of either feature matrix.
 
 Why our own estimator: the registry's ``cka-pytorch`` 1.1.3, ``ckatorch`` 1.0.3 and
-``pytorch-cka`` 1.1.3 all have a correct ``HSIC_1`` (checked against the formula above), but
-they collect features with forward hooks on named modules, which is what this module exists to
-avoid; ``pytorch-cka`` clamps CKA into ``[0, 1]`` (hiding a wrong value) and keeps the model's
-float32; and they pull in lightning/torchmetrics or seaborn/safetensors/pyyaml for twenty lines.
+``pytorch-cka`` 1.1.3 all have a correct ``HSIC_1`` (ours agrees with ``ckatorch``'s to float64
+precision), but they read models through forward hooks on named modules, which is what this
+module exists to avoid; ``cka-pytorch`` and ``pytorch-cka`` build the Gram matrices in float32
+and ``pytorch-cka`` clamps CKA into ``[0, 1]`` (hiding a wrong value); ``ckatorch``'s
+feature-level ``cka_batch`` wants all minibatches stacked in memory at once; and they pull in
+lightning/torchmetrics or seaborn/safetensors/pyyaml for twenty lines.
 
 **Linear probe** (:func:`linear_probe`): the network frozen in eval mode; each block's output
 is global-average-pooled (``NCHW``/``NHWC``: mean over the grid; tokens: mean over tokens), the
