@@ -4,6 +4,7 @@
 >>> local = to_local("timm:regnetx_004", d=6, input_size=(3, 64, 64))
 """
 
+from .analysis import BlockCKA, Probe, block_cka, linear_probe
 from .errors import AugLocalError
 from .flops import count_flops, solve_budget
 from .local import LocalNet, load, to_local
@@ -16,6 +17,10 @@ __version__ = "0.1.0"
 __all__ = [
     "AugLocalError",
     "AuxPlan",
+    "BlockCKA",
+    "Probe",
+    "block_cka",
+    "linear_probe",
     "count_flops",
     "solve_budget",
     "LocalNet",

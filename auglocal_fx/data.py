@@ -40,7 +40,8 @@ from torchvision.transforms import v2
 
 from .errors import AugLocalError
 
-__all__ = ["DATASETS", "DEFAULT_FASHION_MNIST_DIR", "Datasets", "build_datasets", "train_augmentation"]
+__all__ = ["DATASETS", "DEFAULT_FASHION_MNIST_DIR", "Datasets", "build_datasets", "dataset_geometry",
+           "train_augmentation"]
 
 DATASETS = ("cifar10", "svhn", "stl10", "fashion-mnist", "digits", "imagefolder:PATH", "synthetic")
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -126,11 +127,7 @@ def build_datasets(name: str, data_dir: Optional[str] = None,
     Raises:
         AugLocalError: for an unknown name or a dataset that is not on disk.
     """
-    if not isinstance(name, str) or not name:
-        raise AugLocalError(f"dataset must be a name, got {name!r}; choose from {', '.join(DATASETS)}")
-    key = "imagefolder" if name.startswith("imagefolder:") else name.lower()
-    if key not in _NATIVE_SIZE:
-        raise AugLocalError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    key = _dataset_key(name)
     side = _side(input_size, _NATIVE_SIZE[key])
     native = _NATIVE_SIZE[key]
     if key == "imagefolder":
@@ -146,6 +143,34 @@ def build_datasets(name: str, data_dir: Optional[str] = None,
     else:
         train, test = _synthetic(native, train_tf, test_tf)
     return Datasets(train, test, _NUM_CLASSES[key], (3, side, side))
+
+
+def dataset_geometry(name: str, input_size: Union[None, int, Sequence[int]] = None
+                     ) -> Tuple[int, Tuple[int, int, int]]:
+    """``(num_classes, (3, H, W))`` that :func:`build_datasets` gives, without reading images.
+
+    ``imagefolder:PATH`` counts the class folders of ``PATH/train``.
+
+    Raises:
+        AugLocalError: for an unknown name, a bad size, or an image folder without ``train/``.
+    """
+    key = _dataset_key(name)
+    side = _side(input_size, _NATIVE_SIZE[key])
+    if key != "imagefolder":
+        return _NUM_CLASSES[key], (3, side, side)
+    train = os.path.join(name[len("imagefolder:"):], "train")
+    if not os.path.isdir(train):
+        raise AugLocalError(f"{name} needs {train}/<class>/*; create it or pass another path")
+    return sum(os.path.isdir(os.path.join(train, c)) for c in os.listdir(train)), (3, side, side)
+
+
+def _dataset_key(name: str) -> str:
+    if not isinstance(name, str) or not name:
+        raise AugLocalError(f"dataset must be a name, got {name!r}; choose from {', '.join(DATASETS)}")
+    key = "imagefolder" if name.startswith("imagefolder:") else name.lower()
+    if key not in _NATIVE_SIZE:
+        raise AugLocalError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    return key
 
 
 def _side(input_size, default: int) -> int:

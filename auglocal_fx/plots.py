@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -16,7 +16,7 @@ from ._io import atomic_write
 from .errors import AugLocalError
 from .tables import describe_options
 
-__all__ = ["check_figure_path", "plot_report", "plot_blocks", "plot_training_curves"]
+__all__ = ["check_figure_path", "plot_report", "plot_blocks", "plot_training_curves", "plot_analysis"]
 
 _EXTS = (".png", ".svg", ".pdf")
 
@@ -176,4 +176,54 @@ def plot_training_curves(history: List[Dict[str, Any]], path: Union[str, Path]) 
     ax_acc.legend()
     fig.tight_layout()
     atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=100))
+    plt.close(fig)
+
+
+def plot_analysis(cka: Mapping[str, Sequence[float]], probe: Mapping[str, Sequence[float]], path: str,
+                  title: Optional[str] = None) -> None:
+    """The paper's Figures 3 and 4: CKA to the reference per block and its average, probe accuracy.
+
+    Args:
+        cka: per method (label), the CKA of each block to the reference network.
+        probe: per method (label), the linear-probe test accuracy (%) of each block; may be empty.
+        path: output file (``.png``, ``.svg`` or ``.pdf``).
+        title: a line above the panels.
+    """
+    check_figure_path(path)
+    plt = _pyplot()
+    panels = 3 if probe else 2
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4), dpi=90)
+    cmap = plt.get_cmap("viridis")
+    colors = {m: cmap(i / max(1, len(cka) - 1) * 0.85) for i, m in enumerate(cka)}
+    ax = axes[0]
+    for method, values in cka.items():
+        ax.plot(range(len(values)), values, "o-", ms=3, color=colors[method], label=method)
+    ax.set_xlabel("block")
+    ax.set_ylabel("linear CKA to reference")
+    ax.set_title("(a) CKA per block", fontsize=9)
+    if cka:
+        ax.legend(fontsize=7)
+    ax = axes[1]
+    means = [float(np.nanmean(v)) for v in cka.values()]
+    ax.bar(range(len(means)), means, color=[colors[m] for m in cka])
+    for i, v in enumerate(means):
+        ax.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(means)))
+    ax.set_xticklabels(list(cka), rotation=20, fontsize=7)
+    ax.set_ylabel("average CKA over blocks")
+    ax.set_title("(b) average CKA (paper Fig. 3)", fontsize=9)
+    if probe:
+        ax = axes[2]
+        for i, (method, values) in enumerate(probe.items()):
+            style = dict(color="black", lw=2) if method not in colors else dict(color=colors[method])
+            ax.plot(range(len(values)), values, "o-", ms=3, label=method, **style)
+        ax.set_xlabel("block")
+        ax.set_ylabel("linear probe test top-1 (%)")
+        ax.set_title("(c) linear separability (paper Fig. 4)", fontsize=9)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fmt = os.path.splitext(path)[1].lower().lstrip(".")
+    atomic_write(path, lambda handle: fig.savefig(handle, format=fmt))
     plt.close(fig)

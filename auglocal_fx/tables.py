@@ -21,6 +21,7 @@ __all__ = [
     "flops_table",
     "blocks_table",
     "cost_table",
+    "analysis_table",
 ]
 
 FLOPS_NOTE = "FLOPs: fvcore convention, 1 multiply-add = 1 FLOP, forward pass of one example"
@@ -235,4 +236,34 @@ def cost_table(report) -> str:
         lines.append(f"memory: {report.memory_note}")
     if has_time:
         lines.append(f"time/step: {report.time_how}")
+    return "\n".join(lines)
+
+
+def analysis_table(comparison) -> str:
+    """The per-block table of ``auglocal-fx analyze``: modules, output shape, CKA, probes.
+
+    Args:
+        comparison: a :class:`~auglocal_fx.analysis.Comparison`.
+    """
+    cka, pa, pb = comparison.cka, comparison.probe_a, comparison.probe_b
+    headers = ["block", "modules", "output", "CKA(A,B)"]
+    if pa is not None and pb is not None:
+        headers += ["probe A (%)", "probe B (%)"]
+    rows = []
+    for j, name in enumerate(cka.names):
+        row = [j, name, _shape(cka.shapes[j]), f"{cka.values[j]:.4f}"]
+        if pa is not None and pb is not None:
+            row += [f"{pa.accuracy[j]:.2f}", f"{pb.accuracy[j]:.2f}"]
+        rows.append(row)
+    lines = [f"A: {comparison.names[0]} ({comparison.descriptions[0]})",
+             f"B: {comparison.names[1]} ({comparison.descriptions[1]})",
+             f"{comparison.dataset} test images at {_shape(comparison.input_size)}: linear CKA of the flattened "
+             f"block outputs, minibatch unbiased HSIC, {cka.examples} images in {cka.batches} batches of "
+             f"{cka.batch_size}",
+             "", format_table(headers, rows, right=[True, False, False, True, True, True]), "",
+             f"average CKA over {len(cka.values)} blocks: {cka.mean:.4f}"]
+    if pa is not None and pb is not None:
+        lines.append(f"probes: logistic regression on pooled features, {pa.train_examples} training / "
+                     f"{pa.test_examples} test images; last block A {pa.accuracy[-1]:.2f}%, "
+                     f"B {pb.accuracy[-1]:.2f}%")
     return "\n".join(lines)

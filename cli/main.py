@@ -4,6 +4,7 @@ import click
 
 from auglocal_fx import __version__
 
+from .analyze import analyze
 from .blocks import blocks
 from .convert import convert
 from .report import report
@@ -20,3 +21,4 @@ cli.add_command(convert)
 cli.add_command(report)
 cli.add_command(blocks)
 cli.add_command(train)
+cli.add_command(analyze)

@@ -8,7 +8,7 @@ import torch
 from auglocal_fx import AugLocalError
 from torchvision.transforms import v2
 
-from auglocal_fx.data import build_datasets, train_augmentation
+from auglocal_fx.data import build_datasets, dataset_geometry, train_augmentation
 
 
 def test_synthetic_shapes_and_determinism():
@@ -115,3 +115,9 @@ def test_build_datasets_applies_the_augmentation_list():
     assert _describe([t for t in steps if isinstance(t, (v2.RandomCrop, v2.RandomHorizontalFlip))]) == \
         _describe(train_augmentation("synthetic", side=16))
     assert not any(isinstance(t, v2.RandomCrop) for t in data.test.transform.transforms)
+
+
+@pytest.mark.parametrize("name, size", [("synthetic", None), ("digits", 16)])
+def test_dataset_geometry_matches_build_datasets(name, size):
+    data = build_datasets(name, input_size=size, augment=False)
+    assert dataset_geometry(name, size) == (data.num_classes, data.input_size)
