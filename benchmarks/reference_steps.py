@@ -1,0 +1,164 @@
+"""One training step of each comparison rule, ours against the authors' code, with equal weights.
+
+For CIFAR ResNet-32 (16 local modules) and each rule (DGL, PredSim, InfoPro), builds the
+authors' ``LocalResNet`` (``--reference DIR``, a checkout of ChenxiangMA/AugLocal, or
+``$AUGLOCAL_REFERENCE``) and ``to_local("paper:resnet32", rule=...)``, copies the authors'
+weights into ours (primary network by name; each auxiliary network and decoder layer by layer,
+in the order they run), runs one training step of both on the same batch (their forward, which
+back-propagates every local loss with their ``run.sh`` weights; our ``LocalNet.train_step``)
+and compares every parameter's gradient (the batch: the first Fashion-MNIST test images). Equal gradients mean equal training: the accuracy
+difference between the two implementations then comes from the random draws alone.
+
+InfoPro's reconstruction target differs by design: the authors undo the dataset normalisation
+with fixed statistics, we rescale each image to [0, 1] by its own minimum and maximum (no
+dataset statistics needed, see docs/method.md rule 13). The row ``InfoPro (their target)``
+gives their ``_image_restore`` our target, so the rest of the rule is compared exactly; the row
+``InfoPro`` keeps theirs (Fashion-MNIST statistics) and shows what the target changes.
+
+    python benchmarks/reference_steps.py --reference ../AugLocal
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+from unittest import mock
+
+import torch
+from torch import nn
+
+from auglocal_fx import to_local
+from auglocal_fx.rules.base import reconstruction_loss
+
+RULES = {"dgl": "DGL", "predsim": "PredSim", "infopro": "InfoPro"}
+LOSS_WEIGHTS = {"dgl": (0.0, 1.0, 0.0, 1.0), "predsim": (0.99, 0.01, 0.99, 0.01),
+                "infopro": (5.0, 0.05, 0.2, 0.5)}  # the authors' run.sh for ResNet-32
+
+
+def _leaves_in_run_order(module: nn.Module, run) -> List[nn.Module]:
+    """Leaf modules with parameters or buffers, in the order a call of ``run()`` executes them."""
+    order, hooks = [], []
+    for m in module.modules():
+        if not list(m.children()) and (list(m.parameters(recurse=False)) or list(m.buffers(recurse=False))):
+            hooks.append(m.register_forward_hook(lambda mod, i, o: order.append(mod) if mod not in order else None))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return order
+
+
+def _copy_layers(src: List[nn.Module], dst: List[nn.Module], what: str) -> None:
+    if [type(m) for m in src] != [type(m) for m in dst]:
+        raise SystemExit(f"{what}: layers differ: {[type(m).__name__ for m in src]} vs "
+                         f"{[type(m).__name__ for m in dst]}")
+    with torch.no_grad():
+        for a, b in zip(src, dst):
+            for ta, tb in zip(list(a.parameters(recurse=False)) + list(a.buffers(recurse=False)),
+                              list(b.parameters(recurse=False)) + list(b.buffers(recurse=False))):
+                if ta.shape != tb.shape:
+                    raise SystemExit(f"{what}: {type(a).__name__} {tuple(ta.shape)} vs {tuple(tb.shape)}")
+                tb.copy_(ta)
+
+
+def _authors_model(reference, rule: str, batch: int):
+    with mock.patch.object(torch.Tensor, "cuda", lambda tensor, *a, **k: tensor):  # their InfoPro makes CUDA tensors
+        return reference.resnet32(local_module_num=16, batch_size=batch, image_size=32, dataset="fashion-mnist",
+                                  class_num=10, aux_net_config=RULES[rule], aux_net_config_aux_loss="2c",
+                                  rule=RULES[rule], hidden_dim=512, aux_net_feature_dim=128)
+
+
+def compare(reference, rule: str, their_target: bool, batch: int, seed: int) -> dict:
+    torch.manual_seed(seed)
+    theirs = _authors_model(reference, rule, batch)
+    ours = to_local("paper:resnet32", rule=rule, input_size=(3, 32, 32), num_classes=10)
+    if rule == "infopro":
+        from auglocal_fx.data import _MEAN_STD
+
+        mean, std = _MEAN_STD["fashion-mnist"]
+        theirs.mask_train_mean = torch.tensor(mean).view(1, -1, 1, 1).expand(batch, -1, 32, 32)
+        theirs.mask_train_std = torch.tensor(std).view(1, -1, 1, 1).expand(batch, -1, 32, 32)
+        if not their_target:
+            # Their decoder's target becomes ours: the image rescaled to [0, 1] per example.
+            theirs._image_restore = lambda image: _our_target(image)
+    primary = ours.export().state_dict()
+    missing = [k for k in primary if k not in theirs.state_dict()]
+    if missing:
+        raise SystemExit(f"primary names differ: {missing[:3]}")
+    ours.export().load_state_dict({k: theirs.state_dict()[k] for k in primary}, strict=True)
+    for j, (stage, layer, _) in enumerate(theirs.net_config):
+        h = torch.randn(2, *ours.block_shapes[j])
+        their_aux = getattr(theirs, f"aux_classifier_{stage}_{layer}")
+        our_aux = ours.aux[j]
+        our_classifier = getattr(our_aux, "classifier", our_aux)
+        _copy_layers(_leaves_in_run_order(their_aux, lambda: their_aux(h, torch.zeros(2, dtype=torch.long))),
+                     _leaves_in_run_order(our_classifier, lambda: our_classifier(h)), f"aux net {j}")
+        if hasattr(our_aux, "decoder"):
+            their_dec = getattr(theirs, f"decoder_{stage}_{layer}")
+            target = torch.rand(2, 3, 32, 32) if rule == "infopro" else torch.zeros(2, dtype=torch.long)
+            _copy_layers(_leaves_in_run_order(their_dec, lambda: their_dec(h, target)),
+                         _leaves_in_run_order(our_aux.decoder, lambda: our_aux.decoder(h)), f"decoder {j}")
+    x, y = _batch(batch)
+    theirs.train(), ours.train()
+    ixx_1, ixy_1, ixx_2, ixy_2 = LOSS_WEIGHTS[rule]
+    theirs(img=x, target=y, ixx_1=ixx_1, ixy_1=ixy_1, ixx_2=ixx_2, ixy_2=ixy_2)
+    ours.train_step(x, y)
+    # Gradients of the primary network by name, of the auxiliary networks in run order.
+    their_grads = dict(theirs.named_parameters())
+    worst, count, scale = 0.0, 0, 0.0
+    for name, p in ours.export().named_parameters():
+        q = their_grads[name]
+        worst = max(worst, (p.grad - q.grad).abs().max().item())
+        scale = max(scale, q.grad.abs().max().item())
+        count += 1
+    return {"rule": rule + (" (their target)" if rule == "infopro" and their_target else ""),
+            "primary tensors": count, "max |grad difference|": worst, "max |grad|": scale}
+
+
+def _batch(batch: int):
+    """The first ``batch`` Fashion-MNIST test images at 32 px, normalised as training normalises them."""
+    from auglocal_fx.data import build_datasets
+
+    data = build_datasets("fashion-mnist", input_size=32, augment=False).test
+    images, labels = zip(*(data[i] for i in range(batch)))
+    return torch.stack(images), torch.tensor(labels)
+
+
+def _our_target(image: torch.Tensor) -> torch.Tensor:
+    """The target our reconstruction loss compares with (the image rescaled per example)."""
+    flat = image.flatten(1)
+    low = flat.min(dim=1).values.view(-1, 1, 1, 1)
+    high = flat.max(dim=1).values.view(-1, 1, 1, 1)
+    return (image - low) / (high - low).clamp_min(1e-8)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reference", default=os.environ.get("AUGLOCAL_REFERENCE"))
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if not args.reference or not os.path.isfile(os.path.join(args.reference, "networks", "resnet.py")):
+        print("no reference folder (--reference or $AUGLOCAL_REFERENCE with networks/resnet.py); nothing to compare")
+        return 2
+    sys.path.insert(0, os.path.abspath(args.reference))
+    import networks.resnet as reference  # the authors' code
+
+    assert reconstruction_loss is not None  # the function _our_target mirrors
+    print(f"paper:resnet32, 16 local modules, batch {args.batch_size}, seed {args.seed}, float32 CPU; "
+          "gradients of the primary network after one step")
+    print("| rule | primary tensors | max abs gradient difference | max abs gradient |")
+    print("|---|---|---|---|")
+    for rule, their_target in (("dgl", False), ("predsim", False), ("infopro", False), ("infopro", True)):
+        row = compare(reference, rule, their_target, args.batch_size, args.seed)
+        print(f"| {row['rule']} | {row['primary tensors']} | {row['max |grad difference|']:.2e} | "
+              f"{row['max |grad|']:.2e} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
