@@ -6,14 +6,16 @@ authors' ``LocalResNet`` (``--reference DIR``, a checkout of ChenxiangMA/AugLoca
 weights into ours (primary network by name; each auxiliary network and decoder layer by layer,
 in the order they run), runs one training step of both on the same batch (their forward, which
 back-propagates every local loss with their ``run.sh`` weights; our ``LocalNet.train_step``)
-and compares every parameter's gradient (the batch: the first Fashion-MNIST test images). Equal gradients mean equal training: the accuracy
-difference between the two implementations then comes from the random draws alone.
+and compares the gradient of every parameter, primary and auxiliary (the batch: the first
+Fashion-MNIST test images). Equal gradients mean equal training: the accuracy difference
+between the two implementations then comes from the random draws alone.
 
 InfoPro's reconstruction target differs by design: the authors undo the dataset normalisation
 with fixed statistics, we rescale each image to [0, 1] by its own minimum and maximum (no
-dataset statistics needed, see docs/method.md rule 13). The row ``InfoPro (their target)``
-gives their ``_image_restore`` our target, so the rest of the rule is compared exactly; the row
-``InfoPro`` keeps theirs (Fashion-MNIST statistics) and shows what the target changes.
+dataset statistics needed, see docs/method.md rule 13). The row ``infopro`` gives their
+``_image_restore`` our target, so the rest of the rule is compared exactly; the row
+``infopro (their target)`` keeps theirs (with Fashion-MNIST statistics) and shows what the
+target changes.
 
     python benchmarks/reference_steps.py --reference ../AugLocal
 """
@@ -30,7 +32,7 @@ import torch
 from torch import nn
 
 from auglocal_fx import to_local
-from auglocal_fx.rules.base import reconstruction_loss
+from auglocal_fx.rules.base import reconstruction_target
 
 RULES = {"dgl": "DGL", "predsim": "PredSim", "infopro": "InfoPro"}
 LOSS_WEIGHTS = {"dgl": (0.0, 1.0, 0.0, 1.0), "predsim": (0.99, 0.01, 0.99, 0.01),
@@ -52,17 +54,21 @@ def _leaves_in_run_order(module: nn.Module, run) -> List[nn.Module]:
     return order
 
 
-def _copy_layers(src: List[nn.Module], dst: List[nn.Module], what: str) -> None:
+def _copy_layers(src: List[nn.Module], dst: List[nn.Module], what: str) -> List[tuple]:
+    """Copy ``src``'s parameters and buffers into ``dst``, layer by layer; the parameter pairs."""
     if [type(m) for m in src] != [type(m) for m in dst]:
         raise SystemExit(f"{what}: layers differ: {[type(m).__name__ for m in src]} vs "
                          f"{[type(m).__name__ for m in dst]}")
+    pairs = []
     with torch.no_grad():
         for a, b in zip(src, dst):
+            pairs += list(zip(a.parameters(recurse=False), b.parameters(recurse=False)))
             for ta, tb in zip(list(a.parameters(recurse=False)) + list(a.buffers(recurse=False)),
                               list(b.parameters(recurse=False)) + list(b.buffers(recurse=False))):
                 if ta.shape != tb.shape:
                     raise SystemExit(f"{what}: {type(a).__name__} {tuple(ta.shape)} vs {tuple(tb.shape)}")
                 tb.copy_(ta)
+    return pairs
 
 
 def _authors_model(reference, rule: str, batch: int):
@@ -84,23 +90,24 @@ def compare(reference, rule: str, their_target: bool, batch: int, seed: int) -> 
         theirs.mask_train_std = torch.tensor(std).view(1, -1, 1, 1).expand(batch, -1, 32, 32)
         if not their_target:
             # Their decoder's target becomes ours: the image rescaled to [0, 1] per example.
-            theirs._image_restore = lambda image: _our_target(image)
+            theirs._image_restore = reconstruction_target
     primary = ours.export().state_dict()
     missing = [k for k in primary if k not in theirs.state_dict()]
     if missing:
         raise SystemExit(f"primary names differ: {missing[:3]}")
     ours.export().load_state_dict({k: theirs.state_dict()[k] for k in primary}, strict=True)
+    aux_pairs = []
     for j, (stage, layer, _) in enumerate(theirs.net_config):
         h = torch.randn(2, *ours.block_shapes[j])
         their_aux = getattr(theirs, f"aux_classifier_{stage}_{layer}")
         our_aux = ours.aux[j]
         our_classifier = getattr(our_aux, "classifier", our_aux)
-        _copy_layers(_leaves_in_run_order(their_aux, lambda: their_aux(h, torch.zeros(2, dtype=torch.long))),
+        aux_pairs += _copy_layers(_leaves_in_run_order(their_aux, lambda: their_aux(h, torch.zeros(2, dtype=torch.long))),
                      _leaves_in_run_order(our_classifier, lambda: our_classifier(h)), f"aux net {j}")
         if hasattr(our_aux, "decoder"):
             their_dec = getattr(theirs, f"decoder_{stage}_{layer}")
             target = torch.rand(2, 3, 32, 32) if rule == "infopro" else torch.zeros(2, dtype=torch.long)
-            _copy_layers(_leaves_in_run_order(their_dec, lambda: their_dec(h, target)),
+            aux_pairs += _copy_layers(_leaves_in_run_order(their_dec, lambda: their_dec(h, target)),
                          _leaves_in_run_order(our_aux.decoder, lambda: our_aux.decoder(h)), f"decoder {j}")
     x, y = _batch(batch)
     theirs.train(), ours.train()
@@ -115,8 +122,10 @@ def compare(reference, rule: str, their_target: bool, batch: int, seed: int) -> 
         worst = max(worst, (p.grad - q.grad).abs().max().item())
         scale = max(scale, q.grad.abs().max().item())
         count += 1
+    aux_worst = max((p.grad - q.grad).abs().max().item() for q, p in aux_pairs)
     return {"rule": rule + (" (their target)" if rule == "infopro" and their_target else ""),
-            "primary tensors": count, "max |grad difference|": worst, "max |grad|": scale}
+            "primary tensors": count, "max |grad difference|": worst, "max |grad|": scale,
+            "aux tensors": len(aux_pairs), "aux max |grad difference|": aux_worst}
 
 
 def _batch(batch: int):
@@ -126,14 +135,6 @@ def _batch(batch: int):
     data = build_datasets("fashion-mnist", input_size=32, augment=False).test
     images, labels = zip(*(data[i] for i in range(batch)))
     return torch.stack(images), torch.tensor(labels)
-
-
-def _our_target(image: torch.Tensor) -> torch.Tensor:
-    """The target our reconstruction loss compares with (the image rescaled per example)."""
-    flat = image.flatten(1)
-    low = flat.min(dim=1).values.view(-1, 1, 1, 1)
-    high = flat.max(dim=1).values.view(-1, 1, 1, 1)
-    return (image - low) / (high - low).clamp_min(1e-8)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -148,15 +149,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     sys.path.insert(0, os.path.abspath(args.reference))
     import networks.resnet as reference  # the authors' code
 
-    assert reconstruction_loss is not None  # the function _our_target mirrors
     print(f"paper:resnet32, 16 local modules, batch {args.batch_size}, seed {args.seed}, float32 CPU; "
-          "gradients of the primary network after one step")
-    print("| rule | primary tensors | max abs gradient difference | max abs gradient |")
-    print("|---|---|---|---|")
+          "gradients after one step")
+    print("| rule | primary tensors | max abs gradient difference | max abs gradient | auxiliary tensors "
+          "| max abs gradient difference |")
+    print("|---|---|---|---|---|---|")
     for rule, their_target in (("dgl", False), ("predsim", False), ("infopro", False), ("infopro", True)):
         row = compare(reference, rule, their_target, args.batch_size, args.seed)
         print(f"| {row['rule']} | {row['primary tensors']} | {row['max |grad difference|']:.2e} | "
-              f"{row['max |grad|']:.2e} |")
+              f"{row['max |grad|']:.2e} | {row['aux tensors']} | {row['aux max |grad difference|']:.2e} |")
     return 0
 
 

@@ -170,15 +170,20 @@ def similarity_loss(decoded: torch.Tensor, target: torch.Tensor, num_classes: in
     return F.mse_loss(similarity_matrix(decoded), similarity_matrix(one_hot))
 
 
-def reconstruction_loss(decoded: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-    """InfoPro's binary cross-entropy between the reconstruction and the image in ``[0, 1]``.
+def reconstruction_target(image: torch.Tensor) -> torch.Tensor:
+    """What InfoPro's decoder reconstructs: each image rescaled to ``[0, 1]`` by its own minimum
+    and maximum.
 
-    The authors undo the dataset normalisation; here each image is rescaled to ``[0, 1]`` by its
-    own minimum and maximum, which is that when the input is a normalised image whose channels
-    share one scale, and needs no dataset statistics.
+    The authors undo the dataset normalisation instead; for a normalised image whose channels
+    share one scale that is the same up to how much of ``[0, 1]`` the image spans, and it needs
+    no dataset statistics.
     """
     flat = image.detach().flatten(1)
     low = flat.min(dim=1).values.view(-1, *([1] * (image.dim() - 1)))
     high = flat.max(dim=1).values.view(-1, *([1] * (image.dim() - 1)))
-    restored = (image.detach() - low) / (high - low).clamp_min(1e-8)
-    return F.binary_cross_entropy(decoded.float(), restored.float())
+    return (image.detach() - low) / (high - low).clamp_min(1e-8)
+
+
+def reconstruction_loss(decoded: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """InfoPro's binary cross-entropy between the reconstruction and :func:`reconstruction_target`."""
+    return F.binary_cross_entropy(decoded.float(), reconstruction_target(image).float())
