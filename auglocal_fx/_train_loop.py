@@ -420,6 +420,7 @@ class Run:
 def run(cfg: TrainConfig) -> TrainResult:
     """This process's part of the run: the whole of it, a data-parallel replica or a pipeline worker."""
     rank, world, local_rank = init_distributed(_wants_cuda(cfg))
+    threads = torch.get_num_threads()  # restored at the end: a run in the caller's process leaves it as it was
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:
@@ -437,6 +438,7 @@ def run(cfg: TrainConfig) -> TrainResult:
             reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
             raise AugLocalError(f"pipeline worker {rank} failed: {type(err).__name__}: {reason}") from err
     finally:
+        torch.set_num_threads(threads)
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 

@@ -72,11 +72,14 @@ def test_measuring_module_times_leaves_the_run_untouched():
 @pytest.fixture(scope="module")
 def sequential(tmp_path_factory):
     out = tmp_path_factory.mktemp("sequential")
-    torch_threads = torch.get_num_threads()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
     try:
-        return train(TrainConfig(out=str(out), **COMMON))
+        result = train(TrainConfig(out=str(out), **COMMON))  # threads=1, as every worker
+        assert torch.get_num_threads() == 2  # the caller's thread count is left as it was
     finally:
-        torch.set_num_threads(torch_threads)
+        torch.set_num_threads(threads)
+    return result
 
 
 def _check_pipeline_record(result, stages):
