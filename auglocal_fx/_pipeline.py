@@ -29,7 +29,7 @@ from torch import nn
 from ._distributed import broadcast_buffers
 from ._io import atomic_save
 from ._train_loop import Run
-from ._train_state import load_checkpoint
+from ._train_state import CKPT_VERSION, load_checkpoint
 from .errors import AugLocalError
 from .flops import count_flops
 
@@ -377,7 +377,7 @@ class PipelineRun(Run):
         name = self._part_name(self.stage, self.global_step)
         if self.replica == 0:
             state = self.net.state_dict()
-            part = {"format": PART_FORMAT, "stage": self.stage, "modules": list(self.ranges[self.stage]),
+            part = {"format": PART_FORMAT, "version": CKPT_VERSION, "stage": self.stage, "modules": list(self.ranges[self.stage]),
                     "global_step": self.global_step,
                     **self._trainer_state({k: state[k] for k in self.own_keys}, rng)}
             atomic_save(part, self.out / name)
@@ -411,13 +411,8 @@ class PipelineRun(Run):
         return True
 
     def _read_part(self, path: Path, step: int) -> Dict[str, Any]:
-        try:
-            part = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
-            reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
-            raise AugLocalError(f"cannot read pipeline checkpoint part {path} ({reason}); delete the run's "
-                                "last*.pt files or use another --out") from None
-        if not isinstance(part, dict) or part.get("format") != PART_FORMAT or part.get("global_step") != step:
+        part = load_checkpoint(path, PART_FORMAT)
+        if part.get("global_step") != step or part.get("stage") != self.stage:
             raise AugLocalError(f"{path} is not the step-{step} part of stage {self.stage}; delete the run's "
                                 "last*.pt files or use another --out")
         return part

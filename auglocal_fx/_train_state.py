@@ -49,13 +49,14 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-def load_checkpoint(path: Path) -> Dict[str, Any]:
+def load_checkpoint(path: Path, fmt: str = CKPT_FORMAT) -> Dict[str, Any]:
+    """Read a training checkpoint (``fmt``: ``last.pt``'s, or a pipeline worker's part) or raise one line."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
         reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
         raise AugLocalError(f"cannot read checkpoint {path} ({reason}); delete it or use another --out") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
         raise AugLocalError(f"{path} is not an auglocal-fx training checkpoint; delete it or use another --out")
     if ckpt.get("version") != CKPT_VERSION:
         raise AugLocalError(f"{path} has checkpoint version {ckpt.get('version')}, this auglocal-fx reads "
