@@ -38,14 +38,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from _authors import LOSS_WEIGHTS, RULES, rule_resnet32
+
 ROOT = Path(__file__).resolve().parents[1]
 METHOD_CHOICES = {"bp": ("bp", 0), "auglocal2": ("auglocal", 2), "auglocal4": ("auglocal", 4),
                   "dgl": ("dgl", 0), "predsim": ("predsim", 0), "infopro": ("infopro", 0)}
 METHODS = (("bp", 0), ("auglocal", 2), ("auglocal", 4))  # the default rows
-RULES = {"dgl": "DGL", "predsim": "PredSim", "infopro": "InfoPro"}
-# The authors' run.sh for ResNet-32: (ixx_1, ixy_1, ixx_2, ixy_2).
-LOSS_WEIGHTS = {"dgl": (0.0, 1.0, 0.0, 1.0), "predsim": (0.99, 0.01, 0.99, 0.01),
-                "infopro": (5.0, 0.05, 0.2, 0.5)}
 
 
 def _label(method: str, d: int) -> str:
@@ -116,24 +114,7 @@ def _theirs(args: argparse.Namespace) -> List[float]:
         model = reference.resnet32(local_module_num=1, batch_size=128, image_size=32,
                                    dataset="fashion-mnist", class_num=10, rule="BP")
     elif args.method in RULES:
-        # Their train.py: the baselines train all 16 blocks locally; InfoPro's decoder is '2c'.
-        # Their PredSim sizes its pooling by image_size (they accept 32 and 96 only: run the
-        # comparison with --image-size 32); their InfoPro builds CUDA tensors: kept on the CPU.
-        from unittest import mock
-
-        with mock.patch.object(torch.Tensor, "cuda", lambda tensor, *a, **k: tensor):
-            model = reference.resnet32(local_module_num=16, batch_size=128, image_size=args.image_size,
-                                       dataset="fashion-mnist", class_num=10,
-                                       aux_net_config=RULES[args.method], aux_net_config_aux_loss="2c",
-                                       rule=RULES[args.method], hidden_dim=512, aux_net_feature_dim=128)
-        if args.method == "infopro":
-            # Their _image_restore uses CIFAR statistics made on CUDA: give it ours, on CPU.
-            from auglocal_fx.data import _MEAN_STD
-
-            mean, std = _MEAN_STD["fashion-mnist"]
-            size = (128, len(mean), args.image_size, args.image_size)
-            model.mask_train_mean = torch.tensor(mean).view(1, -1, 1, 1).expand(*size)
-            model.mask_train_std = torch.tensor(std).view(1, -1, 1, 1).expand(*size)
+        model = rule_resnet32(reference, args.method, 128, args.image_size)
     else:
         # Their train.py: AugLocal runs with local_module_num = 16 - aux_net_depth.
         depth = args.d - 1

@@ -26,17 +26,14 @@ import argparse
 import os
 import sys
 from typing import List, Optional
-from unittest import mock
 
 import torch
 from torch import nn
 
+from _authors import LOSS_WEIGHTS, rule_resnet32
 from auglocal_fx import to_local
 from auglocal_fx.rules.base import reconstruction_target
 
-RULES = {"dgl": "DGL", "predsim": "PredSim", "infopro": "InfoPro"}
-LOSS_WEIGHTS = {"dgl": (0.0, 1.0, 0.0, 1.0), "predsim": (0.99, 0.01, 0.99, 0.01),
-                "infopro": (5.0, 0.05, 0.2, 0.5)}  # the authors' run.sh for ResNet-32
 
 
 def _leaves_in_run_order(module: nn.Module, run) -> List[nn.Module]:
@@ -71,23 +68,11 @@ def _copy_layers(src: List[nn.Module], dst: List[nn.Module], what: str) -> List[
     return pairs
 
 
-def _authors_model(reference, rule: str, batch: int):
-    with mock.patch.object(torch.Tensor, "cuda", lambda tensor, *a, **k: tensor):  # their InfoPro makes CUDA tensors
-        return reference.resnet32(local_module_num=16, batch_size=batch, image_size=32, dataset="fashion-mnist",
-                                  class_num=10, aux_net_config=RULES[rule], aux_net_config_aux_loss="2c",
-                                  rule=RULES[rule], hidden_dim=512, aux_net_feature_dim=128)
-
-
 def compare(reference, rule: str, their_target: bool, batch: int, seed: int) -> dict:
     torch.manual_seed(seed)
-    theirs = _authors_model(reference, rule, batch)
+    theirs = rule_resnet32(reference, rule, batch, 32)
     ours = to_local("paper:resnet32", rule=rule, input_size=(3, 32, 32), num_classes=10)
     if rule == "infopro":
-        from auglocal_fx.data import _MEAN_STD
-
-        mean, std = _MEAN_STD["fashion-mnist"]
-        theirs.mask_train_mean = torch.tensor(mean).view(1, -1, 1, 1).expand(batch, -1, 32, 32)
-        theirs.mask_train_std = torch.tensor(std).view(1, -1, 1, 1).expand(batch, -1, 32, 32)
         if not their_target:
             # Their decoder's target becomes ours: the image rescaled to [0, 1] per example.
             theirs._image_restore = reconstruction_target
