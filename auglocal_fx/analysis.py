@@ -61,7 +61,7 @@ __all__ = ["BlockCKA", "Probe", "AnalysisData", "Comparison", "block_cka", "line
            "linear_probe", "load_trained", "trained_config", "analysis_data", "compare", "describe"]
 
 NetLike = Union[LocalNet, nn.Module, str, os.PathLike]
-DataLike = Union[Dataset, torch.Tensor]
+DataLike = Union[Dataset, DataLoader, torch.Tensor]
 
 
 # ----------------------------------------------------------------------------- results
@@ -352,23 +352,62 @@ def _subset(data: Dataset, n: Optional[int], seed: int) -> Dataset:
     return Subset(data, torch.randperm(len(data), generator=generator)[:n].tolist())
 
 
-def _as_dataset(data: DataLike) -> Dataset:
+def _loader(data: DataLike, batch_size: int) -> DataLoader:
+    """The batches of ``data``: a DataLoader as given (its order, sampler and transforms); a
+    dataset or a tensor of images ``(N, C, H, W)`` in order, ``batch_size`` at a time."""
+    if isinstance(data, DataLoader):
+        return data
     if isinstance(data, torch.Tensor):
-        return TensorDataset(data, torch.zeros(len(data), dtype=torch.long))
-    return data
+        if data.dim() < 2:
+            raise AugLocalError(f"a tensor of images must be (N, C, H, W), got shape {tuple(data.shape)}")
+        data = TensorDataset(data, torch.zeros(len(data), dtype=torch.long))
+    elif not isinstance(data, Dataset):
+        raise AugLocalError(f"data must be a torch Dataset, a DataLoader or a tensor of images (N, C, H, W), "
+                            f"got {type(data).__name__}")
+    return DataLoader(data, batch_size=batch_size, shuffle=False)
 
 
-def _batches(data: Dataset, batch_size: int, device: torch.device, desc: str, progress: bool,
-             slices: Optional[List[slice]] = None) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-    if slices is not None:
-        data = Subset(data, range(slices[-1].stop)) if slices[-1].stop < len(data) else data
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False)
+def _batches(loader: DataLoader, device: torch.device, desc: str,
+             progress: bool) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """``(images, labels)`` on ``device`` from each batch of ``loader``."""
     if progress:
         from tqdm.auto import tqdm
 
         loader = tqdm(loader, desc=desc, leave=False)
-    for x, y in loader:
-        yield x.to(device), y.to(device)
+    for batch in loader:
+        if not (isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[0], torch.Tensor)):
+            raise AugLocalError(f"each batch must be (images, labels), got {type(batch).__name__}; pass a "
+                                "Dataset or DataLoader of (image, label) pairs")
+        yield batch[0].to(device), torch.as_tensor(batch[1]).to(device)
+
+
+def _input_size(loader: DataLoader) -> Optional[Tuple[int, ...]]:
+    """``(C, H, W)`` of the first batch's images (``None`` for no data)."""
+    first = next(_batches(loader, torch.device("cpu"), "", False), None)
+    return None if first is None else tuple(first[0].shape[1:])
+
+
+def _equal_batches(images: Iterator[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
+    """Consecutive minibatches of exactly ``batch_size`` examples, the incomplete tail dropped; a
+    set smaller than ``batch_size`` is one minibatch (the estimator's terms need equal ``n``)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 4:
+        raise AugLocalError(f"batch_size must be an integer >= 4 (the unbiased HSIC needs 4 examples), "
+                            f"got {batch_size!r}")
+    pending: List[torch.Tensor] = []
+    held, emitted = 0, False
+    for x in images:
+        pending.append(x)
+        held += len(x)
+        while held >= batch_size:
+            joined = pending[0] if len(pending) == 1 else torch.cat(pending)
+            yield joined[:batch_size]
+            emitted = True
+            rest = joined[batch_size:]
+            pending, held = ([rest] if len(rest) else []), len(rest)
+    if not emitted:
+        if held < 4:
+            raise AugLocalError(f"CKA needs at least 4 examples, got {held}; pass a larger set")
+        yield torch.cat(pending)
 
 
 class _Frozen:
@@ -389,10 +428,6 @@ class _Frozen:
             n.to(device).train(mode)
 
 
-def _input_size(data: Dataset) -> Tuple[int, ...]:
-    return tuple(data[0][0].shape)
-
-
 # ----------------------------------------------------------------------------- CKA
 
 
@@ -407,7 +442,9 @@ def block_cka(model_a: NetLike, model_b: NetLike, data: DataLike, batch_size: in
     Args:
         model_a, model_b: :class:`LocalNet`, a plain model (converted at the data's image size),
             or a path :func:`load_trained` reads. Same partition: block count and output shapes.
-        data: a dataset of ``(image, label)`` pairs, or a tensor of images ``(N, C, H, W)``.
+        data: a ``Dataset`` or ``DataLoader`` of ``(image, label)`` pairs, or a tensor of
+            images ``(N, C, H, W)``. A DataLoader is read as it iterates (its order, sampler
+            and transforms) and its batches are regrouped into minibatches of ``batch_size``.
         batch_size: examples per minibatch (>= 4); the incomplete last batch is dropped.
         device: ``"cpu"``, ``"cuda[:N]"`` or ``"auto"``; the networks return where they were.
         progress: a tqdm bar over the minibatches.
@@ -415,23 +452,24 @@ def block_cka(model_a: NetLike, model_b: NetLike, data: DataLike, batch_size: in
     Raises:
         AugLocalError: networks with different partitions, fewer than 4 examples, bad options.
     """
-    data = _as_dataset(data)
-    size = _input_size(data) if len(data) else None
-    a, b = _as_local(model_a, size), _as_local(model_b, size)
+    loader = _loader(data, batch_size)
+    a, b = _as_local(model_a, _input_size(loader)), _as_local(model_b, _input_size(loader))
     _check_same_partition(a, b)
-    slices = _batch_slices(len(data), batch_size)
-    step = slices[0].stop
     sums = [_CKASums() for _ in a.blocks]
     device = resolve_device(device)
+    examples = 0
     with _Frozen([a, b], device), torch.no_grad():
-        for x, _ in _batches(data, step, device, "CKA", progress, slices):
+        images = (x for x, _ in _batches(loader, device, "CKA", progress))
+        for x in _equal_batches(images, batch_size):
             outs_a = list(a.block_outputs(x))
             outs_b = outs_a if b is a else list(b.block_outputs(x))
             for acc, fa, fb in zip(sums, outs_a, outs_b):
                 acc.add(fa, fb)
+            examples += len(x)
+            step = len(x)
     return BlockCKA(values=[s.value() for s in sums], names=_names(a),
                     shapes=[tuple(int(v) for v in s) for s in a.block_shapes],
-                    examples=len(slices) * step, batch_size=step, batches=len(slices))
+                    examples=examples, batch_size=step, batches=sums[0].batches)
 
 
 def _names(local: LocalNet) -> List[str]:
@@ -451,15 +489,17 @@ def _pool(h: torch.Tensor, layout: str) -> torch.Tensor:
     return h.reshape(h.shape[0], -1) if layout == FLAT else h.flatten(1)
 
 
-def _pooled_features(local: LocalNet, data: Dataset, batch_size: int, device: torch.device,
-                     desc: str, progress: bool) -> Tuple[List[torch.Tensor], torch.Tensor]:
+def _pooled_features(local: LocalNet, loader: DataLoader, device: torch.device, desc: str,
+                     progress: bool) -> Tuple[List[torch.Tensor], torch.Tensor]:
     layouts = [layout_of(s) for s in local.block_shapes]
     feats: List[List[torch.Tensor]] = [[] for _ in local.blocks]
     labels = []
-    for x, y in _batches(data, batch_size, device, desc, progress):
+    for x, y in _batches(loader, device, desc, progress):
         for j, h in enumerate(local.block_outputs(x)):
             feats[j].append(_pool(h, layouts[j]).float())
         labels.append(y)
+    if not labels:
+        return [torch.empty(0, 0) for _ in feats], torch.empty(0, dtype=torch.long)
     return [torch.cat(f) for f in feats], torch.cat(labels)
 
 
@@ -482,7 +522,7 @@ def _fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, max_iter: int,
     return clf
 
 
-def linear_probe(model: NetLike, train_data: Dataset, test_data: Dataset, batch_size: int = 256,
+def linear_probe(model: NetLike, train_data: DataLike, test_data: DataLike, batch_size: int = 256,
                  device: Union[str, torch.device] = "cpu", max_iter: int = 200,
                  weight_decay: float = 1e-4, progress: bool = True) -> Probe:
     """Test accuracy of a linear classifier on each block's frozen, pooled features.
@@ -493,8 +533,9 @@ def linear_probe(model: NetLike, train_data: Dataset, test_data: Dataset, batch_
 
     Args:
         model: :class:`LocalNet`, a plain model, or a path :func:`load_trained` reads.
-        train_data, test_data: datasets of ``(image, label)`` pairs (no augmentation).
-        batch_size: images per forward pass when the features are computed.
+        train_data, test_data: a ``Dataset`` or ``DataLoader`` of ``(image, label)`` pairs each
+            (no augmentation; a DataLoader is read as it iterates).
+        batch_size: images per forward pass when the features are computed from a dataset.
         device: ``"cpu"``, ``"cuda[:N]"`` or ``"auto"``; the network returns where it was.
         max_iter: L-BFGS iterations.
         weight_decay: the L2 penalty on the classifier's weights.
@@ -503,15 +544,19 @@ def linear_probe(model: NetLike, train_data: Dataset, test_data: Dataset, batch_
     Returns:
         A :class:`Probe` with the top-1 test accuracy (percent) per block.
     """
-    if len(train_data) < 2 or len(test_data) < 1:
+    if isinstance(train_data, torch.Tensor) or isinstance(test_data, torch.Tensor):
+        raise AugLocalError("the linear probe needs labels: pass Datasets or DataLoaders of (image, label) pairs")
+    train_loader, test_loader = _loader(train_data, batch_size), _loader(test_data, batch_size)
+    size = _input_size(train_loader)
+    if size is None:
         raise AugLocalError("the linear probe needs at least 2 training and 1 test examples")
-    local = _as_local(model, _input_size(train_data))
+    local = _as_local(model, size)
     device = resolve_device(device)
     with _Frozen([local], device), torch.no_grad():
-        train_x, train_y = _pooled_features(local, train_data, batch_size, device, "probe features (train)",
-                                            progress)
-        test_x, test_y = _pooled_features(local, test_data, batch_size, device, "probe features (test)",
-                                          progress)
+        train_x, train_y = _pooled_features(local, train_loader, device, "probe features (train)", progress)
+        test_x, test_y = _pooled_features(local, test_loader, device, "probe features (test)", progress)
+    if len(train_y) < 2 or len(test_y) < 1:
+        raise AugLocalError("the linear probe needs at least 2 training and 1 test examples")
     classes = max(int(local.num_classes), int(train_y.max()) + 1, int(test_y.max()) + 1)
     accuracy = []
     for xtr, xte in zip(train_x, test_x):

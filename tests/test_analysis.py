@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 from click.testing import CliRunner
 
 from auglocal_fx import AugLocalError, block_cka, linear_probe, to_local
@@ -215,3 +216,30 @@ def test_cli_training_state_and_empty_folder_are_refused(runs, tmp_path):
     assert result.exit_code == 1 and "training state" in result.output
     result = _invoke([str(tmp_path), str(runs / "bp")])
     assert result.exit_code == 1 and "no model.pt" in result.output
+
+
+def test_block_cka_and_probes_take_a_dataloader():
+    torch.manual_seed(0)
+    a = to_local(TINY, input_size=SIZE, num_classes=10).eval()
+    b = to_local(TINY, input_size=SIZE, num_classes=10).eval()
+    images, labels = torch.randn(40, *SIZE), torch.arange(40) % 4
+    loader = DataLoader(TensorDataset(images, labels), batch_size=7)  # batches unlike the CKA's 16
+    result = block_cka(a, b, loader, batch_size=16, progress=False)
+    with torch.no_grad():  # the reference: the estimator on features taken by hand, 2 batches of 16
+        expected = [linear_cka(fa[:32].flatten(1), fb[:32].flatten(1), batch_size=16)
+                    for fa, fb in zip(a.block_outputs(images), b.block_outputs(images))]
+    assert result.examples == 32 and result.batches == 2
+    assert result.values == pytest.approx(expected, abs=1e-9)
+    dataset = TensorDataset(images, labels)
+    from_loaders = linear_probe(a, DataLoader(dataset, batch_size=5), DataLoader(dataset, batch_size=3),
+                                progress=False)
+    assert from_loaders.accuracy == linear_probe(a, dataset, dataset, progress=False).accuracy
+    assert from_loaders.train_examples == 40
+
+
+@pytest.mark.parametrize("bad", [[(torch.randn(*SIZE), 0)] * 8, "images", torch.randn(3)])
+def test_block_cka_refuses_other_inputs_in_one_line(bad):
+    local = to_local(TINY, input_size=SIZE, num_classes=10)
+    with pytest.raises(AugLocalError) as err:
+        block_cka(local, local, bad, batch_size=4, progress=False)
+    assert "\n" not in str(err.value)
