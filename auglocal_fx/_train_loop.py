@@ -19,7 +19,7 @@ from ._device import resolve_device
 from ._distributed import average_gradients, broadcast_buffers, check_same_settings, init_distributed, spawn
 from ._io import atomic_save, atomic_write_text
 from ._train_state import CKPT_FORMAT, CKPT_VERSION, RESUME_KEYS, load_checkpoint, resume_view, rng_state, set_rng_state
-from .data import build_datasets
+from .data import build_datasets, dataset_normalization
 from .errors import AugLocalError
 from .local import to_local
 from .plots import plot_training_curves
@@ -142,7 +142,7 @@ class Run:
             classes = {"num_classes": self.num_classes} if isinstance(cfg.model, str) else {}
             local = to_local(cfg.model, d=cfg.d, tau=cfg.tau, pyramid=cfg.pyramid, selection=cfg.selection,
                              input_size=self.input_size, aux_head=cfg.aux_head, rule=cfg.rule,
-                             **classes)
+                             normalization=dataset_normalization(cfg.dataset), **classes)
             return local, local.export()
         if isinstance(cfg.model, nn.Module):
             return cfg.model, cfg.model

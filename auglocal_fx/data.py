@@ -41,7 +41,7 @@ from torchvision.transforms import v2
 from .errors import AugLocalError
 
 __all__ = ["DATASETS", "DEFAULT_FASHION_MNIST_DIR", "Datasets", "build_datasets", "dataset_geometry",
-           "train_augmentation"]
+           "dataset_normalization", "train_augmentation"]
 
 DATASETS = ("cifar10", "svhn", "stl10", "fashion-mnist", "digits", "imagefolder:PATH", "synthetic")
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -162,6 +162,11 @@ def dataset_geometry(name: str, input_size: Union[None, int, Sequence[int]] = No
     if not os.path.isdir(train):
         raise AugLocalError(f"{name} needs {train}/<class>/*; create it or pass another path")
     return sum(os.path.isdir(os.path.join(train, c)) for c in os.listdir(train)), (3, side, side)
+
+
+def dataset_normalization(name: str) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """The per-channel ``(mean, std)`` :func:`build_datasets` normalises ``name``'s images with."""
+    return _MEAN_STD[_dataset_key(name)]
 
 
 def _dataset_key(name: str) -> str:

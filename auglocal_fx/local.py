@@ -24,6 +24,7 @@ from .partition import Partition, partition_blocks
 from .planning import AuxPlan, validate_options
 from .specs import missing_input_size, model_input_size, resolve_model, spec_file
 from .rules import RuleContext, get_rule
+from .rules.base import Normalization
 from .synthesis import choose_aux_head, validate_aux_head, warn_adapters
 from .tracing import SHAPE_KEY, trace_model
 
@@ -50,6 +51,8 @@ class LocalNet(nn.Module):
         num_classes: width of the logits.
         options: the conversion options (``d``, ``tau``, ``pyramid``, ``selection``, ...).
         spec: the model spec string it was made from, or ``None`` for a model object.
+        normalization: the inputs' per-channel ``(mean, std)`` (``to_local(normalization=)``),
+            or ``None`` where unknown.
     """
 
     def __init__(self, model: nn.Module, partition: Partition, aux: Sequence[nn.Module],
@@ -71,6 +74,12 @@ class LocalNet(nn.Module):
         self.spec = spec
         self._original = [model]  # a list keeps it out of the module tree and the state_dict
         self.train(model.training)
+
+    @property
+    def normalization(self) -> Optional[Normalization]:
+        """The ``normalization`` given to :func:`to_local` (``None``: unknown)."""
+        value = self.options.get("normalization")
+        return None if value is None else (tuple(value[0]), tuple(value[1]))
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Eval mode: the original model's logits. Train mode: ``(logits, aux_logits)``.
@@ -172,6 +181,7 @@ class LocalNet(nn.Module):
         if image is None and start == 0:
             image = h
         loss_fn = loss_fn or F.cross_entropy
+        normalization = self.normalization
         if autocast_dtype is not None:
             autocast = lambda: torch.autocast(device_type=h.device.type, dtype=autocast_dtype)  # noqa: E731
         else:
@@ -181,7 +191,7 @@ class LocalNet(nn.Module):
                 out = self.blocks[j](h.detach())
                 aux = self.aux[j]
                 if hasattr(aux, "local_loss"):  # a rule with a second loss (PredSim, InfoPro)
-                    loss = aux.local_loss(out, image, y, loss_fn)
+                    loss = aux.local_loss(out, image, y, loss_fn, normalization)
                 else:
                     loss = loss_fn(aux(out), y)
             # Only the detached output survives: block j's graph goes with its loss.
@@ -279,6 +289,7 @@ def to_local(
     weights: Optional[str] = None,
     aux_head: str = "auto",
     rule: str = "auglocal",
+    normalization: Optional[Normalization] = None,
 ) -> LocalNet:
     """Convert a ConvNet into an AugLocal :class:`LocalNet`.
 
@@ -306,6 +317,10 @@ def to_local(
             ``"dgl"``, ``"predsim"``, ``"infopro"``, or ``"auglocal+infopro"`` (see
             :mod:`auglocal_fx.rules`). The baselines train every block but the last locally
             and ignore ``d``, ``tau``, ``pyramid``, ``selection`` and ``aux_head``.
+        normalization: the per-channel ``(mean, std)`` the training images are normalised
+            with (the trainer passes its dataset's; saved with the network). InfoPro's
+            reconstruction target undoes it, as the authors' code does; without it, each image
+            is rescaled to ``[0, 1]`` by its own minimum and maximum instead.
 
     Raises:
         AugLocalError: bad options, unknown model, untraceable model, no classifier head, an
@@ -356,10 +371,26 @@ def to_local(
         "block_boundaries": list(block_boundaries) if block_boundaries else None,
         "aux_head": aux_head,
         "rule": rule,
+        "normalization": _checked_normalization(normalization, int(traced.input_size[0])),
     }
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     local = LocalNet(model, partition, aux, plans, options, spec)
     return local.to(device)
+
+
+def _checked_normalization(value: Optional[Normalization], channels: int) -> Optional[List[List[float]]]:
+    """``value`` as ``[mean, std]`` lists, or an error saying what a normalization must be."""
+    if value is None:
+        return None
+    try:
+        mean, std = ([float(v) for v in part] for part in value)
+    except (TypeError, ValueError):
+        mean, std = [], []
+    if not mean or len(mean) != len(std) or len(mean) not in (1, channels) or min(std) <= 0:
+        raise AugLocalError(
+            f"normalization must be (mean, std) with 1 or {channels} values each and std > 0, not "
+            f"{value!r}; pass the statistics the images were normalised with")
+    return [mean, std]
 
 
 def _output_classes(traced) -> int:
@@ -411,6 +442,7 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None,
     kwargs = {k: options[k] for k in ("d", "tau", "pyramid", "selection", "block_boundaries")}
     kwargs["aux_head"] = options.get("aux_head", "copy")  # checkpoints before the option: copies
     kwargs["rule"] = options.get("rule", "auglocal")
+    kwargs["normalization"] = options.get("normalization")
     local = to_local(source, input_size=options["input_size"],
                      num_classes=options["num_classes"] if spec else None, **kwargs)
     try:

@@ -144,9 +144,16 @@ def test_convert_aux_head_option(run):
     assert result.exit_code == 0, result.output
     assert "slim auxiliary heads" in result.output
     assert load("s.pt").options["aux_head"] == "slim"
-    result = run("report", TINY, *TINY_SIZE, "--d", "2", "--flops-only", "--aux-head", "copy",
-                 "--json")
-    assert result.exit_code == 0, result.output
+    params = {}
+    for head in ("copy", "slim"):  # each row is the network converted with that head
+        result = run("report", TINY, *TINY_SIZE, "--d", "2", "--flops-only", "--aux-head", head, "--json")
+        assert result.exit_code == 0, result.output
+        row = next(r for r in json.loads(result.output[result.output.index("{"):])["rows"]
+                   if r["method"] == "AugLocal d=2")
+        local = to_local(TINY, d=2, input_size=(3, 16, 16), aux_head=head)
+        params[head] = sum(p.numel() for p in local.parameters())
+        assert row["params"] == params[head], head
+    assert params["copy"] != params["slim"]
     wrong = run("convert", TINY, "--d", "2", "--aux-head", "wide")
     assert wrong.exit_code == 2 and "'wide' is not one of 'auto', 'copy', 'slim'" in wrong.output
 

@@ -17,7 +17,8 @@ TINY_NOBN = str(Path(__file__).with_name("_tiny_models.py")) + ":tiny_nobn"
 FAILING = str(Path(__file__).with_name("_tiny_models.py")) + ":tiny_failing"
 NUM_LOCAL = 3  # local modules of TINY at d=2 (checked below)
 
-# Batch norm, augmentation and a rule with a second loss: exactness must hold for all of them.
+# Batch norm and augmentation: exactness must hold for both (and for a rule with a second loss,
+# InfoPro, whose images travel to later workers: test_infopro_images_reach_later_workers).
 COMMON = dict(model=TINY, dataset="synthetic", input_size=16, batch_size=8, train_subset=32, test_subset=8,
               epochs=2, warmup_epochs=1, lr=0.2, d=2, device="cpu", threads=1, progress=False)
 
@@ -99,6 +100,18 @@ def test_two_workers_give_the_weights_of_the_sequential_schedule(tmp_path, seque
     _check_pipeline_record(result, 2)
     parts = sorted(p.name for p in tmp_path.glob("last.stage*.pt"))
     assert parts == [f"last.stage{k}-of-2.step8.pt" for k in range(2)]  # older parts deleted
+
+
+def test_infopro_images_reach_later_workers(tmp_path):
+    # InfoPro trains all 4 blocks of TINY but the last locally, each reconstructing the images:
+    # the second worker's decoders need the images the first worker read.
+    common = {**COMMON, "rule": "infopro", "epochs": 1, "max_steps": 2}
+    one = train(TrainConfig(out=str(tmp_path / "one"), **common))
+    two = train(TrainConfig(out=str(tmp_path / "two"), pipeline=2, pipeline_balance="flops", **common))
+    start = two.history[-1]["pipeline"]["modules"][1][0]
+    assert 0 < start < 3  # the second worker has locally trained blocks (K = 4)
+    _assert_same_weights(one.model_path, two.model_path)
+    assert two.history[-1]["local_losses"] == one.history[-1]["local_losses"]
 
 
 def test_three_workers_stopped_and_resumed_give_the_same_weights(tmp_path, sequential):

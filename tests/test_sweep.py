@@ -124,39 +124,35 @@ def check_local(model, local, input_size, num_classes, create):
             assert p.grad is not None, f"No gradient for {name}"
     step_grads = {j: _block_grads(local, j) for j in range(K - 1)}
 
-    # gradient isolation: block j's gradient is that of loss_j alone, none from later losses
+    # gradient isolation, through the LocalNet's own step (module_losses, what train_step runs)
+    # and its own train-mode forward: block j's gradient is that of loss_j alone
+    checked = sorted({0, (K - 1) // 2, K - 2})  # first, middle and last local block
     model.load_state_dict(state)
     torch.manual_seed(2)
-    aux_losses = _local_losses_with_stop_gradients(local, x, y)
-    for j in sorted({0, (K - 1) // 2, K - 2}):  # first, middle and last local block
+    module_losses = [loss for loss, _ in local.module_losses(x, y)]  # graphs kept alive
+    for j in checked:
         params = [p for p in local.blocks[j].parameters() if p.requires_grad]
-        grads = torch.autograd.grad(aux_losses[j], params, retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(module_losses[j], params, retain_graph=True, allow_unused=True)
         for g, ref in zip(grads, [g for g, p in zip(step_grads[j], local.blocks[j].parameters())
                                   if p.requires_grad]):
             if g is None:
                 assert ref is None or not ref.any()
             else:
                 torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
-        if j + 1 < K - 1:
-            later = torch.autograd.grad(aux_losses[j + 1], params, retain_graph=True,
-                                        allow_unused=True)
-            assert all(g is None for g in later), f"gradient crossed into block {j}"
+        _assert_no_gradient(params, [module_losses[j + 1], module_losses[-1]], j)
+    del module_losses  # the next forward updates the batch-norm statistics these graphs saved
+    model.load_state_dict(state)
+    logits, aux_logits = local(x)
+    for j in checked:
+        params = [p for p in local.blocks[j].parameters() if p.requires_grad]
+        _assert_no_gradient(params, [logits.sum()] + [a.sum() for a in aux_logits[j + 1:j + 2]], j)
 
     # export: strict load into a fresh model
     fresh = create()
     fresh.load_state_dict(local.export().state_dict(), strict=True)
 
 
-def _local_losses_with_stop_gradients(local, x, y):
-    """Each local module's loss, computed as ``local(x)`` in train mode runs the modules (block
-    ``j`` then its auxiliary network), with the rule's own loss (PredSim, InfoPro)."""
-    losses = []
-    h = x
-    for j, block in enumerate(local.blocks[:local.num_local - 1]):
-        h = block(h.detach() if j else h)
-        aux = local.aux[j]
-        if hasattr(aux, "local_loss"):
-            losses.append(aux.local_loss(h, x, y))
-        else:
-            losses.append(torch.nn.functional.cross_entropy(aux(h), y))
-    return losses
+def _assert_no_gradient(params, later, j):
+    for value in later:
+        crossed = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+        assert all(g is None for g in crossed), f"gradient crossed into block {j}"

@@ -1,5 +1,6 @@
 """The trainer: AMP, BP, strict export, resume after SIGKILL, data parallel, checkpoint errors."""
 
+import copy
 import json
 import os
 import signal
@@ -67,6 +68,34 @@ def test_gradient_clipping_and_label_smoothing_act(tmp_path, method):
         norm = torch.norm(torch.stack([p.grad.norm() for p in group if p.grad is not None]))
         assert norm.item() == pytest.approx(1e-3, rel=1e-3)
     assert len(run._clip_groups()) == (len(run.net.aux) + 1 if method == "auglocal" else 1)
+
+
+def test_first_update_is_sgd_on_the_clipped_gradient(tmp_path):
+    cfg = _config(tmp_path, grad_clip=1e-3)
+    run = Run(cfg, 0, 1, 0)
+    assert cfg.nesterov and cfg.momentum > 0 and cfg.weight_decay > 0
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    twin = copy.deepcopy(run.net)  # the raw gradients: the same step, outside the trainer
+    twin.train_step(x, y)
+    raw = {name: p.grad for name, p in twin.named_parameters()}
+    params = dict(run.net.named_parameters())
+    before = {name: p.detach().clone() for name, p in params.items()}
+    names = {id(p): name for name, p in params.items()}
+    run.train_step(x, y)
+    lr, m, wd = run.optimizer.param_groups[0]["lr"], cfg.momentum, cfg.weight_decay
+    scales = []
+    for group in run._clip_groups():  # one per local module
+        group = [names[id(p)] for p in group]
+        norm = torch.norm(torch.stack([raw[n].norm() for n in group])).item()
+        scales.append(min(1.0, 1e-3 / (norm + 1e-6)))
+        for n in group:
+            # Nesterov SGD, first step: buf = g + wd * w, w -= lr * (g + wd * w + m * buf)
+            clipped = before[n] - lr * (1 + m) * (raw[n] * scales[-1] + wd * before[n])
+            torch.testing.assert_close(params[n].detach(), clipped, rtol=1e-5, atol=1e-8)
+    assert max(scales) < 0.1  # every module was clipped, so the unclipped update differs:
+    name = max(raw, key=lambda n: raw[n].abs().max())
+    unclipped = before[name] - lr * (1 + m) * (raw[name] + wd * before[name])
+    assert not torch.allclose(params[name].detach(), unclipped, rtol=1e-3, atol=1e-6)
 
 
 def test_default_dataset_can_tell_methods_apart():

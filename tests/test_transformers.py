@@ -124,8 +124,10 @@ def test_channel_shuffle_with_permute_converts_with_a_documented_fallback():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         local = to_local(model, d=3, input_size=(3, 16, 16))
-    for w in caught:
-        assert "%" not in str(w.message)
+    messages = [str(w.message) for w in caught]
+    assert all("%" not in m for m in messages)
+    # the fallback of docs/method.md rule 11, announced with the module it applies to
+    assert any("(units.2)" in m and "average pooling + a linear projection" in m for m in messages), messages
     check_local(model, local, (3, 16, 16), 5, _ChannelShuffleNet)
 
 

@@ -10,7 +10,7 @@ from torch import nn
 from ..planning import AuxPlan, plan_aux_nets
 from ..synthesis import synthesize_aux_net
 from .base import LocalRule, RuleAux, RuleContext, interpolate_weights
-from .infopro import RECONSTRUCTION_WEIGHTS, reconstruction_decoder
+from .infopro import reconstruction_decoder, reconstruction_schedule
 
 __all__ = ["AugLocalRule", "AugLocalInfoProRule"]
 
@@ -35,15 +35,16 @@ class AugLocalInfoProRule(AugLocalRule):
     """AugLocal's auxiliary network and cross-entropy unchanged, plus InfoPro's reconstruction
     decoder and loss on every locally trained block (appendix A.9).
 
-    Loss weights: cross-entropy 1 everywhere (AugLocal's); reconstruction as InfoPro's
-    ``ixx`` (5 at the first local module to 0.2 at the last, the authors' ResNet-32 setting).
+    Loss weights: cross-entropy 1 everywhere (AugLocal's); reconstruction as InfoPro's ``ixx``
+    for the same number of local modules (:func:`~auglocal_fx.rules.infopro.reconstruction_schedule`:
+    5 at the first local module to 0.2 (ResNet-32's) or 0.5 (ResNet-110's) at the last).
     """
 
     name = "auglocal+infopro"
 
     def build(self, plan: AuxPlan, context: RuleContext) -> nn.Module:
         classifier = super().build(plan, context)
-        ixx, _ = interpolate_weights(RECONSTRUCTION_WEIGHTS[0], RECONSTRUCTION_WEIGHTS[1],
-                                     plan.block, context.num_local)
+        ixx, _ = interpolate_weights(*reconstruction_schedule(context.num_local), plan.block,
+                                     context.num_local)
         decoder = reconstruction_decoder(context, plan.block)
         return RuleAux(classifier, decoder, "reconstruction", (ixx, 1.0))

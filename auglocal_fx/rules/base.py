@@ -15,9 +15,11 @@ from ..partition import Partition
 from ..planning import AuxPlan
 
 __all__ = ["LocalRule", "RuleAux", "RuleContext", "interpolate_weights", "to_map",
-           "initialise"]
+           "initialise", "Normalization"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# The per-channel ``(mean, std)`` the images were normalised with (torchvision's ``Normalize``).
+Normalization = Tuple[Sequence[float], Sequence[float]]
 
 
 @dataclass
@@ -131,18 +133,22 @@ class RuleAux(nn.Module):
         return f"kind={self.kind!r}, weights(ixx, ixy)={self.weights}"
 
     def local_loss(self, h: torch.Tensor, image: torch.Tensor, target: torch.Tensor,
-                   loss_fn: Optional[LossFn] = None) -> torch.Tensor:
-        """The local loss of this module on block output ``h`` for images ``image``."""
+                   loss_fn: Optional[LossFn] = None,
+                   normalization: Optional[Normalization] = None) -> torch.Tensor:
+        """The local loss of this module on block output ``h`` for images ``image``.
+
+        ``normalization``: the images' ``(mean, std)``, for the reconstruction target (see
+        :func:`reconstruction_target`).
+        """
         ixx, ixy = self.weights
         decoded = self.decoder(h)
         if self.kind == "similarity":
             second = similarity_loss(decoded, target, self.classifier_classes())
         else:
-            second = reconstruction_loss(decoded, image)
-        loss = ixx * second
-        if ixy:
-            loss = loss + ixy * (loss_fn or F.cross_entropy)(self.classifier(h), target)
-        return loss
+            second = reconstruction_loss(decoded, image, normalization)
+        # A zero weight still runs the classifier, as the authors' code does: its parameters
+        # then get a zero gradient (not none), so weight decay and momentum still act on them.
+        return ixx * second + ixy * (loss_fn or F.cross_entropy)(self.classifier(h), target)
 
     def classifier_classes(self) -> int:
         return [m for m in self.classifier.modules() if isinstance(m, nn.Linear)][-1].out_features
@@ -170,20 +176,30 @@ def similarity_loss(decoded: torch.Tensor, target: torch.Tensor, num_classes: in
     return F.mse_loss(similarity_matrix(decoded), similarity_matrix(one_hot))
 
 
-def reconstruction_target(image: torch.Tensor) -> torch.Tensor:
-    """What InfoPro's decoder reconstructs: each image rescaled to ``[0, 1]`` by its own minimum
-    and maximum.
+def reconstruction_target(image: torch.Tensor,
+                          normalization: Optional[Normalization] = None) -> torch.Tensor:
+    """What InfoPro's decoder reconstructs: the image in ``[0, 1]``, before normalisation.
 
-    The authors undo the dataset normalisation instead; for a normalised image whose channels
-    share one scale that is the same up to how much of ``[0, 1]`` the image spans, and it needs
-    no dataset statistics.
+    Args:
+        image: the normalised images ``(N, C, H, W)``.
+        normalization: the per-channel ``(mean, std)`` they were normalised with. Given (the
+            trainer gives its dataset's), the normalisation is undone, ``image * std + mean``:
+            the authors' ``_image_restore``. ``None`` (images of unknown statistics): each image
+            is rescaled to ``[0, 1]`` by its own minimum and maximum, which is the same up to
+            how much of ``[0, 1]`` the image spans where the channels share one scale.
     """
-    flat = image.detach().flatten(1)
+    image = image.detach()
+    if normalization is not None:
+        mean, std = (torch.tensor(v, dtype=image.dtype, device=image.device).view(1, -1, 1, 1)
+                     for v in normalization)
+        return image * std + mean
+    flat = image.flatten(1)
     low = flat.min(dim=1).values.view(-1, *([1] * (image.dim() - 1)))
     high = flat.max(dim=1).values.view(-1, *([1] * (image.dim() - 1)))
-    return (image.detach() - low) / (high - low).clamp_min(1e-8)
+    return (image - low) / (high - low).clamp_min(1e-8)
 
 
-def reconstruction_loss(decoded: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+def reconstruction_loss(decoded: torch.Tensor, image: torch.Tensor,
+                        normalization: Optional[Normalization] = None) -> torch.Tensor:
     """InfoPro's binary cross-entropy between the reconstruction and :func:`reconstruction_target`."""
-    return F.binary_cross_entropy(decoded.float(), reconstruction_target(image).float())
+    return F.binary_cross_entropy(decoded.float(), reconstruction_target(image, normalization).float())

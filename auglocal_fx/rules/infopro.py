@@ -6,22 +6,44 @@ block is finer than the network's last block, doubles the width with stride 2 (t
 32->64 stages) and otherwise keeps both (64->64), global average pooling, Linear to 128, ReLU,
 the classifier. Decoder (``Decoder_InfoPro``, ``'2c'``): bilinear upsampling to the image size,
 ``3x3`` conv to 12 + BN + ReLU, ``3x3`` conv to the image channels, sigmoid; binary cross-entropy
-against the image. Weights ``(reconstruction, cross-entropy)`` go linearly from (5, 0.05) at the
-first local module to (0.2, 0.5) at the last (the authors' ResNet-32 ``run.sh``).
+against the image before normalisation. Weights ``(reconstruction, cross-entropy)`` go linearly
+from the first local module to the last, as the authors' ``run.sh`` sets them per network
+(:func:`reconstruction_schedule`).
 """
 
 from __future__ import annotations
+
+from typing import Tuple
 
 from torch import nn
 
 from ..planning import AuxPlan
 from .base import LocalRule, RuleAux, RuleContext, initialise, interpolate_weights, to_map
 
-__all__ = ["InfoProRule", "reconstruction_decoder", "RECONSTRUCTION_WEIGHTS"]
+__all__ = ["InfoProRule", "reconstruction_decoder", "reconstruction_schedule", "RECONSTRUCTION_SCHEDULES"]
 
-RECONSTRUCTION_WEIGHTS = ((5.0, 0.05), (0.2, 0.5))  # (ixx, ixy) first and last local module
+Schedule = Tuple[Tuple[float, float], Tuple[float, float]]
+# The authors' run.sh: (ixx, ixy) at the first and at the last local module, for each of their
+# two networks, keyed by its number of local modules K.
+RECONSTRUCTION_SCHEDULES = {
+    16: ((5.0, 0.05), (0.2, 0.5)),  # ResNet-32
+    55: ((5.0, 0.0), (0.5, 1.0)),   # ResNet-110
+}
 DECODER_WIDTH = 12
 CLASSIFIER_HIDDEN = 128
+
+
+def reconstruction_schedule(num_local: int) -> Schedule:
+    """InfoPro's ``((ixx, ixy) first, (ixx, ixy) last)`` for a network of ``num_local`` modules.
+
+    The authors tuned one schedule per network: ResNet-32 (16 local modules) and ResNet-110 (55,
+    where the first modules, far from the output, get no cross-entropy and the last more). Any
+    network gets the schedule of the one nearer in local modules (ties: the shallower), so
+    ``K <= 35`` gets ResNet-32's and ``K >= 36`` ResNet-110's: the weights are a schedule over
+    local modules, and ``K`` is the fact both networks are tuned by.
+    """
+    nearest = min(RECONSTRUCTION_SCHEDULES, key=lambda k: (abs(k - num_local), k))
+    return RECONSTRUCTION_SCHEDULES[nearest]
 
 
 def reconstruction_decoder(context: RuleContext, block: int) -> nn.Module:
@@ -53,6 +75,7 @@ class InfoProRule(LocalRule):
             nn.Linear(width, CLASSIFIER_HIDDEN), nn.ReLU(inplace=True),
             nn.Linear(CLASSIFIER_HIDDEN, context.num_classes),
         )
-        weights = interpolate_weights(*RECONSTRUCTION_WEIGHTS, plan.block, context.num_local)
+        weights = interpolate_weights(*reconstruction_schedule(context.num_local), plan.block,
+                                      context.num_local)
         return RuleAux(initialise(classifier, context.init), reconstruction_decoder(context, plan.block),
                        "reconstruction", weights)
