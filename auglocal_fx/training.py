@@ -4,12 +4,17 @@ The loop lives in ``_train_loop.py``, process groups in ``_distributed.py``, the
 format in ``_train_state.py``, the recipe in ``recipe.py``.
 
 The recipe defaults follow the paper and the authors' code (:mod:`auglocal_fx.recipe`): SGD with
-Nesterov momentum 0.9, weight decay 1e-4, a cosine learning-rate schedule set once per epoch
-with a linear warmup from 0.01 over the first 10 epochs, batch 1024 and lr 0.8 for
+Nesterov momentum 0.9, weight decay 1e-4 on every parameter, a cosine learning-rate schedule set
+once per epoch with a linear warmup from 0.01 (the paper's 10 epochs of 400, scaled to the
+run: :func:`auglocal_fx.recipe.default_warmup_epochs`), batch 1024 and lr 0.8 for
 CIFAR-10/SVHN, batch 128 and lr 0.1 for STL-10. Both settings are ``lr = 0.1 * batch / 128``;
 other datasets default to batch 128 and that same linear rule applies when only the batch
 size is overridden. The default dataset is Fashion-MNIST when its Debian package is installed
 (digits otherwise, which every method learns to ~99%).
+
+Other optimizers and schedules come from timm's factories (:mod:`auglocal_fx.optimization`);
+mixup / cutmix, label smoothing and an EMA of the primary weights from timm's tools
+(:mod:`auglocal_fx.regularization`).
 
 Outputs in ``out``: ``metrics.jsonl`` (one JSON line per epoch), ``curves.png`` (loss and
 accuracy curves), ``last.pt`` (the full training state, written atomically every epoch, used
