@@ -20,7 +20,7 @@ import collections
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -210,16 +210,13 @@ class PipelineRun(Run):
         self.stage_group = groups[self.stage]
         self.ranges: List[Tuple[int, int]] = []
         self.busy_seconds = 0.0
-        super().__init__(cfg, rank, world, local_rank)
-        self.first, self.stop = self.ranges[self.stage]
+        super().__init__(cfg, rank, world, local_rank)  # sets the ranges and this stage's modules
         self.is_first, self.is_last = self.stage == 0, self.stage == stages - 1
         self.prev = _Link(rank, rank - 1, self.device) if not self.is_first else None
         self.next = _Link(rank, rank + 1, self.device) if not self.is_last else None
         self.needs_image = self.net.needs_image
-        owned = self._owned_modules()
-        prefixes = tuple(f"{name}." for name in owned)
+        prefixes = tuple(f"{name}." for name in self._owned_modules())
         self.own_keys = [k for k in self.net.state_dict() if k.startswith(prefixes)]
-        self.own_modules = nn.ModuleList(owned.values())
 
     # -- ownership
 
@@ -238,7 +235,8 @@ class PipelineRun(Run):
                 owned["head"] = self.net.head
         return owned
 
-    def _own_parameters(self) -> Iterator[nn.Parameter]:
+    def _trained_modules(self) -> nn.Module:
+        """This stage's blocks and auxiliary networks: its optimizer steps (and decays) only them."""
         if self.cfg.method != "auglocal":
             raise AugLocalError("--pipeline needs local learning (--method auglocal); backprop's blocks wait "
                                 "for each other's gradients")
@@ -246,10 +244,9 @@ class PipelineRun(Run):
             raise AugLocalError(f"--pipeline {self.stages} is more than the {self.net.num_local} local modules "
                                 f"of this network; use at most {self.net.num_local}")
         self.ranges = self._choose_ranges()
-        start, stop = self.ranges[self.stage]
-        last = self.net.num_local - 1
-        for j in range(start, stop):
-            yield from (self.net.block_parameters(j) if j < last else self.net.output_module_parameters())
+        self.first, self.stop = self.ranges[self.stage]
+        self.own_modules = nn.ModuleList(self._owned_modules().values())
+        return self.own_modules
 
     def _choose_ranges(self) -> List[Tuple[int, int]]:
         """Rank 0 decides (from the checkpoint when resuming, else by measured time or FLOPs)."""
@@ -308,7 +305,7 @@ class PipelineRun(Run):
                         initial=self.step_in_epoch)
         for _ in bar:
             if self.is_first:
-                h, y = self._to_device(*next(batches))
+                h, y = self._training_batch(*next(batches))
                 image = h if self.needs_image else None
             else:
                 h, y, *rest = self._receive(2 + extra)

@@ -22,8 +22,10 @@ from ._train_state import CKPT_FORMAT, CKPT_VERSION, RESUME_KEYS, load_checkpoin
 from .data import build_datasets, dataset_normalization
 from .errors import AugLocalError
 from .local import to_local
+from .optimization import LearningRateSchedule, build_optimizer
 from .plots import plot_training_curves
-from .recipe import default_recipe, learning_rate
+from .recipe import default_recipe
+from .regularization import build_ema, build_loss, build_mixup
 from .specs import resolve_model
 from .training import TrainConfig, TrainResult
 
@@ -114,22 +116,28 @@ class Run:
         np.random.seed((cfg.seed * 7919 + rank) % 2 ** 32)
         random.seed(cfg.seed * 7919 + rank)
 
-        self.params = [p for p in self._own_parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(self.params, lr=self.lr, momentum=cfg.momentum,
-                                         nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+        trained = self._trained_modules()
+        self.params = [p for p in trained.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(cfg, trained, self.lr)
         self.sampler = GlobalBatchSampler(len(self.train_set), self.batch_size, self.dp_rank, self.dp_world,
                                           cfg.seed)
+        self.schedule = LearningRateSchedule(cfg, self.optimizer, self.lr, self.sampler.steps)
         self.total_steps = cfg.epochs * self.sampler.steps
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
-        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self.mixup = build_mixup(cfg, self.num_classes)
+        if self.mixup is not None and (self.batch_size // self.dp_world) % 2:
+            raise AugLocalError(f"mixup pairs the images of a batch: {self.batch_size // self.dp_world} per process "
+                                "is odd; use an even --batch-size per process")
+        self.loss_fn = build_loss(cfg)
+        self.ema = build_ema(cfg, self.primary)
         self.history: List[Dict[str, Any]] = []
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
 
-    def _own_parameters(self) -> Iterator[nn.Parameter]:
-        """The parameters this process's optimizer steps: all of them here."""
-        return self.net.parameters()
+    def _trained_modules(self) -> nn.Module:
+        """What this process's optimizer steps: the whole network here."""
+        return self.net
 
     def _data_parallel(self) -> Tuple[int, int, Optional[Any]]:
         """``(replica, replicas, process group)``: every process is a replica here."""
@@ -168,7 +176,8 @@ class Run:
 
     def _trainer_state(self, model: Dict[str, torch.Tensor], rng: List[Any]) -> Dict[str, Any]:
         return {"model": model, "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None, "rng": rng}
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None, "rng": rng,
+                "ema": self.ema.module.state_dict() if self.ema is not None else None}
 
     def _write_progress(self, state: Dict[str, Any]) -> None:
         """Rank 0: ``last.pt``, ``metrics.jsonl`` and the curves."""
@@ -211,6 +220,8 @@ class Run:
             self.optimizer.load_state_dict(state["optimizer"])
             if self.scaler is not None and state["scaler"] is not None:
                 self.scaler.load_state_dict(state["scaler"])
+            if self.ema is not None:
+                self.ema.module.load_state_dict(state["ema"])
         except (KeyError, RuntimeError, ValueError) as err:
             reason = str(err).strip().splitlines()[0][:120]
             raise AugLocalError(f"{path} does not match this model ({reason}); delete it or use another --out") from None
@@ -244,6 +255,11 @@ class Run:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y.to(self.device, non_blocking=True)
 
+    def _training_batch(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """On the device, mixed (soft targets) when mixup or cutmix is on."""
+        x, y = self._to_device(x, y)
+        return self.mixup(x, y) if self.mixup is not None else (x, y)
+
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
         if self.cfg.method == "auglocal":
@@ -258,7 +274,8 @@ class Run:
         return losses.float()
 
     def _apply_gradients(self) -> None:
-        """Average over the replicas, unscale, clip, step."""
+        """Average over the replicas, unscale, clip, step (at the schedule's rate), update the EMA."""
+        self.schedule.before_update(self.global_step)
         if self.dp_world > 1:
             average_gradients(self.params, self.dp_world, group=self.dp_group)
         if self.scaler is not None:
@@ -271,12 +288,8 @@ class Run:
             self.scaler.update()
         else:
             self.optimizer.step()
-
-    def _set_learning_rate(self) -> None:
-        """The paper's schedule sets the rate once per epoch, before it runs."""
-        lr = learning_rate(self.epoch + 1, self.cfg.epochs, self.lr, self.cfg.warmup_epochs)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        if self.ema is not None:
+            self.ema.update(self.primary)
 
     def _clip_groups(self) -> List[List[nn.Parameter]]:
         if self.cfg.method == "bp":
@@ -311,6 +324,20 @@ class Run:
         self.net.train()
         return self._accuracies(counts)
 
+    @torch.no_grad()
+    def evaluate_ema(self) -> Optional[float]:
+        """Top-1 test accuracy of the EMA weights (``None`` without EMA)."""
+        if self.ema is None:
+            return None
+        model = self.ema.module.eval()
+        counts = torch.zeros(2, dtype=torch.float64)  # seen, correct
+        for x, y in self._bar(self._test_loader(), "eval ema"):
+            x, y = self._to_device(x, y)
+            with self._autocast():
+                counts[1] += (model(x).argmax(1) == y).sum().item()
+            counts[0] += len(y)
+        return self._accuracies(counts)[0]
+
     def _accuracies(self, counts: torch.Tensor) -> Tuple[float, List[float]]:
         """Sum ``counts`` (seen, correct...) over the processes: the primary and auxiliary accuracies."""
         if self.world > 1:
@@ -339,7 +366,7 @@ class Run:
         steps = self.sampler.steps
         while self.epoch < self.cfg.epochs and self.global_step < self.total_steps:
             self.sampler.set_epoch(self.epoch, self.step_in_epoch)
-            self._set_learning_rate()
+            self.schedule.start_epoch(self.epoch)
             start = time.perf_counter()
             sums, count = self._train_epoch()
             train_seconds = time.perf_counter() - start
@@ -348,12 +375,13 @@ class Run:
                 sums = self._reduce_losses(sums)
             self._sync_buffers()
             test_acc, aux_acc = self.evaluate()
+            test_acc_ema = self.evaluate_ema()
             mean = (sums / max(1, count)).tolist() if sums is not None else []
             record = {"epoch": self.epoch + 1, "step": self.global_step, "partial": not finished_epoch,
                       "method": self.cfg.method, "lr": self.optimizer.param_groups[0]["lr"],
                       "train_loss": mean[-1] if mean else None,
                       "local_losses": mean[:-1] if self.cfg.method == "auglocal" else [],
-                      "test_acc": test_acc, "aux_acc": aux_acc,
+                      "test_acc": test_acc, "aux_acc": aux_acc, "test_acc_ema": test_acc_ema,
                       "train_seconds": round(train_seconds, 3),
                       "epoch_seconds": round(time.perf_counter() - start, 3), **self._record_extra(train_seconds)}
             self.history.append(record)
@@ -382,7 +410,7 @@ class Run:
         bar = self._bar(self._train_loader(), f"epoch {self.epoch + 1}/{self.cfg.epochs}",
                         total=self.sampler.steps, initial=self.step_in_epoch)
         for x, y in bar:
-            losses = self.train_step(*self._to_device(x, y))
+            losses = self.train_step(*self._training_batch(x, y))
             sums = losses if sums is None else sums + losses
             count += 1
             self.step_in_epoch += 1
@@ -401,6 +429,8 @@ class Run:
         """Rank 0's batch-norm statistics for evaluation, as DDP gives them at each forward."""
         if self.world > 1:
             broadcast_buffers(self.net)
+            if self.ema is not None:
+                broadcast_buffers(self.ema.module)
 
     def _record_extra(self, train_seconds: float) -> Dict[str, Any]:
         return {}
@@ -411,10 +441,14 @@ class Run:
             self.out.mkdir(parents=True, exist_ok=True)
             state = {k: v.detach().cpu() for k, v in self.primary.state_dict().items()}
             atomic_save(state, path)
+            if self.ema is not None:
+                atomic_save({k: v.detach().cpu() for k, v in self.ema.module.state_dict().items()},
+                            self.out / "model_ema.pt")
         if self.world > 1:
             dist.barrier()
         last = self.history[-1] if self.history else {"test_acc": float("nan"), "aux_acc": []}
-        return TrainResult(str(self.out), last["test_acc"], list(last["aux_acc"]), list(self.history), str(path))
+        return TrainResult(str(self.out), last["test_acc"], list(last["aux_acc"]), list(self.history), str(path),
+                           last.get("test_acc_ema"))
 
 
 def run(cfg: TrainConfig) -> TrainResult:
@@ -455,7 +489,8 @@ def result_from_disk(cfg: TrainConfig) -> TrainResult:
     out = Path(cfg.out)
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     last = history[-1] if history else {"test_acc": float("nan"), "aux_acc": []}
-    return TrainResult(str(out), last["test_acc"], list(last["aux_acc"]), history, str(out / "model.pt"))
+    return TrainResult(str(out), last["test_acc"], list(last["aux_acc"]), history, str(out / "model.pt"),
+                       last.get("test_acc_ema"))
 
 
 def run_spawned(cfg: TrainConfig) -> TrainResult:

@@ -15,11 +15,12 @@ __all__ = ["CKPT_FORMAT", "CKPT_VERSION", "RESUME_KEYS", "resume_view", "rng_sta
            "load_checkpoint"]
 
 CKPT_FORMAT = "auglocal-fx-train"
-CKPT_VERSION = 2  # 2: the learning rate follows the epoch; no scheduler state
+CKPT_VERSION = 3  # 3: optimizer and schedule options, EMA weights; the schedule still needs no state
 # Fields that must match for a run to be resumed from a checkpoint.
 RESUME_KEYS = ("model", "dataset", "method", "d", "tau", "pyramid", "selection", "aux_head", "rule",
                "batch_size",
-               "epochs", "warmup_epochs", "seed", "input_size", "train_subset", "augment")
+               "epochs", "warmup_epochs", "seed", "input_size", "train_subset", "augment",
+               "opt", "sched", "sched_on_updates", "model_ema")
 
 
 def resume_view(cfg: Any) -> Dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Optional, Tuple
 
-__all__ = ["PAPER_WARMUP_EPOCHS", "PAPER_WARMUP_LR", "default_recipe", "learning_rate"]
+__all__ = ["PAPER_WARMUP_EPOCHS", "PAPER_WARMUP_LR", "default_recipe", "default_warmup_epochs", "learning_rate"]
 
 PAPER_WARMUP_EPOCHS = 10
 PAPER_WARMUP_LR = 0.01
@@ -29,6 +29,15 @@ def default_recipe(dataset: str, batch_size: Optional[int] = None,
     if lr is None:
         lr = 0.1 * batch_size / 128
     return batch_size, lr
+
+
+def default_warmup_epochs(epochs: int) -> int:
+    """The warmup of a run of ``epochs`` epochs: the paper's 10, at most 5% of the run.
+
+    The paper warms up 10 of 400 epochs; a short run keeps that small share instead of spending
+    most of itself near the warmup's starting rate (``min(10, epochs // 20)``: none below 20).
+    """
+    return min(PAPER_WARMUP_EPOCHS, epochs // 20)
 
 
 def learning_rate(epoch: int, epochs: int, base_lr: float,

@@ -4,12 +4,17 @@ The loop lives in ``_train_loop.py``, process groups in ``_distributed.py``, the
 format in ``_train_state.py``, the recipe in ``recipe.py``.
 
 The recipe defaults follow the paper and the authors' code (:mod:`auglocal_fx.recipe`): SGD with
-Nesterov momentum 0.9, weight decay 1e-4, a cosine learning-rate schedule set once per epoch
-with a linear warmup from 0.01 over the first 10 epochs, batch 1024 and lr 0.8 for
+Nesterov momentum 0.9, weight decay 1e-4 on every parameter, a cosine learning-rate schedule set
+once per epoch with a linear warmup from 0.01 (the paper's 10 epochs of 400, scaled to the
+run: :func:`auglocal_fx.recipe.default_warmup_epochs`), batch 1024 and lr 0.8 for
 CIFAR-10/SVHN, batch 128 and lr 0.1 for STL-10. Both settings are ``lr = 0.1 * batch / 128``;
 other datasets default to batch 128 and that same linear rule applies when only the batch
 size is overridden. The default dataset is Fashion-MNIST when its Debian package is installed
 (digits otherwise, which every method learns to ~99%).
+
+Other optimizers and schedules come from timm's factories (:mod:`auglocal_fx.optimization`);
+mixup / cutmix, label smoothing and an EMA of the primary weights from timm's tools
+(:mod:`auglocal_fx.regularization`).
 
 Outputs in ``out``: ``metrics.jsonl`` (one JSON line per epoch), ``curves.png`` (loss and
 accuracy curves), ``last.pt`` (the full training state, written atomically every epoch, used
@@ -45,12 +50,14 @@ from torch import nn
 from ._distributed import launched_by_torchrun
 from .data import DEFAULT_FASHION_MNIST_DIR
 from .errors import AugLocalError
-from .recipe import PAPER_WARMUP_EPOCHS, default_recipe
+from .optimization import check_optimizer, check_schedule
+from .recipe import default_recipe, default_warmup_epochs
 
 __all__ = ["METHODS", "AMP_MODES", "TrainConfig", "TrainResult", "default_dataset", "default_recipe",
            "train"]
 
 METHODS = ("auglocal", "bp")
+DEFAULT_EPOCHS = 10  # enough to learn Fashion-MNIST or digits; with no warmup (default_warmup_epochs)
 AMP_MODES = ("none", "bf16", "fp16")
 @dataclass
 class TrainConfig:
@@ -67,9 +74,39 @@ class TrainConfig:
         epochs: passes over the training set.
         batch_size: global batch size (split over processes); default per dataset.
         lr: peak learning rate; default ``0.1 * batch_size / 128``.
-        warmup_epochs: linear warmup from 0.01 into the per-epoch cosine schedule (the paper's
-            10; 0 for none); see :func:`auglocal_fx.recipe.learning_rate`.
-        momentum, nesterov, weight_decay: SGD settings.
+        warmup_epochs: epochs of linear warmup; default the paper's 10 scaled to the run,
+            ``min(10, epochs // 20)`` (none below 20 epochs); see
+            :func:`auglocal_fx.recipe.default_warmup_epochs`.
+        momentum: momentum of the optimizers that have one.
+        weight_decay: on every parameter for the paper's recipe, on all but 1-D ones (norms,
+            biases) otherwise, as timm does.
+
+        The optimizer and schedule (:mod:`auglocal_fx.optimization`; the defaults are the
+        paper's recipe, SGD with Nesterov momentum and the per-epoch cosine):
+
+        opt: a timm optimizer name (``"sgd"`` is SGD with Nesterov momentum, ``"momentum"``
+            without; ``"adamw"``, ``"lamb"``, ...).
+        nesterov: override the optimizer's own Nesterov setting (SGD family only).
+        opt_eps, opt_betas: the optimizer's ``eps`` and ``betas`` where it has them.
+        sched: ``"paper"`` (the authors' per-epoch cosine with warmup from ``warmup_lr``, see
+            :func:`auglocal_fx.recipe.learning_rate`) or a timm scheduler: ``"cosine"``,
+            ``"step"``, ``"multistep"``, ``"poly"``, ``"tanh"``, ``"wsd"``, ``"rsqrt"``,
+            ``"constant"``.
+        warmup_lr: the rate warmup starts from; default 0.01 (paper) or timm's 1e-5.
+        min_lr: the floor of a timm schedule.
+        sched_on_updates: step a timm schedule after every update instead of every epoch.
+        decay_epochs, decay_rate: a step schedule's interval (default timm's 90) and factor.
+
+        Regularisation (:mod:`auglocal_fx.regularization`):
+
+        mixup, cutmix: alphas of ``timm.data.Mixup`` (0 for off); its soft targets, with the
+            label smoothing in them, reach every local loss and the output loss.
+        mixup_prob: the chance a batch is mixed at all.
+        mixup_switch_prob: the chance of cutmix instead of mixup when both are on.
+        model_ema: keep an EMA of the primary weights (``timm.utils.ModelEmaV3``), evaluated
+            each epoch (``test_acc_ema``), saved in ``last.pt`` and as ``model_ema.pt``; not
+            with ``pipeline > 1``.
+        model_ema_decay: its decay ``d``: ``ema = d * ema + (1 - d) * w`` after every update.
         d, tau, pyramid, selection, aux_head: AugLocal options (see
             :func:`auglocal_fx.to_local`).
         rule: the local learning rule for ``method="auglocal"`` (``"auglocal"``, ``"dgl"``,
@@ -103,13 +140,31 @@ class TrainConfig:
     data_dir: Optional[str] = None
     out: str = "runs/auglocal"
     method: str = "auglocal"
-    epochs: int = 1
+    epochs: int = DEFAULT_EPOCHS
     batch_size: Optional[int] = None
     lr: Optional[float] = None
-    warmup_epochs: int = PAPER_WARMUP_EPOCHS
+    warmup_epochs: Optional[int] = None
     momentum: float = 0.9
-    nesterov: bool = True
     weight_decay: float = 1e-4
+    # -- optimizer and schedule
+    opt: str = "sgd"
+    nesterov: Optional[bool] = None
+    opt_eps: Optional[float] = None
+    opt_betas: Optional[Tuple[float, float]] = None
+    sched: str = "paper"
+    warmup_lr: Optional[float] = None
+    min_lr: float = 0.0
+    sched_on_updates: bool = False
+    decay_epochs: Optional[float] = None
+    decay_rate: float = 0.1
+    # -- regularisation
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    model_ema: bool = False
+    model_ema_decay: float = 0.9998
+    # --
     d: int = 2
     tau: float = 0.5
     pyramid: bool = True
@@ -146,6 +201,7 @@ class TrainResult:
         aux_acc: final test accuracy of each auxiliary network (percent; empty for BP).
         history: the per-epoch metrics (the lines of ``metrics.jsonl``).
         model_path: ``out/model.pt``, the primary weights for the original model.
+        test_acc_ema: final test accuracy of the EMA weights (``model_ema=True``; else ``None``).
     """
 
     out: str
@@ -153,6 +209,7 @@ class TrainResult:
     aux_acc: List[float]
     history: List[Dict[str, Any]]
     model_path: str
+    test_acc_ema: Optional[float] = None
 
 
 def default_dataset() -> str:
@@ -202,12 +259,15 @@ def _check_config(config: Optional[TrainConfig], overrides: Dict[str, Any]) -> T
         raise AugLocalError(f"unknown method {cfg.method!r}; choose from {', '.join(METHODS)}")
     if cfg.amp not in AMP_MODES:
         raise AugLocalError(f"unknown amp mode {cfg.amp!r}; choose from {', '.join(AMP_MODES)}")
-    if isinstance(cfg.warmup_epochs, bool) or not isinstance(cfg.warmup_epochs, int) or cfg.warmup_epochs < 0:
-        raise AugLocalError(f"warmup_epochs must be an integer >= 0, got {cfg.warmup_epochs!r}")
     for name in ("epochs", "nproc", "pipeline"):
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise AugLocalError(f"{name} must be a positive integer, got {value!r}")
+    if cfg.warmup_epochs is None:
+        cfg.warmup_epochs = default_warmup_epochs(cfg.epochs)
+    if isinstance(cfg.warmup_epochs, bool) or not isinstance(cfg.warmup_epochs, int) or cfg.warmup_epochs < 0:
+        raise AugLocalError(f"warmup_epochs must be an integer >= 0, got {cfg.warmup_epochs!r}")
+    _check_recipe(cfg)
     if isinstance(cfg.input_size, (tuple, list)):
         cfg.input_size = tuple(int(v) for v in cfg.input_size)  # (C, H, W); build_datasets checks it
     if cfg.pipeline > 1 and cfg.method != "auglocal":
@@ -229,6 +289,28 @@ def _check_config(config: Optional[TrainConfig], overrides: Dict[str, Any]) -> T
     if cfg.num_workers < 0:
         raise AugLocalError(f"num_workers must be >= 0, got {cfg.num_workers!r}")
     return cfg
+
+
+def _check_recipe(cfg: TrainConfig) -> None:
+    """The optimizer, schedule and regularisation options."""
+    check_optimizer(cfg.opt)
+    check_schedule(cfg)
+    if cfg.opt_betas is not None:
+        cfg.opt_betas = tuple(float(b) for b in cfg.opt_betas)
+    for name in ("weight_decay", "min_lr", "mixup", "cutmix"):
+        if not getattr(cfg, name) >= 0:
+            raise AugLocalError(f"{name} must be >= 0, got {getattr(cfg, name)!r}")
+    for name in ("warmup_lr", "opt_eps", "decay_epochs"):
+        if getattr(cfg, name) is not None and not getattr(cfg, name) > 0:
+            raise AugLocalError(f"{name} must be positive, got {getattr(cfg, name)!r}")
+    for name in ("mixup_prob", "mixup_switch_prob"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise AugLocalError(f"{name} must be in [0, 1], got {getattr(cfg, name)!r}")
+    if cfg.model_ema and not 0.0 < cfg.model_ema_decay < 1.0:
+        raise AugLocalError(f"model_ema_decay must be in (0, 1), got {cfg.model_ema_decay!r}")
+    if cfg.model_ema and cfg.pipeline > 1:
+        raise AugLocalError("model_ema is not supported with pipeline > 1 (each worker holds part of the "
+                            "weights); drop --model-ema or --pipeline")
 
 
 def _asdict_shallow(cfg: TrainConfig) -> Dict[str, Any]:

@@ -4,6 +4,8 @@ import os
 
 import click
 
+from auglocal_fx.training import DEFAULT_EPOCHS
+
 from .options import (aux_head_option, rule_option, conversion_kwargs, depth_option, input_size_option, pyramid_options,
                       selection_option, spec_argument, user_errors)
 
@@ -17,14 +19,40 @@ from .options import (aux_head_option, rule_option, conversion_kwargs, depth_opt
               help="Folder holding the dataset (never downloaded).")
 @click.option("--method", type=click.Choice(["auglocal", "bp"]), default="auglocal", show_default=True,
               help="AugLocal local learning, or end-to-end backprop for comparison.")
-@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=DEFAULT_EPOCHS, show_default=True,
+              help="Passes over the training set (the paper: 400 on CIFAR-10).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Global batch size [default: 1024 for cifar10/svhn, else 128].")
 @click.option("--lr", type=float, default=None, help="Peak learning rate [default: 0.1 * batch / 128].")
-@click.option("--warmup-epochs", type=click.IntRange(min=0), default=10, show_default=True,
-              help="Linear warmup from lr 0.01 into the per-epoch cosine schedule (the paper's 10).")
-@click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD (Nesterov) momentum.")
-@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
+@click.option("--warmup-epochs", type=click.IntRange(min=0), default=None,
+              help="Linear warmup epochs [default: the paper's 10 scaled to the run, min(10, epochs // 20): "
+                   "none below 20 epochs].")
+@click.option("--momentum", type=float, default=0.9, show_default=True, help="Momentum (SGD family).")
+@click.option("--weight-decay", type=float, default=1e-4, show_default=True,
+              help="On every parameter for the paper's recipe; else not on norms and biases, as timm does.")
+# -- optimizer and schedule
+@click.option("--opt", default="sgd", show_default=True,
+              help="A timm optimizer: sgd (Nesterov, the paper's), momentum, adamw, lamb, ...")
+@click.option("--opt-eps", type=float, default=None, help="The optimizer's eps (Adam family).")
+@click.option("--opt-betas", type=float, nargs=2, default=None, help="The optimizer's betas (Adam family).")
+@click.option("--sched", default="paper", show_default=True,
+              help="paper (the authors' per-epoch cosine with warmup) or a timm scheduler: cosine, step, "
+                   "multistep, poly, tanh, wsd, rsqrt, constant.")
+@click.option("--warmup-lr", type=float, default=None,
+              help="Rate the warmup starts from [default: 0.01 for paper, 1e-5 for timm schedules].")
+@click.option("--min-lr", type=float, default=0.0, show_default=True, help="Floor of a timm schedule.")
+@click.option("--sched-on-updates", is_flag=True, help="Step a timm schedule every update, not every epoch.")
+@click.option("--decay-epochs", type=float, default=None, help="Step schedule interval [default: timm's 90].")
+@click.option("--decay-rate", type=float, default=0.1, show_default=True, help="Step schedule factor.")
+# -- regularisation
+@click.option("--mixup", type=float, default=0.0, show_default=True, help="timm Mixup alpha (0: off).")
+@click.option("--cutmix", type=float, default=0.0, show_default=True, help="timm CutMix alpha (0: off).")
+@click.option("--mixup-prob", type=float, default=1.0, show_default=True, help="Chance a batch is mixed.")
+@click.option("--mixup-switch-prob", type=float, default=0.5, show_default=True,
+              help="Chance of cutmix instead of mixup when both are on.")
+@click.option("--model-ema", is_flag=True, help="Keep and evaluate an EMA of the primary weights.")
+@click.option("--model-ema-decay", type=float, default=0.9998, show_default=True)
+# --
 @depth_option(required=False, default=2, help_text="Auxiliary depth, classifier included [default: 2].")
 @pyramid_options
 @selection_option
@@ -58,10 +86,17 @@ from .options import (aux_head_option, rule_option, conversion_kwargs, depth_opt
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads per process [default: the cores, shared by spawned processes].")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
-def train(spec, dataset, data_dir, method, epochs, batch_size, lr, warmup_epochs, momentum, weight_decay, d, tau, no_pyramid,
+def train(spec, dataset, data_dir, method, epochs, batch_size, lr, warmup_epochs, momentum, weight_decay,
+          opt, opt_eps, opt_betas, sched, warmup_lr, min_lr, sched_on_updates, decay_epochs, decay_rate,
+          mixup, cutmix, mixup_prob, mixup_switch_prob, model_ema, model_ema_decay, d, tau, no_pyramid,
           selection, aux_head, rule, out, resume, seed, device, amp, grad_clip, label_smoothing, channels_last, input_size,
           max_steps, train_subset, test_subset, no_augment, workers, nproc, pipeline, pipeline_balance, threads, quiet):
-    """Train SPEC (e.g. paper:resnet32, timm:resnet18) with AugLocal or backprop."""
+    """Train SPEC (e.g. paper:resnet32, timm:resnet18) with AugLocal or backprop.
+
+    The defaults are the paper's recipe (SGD with Nesterov momentum, per-epoch cosine) for 10
+    epochs; a transformer's recipe reads: --opt adamw --lr 1e-3 --weight-decay 0.05
+    --sched cosine --warmup-epochs 5 --mixup 0.8 --cutmix 1.0 --model-ema.
+    """
     from auglocal_fx.training import TrainConfig, train as run_training
 
     with user_errors():
@@ -75,7 +110,11 @@ def train(spec, dataset, data_dir, method, epochs, batch_size, lr, warmup_epochs
             channels_last=channels_last, input_size=options.get("input_size"), max_steps=max_steps,
             train_subset=train_subset, test_subset=test_subset, augment=not no_augment, num_workers=workers,
             nproc=nproc, pipeline=pipeline, pipeline_balance=pipeline_balance, threads=threads, resume=resume,
-            progress=not quiet)
+            progress=not quiet,
+            opt=opt, opt_eps=opt_eps, opt_betas=opt_betas or None, sched=sched, warmup_lr=warmup_lr, min_lr=min_lr,
+            sched_on_updates=sched_on_updates, decay_epochs=decay_epochs, decay_rate=decay_rate,
+            mixup=mixup, cutmix=cutmix, mixup_prob=mixup_prob, mixup_switch_prob=mixup_switch_prob,
+            model_ema=model_ema, model_ema_decay=model_ema_decay)
         result = run_training(config)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun, rank 0 reports
@@ -83,4 +122,6 @@ def train(spec, dataset, data_dir, method, epochs, batch_size, lr, warmup_epochs
     if result.aux_acc:
         aux = f"; auxiliary nets {min(result.aux_acc):.2f}..{max(result.aux_acc):.2f}%"
     click.echo(f"test accuracy {result.test_acc:.2f}% (primary network){aux}")
+    if result.test_acc_ema is not None:
+        click.echo(f"test accuracy {result.test_acc_ema:.2f}% (EMA of the primary weights: {result.model_path[:-3]}_ema.pt)")
     click.echo(f"weights for the original model: {result.model_path}")

@@ -168,3 +168,14 @@ def test_processes_started_with_other_settings_are_refused():
     # one of them must stop the run with one line, not deadlock it.
     with pytest.raises(AugLocalError, match="process 1 was started with batch_size=64, process 0 with 128"):
         spawn(2, _check_settings_worker, [{"pipeline": 2, "batch_size": 128}, {"pipeline": 2, "batch_size": 64}])
+
+
+def test_workers_with_adamw_a_per_update_cosine_and_mixup_match_the_sequential_run(tmp_path):
+    """Each worker's own AdamW and schedule over its own modules; the first worker mixes the
+    batch and the soft targets travel: the weights are the sequential run's."""
+    common = {**COMMON, "opt": "adamw", "lr": 1e-3, "weight_decay": 0.05, "sched": "cosine",
+              "sched_on_updates": True, "mixup": 0.8, "cutmix": 1.0, "label_smoothing": 0.1, "epochs": 1}
+    one = train(TrainConfig(out=str(tmp_path / "one"), **common))
+    two = train(TrainConfig(out=str(tmp_path / "two"), pipeline=2, **common))
+    _assert_same_weights(one.model_path, two.model_path)
+    assert one.history[-1]["local_losses"] == two.history[-1]["local_losses"]

@@ -177,7 +177,9 @@ def test_two_gloo_processes_equal_one_process_on_the_whole_batch(tmp_path):
     # Batch-norm-free model and no augmentation: with batch norm, each process would normalise
     # with its own half-batch statistics, which legitimately differs from the whole batch. d=3:
     # the auxiliary network copies two blocks, so its head has no BatchNorm1d either.
-    common = dict(model=TINY_NOBN, augment=False, max_steps=3, batch_size=8, train_subset=32, device="cpu", d=3)
+    # warmup_epochs=1: one epoch of the paper's schedule without warmup runs at lr 0.
+    common = dict(model=TINY_NOBN, augment=False, max_steps=3, batch_size=8, train_subset=32, device="cpu", d=3,
+                  warmup_epochs=1)
     train(_config(tmp_path / "one", **common))
     train(_config(tmp_path / "two", nproc=2, **common))
     a, b = _weights(tmp_path / "one" / "model.pt"), _weights(tmp_path / "two" / "model.pt")

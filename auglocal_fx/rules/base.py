@@ -171,9 +171,13 @@ def similarity_matrix(x: torch.Tensor) -> torch.Tensor:
 
 
 def similarity_loss(decoded: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """MSE between the similarity matrices of the decoded features and the one-hot labels."""
-    one_hot = F.one_hot(target, num_classes).to(decoded.dtype)
-    return F.mse_loss(similarity_matrix(decoded), similarity_matrix(one_hot))
+    """MSE between the similarity matrices of the decoded features and the label vectors.
+
+    Class indices become one-hot vectors (the authors' loss); soft targets (mixup, cutmix: one
+    row of class probabilities per example) are the label vectors as they are.
+    """
+    labels = F.one_hot(target, num_classes) if target.dim() == 1 else target
+    return F.mse_loss(similarity_matrix(decoded), similarity_matrix(labels.to(decoded.dtype)))
 
 
 def reconstruction_target(image: torch.Tensor,
