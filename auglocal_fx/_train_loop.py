@@ -22,7 +22,7 @@ from ._train_state import CKPT_FORMAT, CKPT_VERSION, RESUME_KEYS, load_checkpoin
 from .data import build_datasets, dataset_normalization
 from .errors import AugLocalError
 from .local import to_local
-from .optimization import LearningRateSchedule, build_optimizer
+from .optimization import LearningRateSchedule, build_optimizer, no_weight_decay_parameters
 from .plots import plot_training_curves
 from .recipe import default_recipe
 from .regularization import build_ema, build_loss, build_mixup
@@ -118,7 +118,7 @@ class Run:
 
         trained = self._trained_modules()
         self.params = [p for p in trained.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(cfg, trained, self.lr)
+        self.optimizer = build_optimizer(cfg, trained, self.lr, exempt=no_weight_decay_parameters(self.primary))
         self.sampler = GlobalBatchSampler(len(self.train_set), self.batch_size, self.dp_rank, self.dp_world,
                                           cfg.seed)
         self.schedule = LearningRateSchedule(cfg, self.optimizer, self.lr, self.sampler.steps)

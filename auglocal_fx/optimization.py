@@ -12,7 +12,7 @@ worker's own blocks and auxiliary networks.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import timm.optim
 import timm.scheduler
@@ -23,7 +23,7 @@ from .errors import AugLocalError
 from .recipe import PAPER_WARMUP_LR, learning_rate
 
 __all__ = ["PAPER_SCHEDULE", "SCHEDULES", "TIMM_WARMUP_LR", "check_optimizer", "check_schedule",
-           "is_paper_recipe", "build_optimizer", "LearningRateSchedule"]
+           "is_paper_recipe", "build_optimizer", "no_weight_decay_parameters", "LearningRateSchedule"]
 
 PAPER_SCHEDULE = "paper"
 # timm's schedulers that need no validation metric ("plateau" does; we evaluate once per epoch only).
@@ -58,7 +58,15 @@ def is_paper_recipe(cfg: Any) -> bool:
     return cfg.opt == "sgd" and cfg.sched == PAPER_SCHEDULE
 
 
-def build_optimizer(cfg: Any, module: nn.Module, lr: float) -> torch.optim.Optimizer:
+def no_weight_decay_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """The parameters ``model.no_weight_decay()`` names (a timm ViT's position embedding and class
+    token), which timm's factory exempts from weight decay besides norms and biases."""
+    names = set(model.no_weight_decay()) if callable(getattr(model, "no_weight_decay", None)) else set()
+    return [p for name, p in model.named_parameters() if name in names]
+
+
+def build_optimizer(cfg: Any, module: nn.Module, lr: float,
+                    exempt: Sequence[nn.Parameter] = ()) -> torch.optim.Optimizer:
     """The optimizer of ``cfg`` over the trainable parameters of ``module``.
 
     Args:
@@ -66,6 +74,8 @@ def build_optimizer(cfg: Any, module: nn.Module, lr: float) -> torch.optim.Optim
             ``opt_eps``, ``opt_betas``).
         module: what this process trains (a ``LocalNet``, a model, a worker's modules).
         lr: the peak learning rate.
+        exempt: parameters without weight decay besides the 1-D ones (outside the paper's
+            recipe), e.g. :func:`no_weight_decay_parameters` of the original model.
     """
     kwargs: Dict[str, Any] = {}
     if cfg.opt_eps is not None:
@@ -79,7 +89,9 @@ def build_optimizer(cfg: Any, module: nn.Module, lr: float) -> torch.optim.Optim
         params: Any = [p for p in module.parameters() if p.requires_grad]  # the authors decay everything
     else:
         # timm's factory would do this given the module; named here so a worker's modules are enough.
-        params = timm.optim.param_groups_weight_decay(module, cfg.weight_decay)
+        exempt_ids = {id(p) for p in exempt}
+        names = [name for name, p in module.named_parameters() if id(p) in exempt_ids]
+        params = timm.optim.param_groups_weight_decay(module, cfg.weight_decay, no_weight_decay_list=names)
     try:
         return timm.optim.create_optimizer_v2(params, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay,
                                               momentum=cfg.momentum, **kwargs)

@@ -220,3 +220,15 @@ def test_bad_options_are_one_line(tmp_path, options, message):
 def test_mixup_needs_an_even_batch_per_process(tmp_path):
     with pytest.raises(AugLocalError, match="mixup pairs the images of a batch: 3 per process is odd"):
         Run(_config(tmp_path, batch_size=3, cutmix=1.0), 0, 1, 0)
+
+
+def test_position_embedding_and_class_token_are_not_decayed(tmp_path):
+    import timm
+
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, depth=3, embed_dim=32,
+                            num_heads=2, num_classes=10)
+    run = Run(_config(tmp_path, model=vit, opt="adamw", weight_decay=0.05, sched="cosine"), 0, 1, 0)
+    decay_of = {id(p): group["weight_decay"] for group in run.optimizer.param_groups for p in group["params"]}
+    assert {"pos_embed", "cls_token"} <= set(vit.no_weight_decay())
+    assert decay_of[id(vit.pos_embed)] == 0.0 and decay_of[id(vit.cls_token)] == 0.0  # 3-D, yet exempt
+    assert decay_of[id(vit.blocks[0].mlp.fc1.weight)] == 0.05
