@@ -6,10 +6,14 @@ import click
 
 from .options import (aux_head_option, rule_option, conversion_kwargs, depth_option, input_size_option, pyramid_options,
                       selection_option, spec_argument, user_errors)
+from .options import MultiValueCommand, aux_init_option, model_kwargs_option, weights_option
 
 
-@click.command()
+@click.command(cls=MultiValueCommand)
 @spec_argument
+@model_kwargs_option
+@weights_option
+@aux_init_option
 @click.option("--dataset", default=None,
               help="cifar10, svhn, stl10, fashion-mnist, digits, imagefolder:PATH or synthetic "
                    "[default: fashion-mnist when its Debian package is installed, else digits].")
@@ -58,7 +62,7 @@ from .options import (aux_head_option, rule_option, conversion_kwargs, depth_opt
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads per process [default: the cores, shared by spawned processes].")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
-def train(spec, dataset, data_dir, method, epochs, batch_size, lr, warmup_epochs, momentum, weight_decay, d, tau, no_pyramid,
+def train(spec, model_kwargs, weights, aux_init, dataset, data_dir, method, epochs, batch_size, lr, warmup_epochs, momentum, weight_decay, d, tau, no_pyramid,
           selection, aux_head, rule, out, resume, seed, device, amp, grad_clip, label_smoothing, channels_last, input_size,
           max_steps, train_subset, test_subset, no_augment, workers, nproc, pipeline, pipeline_balance, threads, quiet):
     """Train SPEC (e.g. paper:resnet32, timm:resnet18) with AugLocal or backprop."""
@@ -75,7 +79,8 @@ def train(spec, dataset, data_dir, method, epochs, batch_size, lr, warmup_epochs
             channels_last=channels_last, input_size=options.get("input_size"), max_steps=max_steps,
             train_subset=train_subset, test_subset=test_subset, augment=not no_augment, num_workers=workers,
             nproc=nproc, pipeline=pipeline, pipeline_balance=pipeline_balance, threads=threads, resume=resume,
-            progress=not quiet)
+            progress=not quiet,
+            model_kwargs=model_kwargs, weights=weights, aux_init=aux_init)
         result = run_training(config)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun, rank 0 reports
