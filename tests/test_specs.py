@@ -282,6 +282,12 @@ def test_weights_with_another_classifier_load_all_but_it(tmp_path, wide_file):
     assert torch.equal(model[-1].weight, fresh_fc.weight)  # the classifier as created
 
 
+def _changed(wide_file, key, shape):
+    state = resolve_model(wide_file, input_size=(3, 8, 8)).model.state_dict()
+    state[key] = torch.zeros(shape)
+    return state
+
+
 @pytest.mark.parametrize("make_file,message", [
     (lambda path, wide: path.write_bytes(b"\x80garbage"), "cannot read weights file"),
     (lambda path, wide: torch.save({"epoch": 3, "optimizer": {}}, path), "holds no state_dict"),
@@ -291,6 +297,11 @@ def test_weights_with_another_classifier_load_all_but_it(tmp_path, wide_file):
     (lambda path, wide: torch.save(resolve_model(wide, input_size=(3, 8, 8),
                                                  model_kwargs={"depth": 3}).model.state_dict(), path),
      "the file's 9.weight.*have no counterpart"),
+    # only the classifier may differ, and only in its number of classes
+    (lambda path, wide: torch.save(_changed(wide, "0.weight", (7, 3, 3, 3)), path),
+     r"0.weight has shape \(7, 3, 3, 3\) in the file, \(4, 3, 3, 3\)"),
+    (lambda path, wide: torch.save(_changed(wide, "11.weight", (10, 5)), path),
+     r"11.weight has shape \(10, 5\) in the file, \(10, 4\)"),
 ])
 def test_weights_that_do_not_fit_are_one_line(tmp_path, wide_file, make_file, message):
     path = tmp_path / "w.pt"
