@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ._device import resolve_device
 from ._distributed import average_gradients, broadcast_buffers, check_same_settings, init_distributed, spawn
 from ._io import atomic_save, atomic_write_text
-from ._train_state import CKPT_FORMAT, CKPT_VERSION, RESUME_KEYS, load_checkpoint, resume_view, rng_state, set_rng_state
+from ._train_state import CKPT_FORMAT, CKPT_VERSION, RESUME_KEYS, load_checkpoint, resume_view, rng_state, saved_view, set_rng_state
 from .data import build_datasets, dataset_normalization
 from .errors import AugLocalError
 from .local import to_local
@@ -150,12 +150,20 @@ class Run:
             classes = {"num_classes": self.num_classes} if isinstance(cfg.model, str) else {}
             local = to_local(cfg.model, d=cfg.d, tau=cfg.tau, pyramid=cfg.pyramid, selection=cfg.selection,
                              input_size=self.input_size, aux_head=cfg.aux_head, rule=cfg.rule,
-                             normalization=dataset_normalization(cfg.dataset), **classes)
+                             normalization=dataset_normalization(cfg.dataset), aux_init=cfg.aux_init,
+                             **classes, **self._model_options())
             return local, local.export()
         if isinstance(cfg.model, nn.Module):
             return cfg.model, cfg.model
-        model = resolve_model(cfg.model, num_classes=self.num_classes, input_size=self.input_size).model
+        model = resolve_model(cfg.model, num_classes=self.num_classes, input_size=self.input_size,
+                              **self._model_options()).model
         return model, model
+
+    def _model_options(self) -> Dict[str, Any]:
+        """How a spec's model is created: builder arguments and starting weights."""
+        if not isinstance(self.cfg.model, str):
+            return {}
+        return {"model_kwargs": self.cfg.model_kwargs, "weights": self.cfg.weights}
 
     # -- checkpoints
 
@@ -201,7 +209,7 @@ class Run:
                 self._log(f"no {path} to resume from; starting a new run")
             return None
         ckpt = load_checkpoint(path)
-        mine, theirs = resume_view(self.cfg), ckpt.get("config", {})
+        mine, theirs = resume_view(self.cfg), saved_view(ckpt.get("config", {}))
         diff = [k for k in RESUME_KEYS if theirs.get(k) != mine[k]]
         if diff:
             k = diff[0]

@@ -11,7 +11,7 @@ import torch
 
 from .errors import AugLocalError
 
-__all__ = ["CKPT_FORMAT", "CKPT_VERSION", "RESUME_KEYS", "resume_view", "rng_state", "set_rng_state",
+__all__ = ["CKPT_FORMAT", "CKPT_VERSION", "RESUME_KEYS", "resume_view", "saved_view", "rng_state", "set_rng_state",
            "load_checkpoint"]
 
 CKPT_FORMAT = "auglocal-fx-train"
@@ -20,7 +20,10 @@ CKPT_VERSION = 3  # 3: optimizer and schedule options, EMA weights; the schedule
 RESUME_KEYS = ("model", "dataset", "method", "d", "tau", "pyramid", "selection", "aux_head", "rule",
                "batch_size",
                "epochs", "warmup_epochs", "seed", "input_size", "train_subset", "augment",
-               "opt", "sched", "sched_on_updates", "model_ema")
+               "opt", "sched", "sched_on_updates", "model_ema",
+               "model_kwargs", "weights", "aux_init")
+# What runs did before a key existed, for checkpoints written without it.
+RESUME_DEFAULTS = {"aux_init": "init"}
 
 
 def resume_view(cfg: Any) -> Dict[str, Any]:
@@ -29,6 +32,11 @@ def resume_view(cfg: Any) -> Dict[str, Any]:
     if not isinstance(view["model"], str):
         view["model"] = type(view["model"]).__qualname__
     return view
+
+
+def saved_view(config: Dict[str, Any]) -> Dict[str, Any]:
+    """:func:`resume_view` as a checkpoint's ``config`` holds it (keys newer than it defaulted)."""
+    return {k: config.get(k, RESUME_DEFAULTS.get(k)) for k in RESUME_KEYS}
 
 
 def rng_state() -> Dict[str, Any]:

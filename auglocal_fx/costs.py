@@ -16,7 +16,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -138,6 +138,7 @@ def cost_report(
     input_size: Optional[Sequence[int]] = None,
     num_classes: Optional[int] = None,
     aux_head: str = "auto",
+    model_kwargs: Optional[Dict[str, Any]] = None,
     rules: Sequence[str] = ("bp", "gc", "auglocal"),
     memory: bool = True,
     rss: bool = False,
@@ -161,6 +162,8 @@ def cost_report(
         input_size: ``(C, H, W)``; default: the spec's.
         num_classes: classifier width; default: the spec's.
         aux_head: ``"auto"``, ``"copy"`` or ``"slim"`` (see :func:`auglocal_fx.to_local`).
+        model_kwargs: for a spec string, keyword arguments for its builder (see
+            :func:`auglocal_fx.resolve_model`).
         rules: the rows: ``"bp"``, ``"gc"`` (gradient checkpointing), and local rules
             (``"auglocal"``, ``"dgl"``, ``"predsim"``, ``"infopro"``, ``"auglocal+infopro"``);
             a rule with a depth gets one row per ``d`` in ``depths``.
@@ -191,9 +194,13 @@ def cost_report(
     dev = resolve_device(device)
 
     if isinstance(model_or_spec, str):
-        spec = resolve_model(model_or_spec, num_classes=num_classes, input_size=input_size)
+        spec = resolve_model(model_or_spec, num_classes=num_classes, input_size=input_size,
+                             model_kwargs=model_kwargs)
         model, name = spec.model, spec.spec
         input_size, num_classes = spec.input_size, spec.num_classes
+    elif model_kwargs:
+        raise AugLocalError("model_kwargs apply to spec strings only: create the model object with "
+                            "them yourself, or pass a spec like 'timm:resnet18'")
     else:
         model, name = model_or_spec, type(model_or_spec).__name__
     kwargs = {"tau": tau, "pyramid": pyramid, "selection": selection, "aux_head": aux_head}

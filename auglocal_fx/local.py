@@ -25,7 +25,7 @@ from .planning import AuxPlan, validate_options
 from .specs import missing_input_size, model_input_size, resolve_model, spec_file
 from .rules import RuleContext, get_rule
 from .rules.base import Normalization
-from .synthesis import choose_aux_head, validate_aux_head, warn_adapters
+from .synthesis import choose_aux_head, validate_aux_head, validate_aux_init, warn_adapters
 from .tracing import SHAPE_KEY, trace_model
 
 __all__ = ["LocalNet", "to_local", "load", "CHECKPOINT_FORMAT"]
@@ -290,6 +290,8 @@ def to_local(
     aux_head: str = "auto",
     rule: str = "auglocal",
     normalization: Optional[Normalization] = None,
+    model_kwargs: Optional[Dict[str, Any]] = None,
+    aux_init: str = "init",
 ) -> LocalNet:
     """Convert a ConvNet into an AugLocal :class:`LocalNet`.
 
@@ -307,8 +309,10 @@ def to_local(
         leaf_modules: module classes or names to keep whole (no block boundary inside).
         autowrap_functions: functions to record as single calls when tracing.
         block_boundaries: module names whose outputs end a block, replacing the automatic cut.
-        weights: for a spec string, a local ``state_dict`` file to load (load weights into a
-            model object yourself).
+        weights: for a spec string, a local weights file to load before conversion: a
+            ``state_dict`` or a timm / torchvision training checkpoint (see
+            :func:`~auglocal_fx.specs.load_weights`; a classifier with another number of
+            classes is left out, with a warning). Load weights into a model object yourself.
         aux_head: the auxiliary networks' head: ``"copy"`` (a fresh copy of the network's own
             head, the method's choice), ``"slim"`` (the authors' 512-wide MLP head for VGG on
             ImageNet) or ``"auto"``: slim where the head holds at least half of the network's
@@ -316,11 +320,18 @@ def to_local(
         rule: the local learning rule: ``"auglocal"``, or the paper's comparison systems
             ``"dgl"``, ``"predsim"``, ``"infopro"``, or ``"auglocal+infopro"`` (see
             :mod:`auglocal_fx.rules`). The baselines train every block but the last locally
-            and ignore ``d``, ``tau``, ``pyramid``, ``selection`` and ``aux_head``.
+            and ignore ``d``, ``tau``, ``pyramid``, ``selection``, ``aux_head`` and ``aux_init``.
         normalization: the per-channel ``(mean, std)`` the training images are normalised
             with (the trainer passes its dataset's; saved with the network). InfoPro's
             reconstruction target undoes it, as the authors' code does; without it, each image
             is rescaled to ``[0, 1]`` by its own minimum and maximum instead.
+        model_kwargs: for a spec string, keyword arguments for its builder, e.g.
+            ``{"patch_size": 4, "img_size": 32, "depth": 6}`` for ``timm.create_model`` (saved
+            with the spec, so :func:`load` re-creates the same model).
+        aux_init: how AugLocal's block and head copies start: ``"init"`` (drawn afresh by the
+            source model's init rule, as the paper does) or ``"copy"`` (the source block's
+            current weights where the adaptation kept the shape, the init rule elsewhere; see
+            :mod:`auglocal_fx.synthesis`).
 
     Raises:
         AugLocalError: bad options, unknown model, untraceable model, no classifier head, an
@@ -328,18 +339,20 @@ def to_local(
     """
     validate_options(d, tau, selection)
     validate_aux_head(aux_head)
+    validate_aux_init(aux_init)
     local_rule = get_rule(rule)
     spec = None
     initial = None
     if isinstance(model, str):
         resolved = resolve_model(model, num_classes=num_classes, input_size=input_size,
-                                 weights=weights)
+                                 weights=weights, model_kwargs=model_kwargs)
         spec = resolved.spec
         model, size = resolved.model, resolved.input_size
         initial = resolved.initial_parameters
+        model_kwargs = resolved.model_kwargs
     elif isinstance(model, nn.Module):
-        given = [name for name, value in (("num_classes", num_classes), ("weights", weights))
-                 if value is not None]
+        given = [name for name, value in (("num_classes", num_classes), ("weights", weights),
+                                          ("model_kwargs", model_kwargs)) if value is not None]
         if given:
             raise AugLocalError(
                 f"{' and '.join(given)} apply to spec strings only: a model object already has its "
@@ -361,7 +374,8 @@ def to_local(
         notes: List[Tuple[str, str, str]] = []
         context = RuleContext(partition, _output_classes(traced),
                               tuple(int(v) for v in traced.input_size), len(plans) + 1, init,
-                              choose_aux_head(partition, aux_head), notes)  # resolved once
+                              choose_aux_head(partition, aux_head), notes,  # resolved once
+                              aux_init)
         aux = [local_rule.build(p, context) for p in plans]
     warn_adapters(notes)
     classes = _output_classes(traced)
@@ -372,7 +386,10 @@ def to_local(
         "aux_head": aux_head,
         "rule": rule,
         "normalization": _checked_normalization(normalization, int(traced.input_size[0])),
+        "aux_init": aux_init,
     }
+    if model_kwargs:
+        options["model_kwargs"] = dict(model_kwargs)  # load() re-creates the model with them
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     local = LocalNet(model, partition, aux, plans, options, spec)
     return local.to(device)
@@ -443,6 +460,9 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None,
     kwargs["aux_head"] = options.get("aux_head", "copy")  # checkpoints before the option: copies
     kwargs["rule"] = options.get("rule", "auglocal")
     kwargs["normalization"] = options.get("normalization")
+    kwargs["aux_init"] = options.get("aux_init", "init")  # the state_dict replaces them anyway
+    if spec:
+        kwargs["model_kwargs"] = options.get("model_kwargs")  # None before the option existed
     local = to_local(source, input_size=options["input_size"],
                      num_classes=options["num_classes"] if spec else None, **kwargs)
     try:

@@ -1,24 +1,28 @@
 """Model specs: ``timm:NAME``, ``torchvision:NAME``, ``paper:NAME`` and ``path/file.py:factory``.
 
 A spec names an architecture; :func:`resolve_model` creates it with random weights (nothing is
-ever downloaded), optionally loads a local weights file, and knows the default input size.
+ever downloaded), with the builder's keyword arguments (``model_kwargs``, as timm's
+``--model-kwargs``), optionally loads a local weights file, and knows the default input size.
 """
 
 from __future__ import annotations
 
+import argparse
+import ast
 import importlib.util
 import inspect
 import os
 import sys
+import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .errors import AugLocalError
 
-__all__ = ["ModelSpec", "resolve_model", "PREFIXES"]
+__all__ = ["ModelSpec", "resolve_model", "load_weights", "parse_model_kwargs", "PREFIXES"]
 
 PREFIXES = ("timm", "torchvision", "paper")
 
@@ -35,6 +39,7 @@ class ModelSpec:
         initial_parameters: the parameters the model was created with, by name, when a
             weights file replaced them (``None`` otherwise); auxiliary copies are initialised
             from their statistics.
+        model_kwargs: the builder's keyword arguments the model was created with.
     """
 
     spec: str
@@ -43,6 +48,7 @@ class ModelSpec:
     num_classes: int
     _factory: Callable[[], nn.Module]
     initial_parameters: Optional[Dict[str, torch.Tensor]] = None
+    model_kwargs: Optional[Dict[str, Any]] = None
 
     @property
     def name(self) -> str:
@@ -68,16 +74,18 @@ def _check_input_size(input_size: Optional[Sequence[int]]) -> Optional[Tuple[int
 
 
 def _timm_factory(name: str, num_classes: Optional[int],
-                  input_size: Optional[Tuple[int, int, int]]):
+                  input_size: Optional[Tuple[int, int, int]], model_kwargs: Mapping[str, Any]):
     import timm
 
     if not timm.is_model(name):
         close = timm.list_models(f"*{name}*")[:5]
         hint = f" Close names: {', '.join(close)}." if close else " See timm.list_models()."
         raise AugLocalError(f"unknown timm model {name!r}.{hint}")
-    kwargs: Dict[str, object] = {} if num_classes is None else {"num_classes": num_classes}
+    kwargs: Dict[str, object] = dict(model_kwargs)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
     default = timm.get_pretrained_cfg_value(name, "input_size")
-    if input_size is not None and default is not None \
+    if input_size is not None and default is not None and "img_size" not in kwargs \
             and tuple(input_size[1:]) != tuple(default[1:]):
         # Transformers size their position embeddings and windows for one input size: build
         # the model for the size asked (ConvNets do not take img_size and need nothing).
@@ -115,7 +123,7 @@ def missing_input_size(what: str) -> AugLocalError:
     )
 
 
-def _torchvision_factory(name: str, num_classes: Optional[int]):
+def _torchvision_factory(name: str, num_classes: Optional[int], model_kwargs: Mapping[str, Any]):
     import torchvision
 
     available = set(torchvision.models.list_models(module=torchvision.models))
@@ -128,7 +136,7 @@ def _torchvision_factory(name: str, num_classes: Optional[int]):
         )
 
     def factory() -> nn.Module:
-        kwargs = {"weights": None}
+        kwargs: Dict[str, Any] = {**model_kwargs, "weights": None}
         if num_classes is not None:
             kwargs["num_classes"] = num_classes
         if name in ("googlenet", "inception_v3"):
@@ -139,7 +147,7 @@ def _torchvision_factory(name: str, num_classes: Optional[int]):
     return factory
 
 
-def _paper_factory(name: str, num_classes: Optional[int]):
+def _paper_factory(name: str, num_classes: Optional[int], model_kwargs: Mapping[str, Any]):
     from .models import PAPER_MODELS
 
     if name not in PAPER_MODELS:
@@ -147,10 +155,11 @@ def _paper_factory(name: str, num_classes: Optional[int]):
             f"unknown paper model {name!r}: choose one of {', '.join(sorted(PAPER_MODELS))}"
         )
     build = PAPER_MODELS[name]
-    return lambda: build(num_classes=10 if num_classes is None else num_classes)
+    return lambda: build(num_classes=10 if num_classes is None else num_classes, **model_kwargs)
 
 
-def _file_factory(path: str, factory_name: str, num_classes: Optional[int]):
+def _file_factory(path: str, factory_name: str, num_classes: Optional[int],
+                  model_kwargs: Mapping[str, Any]):
     if not os.path.isfile(path):
         raise AugLocalError(f"model file {path!r} does not exist: give path/to/file.py:factory")
     module_name = f"_auglocal_user_{abs(hash(os.path.abspath(path)))}"
@@ -175,7 +184,8 @@ def _file_factory(path: str, factory_name: str, num_classes: Optional[int]):
     takes_classes = "num_classes" in inspect.signature(fn).parameters
 
     def factory() -> nn.Module:
-        model = fn(num_classes=num_classes) if (takes_classes and num_classes) else fn()
+        classes = {"num_classes": num_classes} if (takes_classes and num_classes) else {}
+        model = fn(**model_kwargs, **classes)
         if not isinstance(model, nn.Module):
             raise AugLocalError(
                 f"{path}:{factory_name} returned {type(model).__name__}, not an nn.Module"
@@ -230,6 +240,7 @@ def resolve_model(
     num_classes: Optional[int] = None,
     input_size: Optional[Sequence[int]] = None,
     weights: Optional[str] = None,
+    model_kwargs: Optional[Mapping[str, Any]] = None,
 ) -> ModelSpec:
     """Create the model a spec names, with random weights or a local weights file.
 
@@ -240,33 +251,42 @@ def resolve_model(
         num_classes: classifier width; default: the architecture's own (1000 for ImageNet
             models, 10 for the paper's CIFAR networks).
         input_size: ``(C, H, W)``; default: the size the model states (timm's pretrained
-            config, the paper's networks' 32x32), 224 for torchvision; a file's model that
-            states none needs it.
-        weights: a local ``state_dict`` file to load strictly (never downloaded).
+            config, the paper's networks' 32x32; a timm ``img_size`` in ``model_kwargs``), 224
+            for torchvision; a file's model that states none needs it.
+        weights: a local weights file (see :func:`load_weights`; never downloaded).
+        model_kwargs: keyword arguments for the builder (``timm.create_model``, torchvision's
+            ``get_model``, the file's factory), e.g. ``{"depth": 6, "patch_size": 4}``.
 
     Raises:
-        AugLocalError: unknown prefix or model, missing file or factory, unreadable weights, a
-            model that does not state its input size when none is given.
+        AugLocalError: unknown prefix or model, missing file or factory, a ``model_kwargs`` key
+            the builder does not take, unreadable or unfitting weights, a model that does not
+            state its input size when none is given.
     """
     if num_classes is not None and (isinstance(num_classes, bool) or int(num_classes) < 1):
         raise AugLocalError(f"num_classes={num_classes!r} is invalid: give a positive integer")
     size = _check_input_size(input_size)
+    kwargs = _check_model_kwargs(model_kwargs)
     prefix, name = _split_spec(spec)
     if prefix == "timm":
-        factory = _timm_factory(name, num_classes, size)
+        factory = _timm_factory(name, num_classes, size, kwargs)
     elif prefix == "torchvision":
-        factory = _torchvision_factory(name, num_classes)
+        factory = _torchvision_factory(name, num_classes, kwargs)
     elif prefix == "paper":
-        factory = _paper_factory(name, num_classes)
+        factory = _paper_factory(name, num_classes, kwargs)
     elif prefix.endswith(".py"):
-        factory = _file_factory(prefix, name, num_classes)
+        factory = _file_factory(prefix, name, num_classes, kwargs)
         spec = f"{os.path.abspath(prefix)}:{name}"  # checkpoints must find it from anywhere
     else:
         raise AugLocalError(
             f"unknown spec prefix {prefix!r} in {spec!r}: use timm:, torchvision:, paper: or "
             "path/to/file.py:factory"
         )
-    model = factory()
+    model = _create(factory, spec, kwargs)
+    if size is None and prefix == "timm" and "img_size" in kwargs:
+        # timm keeps the registered input size in pretrained_cfg whatever img_size was given.
+        side = kwargs["img_size"]
+        hw = tuple(side) if isinstance(side, (tuple, list)) else (side, side)
+        size = _check_input_size((kwargs.get("in_chans", 3), *hw))
     if size is None:
         size = model_input_size(model)
     if size is None:
@@ -274,31 +294,163 @@ def resolve_model(
             raise missing_input_size(f"the model of {spec!r}")
         size = (3, 224, 224)  # torchvision's classification models are ImageNet models
     initial = None
+    classes = num_classes if num_classes is not None else _infer_num_classes(model, size)
     if weights is not None:
         initial = {k: v.detach().clone() for k, v in model.named_parameters()}
-        load_weights(model, weights)
-    classes = num_classes if num_classes is not None else _infer_num_classes(model, size)
+        load_weights(model, weights, num_classes=int(classes))
     return ModelSpec(spec=spec, model=model, input_size=size, num_classes=int(classes),
-                     _factory=factory, initial_parameters=initial)
+                     _factory=factory, initial_parameters=initial,
+                     model_kwargs=dict(kwargs) or None)
 
 
-def load_weights(model: nn.Module, path: str) -> None:
-    """Load a local ``state_dict`` file strictly into ``model``.
+# Builder arguments that have an option of their own, or would download weights.
+_RESERVED_KWARGS = {
+    "num_classes": "give num_classes= (--num-classes) instead",
+    "pretrained": "nothing is downloaded: give a local file with weights= (--weights FILE)",
+    "weights": "nothing is downloaded: give a local file with weights= (--weights FILE)",
+    "pretrained_cfg_overlay": "nothing is downloaded: give a local file with weights= (--weights FILE)",
+}
+
+
+def _check_model_kwargs(model_kwargs: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    if model_kwargs is None:
+        return {}
+    if not isinstance(model_kwargs, Mapping) or not all(
+            isinstance(k, str) and k.isidentifier() for k in model_kwargs):
+        raise AugLocalError(f"model_kwargs={model_kwargs!r} is invalid: give a dict of keyword "
+                            "arguments, e.g. {'depth': 6}")
+    for key in model_kwargs:
+        if key in _RESERVED_KWARGS:
+            raise AugLocalError(f"model_kwargs cannot set {key!r}: {_RESERVED_KWARGS[key]}")
+    return dict(model_kwargs)
+
+
+def _create(factory: Callable[[], nn.Module], spec: str, model_kwargs: Mapping[str, Any]) -> nn.Module:
+    """``factory()``, with a builder's refusal of ``model_kwargs`` as one line of ours."""
+    if not model_kwargs:
+        return factory()
+    try:
+        return factory()
+    except AugLocalError:
+        raise
+    except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
+        given = ", ".join(f"{k}={v!r}" for k, v in model_kwargs.items())
+        raise AugLocalError(
+            f"{spec} cannot be built with model_kwargs {given}: {type(exc).__name__}: "
+            f"{_first_line(exc)}; check the names and values the builder takes"
+        ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def parse_model_kwargs(pairs: Sequence[str]) -> Dict[str, Any]:
+    """``["depth=6", "img_size=32", "global_pool=avg"]`` -> ``{"depth": 6, ...}``.
+
+    As timm's ``train.py --model-kwargs``: each value is a Python literal where it parses as
+    one (ints, floats, booleans, ``None``, tuples, lists), else the string as written.
 
     Raises:
-        AugLocalError: when the file is missing, unreadable or does not fit the model.
+        AugLocalError: a pair without ``=`` or with a key that is not a Python name.
+    """
+    kwargs: Dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise AugLocalError(f"model kwarg {pair!r} is not KEY=VALUE: write e.g. depth=6 "
+                                "patch_size=4 img_size=32")
+        try:
+            kwargs[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            kwargs[key] = text  # a bare word (global_pool=avg) needs no quotes on a command line
+    return kwargs
+
+
+# Where training scripts keep the weights in their checkpoints, in the order they are taken:
+# timm's CheckpointSaver writes state_dict (+ state_dict_ema), torchvision's train.py model
+# (+ model_ema). The plain weights come first, as timm's load_checkpoint(use_ema=False) does.
+_STATE_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
+
+
+def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """The weights in a local file: a ``state_dict``, or a timm / torchvision checkpoint.
+
+    A checkpoint dict holds them under ``state_dict``, ``model``, ``state_dict_ema`` or
+    ``model_ema`` (the first present is taken); a ``module.`` prefix on every key (a
+    ``DistributedDataParallel`` model's) is removed.
+
+    Raises:
+        AugLocalError: when the file is missing, unreadable or holds no weights.
     """
     if not os.path.isfile(path):
         raise AugLocalError(f"weights file {path!r} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # timm and torchvision save their argparse options beside the weights.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise AugLocalError(f"cannot read weights file {path!r}: {exc}; is it a torch.save'd "
-                            "state_dict?") from exc
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    try:
-        model.load_state_dict(state, strict=True)
-    except Exception as exc:
-        first = str(exc).splitlines()[0]
-        raise AugLocalError(f"weights in {path!r} do not fit the model: {first}") from exc
+        raise AugLocalError(f"cannot read weights file {path!r}: {_first_line(exc)}; is it a "
+                            "torch.save'd state_dict or a training checkpoint?") from exc
+    if isinstance(state, dict):
+        for key in _STATE_KEYS:
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not state or \
+            not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise AugLocalError(f"weights file {path!r} holds no state_dict (name -> tensor), nor one under "
+                            f"{', '.join(_STATE_KEYS)}: save model.state_dict()")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def load_weights(model: nn.Module, path: str, num_classes: Optional[int] = None) -> None:
+    """Load a local weights file into ``model``: every tensor must fit, but the classifier's.
+
+    The file is read by :func:`read_state_dict`. Every name must match, and every shape, except
+    where the file's classifier has another number of classes (fine-tuning a pretrained network
+    on a new dataset): the tensors whose first dimension is ``num_classes`` in the model and
+    one other number in the file are left as the model initialised them, with one warning.
+
+    Args:
+        model: the model to load into.
+        path: the weights file.
+        num_classes: the model's classifier width; ``None``: every shape must match.
+
+    Raises:
+        AugLocalError: when the file is missing, unreadable or does not fit the model.
+    """
+    state = read_state_dict(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        parts = [f"{what} {_some(keys)}" for what, keys in
+                 (("the model's", missing), ("the file's", unexpected)) if keys]
+        raise AugLocalError(f"weights in {path!r} do not fit the model: {' and '.join(parts)} have no "
+                            "counterpart; is it a checkpoint of this architecture?")
+    differ = [k for k in own if tuple(state[k].shape) != tuple(own[k].shape)]
+    classifier = [k for k in differ if num_classes is not None and own[k].dim() >= 1
+                  and own[k].shape[0] == num_classes and state[k].shape[1:] == own[k].shape[1:]]
+    file_classes = {int(state[k].shape[0]) for k in classifier}
+    if len(file_classes) > 1 or set(differ) != set(classifier):
+        k = next(k for k in differ if k not in classifier or len(file_classes) > 1)
+        raise AugLocalError(f"weights in {path!r} do not fit the model: {k} has shape "
+                            f"{tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model; "
+                            "is it a checkpoint of this architecture (and model_kwargs)?")
+    for k in classifier:
+        del state[k]
+    model.load_state_dict(state, strict=False)
+    if classifier:
+        warnings.warn(
+            f"auglocal-fx: {path} has a {file_classes.pop()}-class classifier, the model "
+            f"{num_classes} classes: loaded all weights but the classifier's ({', '.join(classifier)}), "
+            "which start freshly initialised", stacklevel=3)
+
+
+def _some(keys: Sequence[str], most: int = 3) -> str:
+    return ", ".join(keys[:most]) + (f" (+{len(keys) - most} more)" if len(keys) > most else "")

@@ -20,6 +20,14 @@ the head. Each copy is the block's traced subgraph, adapted to what actually rea
 
 The head is a fresh copy of the network's head, or the authors' slim MLP head where the head
 holds most of the parameters (``aux_head``, rule 12).
+
+Weights (``aux_init``): ``"init"`` draws every copy afresh by the source model's init rule (the
+paper's and the authors' choice); ``"copy"`` starts each copy from the weights its source
+block (or head) holds now, for fine-tuning a pretrained network: every parameter and buffer
+whose shape the adaptation kept (a re-strided convolution, the norms after a widened one, the
+classifier) takes the source's value, and the rest (a widened layer's weight, projection
+shortcuts and input adapters added by the adaptation, the BatchNorm1d before a one-block
+auxiliary classifier, a slim head) is drawn by the init rule.
 """
 
 from __future__ import annotations
@@ -41,10 +49,11 @@ from .partition import Partition
 from .planning import AuxPlan
 from .tracing import SHAPE_KEY, describe_node
 
-__all__ = ["AUX_HEADS", "AuxNet", "synthesize_aux_net", "adapt_copy", "warn_adapters",
-           "slim_head", "choose_aux_head", "validate_aux_head"]
+__all__ = ["AUX_HEADS", "AUX_INITS", "AuxNet", "synthesize_aux_net", "adapt_copy", "warn_adapters",
+           "slim_head", "choose_aux_head", "validate_aux_head", "validate_aux_init"]
 
 AUX_HEADS = ("auto", "copy", "slim")
+AUX_INITS = ("init", "copy")
 SLIM_WIDTH = 512
 
 
@@ -559,14 +568,15 @@ def _meta_copy(source: fx.GraphModule) -> fx.GraphModule:
 
 
 def _materialize(gm: fx.GraphModule, source: fx.GraphModule, device: torch.device,
-                 init: Optional[InitReference]) -> None:
+                 init: Optional[InitReference], copy_weights: bool = False) -> None:
     """Allocate the copy's tensors on ``device`` and initialise them afresh.
 
     Parameters are drawn as the source model initialised the parameters they copy (``init``,
     see :mod:`auglocal_fx.initialization`); without ``init``, modules with a
     ``reset_parameters`` get PyTorch's default. Running statistics start anew; other buffers
     take the source's value where the shape is unchanged (constant buffers), else ones for
-    norm weights and zeros otherwise.
+    norm weights and zeros otherwise. With ``copy_weights``, every parameter and buffer whose
+    shape the adaptation kept then takes the source's current value (``aux_init="copy"``).
     """
     gm.to_empty(device=device)
     source_modules = dict(source.named_modules())
@@ -598,6 +608,11 @@ def _materialize(gm: fx.GraphModule, source: fx.GraphModule, device: torch.devic
                 sources = dict(twin_module.named_parameters(recurse=False)) \
                     if twin_module is not None and not prefix.startswith("auglocal_") else {}
                 init.initialise_(module, sources)
+            if copy_weights and not prefix.startswith("auglocal_"):  # modules the adaptation added
+                for name, tensor in list(module._parameters.items()) + list(module._buffers.items()):
+                    twin = twins.get(f"{prefix}.{name}" if prefix else name)
+                    if tensor is not None and twin is not None and twin.shape == tensor.shape:
+                        tensor.copy_(twin)
 
 
 def _insert_input_adapter(gm: fx.GraphModule, adapter: nn.Module, want: torch.Size) -> None:
@@ -659,6 +674,7 @@ def adapt_copy(source: fx.GraphModule, in_shape: Sequence[int], stride: Optional
                label: Optional[str] = None,
                in_layout: Optional[str] = None,
                notes: Optional[List[Tuple[str, str, str]]] = None,
+               copy_weights: bool = False,
                ) -> Tuple[fx.GraphModule, Tuple[int, ...]]:
     """A fresh copy of ``source`` that takes ``in_shape`` and reduces by ``stride``.
 
@@ -682,6 +698,8 @@ def adapt_copy(source: fx.GraphModule, in_shape: Sequence[int], stride: Optional
             from the shape.
         notes: given, an input adapter is recorded here as ``(label, adapter, reason)``
             instead of warned about (:func:`warn_adapters` says it once per conversion).
+        copy_weights: start from ``source``'s current weights where the shape was kept
+            (``aux_init="copy"``, see the module docstring); the rest is drawn by ``init``.
 
     Returns:
         The adapted copy (training mode, fresh weights) and its output shape without batch.
@@ -720,7 +738,7 @@ def adapt_copy(source: fx.GraphModule, in_shape: Sequence[int], stride: Optional
         else:
             notes.append(note)
     copy_gm = fx.GraphModule(gm, gm.graph, name)
-    _materialize(copy_gm, source, device, init)
+    _materialize(copy_gm, source, device, init, copy_weights)
     copy_gm.train()
     return copy_gm, tuple(out.shape[1:])
 
@@ -788,6 +806,15 @@ def validate_aux_head(aux_head: str) -> None:
         )
 
 
+def validate_aux_init(aux_init: str) -> None:
+    """Raises AugLocalError for an unknown ``aux_init``."""
+    if aux_init not in AUX_INITS:
+        raise AugLocalError(
+            f"unknown auxiliary initialisation {aux_init!r}: choose one of {', '.join(AUX_INITS)} "
+            "(copy: start the copies from the source blocks' weights; init: draw them afresh)"
+        )
+
+
 def choose_aux_head(partition: Partition, aux_head: str = "auto") -> str:
     """``"copy"`` or ``"slim"``: what ``aux_head`` means for this network.
 
@@ -833,7 +860,7 @@ def _num_classes(partition: Partition) -> int:
 def synthesize_aux_net(partition: Partition, plan: AuxPlan,
                        init: Optional[InitReference] = None,
                        notes: Optional[List[Tuple[str, str, str]]] = None,
-                       aux_head: str = "auto") -> AuxNet:
+                       aux_head: str = "auto", aux_init: str = "init") -> AuxNet:
     """Build the auxiliary network of block ``plan.block`` (docs/method.md, rules 5 and 10).
 
     Args:
@@ -844,12 +871,16 @@ def synthesize_aux_net(partition: Partition, plan: AuxPlan,
         notes: collects input adapters (see :func:`adapt_copy`); ``None``: warn here.
         aux_head: ``"copy"`` (a fresh copy of the network's head), ``"slim"`` (see
             :func:`slim_head`) or ``"auto"`` (see :func:`choose_aux_head`).
+        aux_init: ``"init"`` (every copy drawn afresh) or ``"copy"`` (copies start from the
+            source's weights where the shape was kept; see the module docstring).
 
     Returns:
         An :class:`AuxNet` mapping block ``j``'s output to ``(N, num_classes)`` logits. With one
         copied block, the head copy has a BatchNorm1d before its linear classifier, as the
         authors' code builds it.
     """
+    validate_aux_init(aux_init)
+    copy_weights = aux_init == "copy"
     shape = partition.block_shapes[plan.block]
     layout = partition.output_layout(plan.block)
     planned = resolution(shape, layout)
@@ -863,7 +894,8 @@ def synthesize_aux_net(partition: Partition, plan: AuxPlan,
             target = partition.resolutions[k]
             stride = 2 if current > 0 and target > 0 and round(math.log2(current / target)) >= 1 else 1
         copy_gm, shape = adapt_copy(partition.blocks[k].eval_graph, shape, stride,
-                                    f"Aux{plan.block}CopyOfBlock{k}", init, label, layout, notes)
+                                    f"Aux{plan.block}CopyOfBlock{k}", init, label, layout, notes,
+                                    copy_weights)
         planned = math.ceil(planned / stride)
         layout = partition.output_layout(k)
         modules.append(copy_gm)
@@ -873,7 +905,8 @@ def synthesize_aux_net(partition: Partition, plan: AuxPlan,
                                     init)
     else:
         head, _ = adapt_copy(partition.head.eval_graph, shape, None, f"Aux{plan.block}Head", init,
-                             f"the head ({_module_list(partition.head_names)})", layout, notes)
+                             f"the head ({_module_list(partition.head_names)})", layout, notes,
+                             copy_weights)
         if len(plan.selected) == 1:
             _insert_norm_before_classifier(head)
     modules.append(head)

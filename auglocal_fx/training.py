@@ -133,6 +133,13 @@ class TrainConfig:
             equally by spawned processes.
         resume: continue from ``out/last.pt`` if it exists.
         progress: show tqdm progress bars and per-epoch lines (rank 0).
+        model_kwargs: for a spec string, keyword arguments for its builder (e.g.
+            ``{"depth": 6, "patch_size": 4}``; see :func:`auglocal_fx.resolve_model`).
+        weights: for a spec string, a local weights file to start from (a ``state_dict`` or a
+            timm / torchvision checkpoint; a classifier for another number of classes is left
+            out with a warning): fine-tuning a pretrained network.
+        aux_init: how AugLocal's auxiliary copies start: ``"init"`` (drawn afresh) or
+            ``"copy"`` (the source blocks' weights); see :func:`auglocal_fx.to_local`.
     """
 
     model: Union[str, nn.Module] = "paper:resnet32"
@@ -189,6 +196,10 @@ class TrainConfig:
     threads: Optional[int] = None
     resume: bool = False
     progress: bool = True
+    # -- model creation and starting weights
+    model_kwargs: Optional[Dict[str, Any]] = None
+    weights: Optional[str] = None
+    aux_init: str = "init"
 
 
 @dataclass
@@ -288,6 +299,7 @@ def _check_config(config: Optional[TrainConfig], overrides: Dict[str, Any]) -> T
         raise AugLocalError(f"label_smoothing must be in [0, 1), got {cfg.label_smoothing!r}")
     if cfg.num_workers < 0:
         raise AugLocalError(f"num_workers must be >= 0, got {cfg.num_workers!r}")
+    _check_model_options(cfg)
     return cfg
 
 
@@ -311,6 +323,21 @@ def _check_recipe(cfg: TrainConfig) -> None:
     if cfg.model_ema and cfg.pipeline > 1:
         raise AugLocalError("model_ema is not supported with pipeline > 1 (each worker holds part of the "
                             "weights); drop --model-ema or --pipeline")
+
+
+def _check_model_options(cfg: TrainConfig) -> None:
+    from .synthesis import validate_aux_init
+
+    validate_aux_init(cfg.aux_init)
+    if not isinstance(cfg.model, str):
+        given = [n for n in ("model_kwargs", "weights") if getattr(cfg, n) is not None]
+        if given:
+            raise AugLocalError(f"{' and '.join(given)} apply to spec strings only: create the model "
+                                "object with them yourself, or pass a spec like 'timm:resnet18'")
+    if cfg.weights is not None:
+        cfg.weights = os.path.abspath(cfg.weights)  # spawned processes and resumed runs find it
+        if not os.path.isfile(cfg.weights):
+            raise AugLocalError(f"weights file {cfg.weights!r} does not exist")
 
 
 def _asdict_shallow(cfg: TrainConfig) -> Dict[str, Any]:

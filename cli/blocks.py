@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from .options import (
+    MultiValueCommand,
     conversion_options,
     conversion_kwargs,
     depth_option,
@@ -16,14 +17,14 @@ from .options import (
 __all__ = ["blocks"]
 
 
-@click.command()
+@click.command(cls=MultiValueCommand)
 @spec_argument
 @depth_option(required=False, default=2)
 @conversion_options
 @click.option("--svg", "figure", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Also draw the blocks and what each auxiliary network copies (.svg or .png).")
 def blocks(spec, d, tau, no_pyramid, selection, rule, aux_head, input_size, num_classes,
-           figure) -> None:
+           model_kwargs, figure) -> None:
     """Show how SPEC is cut into local blocks and what each auxiliary network copies.
 
     SPEC is a model spec (timm:NAME, torchvision:NAME, paper:NAME, path/file.py:factory) or a
@@ -34,12 +35,13 @@ def blocks(spec, d, tau, no_pyramid, selection, rule, aux_head, input_size, num_
     from auglocal_fx.plots import plot_blocks
     from auglocal_fx.tables import blocks_table
 
-    kwargs = conversion_kwargs(tau, no_pyramid, selection, input_size, num_classes, aux_head, rule)
+    kwargs = conversion_kwargs(tau, no_pyramid, selection, input_size, num_classes, aux_head, rule,
+                               model_kwargs)
     if is_checkpoint(spec):
         ctx = click.get_current_context()
         given = [f"--{name.replace('_', '-')}" for name in
                  ("d", "tau", "no_pyramid", "selection", "rule", "aux_head", "input_size",
-                  "num_classes")
+                  "num_classes", "model_kwargs")
                  if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
         if given:
             raise click.ClickException(

@@ -9,22 +9,27 @@ from typing import Optional
 import click
 
 from .options import (
+    MultiValueCommand,
+    aux_init_option,
     conversion_options,
     conversion_kwargs,
     depth_option,
     spec_argument,
     user_errors,
+    weights_option,
 )
 
 __all__ = ["convert"]
 
 
-@click.command()
+@click.command(cls=MultiValueCommand)
 @spec_argument
 @depth_option(required=False, help_text="Auxiliary depth: layers of each auxiliary network, "
               "classifier included (the paper uses 2..6). With --flops-budget: the largest d "
               "tried (default 6).")
 @conversion_options
+@weights_option
+@aux_init_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Write the converted network to FILE (default: nothing is written); restore "
                    "with auglocal_fx.load.")
@@ -34,7 +39,8 @@ __all__ = ["convert"]
               help="Pick d and tau to fit a forward-FLOPs budget: a multiple of BP like 2.5x, "
                    "or an absolute figure like 1.1G or 800M (1 multiply-add = 1 FLOP).")
 def convert(spec: str, d: Optional[int], tau, no_pyramid, selection, rule, aux_head, input_size,
-            num_classes, output, force, as_json, flops_budget) -> None:
+            num_classes, model_kwargs, weights, aux_init, output, force, as_json,
+            flops_budget) -> None:
     """Convert SPEC into an AugLocal network; print it, and save it with -o FILE.
 
     SPEC is timm:NAME, torchvision:NAME, paper:resnet32|resnet110|vgg19 or path/file.py:factory.
@@ -45,7 +51,8 @@ def convert(spec: str, d: Optional[int], tau, no_pyramid, selection, rule, aux_h
     from auglocal_fx.flops import count_flops, solve_budget
     from auglocal_fx.tables import describe_options, flops_table
 
-    kwargs = conversion_kwargs(tau, no_pyramid, selection, input_size, num_classes, aux_head, rule)
+    kwargs = conversion_kwargs(tau, no_pyramid, selection, input_size, num_classes, aux_head, rule,
+                               model_kwargs)
     from auglocal_fx.rules import get_rule
 
     with user_errors():
@@ -72,7 +79,7 @@ def convert(spec: str, d: Optional[int], tau, no_pyramid, selection, rule, aux_h
             opts = {k: v for k, v in kwargs.items() if k != "tau"}
             choice = solve_budget(spec, flops_budget, max_d=d if d is not None else 6, **opts)
             d, kwargs["tau"] = choice.d, choice.tau
-        local = to_local(spec, d=d, **kwargs)
+        local = to_local(spec, d=d, weights=weights, aux_init=aux_init, **kwargs)
         flops = count_flops(local)
         summary = flops.as_dict()
         if output is not None:

@@ -23,6 +23,9 @@ __all__ = [
     "selection_option",
     "aux_head_option",
     "rule_option",
+    "model_kwargs_option",
+    "weights_option",
+    "aux_init_option",
     "MultiValueCommand",
     "user_errors",
     "conversion_kwargs",
@@ -114,9 +117,48 @@ def rule_option(fn):
     )(fn)
 
 
+# -- model creation and starting weights
+
+
+def _parse_model_kwargs(ctx, param, pairs):
+    from auglocal_fx.specs import parse_model_kwargs
+
+    with user_errors():
+        return parse_model_kwargs(pairs) or None
+
+
+def model_kwargs_option(fn):
+    """``--model-kwargs KEY=VALUE ...`` (use with ``cls=MultiValueCommand``): builder arguments."""
+    return click.option(
+        "--model-kwargs", "model_kwargs", multiple=True, callback=_parse_model_kwargs,
+        metavar="KEY=VALUE ...",
+        help="Arguments for the model's builder (timm.create_model, torchvision, the file's "
+             "factory), e.g. --model-kwargs patch_size=4 img_size=32 depth=6; values are Python "
+             "literals where they parse, else strings.",
+    )(fn)
+
+
+def weights_option(fn):
+    """``--weights FILE``: a local state dict or timm / torchvision checkpoint to start from."""
+    return click.option(
+        "--weights", type=click.Path(exists=True, dir_okay=False), default=None, metavar="FILE",
+        help="Start from these weights: a state_dict or a timm / torchvision training checkpoint "
+             "(never downloaded); a classifier for another number of classes is left out.",
+    )(fn)
+
+
+def aux_init_option(fn):
+    """``--aux-init init|copy``."""
+    return click.option(
+        "--aux-init", type=click.Choice(["init", "copy"]), default="init", show_default=True,
+        help="How auxiliary copies start: drawn afresh by the model's init rule (the paper), or "
+             "the copied blocks' weights where the shape allows (fine-tuning with --weights).",
+    )(fn)
+
+
 def conversion_kwargs(tau: Optional[float], no_pyramid: bool, selection: str,
                       input_size, num_classes: Optional[int], aux_head: str = "auto",
-                      rule: str = "auglocal") -> dict:
+                      rule: str = "auglocal", model_kwargs: Optional[dict] = None) -> dict:
     """The ``to_local`` keyword arguments the shared options stand for.
 
     Raises:
@@ -130,26 +172,32 @@ def conversion_kwargs(tau: Optional[float], no_pyramid: bool, selection: str,
         kwargs["input_size"] = tuple(input_size)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
+    if model_kwargs:
+        kwargs["model_kwargs"] = model_kwargs
     return kwargs
 
 
 class MultiValueCommand(click.Command):
-    """A command whose ``--d`` and ``--rules`` take several values: ``--d 2 3 4`` means
-    ``--d 2 --d 3 --d 4``.
+    """A command whose ``--d``, ``--rules`` and ``--model-kwargs`` take several values:
+    ``--d 2 3 4`` means ``--d 2 --d 3 --d 4``.
 
-    click options take a fixed number of values; this rewrites the arguments before parsing.
+    click options take a fixed number of values; this rewrites the arguments before parsing,
+    for those of the command's options that take ``multiple`` values.
     """
 
-    multi_value_options = {"--d": _INT, "--rules": re.compile(r"^[a-z+]+$")}
+    multi_value_options = {"--d": _INT, "--rules": re.compile(r"^[a-z+]+$"),
+                           "--model-kwargs": re.compile(r"^[A-Za-z_]\w*=")}
 
     def parse_args(self, ctx: click.Context, args: List[str]) -> List[str]:
+        multiple = {opt for p in self.params if isinstance(p, click.Option) and p.multiple
+                    for opt in p.opts}
         out: List[str] = []
         i = 0
         while i < len(args):
             arg = args[i]
             out.append(arg)
             i += 1
-            if arg in self.multi_value_options:
+            if arg in self.multi_value_options and arg in multiple:
                 if i < len(args):  # the first value, whatever it is (click checks it)
                     out.append(args[i])
                     i += 1
@@ -189,8 +237,8 @@ def is_checkpoint(spec: str) -> bool:
 
 def conversion_options(fn):
     """The conversion options every model command shares: pyramid, selection, auxiliary head,
-    input size, number of classes."""
-    for option in (num_classes_option, input_size_option, aux_head_option, rule_option,
-                   selection_option, pyramid_options):
+    input size, number of classes, builder arguments (use with ``cls=MultiValueCommand``)."""
+    for option in (model_kwargs_option, num_classes_option, input_size_option, aux_head_option,
+                   rule_option, selection_option, pyramid_options):
         fn = option(fn)
     return fn

@@ -42,7 +42,7 @@ __all__ = ["report"]
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
               help="Draw FLOPs and memory per method and the per-block profile (.png/.svg).")
 def report(spec, depths, batch_size, device, tau, no_pyramid, selection, rule, aux_head,
-           input_size, num_classes, rules, flops_only, rss, repeats, threads, as_json,
+           input_size, num_classes, model_kwargs, rules, flops_only, rss, repeats, threads, as_json,
            plot) -> None:
     """Compare BP, gradient checkpointing and AugLocal at each d for SPEC.
 
@@ -53,7 +53,8 @@ def report(spec, depths, batch_size, device, tau, no_pyramid, selection, rule, a
     from auglocal_fx.costs import cost_report
     from auglocal_fx.tables import cost_table
 
-    kwargs = conversion_kwargs(tau, no_pyramid, selection, input_size, num_classes, aux_head)
+    kwargs = conversion_kwargs(tau, no_pyramid, selection, input_size, num_classes, aux_head,
+                               model_kwargs=model_kwargs)
     del kwargs["rule"]  # the report's rows are --rules
     if rules and click.get_current_context().get_parameter_source("rule") \
             is not click.core.ParameterSource.DEFAULT:

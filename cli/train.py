@@ -8,10 +8,14 @@ from auglocal_fx.training import DEFAULT_EPOCHS
 
 from .options import (aux_head_option, rule_option, conversion_kwargs, depth_option, input_size_option, pyramid_options,
                       selection_option, spec_argument, user_errors)
+from .options import MultiValueCommand, aux_init_option, model_kwargs_option, weights_option
 
 
-@click.command()
+@click.command(cls=MultiValueCommand)
 @spec_argument
+@model_kwargs_option
+@weights_option
+@aux_init_option
 @click.option("--dataset", default=None,
               help="cifar10, svhn, stl10, fashion-mnist, digits, imagefolder:PATH or synthetic "
                    "[default: fashion-mnist when its Debian package is installed, else digits].")
@@ -86,7 +90,7 @@ from .options import (aux_head_option, rule_option, conversion_kwargs, depth_opt
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads per process [default: the cores, shared by spawned processes].")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
-def train(spec, dataset, data_dir, method, epochs, batch_size, lr, warmup_epochs, momentum, weight_decay,
+def train(spec, model_kwargs, weights, aux_init, dataset, data_dir, method, epochs, batch_size, lr, warmup_epochs, momentum, weight_decay,
           opt, opt_eps, opt_betas, sched, warmup_lr, min_lr, sched_on_updates, decay_epochs, decay_rate,
           mixup, cutmix, mixup_prob, mixup_switch_prob, model_ema, model_ema_decay, d, tau, no_pyramid,
           selection, aux_head, rule, out, resume, seed, device, amp, grad_clip, label_smoothing, channels_last, input_size,
@@ -114,7 +118,8 @@ def train(spec, dataset, data_dir, method, epochs, batch_size, lr, warmup_epochs
             opt=opt, opt_eps=opt_eps, opt_betas=opt_betas or None, sched=sched, warmup_lr=warmup_lr, min_lr=min_lr,
             sched_on_updates=sched_on_updates, decay_epochs=decay_epochs, decay_rate=decay_rate,
             mixup=mixup, cutmix=cutmix, mixup_prob=mixup_prob, mixup_switch_prob=mixup_switch_prob,
-            model_ema=model_ema, model_ema_decay=model_ema_decay)
+            model_ema=model_ema, model_ema_decay=model_ema_decay,
+            model_kwargs=model_kwargs, weights=weights, aux_init=aux_init)
         result = run_training(config)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun, rank 0 reports

@@ -114,3 +114,198 @@ def test_model_objects_refuse_spec_only_options_and_need_a_stated_input_size():
     with pytest.raises(AugLocalError, match=r"does not say its input size: pass input_size=\(C, H, W\)"):
         to_local(plain, d=2)
     assert to_local(plain, d=2, input_size=(3, 16, 16)).input_size == (3, 16, 16)
+
+
+# -- model_kwargs and weights files
+
+WIDE_FILE = '''
+from torch import nn
+
+def make(num_classes=10, width=4, depth=2):
+    layers = [nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+    for _ in range(depth):
+        layers += [nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
+'''
+
+
+@pytest.fixture
+def wide_file(tmp_path):
+    path = tmp_path / "widenet.py"
+    path.write_text(WIDE_FILE)
+    return f"{path}:make"
+
+
+@pytest.mark.parametrize("pairs,expected", [
+    (["depth=6", "img_size=32"], {"depth": 6, "img_size": 32}),
+    (["drop_rate=0.25", "class_token=False", "fc_norm=None"],
+     {"drop_rate": 0.25, "class_token": False, "fc_norm": None}),
+    (["img_size=(32, 48)", "out_indices=[1, 2]"], {"img_size": (32, 48), "out_indices": [1, 2]}),
+    (["global_pool=avg", "act_layer='gelu'", "name=a=b", "empty="],
+     {"global_pool": "avg", "act_layer": "gelu", "name": "a=b", "empty": ""}),
+])
+def test_parse_model_kwargs_as_timm_does(pairs, expected):
+    from auglocal_fx.specs import parse_model_kwargs
+
+    parsed = parse_model_kwargs(pairs)
+    assert parsed == expected
+    assert [type(v) for v in parsed.values()] == [type(v) for v in expected.values()]
+
+
+@pytest.mark.parametrize("pair", ["foo", "=3", "2x=3"])
+def test_parse_model_kwargs_refuses_what_is_not_key_value(pair):
+    from auglocal_fx.specs import parse_model_kwargs
+
+    with pytest.raises(AugLocalError, match="is not KEY=VALUE"):
+        parse_model_kwargs([pair])
+
+
+def test_model_kwargs_reach_timm_create_model():
+    spec = resolve_model("timm:vit_tiny_patch16_224", num_classes=3,
+                         model_kwargs={"patch_size": 4, "img_size": 32, "depth": 2})
+    model = spec.model
+    assert len(model.blocks) == 2 and tuple(model.patch_embed.patch_size) == (4, 4)
+    assert spec.input_size == (3, 32, 32)  # from img_size, not the registered 224
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
+    assert len(spec.create().blocks) == 2  # fresh copies keep them
+
+
+def test_model_kwargs_reach_torchvision_and_a_file_factory(wide_file):
+    spec = resolve_model("torchvision:mobilenet_v2", num_classes=2, model_kwargs={"width_mult": 0.5})
+    assert spec.model.features[0][0].out_channels == 16  # 32 at width 1
+    made = resolve_model(wide_file, input_size=(3, 8, 8), model_kwargs={"width": 6, "depth": 2})
+    assert made.model[0].out_channels == 6 and len(made.model) == 3 + 3 * 2 + 3
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"foo": 1}, r"cannot be built with model_kwargs foo=1: TypeError: .*foo"),
+    ({"pretrained": True}, "nothing is downloaded"),
+    ({"num_classes": 3}, "give num_classes="),
+])
+def test_model_kwargs_errors_are_one_line(kwargs, message):
+    with pytest.raises(AugLocalError, match=message) as info:
+        resolve_model("timm:resnet18", model_kwargs=kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_model_kwargs_are_saved_and_reloaded(tmp_path, wide_file):
+    from auglocal_fx import load
+
+    local = to_local(wide_file, d=2, input_size=(3, 8, 8), num_classes=3,
+                     model_kwargs={"width": 6, "depth": 2})
+    path = tmp_path / "net.pt"
+    local.save(path)
+    again = load(path)
+    assert again.options["model_kwargs"] == {"width": 6, "depth": 2}
+    assert again.export()[0].out_channels == 6 and len(again.blocks) == len(local.blocks)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(again.eval()(x), local.eval()(x))
+    with pytest.raises(AugLocalError, match="model_kwargs apply to spec strings only"):
+        to_local(again.export(), input_size=(3, 8, 8), model_kwargs={"width": 6})
+
+
+def test_checkpoints_from_before_model_kwargs_and_aux_init_still_load(tmp_path, wide_file):
+    from auglocal_fx import load
+
+    local = to_local(wide_file, d=2, input_size=(3, 8, 8))
+    path = tmp_path / "old.pt"
+    local.save(path)
+    payload = torch.load(path, weights_only=True)
+    for key in ("model_kwargs", "aux_init"):
+        payload["options"].pop(key, None)
+    torch.save(payload, path)
+    again = load(path)
+    assert again.options["aux_init"] == "init" and "model_kwargs" not in again.options
+    theirs = again.state_dict()
+    assert all(torch.equal(theirs[k], v) for k, v in local.state_dict().items())
+
+
+def _model_and_state(wide_file, **kwargs):
+    model = resolve_model(wide_file, input_size=(3, 8, 8), **kwargs).model
+    torch.nn.init.normal_(model[1].running_mean)  # buffers travel too
+    return model, model.state_dict()
+
+
+@pytest.mark.parametrize("layout", ["plain", "state_dict", "model", "state_dict_ema", "model_ema",
+                                    "ddp", "timm_checkpoint", "torchvision_checkpoint"])
+def test_weights_file_layouts(tmp_path, wide_file, layout):
+    import argparse
+
+    source, state = _model_and_state(wide_file)
+    other = {k: torch.zeros_like(v) for k, v in state.items()}  # what must not be taken
+    payload = {
+        "plain": state,
+        "state_dict": {"state_dict": state, "epoch": 3},
+        "model": {"model": state, "epoch": 3},
+        "state_dict_ema": {"state_dict_ema": state, "epoch": 3},
+        "model_ema": {"model_ema": state},
+        "ddp": {"state_dict": {f"module.{k}": v for k, v in state.items()}},
+        # timm's CheckpointSaver: plain weights first, EMA beside them, argparse options
+        "timm_checkpoint": {"arch": "widenet", "state_dict": state, "state_dict_ema": other,
+                            "args": argparse.Namespace(lr=0.1, img_size=(8, 8)), "version": 2},
+        # torchvision's train.py
+        "torchvision_checkpoint": {"model": state, "model_ema": other, "optimizer": {},
+                                   "args": argparse.Namespace(lr=0.5), "epoch": 9},
+    }[layout]
+    path = tmp_path / "w.pth"
+    torch.save(payload, path)
+    loaded = resolve_model(wide_file, input_size=(3, 8, 8), weights=str(path)).model.state_dict()
+    for key, value in state.items():
+        assert torch.equal(loaded[key], value), key
+
+
+def test_weights_are_loaded_before_conversion(tmp_path, wide_file):
+    source, state = _model_and_state(wide_file)
+    path = tmp_path / "w.pt"
+    torch.save(state, path)
+    local = to_local(wide_file, d=2, input_size=(3, 8, 8), weights=str(path)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(local(x), source.eval()(x))
+    fresh = to_local(wide_file, d=2, input_size=(3, 8, 8)).eval()
+    assert not torch.allclose(fresh(x), source(x))
+
+
+def test_weights_with_another_classifier_load_all_but_it(tmp_path, wide_file):
+    source, state = _model_and_state(wide_file)  # 10 classes
+    path = tmp_path / "w.pt"
+    torch.save(state, path)
+    torch.manual_seed(1)
+    fresh_fc = resolve_model(wide_file, input_size=(3, 8, 8), num_classes=4).model[-1]
+    torch.manual_seed(1)
+    with pytest.warns(UserWarning, match=r"10-class classifier, the model 4 classes: loaded all "
+                                         r"weights but the classifier's \(11.weight, 11.bias\)"):
+        model = resolve_model(wide_file, input_size=(3, 8, 8), num_classes=4, weights=str(path)).model
+    loaded = model.state_dict()
+    for key, value in state.items():
+        if not key.startswith("11."):
+            assert torch.equal(loaded[key], value), key
+    assert torch.equal(model[-1].weight, fresh_fc.weight)  # the classifier as created
+
+
+def _changed(wide_file, key, shape):
+    state = resolve_model(wide_file, input_size=(3, 8, 8)).model.state_dict()
+    state[key] = torch.zeros(shape)
+    return state
+
+
+@pytest.mark.parametrize("make_file,message", [
+    (lambda path, wide: path.write_bytes(b"\x80garbage"), "cannot read weights file"),
+    (lambda path, wide: torch.save({"epoch": 3, "optimizer": {}}, path), "holds no state_dict"),
+    (lambda path, wide: torch.save(resolve_model(wide, input_size=(3, 8, 8),
+                                                 model_kwargs={"width": 5}).model.state_dict(), path),
+     r"0.weight has shape \(5, 3, 3, 3\) in the file, \(4, 3, 3, 3\) in the model"),
+    (lambda path, wide: torch.save(resolve_model(wide, input_size=(3, 8, 8),
+                                                 model_kwargs={"depth": 3}).model.state_dict(), path),
+     "the file's 9.weight.*have no counterpart"),
+    # only the classifier may differ, and only in its number of classes
+    (lambda path, wide: torch.save(_changed(wide, "0.weight", (7, 3, 3, 3)), path),
+     r"0.weight has shape \(7, 3, 3, 3\) in the file, \(4, 3, 3, 3\)"),
+    (lambda path, wide: torch.save(_changed(wide, "11.weight", (10, 5)), path),
+     r"11.weight has shape \(10, 5\) in the file, \(10, 4\)"),
+])
+def test_weights_that_do_not_fit_are_one_line(tmp_path, wide_file, make_file, message):
+    path = tmp_path / "w.pt"
+    make_file(path, wide_file)
+    with pytest.raises(AugLocalError, match=message) as info:
+        resolve_model(wide_file, input_size=(3, 8, 8), weights=str(path))
+    assert "\n" not in str(info.value)

@@ -103,3 +103,52 @@ def test_unexpected_errors_in_adaptation_propagate(monkeypatch):
     monkeypatch.setattr(synthesis, "_adapt", broken)
     with pytest.raises(KeyError, match="a bug"):
         to_local("paper:resnet32", d=2)
+
+
+def _pretrained_resnet32():
+    """A ResNet-32 holding values no init rule draws (BN weights not 1, running stats set)."""
+    from auglocal_fx.models.cifar import resnet32
+
+    model = resnet32()
+    with torch.no_grad():
+        for tensor in list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]:
+            tensor.uniform_(0.5, 1.5)
+    return model
+
+
+def _tensors(module):
+    return [(n, t) for n, t in list(module.named_parameters()) + list(module.named_buffers())
+            if t.is_floating_point()]
+
+
+def test_aux_init_copy_starts_from_the_source_where_shapes_match_and_draws_the_rest():
+    model = _pretrained_resnet32()
+    source = dict(_tensors(model))
+    torch.manual_seed(3)
+    copied = to_local(model, d=2, aux_init="copy")
+    torch.manual_seed(3)
+    drawn = to_local(model, d=2, aux_init="init")
+    assert copied.options["aux_init"] == "copy" and drawn.options["aux_init"] == "init"
+    kept, redrawn = set(), set()
+    for aux_copy, aux_drawn in zip(copied.aux, drawn.aux):
+        for part_copy, part_drawn in zip(aux_copy, aux_drawn):  # block copies, then the head
+            theirs = dict(_tensors(part_drawn))
+            for name, tensor in _tensors(part_copy):
+                twin = source.get(name)
+                if twin is not None and twin.shape == tensor.shape:
+                    assert torch.equal(tensor, twin), name  # the source's value, not a draw
+                    assert not torch.equal(theirs[name], twin), name  # "init" draws afresh
+                    kept.add(name.rsplit(".", 1)[-1])
+                else:  # widened layers and added shortcuts: the init rule's draw, as with "init"
+                    assert torch.equal(tensor, theirs[name]), name
+                    redrawn.add(name)
+    assert {"weight", "bias", "running_mean", "running_var"} <= kept
+    assert any(n.startswith("auglocal_shortcut") for n in redrawn)
+    assert any(n.endswith("conv1.weight") for n in redrawn)  # a copy whose input width changed
+
+
+def test_aux_init_is_checked():
+    from auglocal_fx import AugLocalError
+
+    with pytest.raises(AugLocalError, match="unknown auxiliary initialisation 'pretrained'"):
+        to_local("paper:resnet32", d=2, aux_init="pretrained")

@@ -73,7 +73,7 @@ def test_gradient_clipping_and_label_smoothing_act(tmp_path, method):
 def test_first_update_is_sgd_on_the_clipped_gradient(tmp_path):
     cfg = _config(tmp_path, grad_clip=1e-3)
     run = Run(cfg, 0, 1, 0)
-    assert cfg.nesterov and cfg.momentum > 0 and cfg.weight_decay > 0
+    assert run.optimizer.defaults["nesterov"] and cfg.momentum > 0 and cfg.weight_decay > 0
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
     twin = copy.deepcopy(run.net)  # the raw gradients: the same step, outside the trainer
     twin.train_step(x, y)

@@ -33,6 +33,7 @@ class RuleContext:
         num_local: ``K``, the number of local modules.
         init: initial-value statistics of the source model (``None``: PyTorch's defaults).
         aux_head: the ``aux_head`` option (AugLocal's head: copy, slim or auto).
+        aux_init: the ``aux_init`` option (AugLocal's copies: ``"init"`` or ``"copy"``).
         notes: collects input adapters of AugLocal's copies (one warning per conversion).
     """
 
@@ -43,6 +44,7 @@ class RuleContext:
     init: Optional[InitReference] = None
     aux_head: str = "auto"
     notes: Optional[List[Tuple[str, str, str]]] = None
+    aux_init: str = "init"
 
 
 class LocalRule:
