@@ -70,9 +70,7 @@ def cached_run(name: str, key: Mapping[str, object], folder: Path,
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     path, workdir = folder / f"{name}-{digest}.json", folder / f"{name}-{digest}"
     if path.exists() and not rerun:
-        cached = json.loads(path.read_text())
-        if cached.get("key") == key:
-            return cached
+        return json.loads(path.read_text())
     if rerun:
         shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True, exist_ok=True)
