@@ -87,8 +87,8 @@ def compare(reference, rule: str, their_target: bool, batch: int, seed: int) -> 
         raise Mismatch(f"{rule}: primary parameters the authors' network lacks: {missing[:3]}")
     ours.export().load_state_dict({k: theirs.state_dict()[k] for k in primary}, strict=True)
     aux_pairs = []
-    for j, ((stage, layer, _), our_aux) in enumerate(pairs(list(theirs.net_config), list(ours.aux),
-                                                            f"{rule}: auxiliary network", lambda _: None)):
+    for j, (our_aux, (stage, layer, _)) in enumerate(pairs(list(ours.aux), list(theirs.net_config),
+                                                            f"{rule}: auxiliary networks", lambda _: None)):
         h = torch.randn(2, *ours.block_shapes[j])
         their_aux = getattr(theirs, f"aux_classifier_{stage}_{layer}")
         our_classifier = getattr(our_aux, "classifier", our_aux)
