@@ -355,7 +355,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     json_path.write_text(json.dumps(summary, indent=1))
     if rows and args.plot:
         _plot(rows, Path(args.plot), recipe, methods)
-        print(f"\nwrote {json_path} and {args.plot}")
+    print(f"\nwrote {json_path}" + (f" and {args.plot}" if rows and args.plot else ""))
     if failures:
         for failure in failures:
             print(f"accuracy.py: missing row {failure}", file=sys.stderr)
