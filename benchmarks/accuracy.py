@@ -191,8 +191,9 @@ def _run_key(args: argparse.Namespace, impl: str, method: str, d: int, seed: int
     return key
 
 
-def _std(values: List[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else float("nan")
+def _std(values: List[float]) -> Optional[float]:
+    """The sample standard deviation; None for one run."""
+    return statistics.stdev(values) if len(values) > 1 else None
 
 
 def _summary(results: List[dict], impls: List[str], methods=METHODS) -> List[dict]:
@@ -223,18 +224,19 @@ def _comparison(rows: List[dict], methods=METHODS) -> List[dict]:
         ours = next((r for r in rows if r["impl"] == "ours" and r["method"] == label), None)
         theirs = next((r for r in rows if r["impl"] == "theirs" and r["method"] == label), None)
         if ours and theirs:
-            se = math.sqrt(ours["std"] ** 2 / ours["runs"] + theirs["std"] ** 2 / theirs["runs"])
+            se = None if ours["std"] is None or theirs["std"] is None else \
+                math.sqrt(ours["std"] ** 2 / ours["runs"] + theirs["std"] ** 2 / theirs["runs"])
             pairs.append({"method": label, "ours": ours, "theirs": theirs,
                           "difference": ours["mean"] - theirs["mean"], "standard_error": se})
     return pairs
 
 
-def _number(value: float) -> str:
-    return "-" if math.isnan(value) else f"{value:.2f}"
+def _number(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _mean_std(row: dict, runs: bool = False) -> str:
-    text = f"{row['mean']:.2f}" + ("" if math.isnan(row["std"]) else f" +- {row['std']:.2f}")
+    text = f"{row['mean']:.2f}" + ("" if row["std"] is None else f" +- {row['std']:.2f}")
     return text + (" (" + ", ".join(f"{a:.2f}" for a in row["accs"]) + ")" if runs else "")
 
 
