@@ -322,6 +322,8 @@ class PipelineRun(Run):
             self.global_step += 1
         if self.next is not None:
             self.next.flush()
+        # Each worker's clock (train_seconds, hence samples/s) stops when the last one drains.
+        dist.barrier()
         return (sums if steps else None), steps
 
     def _reduce_losses(self, sums: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,9 @@ Our side runs ``auglocal_fx.train`` exactly as a user would. The authors' side b
 every local loss, then one SGD step) on the same data subset, batches and schedule. Without a
 reference folder only our side runs, and the script says so.
 
-Prints mean +- spread (half the range) per method and the gap to BP, writes JSON and a plot::
+Prints mean +- standard deviation over seeds per method, the gap to BP and the commit that made
+the runs; with both implementations, a second table of ours - theirs and its standard error
+(Welch's, from the two standard deviations). Writes JSON and a plot::
 
     python benchmarks/accuracy.py --reference ../AugLocal --seeds 0 1 --jobs 2
     python benchmarks/accuracy.py --reference ../AugLocal --methods dgl predsim infopro --seeds 0
@@ -23,14 +25,20 @@ Prints mean +- spread (half the range) per method and the gap to BP, writes JSON
 reconstruction/CE 5/0.05 -> 0.2/0.5). Their InfoPro restores the image with CIFAR statistics
 on CUDA; here it is given Fashion-MNIST's (the normalisation our data pipeline applies) on CPU.
 
-Finished runs are cached in ``--out`` (one JSON file each); ``--rerun`` ignores the cache.
+Finished runs are cached in ``--out`` (``_cache.cached_run``: one JSON file each, keyed by the
+recipe, the package source and the reference's source; an interrupted run resumes its own
+checkpoints); ``--rerun`` trains every run anew. A row that cannot be built or fails makes the
+script exit 1 with one line naming it. The authors' comparison rules need ``--image-size`` 32 or
+96 (their auxiliary networks assert it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -39,6 +47,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from _authors import LOSS_WEIGHTS, RULES, rule_resnet32
+from _cache import cached_run, code_identity, reference_identity
 
 ROOT = Path(__file__).resolve().parents[1]
 METHOD_CHOICES = {"bp": ("bp", 0), "auglocal2": ("auglocal", 2), "auglocal4": ("auglocal", 4),
@@ -71,7 +80,7 @@ def _worker(args: argparse.Namespace) -> None:
     result = {"impl": args.impl, "method": args.method, "d": args.d, "seed": args.seed,
               "test_acc": history[-1], "history": history,
               "seconds": round(time.perf_counter() - start, 1), "recipe": _recipe(args)}
-    Path(args.result).write_text(json.dumps(result, indent=1))
+    Path(args.workdir, "result.json").write_text(json.dumps(result, indent=1))
 
 
 def _recipe(args: argparse.Namespace) -> Dict[str, object]:
@@ -84,7 +93,7 @@ def _recipe(args: argparse.Namespace) -> Dict[str, object]:
 def _ours(args: argparse.Namespace) -> List[float]:
     from auglocal_fx.training import train
 
-    out = Path(args.result).with_suffix("")
+    out = Path(args.workdir, "train")  # this key's own folder: resumes only its own last.pt
     rule = args.method if args.method in RULES else "auglocal"
     result = train(model="paper:resnet32", dataset="fashion-mnist",
                    method="bp" if args.method == "bp" else "auglocal", rule=rule,
@@ -153,8 +162,9 @@ def _theirs(args: argparse.Namespace) -> List[float]:
 # ----------------------------------------------------------------------------- driver
 
 
-def _launch(args: argparse.Namespace, impl: str, method: str, d: int, seed: int, path: Path) -> Optional[dict]:
-    cmd = [sys.executable, __file__, "--worker", impl, method, str(d), str(seed), str(path),
+def _launch(args: argparse.Namespace, impl: str, method: str, d: int, seed: int, workdir: Path) -> dict:
+    """Train one run in a subprocess; its result, or RuntimeError with the reason it failed."""
+    cmd = [sys.executable, __file__, "--worker", impl, method, str(d), str(seed), str(workdir),
            "--epochs", str(args.epochs), "--train-subset", str(args.train_subset),
            "--test-subset", str(args.test_subset), "--image-size", str(args.image_size),
            "--warmup-epochs", str(args.warmup_epochs)]
@@ -164,12 +174,26 @@ def _launch(args: argparse.Namespace, impl: str, method: str, d: int, seed: int,
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        print(f"  {path.stem} failed:\n    " + "\n    ".join(tail), flush=True)
-        return None
-    result = json.loads(path.read_text())
-    print(f"  {path.stem}: {result['test_acc']:.2f}% in {result['seconds']:.0f} s", flush=True)
+        tail = (proc.stderr or proc.stdout).strip().splitlines() or [f"exit code {proc.returncode}"]
+        raise RuntimeError(tail[-1].strip())
+    result = json.loads((workdir / "result.json").read_text())
+    print(f"  {_run_name(impl, method, d, seed)}: {result['test_acc']:.2f}% in {result['seconds']:.0f} s",
+          flush=True)
     return result
+
+
+def _run_key(args: argparse.Namespace, impl: str, method: str, d: int, seed: int) -> dict:
+    """Everything that makes a run's result (``_cache``): recipe, row, seed and the code."""
+    key = {"recipe": _recipe(args), "impl": impl, "method": method, "d": d, "seed": seed,
+           "code": code_identity()["source"]}
+    if impl == "theirs":
+        key["reference"] = reference_identity(args.reference)
+    return key
+
+
+def _std(values: List[float]) -> Optional[float]:
+    """The sample standard deviation; None for one run."""
+    return statistics.stdev(values) if len(values) > 1 else None
 
 
 def _summary(results: List[dict], impls: List[str], methods=METHODS) -> List[dict]:
@@ -177,34 +201,62 @@ def _summary(results: List[dict], impls: List[str], methods=METHODS) -> List[dic
     bp_mean = {}
     for impl in impls:
         for method, d in methods:
-            accs = [r["test_acc"] for r in results
+            runs = [r for r in results
                     if r["impl"] == impl and r["method"] == method and (method != "auglocal" or r["d"] == d)]
-            if not accs:
+            if not runs:
                 continue
+            accs = [r["test_acc"] for r in runs]
             mean = sum(accs) / len(accs)
             if method == "bp":
                 bp_mean[impl] = mean
             rows.append({"impl": impl, "method": _label(method, d), "runs": len(accs), "accs": accs,
-                         "mean": mean, "spread": (max(accs) - min(accs)) / 2,
+                         "mean": mean, "std": _std(accs),
+                         "made_by": sorted({r.get("made_by", "unknown") for r in runs}),
                          "gap_to_bp": None if method == "bp" or impl not in bp_mean else bp_mean[impl] - mean})
     return rows
 
 
-def _print_table(rows: List[dict], impls: List[str], methods=METHODS) -> None:
-    print("\n| implementation | method | runs | test top-1 (%) mean +- spread | gap to its BP |")
-    print("|---|---|---|---|---|")
+def _comparison(rows: List[dict], methods=METHODS) -> List[dict]:
+    """Per method run by both: ours - theirs and its standard error sqrt(s1^2/n1 + s2^2/n2)."""
+    pairs = []
+    for method, d in methods:
+        label = _label(method, d)
+        ours = next((r for r in rows if r["impl"] == "ours" and r["method"] == label), None)
+        theirs = next((r for r in rows if r["impl"] == "theirs" and r["method"] == label), None)
+        if ours and theirs:
+            se = None if ours["std"] is None or theirs["std"] is None else \
+                math.sqrt(ours["std"] ** 2 / ours["runs"] + theirs["std"] ** 2 / theirs["runs"])
+            pairs.append({"method": label, "ours": ours, "theirs": theirs,
+                          "difference": ours["mean"] - theirs["mean"], "standard_error": se})
+    return pairs
+
+
+def _number(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _mean_std(row: dict, runs: bool = False) -> str:
+    text = f"{row['mean']:.2f}" + ("" if row["std"] is None else f" +- {row['std']:.2f}")
+    return text + (" (" + ", ".join(f"{a:.2f}" for a in row["accs"]) + ")" if runs else "")
+
+
+def _print_table(rows: List[dict], methods=METHODS) -> None:
+    print("\n| implementation | method | runs | test top-1 (%) mean +- std | gap to its BP | made by |")
+    print("|---|---|---|---|---|---|")
     for row in rows:
         gap = "" if row["gap_to_bp"] is None else f"{row['gap_to_bp']:.2f}"
         name = "auglocal-fx" if row["impl"] == "ours" else "authors' code"
-        print(f"| {name} | {row['method']} | {row['runs']} | {row['mean']:.2f} +- {row['spread']:.2f} | {gap} |")
-    if len(impls) == 2:
-        print("\nours - authors' (mean):")
-        for method, d in methods:
-            label = _label(method, d)
-            ours = next((r for r in rows if r["impl"] == "ours" and r["method"] == label), None)
-            theirs = next((r for r in rows if r["impl"] == "theirs" and r["method"] == label), None)
-            if ours and theirs:
-                print(f"  {label}: {ours['mean'] - theirs['mean']:+.2f}")
+        print(f"| {name} | {row['method']} | {row['runs']} | {_mean_std(row)} | {gap} | "
+              f"{', '.join(row['made_by'])} |")
+    pairs = _comparison(rows, methods)
+    if pairs:
+        print("\n| method | seeds | auglocal-fx (%) | authors' code (%) | ours - theirs (standard error) |")
+        print("|---|---|---|---|---|")
+        for pair in pairs:
+            seeds = pair["ours"]["runs"] if pair["ours"]["runs"] == pair["theirs"]["runs"] else \
+                f"{pair['ours']['runs']} / {pair['theirs']['runs']}"
+            print(f"| {pair['method']} | {seeds} | {_mean_std(pair['ours'], True)} | "
+                  f"{_mean_std(pair['theirs'], True)} | {pair['difference']:+.2f} ({_number(pair['standard_error'])}) |")
 
 
 def _plot(rows: List[dict], path: Path, recipe: Dict[str, object], methods=METHODS) -> None:
@@ -247,21 +299,22 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--warmup-epochs", type=int, default=1)
     parser.add_argument("--train-subset", type=int, default=8192)
     parser.add_argument("--test-subset", type=int, default=4000)
-    parser.add_argument("--image-size", type=int, default=16,
-                        help="Fashion-MNIST is padded to 32 px, then resized to this side")
+    parser.add_argument("--image-size", type=int, default=32,
+                        help="Fashion-MNIST is padded to 32 px, then resized to this side (the authors' "
+                             "DGL, PredSim and InfoPro need 32 or 96)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--impl", choices=("ours", "theirs", "both"), default="both")
     parser.add_argument("--out", default="runs/accuracy")
     parser.add_argument("--json", default=None, help="summary JSON (default OUT/summary.json)")
     parser.add_argument("--plot", default="docs/accuracy.png")
-    parser.add_argument("--rerun", action="store_true")
+    parser.add_argument("--rerun", action="store_true", help="train every run anew, ignoring the cache")
     parser.add_argument("--methods", nargs="+", choices=list(METHOD_CHOICES),
                         default=["bp", "auglocal2", "auglocal4"])
-    parser.add_argument("--worker", nargs=5, metavar=("IMPL", "METHOD", "D", "SEED", "RESULT"),
+    parser.add_argument("--worker", nargs=5, metavar=("IMPL", "METHOD", "D", "SEED", "WORKDIR"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        args.impl, args.method, d, seed, args.result = args.worker
+        args.impl, args.method, d, seed, args.workdir = args.worker
         args.d, args.seed = int(d), int(seed)
         _worker(args)
         return
@@ -273,35 +326,42 @@ def main(argv: Optional[List[str]] = None) -> None:
         impls = [i for i in impls if i != "theirs"] or ["ours"]
     if args.reference:
         args.reference = str(Path(args.reference).resolve())
+    if "theirs" in impls and args.image_size not in (32, 96) and set(args.methods) & set(RULES):
+        parser.error(f"the authors' {', '.join(RULES[m] for m in args.methods if m in RULES)} networks need "
+                     f"--image-size 32 or 96 (their auxiliary networks assert it), not {args.image_size}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     methods = [METHOD_CHOICES[m] for m in args.methods]
-    jobs, results = [], []
-    for seed in args.seeds:
-        for impl in impls:
-            for method, d in methods:
-                path = out / (_run_name(impl, method, d, seed) + ".json")
-                if path.exists() and not args.rerun:
-                    cached = json.loads(path.read_text())
-                    if cached.get("recipe") == _recipe(argparse.Namespace(**{**vars(args), "d": d})):
-                        results.append(cached)
-                        continue
-                jobs.append((impl, method, d, seed, path))
-    print(f"{len(results)} runs cached, {len(jobs)} to run ({args.jobs} at a time, one thread each)")
+    jobs = [(impl, method, d, seed) for seed in args.seeds for impl in impls for method, d in methods]
+
+    def run(job):
+        name = _run_name(*job)
+        try:
+            return cached_run(name, _run_key(args, *job), out, lambda workdir: _launch(args, *job, workdir),
+                              rerun=args.rerun), None
+        except RuntimeError as err:
+            print(f"  {name} failed: {err}", flush=True)
+            return None, f"{name}: {err}"
+
+    print(f"{len(jobs)} runs ({args.jobs} at a time, one thread each; finished ones come from {out})", flush=True)
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for result in pool.map(lambda job: _launch(args, *job), jobs):
-            if result is not None:
-                results.append(result)
+        outcomes = list(pool.map(run, jobs))
+    results = [result for result, _ in outcomes if result is not None]
+    failures = [failure for _, failure in outcomes if failure is not None]
     rows = _summary(results, impls, methods)
     recipe = _recipe(args)
-    _print_table(rows, impls, methods)
-    summary = {"recipe": recipe, "rows": rows, "runs": results}
+    _print_table(rows, methods)
+    summary = {"recipe": recipe, "rows": rows, "comparison": _comparison(rows, methods), "runs": results,
+               "missing": failures}
     json_path = Path(args.json) if args.json else out / "summary.json"
     json_path.write_text(json.dumps(summary, indent=1))
     if rows and args.plot:
         _plot(rows, Path(args.plot), recipe, methods)
-        print(f"\nwrote {json_path} and {args.plot}")
-
+    print(f"\nwrote {json_path}" + (f" and {args.plot}" if rows and args.plot else ""))
+    if failures:
+        for failure in failures:
+            print(f"accuracy.py: missing row {failure}", file=sys.stderr)
+        sys.exit(1)
 
 if __name__ == "__main__":
     main()

@@ -6,8 +6,9 @@
 Every configuration trains the same ``--steps`` steps (one epoch of ``steps x batch`` images of
 ``--dataset``, AugLocal d=2) through :func:`auglocal_fx.train`; samples/s is
 ``steps x batch / train_seconds``, where ``train_seconds`` is the training loop of the epoch as
-the run records it in ``metrics.jsonl`` (pipeline fill and drain included; process start-up,
-conversion and evaluation excluded). Rows:
+the run records it in ``metrics.jsonl``: from the start of the epoch to the end of the last
+worker's last step (every worker waits at a barrier before its clock stops, so fill and drain are
+included; process start-up, conversion and evaluation are not). Rows:
 
 - ``K=1, T threads``: the ordinary sequential run in one process with T CPU threads;
 - ``K=k``: k pipeline workers (gloo on CPU, NCCL on CUDA), ``--threads-per-worker`` each.

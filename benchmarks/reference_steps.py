@@ -16,6 +16,9 @@ with Fashion-MNIST statistics). Without statistics we rescale each image to [0, 
 minimum and maximum (docs/method.md rule 13); the row ``infopro`` gives their
 ``_image_restore`` that fallback target.
 
+Auxiliary networks, decoders, their layers and tensors are paired in order with counts and
+shapes checked; a difference stops the script with one line naming it and exit status 1.
+
     python benchmarks/reference_steps.py --reference ../AugLocal
 """
 
@@ -30,6 +33,7 @@ import torch
 from torch import nn
 
 from _authors import LOSS_WEIGHTS, rule_resnet32
+from _pairs import Mismatch, pairs
 from auglocal_fx import to_local
 from auglocal_fx.data import dataset_normalization
 from auglocal_fx.rules.base import reconstruction_target
@@ -51,21 +55,22 @@ def _leaves_in_run_order(module: nn.Module, run) -> List[nn.Module]:
     return order
 
 
+def _tensors(module: nn.Module) -> List[torch.Tensor]:
+    return list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+
+
 def _copy_layers(src: List[nn.Module], dst: List[nn.Module], what: str) -> List[tuple]:
-    """Copy ``src``'s parameters and buffers into ``dst``, layer by layer; the parameter pairs."""
-    if [type(m) for m in src] != [type(m) for m in dst]:
-        raise SystemExit(f"{what}: layers differ: {[type(m).__name__ for m in src]} vs "
-                         f"{[type(m).__name__ for m in dst]}")
-    pairs = []
+    """Copy ``src``'s (the authors') parameters and buffers into ``dst``, layer by layer, counts and
+    shapes checked; the (ours, theirs) parameter pairs."""
+    param_pairs = []
     with torch.no_grad():
-        for a, b in zip(src, dst):
-            pairs += list(zip(a.parameters(recurse=False), b.parameters(recurse=False)))
-            for ta, tb in zip(list(a.parameters(recurse=False)) + list(a.buffers(recurse=False)),
-                              list(b.parameters(recurse=False)) + list(b.buffers(recurse=False))):
-                if ta.shape != tb.shape:
-                    raise SystemExit(f"{what}: {type(a).__name__} {tuple(ta.shape)} vs {tuple(tb.shape)}")
+        for b, a in pairs(dst, src, f"{what} layer", lambda m: type(m).__name__):
+            for tb, ta in pairs(_tensors(b), _tensors(a), f"{what} {type(a).__name__} tensor",
+                                lambda t: tuple(t.shape)):
                 tb.copy_(ta)
-    return pairs
+            param_pairs += pairs(list(b.parameters(recurse=False)), list(a.parameters(recurse=False)),
+                                 f"{what} {type(a).__name__} parameter", lambda t: tuple(t.shape))
+    return param_pairs
 
 
 def compare(reference, rule: str, their_target: bool, batch: int, seed: int) -> dict:
@@ -80,16 +85,18 @@ def compare(reference, rule: str, their_target: bool, batch: int, seed: int) -> 
     primary = ours.export().state_dict()
     missing = [k for k in primary if k not in theirs.state_dict()]
     if missing:
-        raise SystemExit(f"primary names differ: {missing[:3]}")
+        raise Mismatch(f"{rule}: primary parameters the authors' network lacks: {missing[:3]}")
     ours.export().load_state_dict({k: theirs.state_dict()[k] for k in primary}, strict=True)
     aux_pairs = []
-    for j, (stage, layer, _) in enumerate(theirs.net_config):
+    for j, (our_aux, (stage, layer, _)) in enumerate(pairs(list(ours.aux), list(theirs.net_config),
+                                                            f"{rule}: auxiliary networks", lambda _: None)):
         h = torch.randn(2, *ours.block_shapes[j])
         their_aux = getattr(theirs, f"aux_classifier_{stage}_{layer}")
-        our_aux = ours.aux[j]
         our_classifier = getattr(our_aux, "classifier", our_aux)
         aux_pairs += _copy_layers(_leaves_in_run_order(their_aux, lambda: their_aux(h, torch.zeros(2, dtype=torch.long))),
                      _leaves_in_run_order(our_classifier, lambda: our_classifier(h)), f"aux net {j}")
+        if hasattr(our_aux, "decoder") != hasattr(theirs, f"decoder_{stage}_{layer}"):
+            raise Mismatch(f"{rule}: aux net {j}: a decoder on one side only")
         if hasattr(our_aux, "decoder"):
             their_dec = getattr(theirs, f"decoder_{stage}_{layer}")
             target = torch.rand(2, 3, 32, 32) if rule == "infopro" else torch.zeros(2, dtype=torch.long)
@@ -108,7 +115,7 @@ def compare(reference, rule: str, their_target: bool, batch: int, seed: int) -> 
         worst = max(worst, (p.grad - q.grad).abs().max().item())
         scale = max(scale, q.grad.abs().max().item())
         count += 1
-    aux_worst = max((p.grad - q.grad).abs().max().item() for q, p in aux_pairs)
+    aux_worst = max((p.grad - q.grad).abs().max().item() for p, q in aux_pairs)
     return {"rule": rule + (" (their target)" if rule == "infopro" and their_target else ""),
             "primary tensors": count, "max |grad difference|": worst, "max |grad|": scale,
             "aux tensors": len(aux_pairs), "aux max |grad difference|": aux_worst}
@@ -141,7 +148,11 @@ def main(argv: Optional[List[str]] = None) -> int:
           "| max abs gradient difference |")
     print("|---|---|---|---|---|---|")
     for rule, their_target in (("dgl", False), ("predsim", False), ("infopro", False), ("infopro", True)):
-        row = compare(reference, rule, their_target, args.batch_size, args.seed)
+        try:
+            row = compare(reference, rule, their_target, args.batch_size, args.seed)
+        except Mismatch as err:
+            print(f"reference_steps.py: {err}", file=sys.stderr)
+            return 1
         print(f"| {row['rule']} | {row['primary tensors']} | {row['max |grad difference|']:.2e} | "
               f"{row['max |grad|']:.2e} | {row['aux tensors']} | {row['aux max |grad difference|']:.2e} |")
     return 0

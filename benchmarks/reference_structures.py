@@ -9,7 +9,9 @@ runs it) and their initial values: constants must be equal, and every other tens
 values (smaller ones, such as a 10-way bias, are too few for a sample standard deviation to
 say anything) must have the standard deviation of the authors' rule (He fan-out normal convs,
 PyTorch's default linear layers) within 10%. The authors' own tensors are measured against the
-same rule, for scale.
+same rule, for scale. Auxiliary networks are paired in order and must be as many on both
+sides; layers and tensors are paired with their shapes checked. Every difference is a line after
+the table and makes the exit status 1.
 
     python benchmarks/reference_structures.py --reference ../AugLocal
 """
@@ -24,6 +26,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from _pairs import Mismatch, pairs
 from auglocal_fx import to_local
 
 _DEPTH_BLOCKS = {"resnet32": 16, "resnet110": 55}
@@ -42,6 +45,14 @@ def _layers(module: nn.Module, x: torch.Tensor) -> List[tuple]:
     for hook in hooks:
         hook.remove()
     return sorted(records, key=lambda r: r[:3])
+
+
+def _signature(record: tuple) -> tuple:
+    return record[:3]  # type, parameter shapes, output shape
+
+
+def _tensor_shape(tensor: torch.Tensor) -> tuple:
+    return tuple(tensor.shape)
 
 
 def _authors_std(module: nn.Module, param: torch.Tensor) -> float:
@@ -64,7 +75,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     print("| network | d | aux nets | same layers | constants equal | tensors | ours: std / rule | theirs: std / rule |")
     print("|---|---|---|---|---|---|---|---|")
-    failures = 0
+    problems: List[str] = []
     for arch, blocks in _DEPTH_BLOCKS.items():
         for d in args.depths:
             torch.manual_seed(d)
@@ -74,30 +85,48 @@ def main(argv: Optional[List[str]] = None) -> int:
                 class_num=10, aux_net_config="unifSamp", rule="AugLocal", aux_net_depth=d - 1,
                 is_pyramid=True, paramid_coeff=0.5)
             theirs = [getattr(theirs_model, f"aux_classifier_{a}_{b}").head for a, b, _ in theirs_model.net_config]
+            if len(ours.aux) != len(theirs):
+                problems.append(f"{arch} d={d}: ours has {len(ours.aux)} auxiliary networks, the authors' {len(theirs)}")
             same = const_ok = 0
             ratios = []
-            for j, aux in enumerate(theirs):
+            for j, (aux, our_aux) in enumerate(zip(theirs, ours.aux)):  # the counts are checked above
                 x = torch.randn(2, *ours.block_shapes[j])
-                a, b = _layers(aux, x), _layers(ours.aux[j], x)
-                if [r[:3] for r in a] != [r[:3] for r in b]:
+                try:
+                    layers = pairs(_layers(our_aux, x), _layers(aux, x), f"{arch} d={d} aux net {j} layer", _signature)
+                except Mismatch as err:
+                    problems.append(str(err))
                     continue
                 same += 1
                 ok = True
-                for ra, rb in zip(a, b):
-                    for pa, pb in zip(ra[3].parameters(recurse=False), rb[3].parameters(recurse=False)):
+                for rb, ra in layers:
+                    for pb, pa in pairs(list(rb[3].parameters(recurse=False)), list(ra[3].parameters(recurse=False)),
+                                        f"{arch} d={d} aux net {j} {ra[0]} tensor", _tensor_shape):
                         ca, cb = bool((pa == pa.flatten()[0]).all()), bool((pb == pb.flatten()[0]).all())
                         if ca or cb:
                             ok &= ca and cb and bool(pa.flatten()[0] == pb.flatten()[0])
                         elif pa.numel() >= 256:
                             rule = _authors_std(ra[3], pa)
                             ratios.append((pb.std().item() / rule, pa.std().item() / rule))
+                if not ok:
+                    problems.append(f"{arch} d={d} aux net {j}: constants differ from the authors'")
                 const_ok += ok
             ours_r, theirs_r = [r[0] for r in ratios], [r[1] for r in ratios]
-            failures += (same != len(theirs)) + (const_ok != len(theirs)) + any(abs(r - 1) > 0.1 for r in ours_r)
+            off = [r for r in ours_r if abs(r - 1) > 0.1]
+            if off:
+                problems.append(f"{arch} d={d}: {len(off)} tensors' std off the authors' rule by more than 10%")
             print(f"| {arch} | {d} | {len(theirs)} (ours {len(ours.aux)}) | {same} | {const_ok} | "
-                  f"{len(ratios)} | {min(ours_r):.3f}..{max(ours_r):.3f} | {min(theirs_r):.3f}..{max(theirs_r):.3f} |")
-    print("\nall equal" if not failures else f"\n{failures} differences")
-    return 1 if failures else 0
+                  f"{len(ratios)} | {_range(ours_r)} | {_range(theirs_r)} |")
+    if problems:
+        print(f"\n{len(problems)} differences:")
+        for problem in problems:
+            print(problem)
+        return 1
+    print("\nall equal")
+    return 0
+
+
+def _range(values: List[float]) -> str:
+    return f"{min(values):.3f}..{max(values):.3f}" if values else "-"
 
 
 if __name__ == "__main__":

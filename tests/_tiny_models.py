@@ -1,6 +1,7 @@
 """Tiny networks for the training and memory tests (file specs: ``tests/_tiny_models.py:NAME``)."""
 
 import os
+import time
 
 import torch
 from torch import nn
@@ -62,3 +63,29 @@ class FailingCNN(TinyCNN):
 def tiny_failing(num_classes: int = 10) -> FailingCNN:
     """:func:`tiny_cnn` whose last block fails in the worker named by ``$AUGLOCAL_TEST_FAIL_RANK``."""
     return FailingCNN(num_classes)
+
+
+SLEEP_SECONDS = 0.3
+
+
+@torch.fx.wrap
+def sleep_in_worker(x: torch.Tensor) -> torch.Tensor:
+    """Sleep ``SLEEP_SECONDS`` in the process whose ``RANK`` is ``$AUGLOCAL_TEST_SLOW_RANK``, on
+    each training forward with a batch of 8 (a slow last pipeline worker), and add a line to the
+    file ``$AUGLOCAL_TEST_SLOW_LOG``; identity elsewhere."""
+    if (os.environ.get("AUGLOCAL_TEST_SLOW_RANK") == os.environ.get("RANK") and x.shape[0] == 8
+            and torch.is_grad_enabled()):
+        time.sleep(SLEEP_SECONDS)
+        with open(os.environ["AUGLOCAL_TEST_SLOW_LOG"], "a") as log:
+            log.write("slept\n")
+    return x
+
+
+class SlowCNN(TinyCNN):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(sleep_in_worker(self.features(x))), 1))
+
+
+def tiny_slow(num_classes: int = 10) -> SlowCNN:
+    """:func:`tiny_cnn` whose last block sleeps in the worker named by ``$AUGLOCAL_TEST_SLOW_RANK``."""
+    return SlowCNN(num_classes)

@@ -15,6 +15,7 @@ from auglocal_fx.training import TrainConfig, train
 TINY = str(Path(__file__).with_name("_tiny_models.py")) + ":tiny_cnn"
 TINY_NOBN = str(Path(__file__).with_name("_tiny_models.py")) + ":tiny_nobn"
 FAILING = str(Path(__file__).with_name("_tiny_models.py")) + ":tiny_failing"
+SLOW = str(Path(__file__).with_name("_tiny_models.py")) + ":tiny_slow"
 NUM_LOCAL = 3  # local modules of TINY at d=2 (checked below)
 
 # Batch norm and augmentation: exactness must hold for both (and for a rule with a second loss,
@@ -136,6 +137,22 @@ def test_pipeline_errors_are_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("AUGLOCAL_TEST_FAIL_RANK", "1")
     with pytest.raises(AugLocalError, match="pipeline worker 1"):
         train(TrainConfig(out=str(tmp_path / "dies"), pipeline=2, **{**COMMON, "model": FAILING}))
+
+
+def test_training_time_covers_the_last_worker(tmp_path, monkeypatch):
+    # The last worker sleeps in its steps; the first finishes its own steps a step earlier.
+    # samples/s (benchmarks/pipeline.py) is steps x batch / train_seconds, so train_seconds must
+    # run to the end of the last worker, whose sleeps alone take (sleeps x SLEEP_SECONDS).
+    from tests._tiny_models import SLEEP_SECONDS
+
+    log = tmp_path / "sleeps.txt"
+    monkeypatch.setenv("AUGLOCAL_TEST_SLOW_RANK", "1")
+    monkeypatch.setenv("AUGLOCAL_TEST_SLOW_LOG", str(log))
+    config = {**COMMON, "model": SLOW, "epochs": 1, "warmup_epochs": 0, "train_subset": 16}
+    record = train(TrainConfig(out=str(tmp_path / "run"), pipeline=2, **config)).history[-1]
+    sleeps = len(log.read_text().splitlines())
+    assert record["step"] == 2 and sleeps >= 2
+    assert record["train_seconds"] >= sleeps * SLEEP_SECONDS
 
 
 def test_pipelines_compose_with_data_parallel_replicas(tmp_path):

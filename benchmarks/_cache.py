@@ -1,0 +1,79 @@
+"""Benchmark runs cached under a key of everything that makes their result.
+
+A key is a JSON-able dict: the benchmark's options, ``code_identity()["source"]`` (the package's
+source, so an edit anywhere in ``auglocal_fx/`` trains anew) and ``reference_identity(folder)``
+for runs of the authors' code. A run is stored in ``FOLDER/NAME-DIGEST.json`` with its key and
+``made_by`` (the commit of the code that made it); its own files (checkpoints) go to
+``FOLDER/NAME-DIGEST/``, so a run resumes only its own checkpoints, never those of another key::
+
+    key = {"seed": 0, "epochs": 5, "code": code_identity()["source"]}
+    row = cached_run("bp-seed0", key, Path("runs/acc"), lambda workdir: train_into(workdir))
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Callable, Dict, Mapping, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "auglocal_fx"
+
+__all__ = ["code_identity", "reference_identity", "cached_run"]
+
+
+def _hash_files(folder: Path, pattern: str) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob(pattern)):
+        if "__pycache__" in path.parts:
+            continue
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=None)
+def code_identity() -> Dict[str, str]:
+    """This checkout's code: ``source`` (a hash of ``auglocal_fx/**/*.py``, for keys) and ``commit``
+    (HEAD's short hash, ``+dirty`` when ``auglocal_fx/`` differs from it; ``unknown`` outside git)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short=12", "HEAD")
+        if git("status", "--porcelain", "--", str(PACKAGE)):
+            commit += "+dirty"
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {"source": _hash_files(PACKAGE, "*.py"), "commit": commit}
+
+
+def reference_identity(folder: Optional[str]) -> Optional[str]:
+    """A hash of the ``.py`` files under ``folder`` (the authors' code comes without ``.git``);
+    ``None`` without a folder."""
+    return None if folder is None else _hash_files(Path(folder), "*.py")
+
+
+def cached_run(name: str, key: Mapping[str, object], folder: Path,
+               fn: Callable[[Path], Dict[str, object]], rerun: bool = False) -> Dict[str, object]:
+    """The result of the run ``name`` under ``key``: from ``folder`` if a run with this key
+    finished there (and not ``rerun``), else ``fn(workdir)``, stored with ``key`` and ``made_by``.
+
+    ``fn`` gets the run's own empty-or-resumable folder (emptied first under ``rerun``) and
+    returns the result as a JSON-able dict; an exception in ``fn`` stores nothing.
+    """
+    key = json.loads(json.dumps(dict(key), sort_keys=True))  # as it reads back from disk
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    path, workdir = folder / f"{name}-{digest}.json", folder / f"{name}-{digest}"
+    if path.exists() and not rerun:
+        return json.loads(path.read_text())
+    if rerun:
+        shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    result = {**fn(workdir), "key": key, "made_by": code_identity()["commit"]}
+    path.write_text(json.dumps(result, indent=1))
+    return result
