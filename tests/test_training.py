@@ -222,6 +222,9 @@ def test_training_starts_from_the_weights_file_with_the_model_kwargs(tmp_path, m
     assert trained["fc.weight"].shape == (10, 6)
     for key, value in start.state_dict().items():
         assert torch.equal(trained[key], value), key
+    from auglocal_fx.analysis import load_trained  # rebuilds the run's model from last.pt's config
+
+    assert torch.equal(load_trained(out).export().fc.weight, start.fc.weight)
     if method == "auglocal":  # the auxiliary copies started from the file's weights too
         state = _weights(out / "last.pt")["model"]
         source = start.state_dict()
