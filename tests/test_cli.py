@@ -386,3 +386,25 @@ def test_weights_and_aux_init_on_convert(run, wide_spec, tmp_path):
     x = torch.randn(2, 3, 8, 8)
     assert torch.equal(local.eval()(x), source.eval()(x))
     assert torch.equal(local.aux[0][0].get_parameter("4.weight"), source[4].weight)
+
+
+def test_a_classifier_for_other_classes_is_one_warning_line(run, wide_spec, tmp_path):
+    import sys
+    import warnings
+
+    from auglocal_fx import resolve_model
+
+    source = resolve_model(wide_spec, input_size=(3, 8, 8)).model  # 10 classes
+    torch.save(source.state_dict(), tmp_path / "w.pt")
+    def show(message, category, filename, lineno, file=None, line=None):  # Python's own, un-captured by pytest
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        result = run("convert", wide_spec, "--d", 2, "--input-size", 3, 8, 8, "--num-classes", 4,
+                     "--weights", "w.pt")
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Warning: auglocal-fx: w.pt has a 10-class classifier, "
+                                                   "the model 4 classes: loaded all weights but"), lines
