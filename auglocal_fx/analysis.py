@@ -261,7 +261,9 @@ def load_trained(path: Union[str, os.PathLike], map_location: Union[str, torch.d
     # A BP run's local options were never used: the defaults only give it (unused) auxiliary nets.
     options = {} if config.get("method") == "bp" else {
         k: config[k] for k in ("d", "tau", "pyramid", "selection", "aux_head", "rule") if k in config}
-    local = to_local(spec, input_size=size, num_classes=classes, **options)
+    # Runs before model_kwargs existed have no such key: the builder's defaults.
+    local = to_local(spec, input_size=size, num_classes=classes, model_kwargs=config.get("model_kwargs"),
+                     **options)
     state = torch.load(model_file, map_location=map_location, weights_only=True)
     try:
         local.export().load_state_dict(state, strict=True)

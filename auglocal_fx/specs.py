@@ -380,7 +380,7 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
 
     A checkpoint dict holds them under ``state_dict``, ``model``, ``state_dict_ema`` or
     ``model_ema`` (the first present is taken); a ``module.`` prefix on every key (a
-    ``DistributedDataParallel`` model's) is removed.
+    ``DistributedDataParallel`` model's, or torchvision's EMA with its ``n_averaged``) is removed.
 
     Raises:
         AugLocalError: when the file is missing, unreadable or holds no weights.
@@ -403,8 +403,10 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
             not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise AugLocalError(f"weights file {path!r} holds no state_dict (name -> tensor), nor one under "
                             f"{', '.join(_STATE_KEYS)}: save model.state_dict()")
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+    if all(k.startswith("module.") for k in state if k != "n_averaged"):
+        # DDP's wrapper, or torchvision's EMA (an AveragedModel: the model under module.,
+        # beside its n_averaged count).
+        state = {k[len("module."):]: v for k, v in state.items() if k != "n_averaged"}
     return state
 
 

@@ -138,8 +138,8 @@ class TrainConfig:
         weights: for a spec string, a local weights file to start from (a ``state_dict`` or a
             timm / torchvision checkpoint; a classifier for another number of classes is left
             out with a warning): fine-tuning a pretrained network.
-        aux_init: how AugLocal's auxiliary copies start: ``"init"`` (drawn afresh) or
-            ``"copy"`` (the source blocks' weights); see :func:`auglocal_fx.to_local`.
+        aux_init: how AugLocal's auxiliary copies start: ``"init"`` (drawn afresh, the default)
+            or ``"copy"`` (the source blocks' weights); see :func:`auglocal_fx.to_local`.
     """
 
     model: Union[str, nn.Module] = "paper:resnet32"

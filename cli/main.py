@@ -1,5 +1,7 @@
 """``auglocal-fx``: the click group; each subcommand lives in its own module."""
 
+import warnings
+
 import click
 
 from auglocal_fx import __version__
@@ -15,6 +17,12 @@ from .train import train
 @click.version_option(__version__, prog_name="auglocal-fx")
 def cli() -> None:
     """Turn any PyTorch ConvNet into an AugLocal local-learning network."""
+    warnings.formatwarning = _one_line_warning
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as the CLI shows errors: one line, without the library's source line."""
+    return f"Warning: {' '.join(str(message).split())}\n"
 
 
 cli.add_command(convert)

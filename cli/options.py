@@ -141,7 +141,7 @@ def model_kwargs_option(fn):
 def weights_option(fn):
     """``--weights FILE``: a local state dict or timm / torchvision checkpoint to start from."""
     return click.option(
-        "--weights", type=click.Path(exists=True, dir_okay=False), default=None, metavar="FILE",
+        "--weights", type=click.Path(dir_okay=False), default=None, metavar="FILE",
         help="Start from these weights: a state_dict or a timm / torchvision training checkpoint "
              "(never downloaded); a classifier for another number of classes is left out.",
     )(fn)

@@ -332,3 +332,86 @@ def test_foreign_checkpoint(run, tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_gpu(run):
     assert_user_error(run("report", TINY, *TINY_SIZE, "--d", "2", "--device", "cuda"), "cpu")
+
+
+# -- --model-kwargs, --weights, --aux-init
+
+WIDE_MODELS = """
+from torch import nn
+
+def make(num_classes=10, width=4, depth=2):
+    layers = [nn.Conv2d(3, width, 3, padding=1), nn.ReLU()]
+    for _ in range(depth):
+        layers += [nn.Conv2d(width, width, 3, padding=1), nn.ReLU()]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
+"""
+
+
+@pytest.fixture
+def wide_spec(tmp_path):
+    path = tmp_path / "wide_models.py"
+    path.write_text(WIDE_MODELS)
+    return f"{path}:make"
+
+
+def test_model_kwargs_on_the_command_line(run, wide_spec):
+    plain = run("blocks", wide_spec, "--input-size", 3, 8, 8)
+    assert plain.exit_code == 0, plain.output
+    assert "3 blocks + head" in plain.output
+    # several pairs after one flag, the spec after them, as timm's train.py takes them
+    deeper = run("blocks", "--model-kwargs", "depth=4", "width=6", wide_spec, "--input-size", 3, 8, 8)
+    assert deeper.exit_code == 0, deeper.output
+    assert "5 blocks + head" in deeper.output and "6x8x8" in deeper.output
+    saved = run("convert", wide_spec, "--d", 2, "--input-size", 3, 8, 8, "--model-kwargs", "depth=3",
+                "-o", "net.pt")
+    assert saved.exit_code == 0, saved.output
+    assert load("net.pt").options["model_kwargs"] == {"depth": 3}
+    # --d stays single-valued where the command takes one
+    single = run("convert", wide_spec, "--model-kwargs", "depth=4", "--d", 2, 3, "--input-size", 3, 8, 8)
+    assert single.exit_code != 0 and "unexpected extra argument" in single.output
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--model-kwargs", "foo"], "model kwarg 'foo' is not KEY=VALUE"),
+    (["--model-kwargs", "foo=1"], "cannot be built with model_kwargs foo=1"),
+    (["--weights", "missing.pt"], "weights file 'missing.pt' does not exist"),
+])
+def test_model_option_errors_are_one_line(run, wide_spec, args, fragment):
+    assert_user_error(run("convert", wide_spec, "--d", 2, "--input-size", 3, 8, 8, *args), fragment)
+
+
+def test_weights_and_aux_init_on_convert(run, wide_spec, tmp_path):
+    from auglocal_fx import resolve_model
+
+    source = resolve_model(wide_spec, input_size=(3, 8, 8)).model
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "w.pth")
+    result = run("convert", wide_spec, "--d", 2, "--input-size", 3, 8, 8, "--weights", "w.pth",
+                 "--aux-init", "copy", "-o", "net.pt")
+    assert result.exit_code == 0, result.output
+    local = load("net.pt")
+    assert local.options["aux_init"] == "copy"
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(local.eval()(x), source.eval()(x))
+    assert torch.equal(local.aux[0][0].get_parameter("4.weight"), source[4].weight)
+
+
+def test_a_classifier_for_other_classes_is_one_warning_line(run, wide_spec, tmp_path):
+    import sys
+    import warnings
+
+    from auglocal_fx import resolve_model
+
+    source = resolve_model(wide_spec, input_size=(3, 8, 8)).model  # 10 classes
+    torch.save(source.state_dict(), tmp_path / "w.pt")
+    def show(message, category, filename, lineno, file=None, line=None):  # Python's own, un-captured by pytest
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        result = run("convert", wide_spec, "--d", 2, "--input-size", 3, 8, 8, "--num-classes", 4,
+                     "--weights", "w.pt")
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Warning: auglocal-fx: w.pt has a 10-class classifier, "
+                                                   "the model 4 classes: loaded all weights but"), lines

@@ -227,7 +227,8 @@ def _model_and_state(wide_file, **kwargs):
 
 
 @pytest.mark.parametrize("layout", ["plain", "state_dict", "model", "state_dict_ema", "model_ema",
-                                    "ddp", "timm_checkpoint", "torchvision_checkpoint"])
+                                    "ddp", "timm_checkpoint", "torchvision_checkpoint",
+                                    "torchvision_ema"])
 def test_weights_file_layouts(tmp_path, wide_file, layout):
     import argparse
 
@@ -246,6 +247,9 @@ def test_weights_file_layouts(tmp_path, wide_file, layout):
         # torchvision's train.py
         "torchvision_checkpoint": {"model": state, "model_ema": other, "optimizer": {},
                                    "args": argparse.Namespace(lr=0.5), "epoch": 9},
+        # torchvision's --model-ema alone: an AveragedModel's state (module. + n_averaged)
+        "torchvision_ema": {"model_ema": {"n_averaged": torch.tensor(7),
+                                          **{f"module.{k}": v for k, v in state.items()}}},
     }[layout]
     path = tmp_path / "w.pth"
     torch.save(payload, path)

@@ -225,3 +225,62 @@ def test_trains_with_a_comparison_rule(tmp_path, rule):
     fresh.load_state_dict(_weights(tmp_path / "model.pt"), strict=True)
     saved = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
     assert saved["config"]["rule"] == rule
+
+
+# -- starting weights, builder arguments and auxiliary initialisation
+
+NOBN_FILE = """
+from tests._tiny_models import TinyCNN
+
+def make(num_classes=10, width=8):
+    return TinyCNN(num_classes, width=width, batch_norm=False)
+"""
+
+
+@pytest.mark.parametrize("method", ["auglocal", "bp"])
+def test_training_starts_from_the_weights_file_with_the_model_kwargs(tmp_path, method, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    (tmp_path / "nobn.py").write_text(NOBN_FILE)
+    spec = f"{tmp_path / 'nobn.py'}:make"
+    torch.manual_seed(123)
+    start = resolve_model(spec, num_classes=10, input_size=(3, 16, 16), model_kwargs={"width": 6}).model
+    torch.save({"model": start.state_dict(), "epoch": 7}, tmp_path / "pretrained.pth")  # torchvision's layout
+    out = tmp_path / "run"
+    # One epoch without warmup runs at lr 0 (see above): the weights stay where they started.
+    train(_config(out, model=spec, model_kwargs={"width": 6}, weights=str(tmp_path / "pretrained.pth"),
+                  aux_init="copy", method=method, max_steps=1, warmup_epochs=0))
+    trained = _weights(out / "model.pt")
+    assert trained["fc.weight"].shape == (10, 6)
+    for key, value in start.state_dict().items():
+        assert torch.equal(trained[key], value), key
+    from auglocal_fx.analysis import load_trained  # rebuilds the run's model from last.pt's config
+
+    assert torch.equal(load_trained(out).export().fc.weight, start.fc.weight)
+    if method == "auglocal":  # the auxiliary copies started from the file's weights too
+        state = _weights(out / "last.pt")["model"]
+        source = start.state_dict()
+        copies = {k.split(".", 3)[3]: v for k, v in state.items() if k.startswith("aux.0.")}
+        copies = {k: v for k, v in copies.items() if k in source and v.shape == source[k].shape}
+        assert "fc.weight" in copies and any(k.startswith("features.") for k in copies)
+        assert all(torch.equal(v, source[k]) for k, v in copies.items())
+    with pytest.raises(AugLocalError, match="different run"):
+        train(_config(out, model=spec, model_kwargs={"width": 6}, weights=str(tmp_path / "pretrained.pth"),
+                      aux_init="init", method=method, max_steps=1, warmup_epochs=0, resume=True))
+
+
+def test_checkpoints_from_before_the_model_options_resume(tmp_path):
+    train(_config(tmp_path, max_steps=1))
+    ckpt = _weights(tmp_path / "last.pt")
+    for key in ("model_kwargs", "weights", "aux_init"):
+        del ckpt["config"][key]
+    torch.save(ckpt, tmp_path / "last.pt")
+    train(_config(tmp_path, max_steps=1, resume=True))  # no "different run"
+    with pytest.raises(AugLocalError, match="different run"):
+        train(_config(tmp_path, max_steps=1, resume=True, aux_init="copy"))
+
+
+def test_model_options_are_checked(tmp_path):
+    with pytest.raises(AugLocalError, match="weights file .* does not exist"):
+        train(_config(tmp_path, weights=str(tmp_path / "nope.pt")))
+    with pytest.raises(AugLocalError, match="unknown auxiliary initialisation"):
+        train(_config(tmp_path, aux_init="pretrained"))
