@@ -89,3 +89,12 @@ class SlowCNN(TinyCNN):
 def tiny_slow(num_classes: int = 10) -> SlowCNN:
     """:func:`tiny_cnn` whose last block sleeps in the worker named by ``$AUGLOCAL_TEST_SLOW_RANK``."""
     return SlowCNN(num_classes)
+
+
+def wide_cnn(num_classes: int = 10, width: int = 4, depth: int = 2) -> nn.Sequential:
+    """A plain ``nn.Sequential`` whose ``width`` and ``depth`` are builder arguments: the file
+    spec ``tests/_tiny_models.py:wide_cnn`` for ``model_kwargs`` and weights-file tests."""
+    layers = [nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+    for _ in range(depth):
+        layers += [nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))

@@ -4,6 +4,8 @@ import json
 import os
 import textwrap
 
+from pathlib import Path
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -336,22 +338,9 @@ def test_cuda_without_gpu(run):
 
 # -- --model-kwargs, --weights, --aux-init
 
-WIDE_MODELS = """
-from torch import nn
-
-def make(num_classes=10, width=4, depth=2):
-    layers = [nn.Conv2d(3, width, 3, padding=1), nn.ReLU()]
-    for _ in range(depth):
-        layers += [nn.Conv2d(width, width, 3, padding=1), nn.ReLU()]
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
-"""
-
-
 @pytest.fixture
-def wide_spec(tmp_path):
-    path = tmp_path / "wide_models.py"
-    path.write_text(WIDE_MODELS)
-    return f"{path}:make"
+def wide_spec():
+    return str(Path(__file__).with_name("_tiny_models.py")) + ":wide_cnn"
 
 
 def test_model_kwargs_on_the_command_line(run, wide_spec):
@@ -392,7 +381,7 @@ def test_weights_and_aux_init_on_convert(run, wide_spec, tmp_path):
     assert local.options["aux_init"] == "copy"
     x = torch.randn(2, 3, 8, 8)
     assert torch.equal(local.eval()(x), source.eval()(x))
-    assert torch.equal(local.aux[0][0].get_parameter("4.weight"), source[4].weight)
+    assert torch.equal(local.aux[0][0].get_parameter("6.weight"), source[6].weight)  # block 2's conv
 
 
 def test_a_classifier_for_other_classes_is_one_warning_line(run, wide_spec, tmp_path):

@@ -1,5 +1,7 @@
 """Model specs and the errors a user can cause with them."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -118,22 +120,9 @@ def test_model_objects_refuse_spec_only_options_and_need_a_stated_input_size():
 
 # -- model_kwargs and weights files
 
-WIDE_FILE = '''
-from torch import nn
-
-def make(num_classes=10, width=4, depth=2):
-    layers = [nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
-    for _ in range(depth):
-        layers += [nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
-'''
-
-
 @pytest.fixture
-def wide_file(tmp_path):
-    path = tmp_path / "widenet.py"
-    path.write_text(WIDE_FILE)
-    return f"{path}:make"
+def wide_file():
+    return str(Path(__file__).with_name("_tiny_models.py")) + ":wide_cnn"
 
 
 @pytest.mark.parametrize("pairs,expected", [
