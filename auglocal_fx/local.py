@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ._io import atomic_save
 from ._threads import single_thread
@@ -179,11 +180,7 @@ class LocalNet(nn.Module):
         for j in range(start, min(stop, self.num_local - 1)):
             with autocast():
                 out = self.blocks[j](h.detach())
-                aux = self.aux[j]
-                if hasattr(aux, "local_loss"):  # a rule with a second loss (PredSim, InfoPro)
-                    loss = aux.local_loss(out, image, y, loss_fn)
-                else:
-                    loss = loss_fn(aux(out), y)
+                loss = self._aux_loss(j, out, image, y, loss_fn)
             # Only the detached output survives: block j's graph goes with its loss.
             h = out.detach()
             del out
@@ -196,6 +193,33 @@ class LocalNet(nn.Module):
                     out = block(out)
                 loss = loss_fn(self.head(out), y)
             yield loss, out.detach()
+
+    @property
+    def aux_checkpoint(self) -> bool:
+        """Whether auxiliary forwards are recomputed in backward instead of kept (see :func:`to_local`)."""
+        return bool(self.options.get("aux_checkpoint", False))
+
+    @aux_checkpoint.setter
+    def aux_checkpoint(self, value: bool) -> None:
+        self.options["aux_checkpoint"] = bool(value)
+
+    def _aux_loss(self, j: int, out: torch.Tensor, image: Optional[torch.Tensor], y: torch.Tensor,
+                  loss_fn: LossFn) -> torch.Tensor:
+        """Local loss ``j`` of block ``j``'s output; with ``aux_checkpoint``, only ``out`` is kept."""
+        aux = self.aux[j]
+
+        def run(o: torch.Tensor) -> torch.Tensor:
+            if hasattr(aux, "local_loss"):  # a rule with a second loss (PredSim, InfoPro)
+                return aux.local_loss(o, image, y, loss_fn)
+            return loss_fn(aux(o), y)
+
+        if not self.aux_checkpoint or not torch.is_grad_enabled():
+            return run(out)
+        # Non-reentrant checkpoint replays the RNG (dropout) and autocast state; the buffers
+        # the recomputation changes (BatchNorm running statistics, counted twice otherwise)
+        # are put back as the first forward left them.
+        return checkpoint(run, out, use_reentrant=False,
+                          context_fn=lambda: (contextlib.nullcontext(), _KeepBuffers(aux)))
 
     @property
     def needs_image(self) -> bool:
@@ -262,7 +286,24 @@ class LocalNet(nn.Module):
         return (f"blocks={len(self.blocks)}, aux_nets={len(self.aux)}, d={opts['d']}, "
                 f"tau={opts['tau']}, pyramid={opts['pyramid']}, selection={opts['selection']!r}, "
                 f"aux_head={opts.get('aux_head', 'copy')!r}"
-                + (f", rule={opts['rule']!r}" if opts.get("rule", "auglocal") != "auglocal" else ""))
+                + (f", rule={opts['rule']!r}" if opts.get("rule", "auglocal") != "auglocal" else "")
+                + (", aux_checkpoint=True" if opts.get("aux_checkpoint") else ""))
+
+
+class _KeepBuffers:
+    """Context manager: the module's buffers on exit are those it had on entry."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __enter__(self) -> None:
+        self.saved = [(b, b.detach().clone()) for b in self.module.buffers()]
+
+    def __exit__(self, *exc) -> None:
+        with torch.no_grad():
+            for buffer, value in self.saved:
+                buffer.copy_(value)
+        self.saved = []
 
 
 def to_local(
@@ -279,6 +320,7 @@ def to_local(
     weights: Optional[str] = None,
     aux_head: str = "auto",
     rule: str = "auglocal",
+    aux_checkpoint: bool = False,
 ) -> LocalNet:
     """Convert a ConvNet into an AugLocal :class:`LocalNet`.
 
@@ -313,6 +355,8 @@ def to_local(
     """
     validate_options(d, tau, selection)
     validate_aux_head(aux_head)
+    if not isinstance(aux_checkpoint, bool):
+        raise AugLocalError(f"aux_checkpoint must be True or False, got {aux_checkpoint!r}")
     local_rule = get_rule(rule)
     spec = None
     initial = None
@@ -356,6 +400,7 @@ def to_local(
         "block_boundaries": list(block_boundaries) if block_boundaries else None,
         "aux_head": aux_head,
         "rule": rule,
+        "aux_checkpoint": bool(aux_checkpoint),
     }
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     local = LocalNet(model, partition, aux, plans, options, spec)
@@ -411,6 +456,7 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None,
     kwargs = {k: options[k] for k in ("d", "tau", "pyramid", "selection", "block_boundaries")}
     kwargs["aux_head"] = options.get("aux_head", "copy")  # checkpoints before the option: copies
     kwargs["rule"] = options.get("rule", "auglocal")
+    kwargs["aux_checkpoint"] = bool(options.get("aux_checkpoint", False))
     local = to_local(source, input_size=options["input_size"],
                      num_classes=options["num_classes"] if spec else None, **kwargs)
     try:
