@@ -142,7 +142,7 @@ class Run:
             classes = {"num_classes": self.num_classes} if isinstance(cfg.model, str) else {}
             local = to_local(cfg.model, d=cfg.d, tau=cfg.tau, pyramid=cfg.pyramid, selection=cfg.selection,
                              input_size=self.input_size, aux_head=cfg.aux_head, rule=cfg.rule,
-                             **classes)
+                             aux_checkpoint=cfg.aux_checkpoint, **classes)
             return local, local.export()
         if isinstance(cfg.model, nn.Module):
             return cfg.model, cfg.model

@@ -194,3 +194,19 @@ def test_trains_with_a_comparison_rule(tmp_path, rule):
     fresh.load_state_dict(_weights(tmp_path / "model.pt"), strict=True)
     saved = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
     assert saved["config"]["rule"] == rule
+
+
+def test_aux_checkpoint_trains_the_same_weights_with_recomputed_aux(tmp_path, monkeypatch):
+    import auglocal_fx.local
+
+    calls = []
+    real = auglocal_fx.local.checkpoint
+    monkeypatch.setattr(auglocal_fx.local, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    train(_config(tmp_path / "kept", max_steps=2))
+    assert not calls
+    train(_config(tmp_path / "recomputed", max_steps=2, aux_checkpoint=True))
+    assert len(calls) == 2 * 2  # tiny_cnn at d=2: 4 blocks, 2 auxiliary networks; 2 steps
+    kept, recomputed = _weights(tmp_path / "kept" / "model.pt"), _weights(tmp_path / "recomputed" / "model.pt")
+    assert kept.keys() == recomputed.keys() and all(torch.equal(kept[k], recomputed[k]) for k in kept)
+    with pytest.raises(AugLocalError, match="needs method 'auglocal'"):
+        train(_config(tmp_path / "bp", method="bp", aux_checkpoint=True))
