@@ -188,10 +188,8 @@ class LocalNet(nn.Module):
             del loss
         if stop == self.num_local:
             with autocast():
-                out = h.detach()
-                for block in self.blocks[self.num_local - 1:]:
-                    out = block(out)
-                loss = loss_fn(self.head(out), y)
+                out = self.blocks[self.num_local - 1](h.detach())
+                loss, out = self._output_loss(out, y, loss_fn)
             yield loss, out.detach()
 
     @property
@@ -219,7 +217,25 @@ class LocalNet(nn.Module):
         # the recomputation changes (BatchNorm running statistics, counted twice otherwise)
         # are put back as the first forward left them.
         return checkpoint(run, out, use_reentrant=False,
-                          context_fn=lambda: (contextlib.nullcontext(), _KeepBuffers(aux)))
+                          context_fn=lambda: (contextlib.nullcontext(), _KeepBuffers([aux])))
+
+    def _output_loss(self, out: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The output loss of block ``K-1``'s output, and the last block's output.
+
+        Blocks ``K .. L-1`` and the head serve block ``K-1`` as an auxiliary network serves the
+        others, so ``aux_checkpoint`` recomputes them too.
+        """
+        later = [*self.blocks[self.num_local:], self.head]
+
+        def run(o: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+            for block in later[:-1]:
+                o = block(o)
+            return loss_fn(self.head(o), y), o
+
+        if not self.aux_checkpoint or not torch.is_grad_enabled():
+            return run(out)
+        return checkpoint(run, out, use_reentrant=False,
+                          context_fn=lambda: (contextlib.nullcontext(), _KeepBuffers(later)))
 
     @property
     def needs_image(self) -> bool:
@@ -291,13 +307,13 @@ class LocalNet(nn.Module):
 
 
 class _KeepBuffers:
-    """Context manager: the module's buffers on exit are those it had on entry."""
+    """Context manager: the modules' buffers on exit are those they had on entry."""
 
-    def __init__(self, module: nn.Module):
-        self.module = module
+    def __init__(self, modules: Sequence[nn.Module]):
+        self.modules = list(modules)
 
     def __enter__(self) -> None:
-        self.saved = [(b, b.detach().clone()) for b in self.module.buffers()]
+        self.saved = [(b, b.detach().clone()) for m in self.modules for b in m.buffers()]
 
     def __exit__(self, *exc) -> None:
         with torch.no_grad():
@@ -348,6 +364,13 @@ def to_local(
             ``"dgl"``, ``"predsim"``, ``"infopro"``, or ``"auglocal+infopro"`` (see
             :mod:`auglocal_fx.rules`). The baselines train every block but the last locally
             and ignore ``d``, ``tau``, ``pyramid``, ``selection`` and ``aux_head``.
+        aux_checkpoint: recompute each auxiliary network's forward in its backward
+            (:func:`torch.utils.checkpoint.checkpoint`) instead of keeping its activations: a
+            local module then holds its block's activations and the auxiliary input only. The
+            output module's later blocks and head (block ``K-1``'s auxiliary network, in effect)
+            are recomputed likewise. The gradients, dropout masks and BatchNorm statistics are
+            exactly those without it; the cost is one more auxiliary forward per step. Settable
+            later as ``local.aux_checkpoint``.
 
     Raises:
         AugLocalError: bad options, unknown model, untraceable model, no classifier head, an

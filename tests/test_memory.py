@@ -148,3 +148,20 @@ def test_recomputed_aux_holds_the_block_and_the_aux_input_only():
         peaks[flag] = counter.peak
     assert block <= peaks[True] <= block + out_bytes
     assert peaks[False] >= block + 2 * out_bytes  # the aux copy's own activations are kept
+
+    # The output module: block K-1, then blocks K.. and the head, which serve it as an aux net.
+    k = local.num_local
+    h = x
+    for b in local.blocks[:k - 1]:
+        h = b(h).detach()
+    block = _alone(local.blocks[k - 1], h, params)
+    for flag in (False, True):
+        local.aux_checkpoint = flag
+        losses = local.local_losses(x, y)
+        for _ in range(k - 1):
+            next(losses).backward()
+        with SavedBytesCounter(exclude=params) as counter:
+            next(losses).backward()
+        peaks[flag] = counter.peak
+    assert block <= peaks[True] <= block + out_bytes
+    assert peaks[False] >= block + 2 * out_bytes
