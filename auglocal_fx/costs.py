@@ -189,6 +189,7 @@ def cost_report(
         AugLocalError: bad options, an unavailable device, or any conversion error.
     """
     from .local import to_local
+    from .memory import aux_checkpoint_flags
     from .specs import resolve_model
 
     depths = tuple(depths)
@@ -211,9 +212,7 @@ def cost_report(
     if input_size is not None:
         kwargs["input_size"] = tuple(input_size)
 
-    flags = (aux_checkpoint,) if isinstance(aux_checkpoint, bool) else tuple(aux_checkpoint)
-    if not flags or not all(isinstance(f, bool) for f in flags):
-        raise AugLocalError(f"aux_checkpoint must be True, False or a sequence of them, got {aux_checkpoint!r}")
+    flags = aux_checkpoint_flags(aux_checkpoint)
     entries = _rule_entries(rules, depths, flags)
     nets = []  # (row label, rule, d, LocalNet); the model has its classes
     for label, rule, d, flag in entries:

@@ -334,9 +334,7 @@ def measure_memory(model_or_spec: Union[str, nn.Module], methods: Sequence[str] 
         depths = (int(model_or_spec.options["d"]),)
     if not depths:
         raise AugLocalError("d must be an int or a non-empty sequence of ints, e.g. d=(2, 4)")
-    flags = (aux_checkpoint,) if isinstance(aux_checkpoint, bool) else tuple(aux_checkpoint)
-    if not flags or not all(isinstance(f, bool) for f in flags):
-        raise AugLocalError(f"aux_checkpoint must be True, False or a sequence of them, got {aux_checkpoint!r}")
+    flags = aux_checkpoint_flags(aux_checkpoint)
     _optimizer_name(optimizer)  # an unknown name fails before anything is built
     device = resolve_device(device)
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -383,6 +381,16 @@ def measure_memory(model_or_spec: Union[str, nn.Module], methods: Sequence[str] 
         if rss_source is not None and rss_source.get("tmp"):
             os.unlink(rss_source["path"])
     return report
+
+
+def aux_checkpoint_flags(aux_checkpoint: Union[bool, Sequence[bool]]) -> Tuple[bool, ...]:
+    """``True`` -> ``(True,)``, ``(False, True)`` -> itself; anything else is an AugLocalError."""
+    if isinstance(aux_checkpoint, bool):
+        return (aux_checkpoint,)
+    flags = tuple(aux_checkpoint) if isinstance(aux_checkpoint, (tuple, list)) else ()
+    if not flags or not all(isinstance(f, bool) for f in flags):
+        raise AugLocalError(f"aux_checkpoint must be True, False or a sequence of them, got {aux_checkpoint!r}")
+    return flags
 
 
 def _notes(device: torch.device, rss: bool, mmap_threshold: Optional[int]) -> List[str]:

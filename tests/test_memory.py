@@ -165,3 +165,10 @@ def test_recomputed_aux_holds_the_block_and_the_aux_input_only():
         peaks[flag] = counter.peak
     assert block <= peaks[True] <= block + out_bytes
     assert peaks[False] >= block + 2 * out_bytes
+
+
+def test_aux_checkpoint_and_optimizer_errors_are_ours():
+    with pytest.raises(AugLocalError, match="aux_checkpoint must be"):
+        measure_memory(TinyCNN(), aux_checkpoint=1, input_size=SIZE)
+    with pytest.raises(AugLocalError, match="aux_checkpoint must be"):
+        to_local(TinyCNN(), aux_checkpoint="yes", input_size=SIZE)
