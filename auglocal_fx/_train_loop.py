@@ -151,6 +151,7 @@ class Run:
             local = to_local(cfg.model, d=cfg.d, tau=cfg.tau, pyramid=cfg.pyramid, selection=cfg.selection,
                              input_size=self.input_size, aux_head=cfg.aux_head, rule=cfg.rule,
                              normalization=dataset_normalization(cfg.dataset), aux_init=cfg.aux_init,
+                             aux_checkpoint=cfg.aux_checkpoint,
                              **classes, **self._model_options())
             return local, local.export()
         if isinstance(cfg.model, nn.Module):

@@ -16,7 +16,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -38,6 +38,9 @@ class CostRow:
         params: parameters trained (AugLocal: primary plus auxiliary networks).
         memory: measured bytes: the CUDA peak on a GPU, else the peak of bytes saved for
             backward (``None`` when not measured).
+        whole: the whole count at the step's peak: parameters + optimizer state + saved bytes
+            and ``.grad`` tensors (see :mod:`auglocal_fx.memory`; ``None`` when not measured).
+        aux_checkpoint: whether the auxiliary forwards are recomputed in backward.
         rss: growth of the process's peak RSS over one step (CPU, ``rss=True`` only).
         step_time: seconds per training step at the report's batch size (``None`` if not timed).
     """
@@ -50,11 +53,14 @@ class CostRow:
     rss: Optional[int] = None
     step_time: Optional[float] = None
     rule: Optional[str] = None
+    whole: Optional[int] = None
+    aux_checkpoint: bool = False
 
     def as_dict(self) -> dict:
         """A JSON-ready row."""
         return {"method": self.method, "rule": self.rule, "d": self.d, "flops": int(self.flops),
-                "params": int(self.params), "memory": self.memory, "rss": self.rss,
+                "params": int(self.params), "memory": self.memory, "whole": self.whole,
+                "aux_checkpoint": self.aux_checkpoint, "rss": self.rss,
                 "step_time": None if self.step_time is None else round(self.step_time, 6)}
 
 
@@ -145,6 +151,8 @@ def cost_report(
     timing: bool = True,
     repeats: int = 2,
     threads: Optional[int] = None,
+    aux_checkpoint: Union[bool, Sequence[bool]] = False,
+    optimizer: str = "sgd",
 ) -> CostReport:
     """Forward FLOPs, parameters, measured memory and step time for BP, GC and AugLocal.
 
@@ -173,6 +181,9 @@ def cost_report(
         repeats: timed steps per method (after one warm-up step).
         threads: CPU threads for the timed steps (default: PyTorch's setting). On cores shared
             with other jobs, fewer threads are often faster and much less noisy.
+        aux_checkpoint: recompute the auxiliary forwards in backward; ``(False, True)`` gives
+            each local row both ways (the ``+recompute`` rows).
+        optimizer: whose state the whole count holds (``"sgd"``, the paper's, or ``"adamw"``).
 
     Returns:
         A :class:`CostReport`.
@@ -181,6 +192,7 @@ def cost_report(
         AugLocalError: bad options, an unavailable device, or any conversion error.
     """
     from .local import to_local
+    from .memory import aux_checkpoint_flags
     from .specs import resolve_model
 
     depths = tuple(depths)
@@ -207,24 +219,26 @@ def cost_report(
     if input_size is not None:
         kwargs["input_size"] = tuple(input_size)
 
-    entries = _rule_entries(rules, depths)
+    flags = aux_checkpoint_flags(aux_checkpoint)
+    entries = _rule_entries(rules, depths, flags)
     nets = []  # (row label, rule, d, LocalNet); the model has its classes
-    for label, rule, d in entries:
+    for label, rule, d, flag in entries:
         if rule in ("bp", "gc"):
             continue
         nets.append((label, rule, d, to_local(model, d=d if d is not None else min(depths),
-                                              rule=rule, **kwargs)))
+                                              rule=rule, aux_checkpoint=flag, **kwargs)))
     base = nets[0][3] if nets else to_local(model, d=2, **kwargs)
     first = count_flops(base)
     bp_flops, bp_params = first.primary, first.params_primary
     by_label = {label: (rule, d, local) for label, rule, d, local in nets}
     rows = []
-    for label, rule, d in entries:
+    for label, rule, d, flag in entries:
         if rule in ("bp", "gc"):
             rows.append(CostRow(label, None, bp_flops, bp_params))
         else:
             f = count_flops(by_label[label][2])
-            rows.append(CostRow(label, d, f.total, f.params_primary + f.params_aux, rule=rule))
+            rows.append(CostRow(label, d, f.total, f.params_primary + f.params_aux, rule=rule,
+                                aux_checkpoint=flag))
 
     size = tuple(base.input_size)
     profile = [{"index": b.index, "flops": b.flops,
@@ -235,7 +249,7 @@ def cost_report(
                         unsupported_ops=dict(sorted(first.unsupported_ops().items())))
 
     if memory:
-        _add_memory(report, model_or_spec, entries, dev, rss, dict(kwargs, num_classes=num_classes))
+        _add_memory(report, model_or_spec, entries, dev, rss, dict(kwargs, num_classes=num_classes), optimizer)
     else:
         report.memory_note = "not measured (FLOPs only)" if not timing else "not measured"
     if timing:
@@ -243,7 +257,7 @@ def cost_report(
         x = torch.randn((batch_size,) + size, generator=gen).to(dev)
         y = torch.randint(0, int(base.num_classes), (batch_size,), generator=gen).to(dev)
         runs = [(base, {"bp": "bp", "gc": "checkpoint"}[rule]) if rule in ("bp", "gc")
-                else (by_label[label][2], "auglocal") for label, rule, _ in entries]
+                else (by_label[label][2], "auglocal") for label, rule, _, _ in entries]
         default_threads = torch.get_num_threads()
         used = threads or default_threads
         torch.set_num_threads(used)
@@ -267,8 +281,10 @@ _LABELS = {"bp": "BP", "gc": "GC", "auglocal": "AugLocal", "dgl": "DGL", "predsi
            "infopro": "InfoPro", "auglocal+infopro": "AugLocal+InfoPro"}
 
 
-def _rule_entries(rules: Sequence[str], depths: Sequence[int]) -> List[Tuple[str, str, Optional[int]]]:
-    """``(row label, rule, d)`` per report row: a rule with depths gets one row per ``d``."""
+def _rule_entries(rules: Sequence[str], depths: Sequence[int],
+                  flags: Sequence[bool] = (False,)) -> List[Tuple[str, str, Optional[int], bool]]:
+    """``(row label, rule, d, aux_checkpoint)`` per report row: a rule with depths gets one row per
+    ``d``, and every local rule one row per ``aux_checkpoint`` flag."""
     from .rules import get_rule
 
     entries = []
@@ -278,11 +294,11 @@ def _rule_entries(rules: Sequence[str], depths: Sequence[int]) -> List[Tuple[str
                 f"unknown rule {rule!r} for the report: choose from {', '.join(REPORT_RULES)} "
                 "(gc = gradient checkpointing)")
         if rule in ("bp", "gc"):
-            entries.append((_LABELS[rule], rule, None))
-        elif get_rule(rule).uses_depth:
-            entries += [(f"{_LABELS[rule]} d={d}", rule, d) for d in depths]
-        else:
-            entries.append((_LABELS[rule], rule, None))
+            entries.append((_LABELS[rule], rule, None, False))
+            continue
+        for d in (depths if get_rule(rule).uses_depth else (None,)):
+            label = _LABELS[rule] + ("" if d is None else f" d={d}")
+            entries += [(label + (" +recompute" if flag else ""), rule, d, flag) for flag in flags]
     return entries
 
 
@@ -291,17 +307,19 @@ def _rule_entries(rules: Sequence[str], depths: Sequence[int]) -> List[Tuple[str
 _MEASUREMENT_FAILURES = (AugLocalError, MemoryError, torch.OutOfMemoryError, OSError)
 
 
-def _add_memory(report: CostReport, model_or_spec, entries, device, rss: bool, kwargs) -> None:
+def _add_memory(report: CostReport, model_or_spec, entries, device, rss: bool, kwargs,
+                optimizer: str = "sgd") -> None:
     """Fill the memory columns from :func:`auglocal_fx.memory.measure_memory`, or say why not."""
     from .memory import measure_memory
     options = {k: v for k, v in kwargs.items() if k not in ("input_size", "num_classes", "rule")}
     common = dict(batch_size=report.batch_size, device=device, input_size=kwargs.get("input_size"),
-                  num_classes=kwargs.get("num_classes"), rss=rss and device.type == "cpu")
+                  num_classes=kwargs.get("num_classes"), rss=rss and device.type == "cpu",
+                  optimizer=optimizer)
     found = []
     notes: List[str] = []
     try:
         baseline = None
-        for _, rule, d in entries:
+        for _, rule, d, flag in entries:
             if rule in ("bp", "gc"):
                 if baseline is None:
                     baseline = measure_memory(model_or_spec, methods=("bp", "checkpoint"), d=2,
@@ -311,7 +329,8 @@ def _add_memory(report: CostReport, model_or_spec, entries, device, rss: bool, k
             else:
                 measured = measure_memory(model_or_spec, methods=("auglocal",),
                                           d=d if d is not None else 2,
-                                          to_local_kwargs=dict(options, rule=rule), **common)
+                                          to_local_kwargs=dict(options, rule=rule),
+                                          aux_checkpoint=flag, **common)
                 notes = notes or measured.notes
                 found.append(measured.rows[0])
     except _MEASUREMENT_FAILURES as exc:  # never make numbers up: drop the columns and say why
@@ -320,6 +339,7 @@ def _add_memory(report: CostReport, model_or_spec, entries, device, rss: bool, k
         return
     for row, m in zip(report.rows, found):
         row.memory = m.cuda_peak if device.type == "cuda" else m.saved_peak
+        row.whole = m.whole_peak
         row.rss = m.rss_peak
     # The memory module's notes on the figures shown here (not on its other columns), under
     # the names of our columns.
@@ -327,6 +347,7 @@ def _add_memory(report: CostReport, model_or_spec, entries, device, rss: bool, k
         "saved MiB:": "saved for backward:"}
     if rss and device.type == "cpu":
         names["RSS MiB:"] = "peak RSS:"
+    names["whole MiB:"] = "whole peak:"
     names["checkpoint:"] = "GC:"
     report.memory_how = [new + note[len(old):] for note in notes
                          for old, new in names.items() if note.startswith(old)]

@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ._io import atomic_save
 from ._threads import single_thread
@@ -181,7 +182,6 @@ class LocalNet(nn.Module):
         if image is None and start == 0:
             image = h
         loss_fn = loss_fn or F.cross_entropy
-        normalization = self.normalization
         if autocast_dtype is not None:
             autocast = lambda: torch.autocast(device_type=h.device.type, dtype=autocast_dtype)  # noqa: E731
         else:
@@ -189,11 +189,7 @@ class LocalNet(nn.Module):
         for j in range(start, min(stop, self.num_local - 1)):
             with autocast():
                 out = self.blocks[j](h.detach())
-                aux = self.aux[j]
-                if hasattr(aux, "local_loss"):  # a rule with a second loss (PredSim, InfoPro)
-                    loss = aux.local_loss(out, image, y, loss_fn, normalization)
-                else:
-                    loss = loss_fn(aux(out), y)
+                loss = self._aux_loss(j, out, image, y, loss_fn)
             # Only the detached output survives: block j's graph goes with its loss.
             h = out.detach()
             del out
@@ -201,11 +197,54 @@ class LocalNet(nn.Module):
             del loss
         if stop == self.num_local:
             with autocast():
-                out = h.detach()
-                for block in self.blocks[self.num_local - 1:]:
-                    out = block(out)
-                loss = loss_fn(self.head(out), y)
+                out = self.blocks[self.num_local - 1](h.detach())
+                loss, out = self._output_loss(out, y, loss_fn)
             yield loss, out.detach()
+
+    @property
+    def aux_checkpoint(self) -> bool:
+        """Whether auxiliary forwards are recomputed in backward instead of kept (see :func:`to_local`)."""
+        return bool(self.options.get("aux_checkpoint", False))
+
+    @aux_checkpoint.setter
+    def aux_checkpoint(self, value: bool) -> None:
+        self.options["aux_checkpoint"] = bool(value)
+
+    def _aux_loss(self, j: int, out: torch.Tensor, image: Optional[torch.Tensor], y: torch.Tensor,
+                  loss_fn: LossFn) -> torch.Tensor:
+        """Local loss ``j`` of block ``j``'s output; with ``aux_checkpoint``, only ``out`` is kept."""
+        aux = self.aux[j]
+
+        def run(o: torch.Tensor) -> torch.Tensor:
+            if hasattr(aux, "local_loss"):  # a rule with a second loss (PredSim, InfoPro)
+                return aux.local_loss(o, image, y, loss_fn, self.normalization)
+            return loss_fn(aux(o), y)
+
+        if not self.aux_checkpoint or not torch.is_grad_enabled():
+            return run(out)
+        # Non-reentrant checkpoint replays the RNG (dropout) and autocast state; the buffers
+        # the recomputation changes (BatchNorm running statistics, counted twice otherwise)
+        # are put back as the first forward left them.
+        return checkpoint(run, out, use_reentrant=False,
+                          context_fn=lambda: (contextlib.nullcontext(), _KeepBuffers([aux])))
+
+    def _output_loss(self, out: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The output loss of block ``K-1``'s output, and the last block's output.
+
+        Blocks ``K .. L-1`` and the head serve block ``K-1`` as an auxiliary network serves the
+        others, so ``aux_checkpoint`` recomputes them too.
+        """
+        later = [*self.blocks[self.num_local:], self.head]
+
+        def run(o: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+            for block in later[:-1]:
+                o = block(o)
+            return loss_fn(self.head(o), y), o
+
+        if not self.aux_checkpoint or not torch.is_grad_enabled():
+            return run(out)
+        return checkpoint(run, out, use_reentrant=False,
+                          context_fn=lambda: (contextlib.nullcontext(), _KeepBuffers(later)))
 
     @property
     def needs_image(self) -> bool:
@@ -272,7 +311,24 @@ class LocalNet(nn.Module):
         return (f"blocks={len(self.blocks)}, aux_nets={len(self.aux)}, d={opts['d']}, "
                 f"tau={opts['tau']}, pyramid={opts['pyramid']}, selection={opts['selection']!r}, "
                 f"aux_head={opts.get('aux_head', 'copy')!r}"
-                + (f", rule={opts['rule']!r}" if opts.get("rule", "auglocal") != "auglocal" else ""))
+                + (f", rule={opts['rule']!r}" if opts.get("rule", "auglocal") != "auglocal" else "")
+                + (", aux_checkpoint=True" if opts.get("aux_checkpoint") else ""))
+
+
+class _KeepBuffers:
+    """Context manager: the modules' buffers on exit are those they had on entry."""
+
+    def __init__(self, modules: Sequence[nn.Module]):
+        self.modules = list(modules)
+
+    def __enter__(self) -> None:
+        self.saved = [(b, b.detach().clone()) for m in self.modules for b in m.buffers()]
+
+    def __exit__(self, *exc) -> None:
+        with torch.no_grad():
+            for buffer, value in self.saved:
+                buffer.copy_(value)
+        self.saved = []
 
 
 def to_local(
@@ -292,6 +348,7 @@ def to_local(
     normalization: Optional[Normalization] = None,
     model_kwargs: Optional[Dict[str, Any]] = None,
     aux_init: str = "init",
+    aux_checkpoint: bool = False,
 ) -> LocalNet:
     """Convert a ConvNet into an AugLocal :class:`LocalNet`.
 
@@ -334,6 +391,13 @@ def to_local(
             :mod:`auglocal_fx.synthesis`). ``"init"`` is the default: fine-tuning a BP-pretrained
             ResNet-32 either way gave the same primary accuracy (README, "Fine-tuning"), and
             only the auxiliary networks were better with ``"copy"``.
+        aux_checkpoint: recompute each auxiliary network's forward in its backward
+            (:func:`torch.utils.checkpoint.checkpoint`) instead of keeping its activations: a
+            local module then holds its block's activations and the auxiliary input only. The
+            output module's later blocks and head (block ``K-1``'s auxiliary network, in effect)
+            are recomputed likewise. The gradients, dropout masks and BatchNorm statistics are
+            exactly those without it; the cost is one more auxiliary forward per step. Settable
+            later as ``local.aux_checkpoint``.
 
     Raises:
         AugLocalError: bad options, unknown model, untraceable model, no classifier head, an
@@ -342,6 +406,8 @@ def to_local(
     validate_options(d, tau, selection)
     validate_aux_head(aux_head)
     validate_aux_init(aux_init)
+    if not isinstance(aux_checkpoint, bool):
+        raise AugLocalError(f"aux_checkpoint must be True or False, got {aux_checkpoint!r}")
     local_rule = get_rule(rule)
     spec = None
     initial = None
@@ -389,6 +455,7 @@ def to_local(
         "rule": rule,
         "normalization": _checked_normalization(normalization, int(traced.input_size[0])),
         "aux_init": aux_init,
+        "aux_checkpoint": bool(aux_checkpoint),
     }
     if model_kwargs:
         options["model_kwargs"] = dict(model_kwargs)  # load() re-creates the model with them
@@ -465,6 +532,7 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None,
     kwargs["aux_init"] = options.get("aux_init", "init")  # the state_dict replaces them anyway
     if spec:
         kwargs["model_kwargs"] = options.get("model_kwargs")  # None before the option existed
+    kwargs["aux_checkpoint"] = bool(options.get("aux_checkpoint", False))
     local = to_local(source, input_size=options["input_size"],
                      num_classes=options["num_classes"] if spec else None, **kwargs)
     try:

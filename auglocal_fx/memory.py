@@ -8,7 +8,8 @@ network on the same batch and device:
 * ``checkpoint``: the same, with every block wrapped in ``torch.utils.checkpoint``
   (reentrant variant, so the activations recomputed during backward are counted too; the
   input is marked ``requires_grad`` so that block 0 is checkpointed as well).
-* ``auglocal``: ``local.train_step(x, y)``, the simultaneous local step.
+* ``auglocal``: ``local.train_step(x, y)``, the simultaneous local step; with
+  ``aux_checkpoint``, the auxiliary forwards are recomputed in backward.
 
 What is measured (nothing here is an estimate):
 
@@ -16,6 +17,13 @@ What is measured (nothing here is an estimate):
   :class:`torch.autograd.graph.saved_tensors_hooks`. Each storage counts once however many
   tensors view it; a storage stops counting when autograd releases the last saved tensor
   that refers to it (after that node's backward ran). Parameter storages are excluded.
+* *whole count* (any device): what the step holds at its peak: parameters + optimizer state
+  (measured on a real optimizer after a real step) + the peak over the step of (saved bytes
+  live + ``.grad`` bytes existing). The gradients are set to ``None`` before the step and each
+  appears when its backward accumulates it, and all stay until the one optimizer step after the
+  step (as the trainer does), so ``grad_bytes`` is what existed at the moment of that peak.
+  Transient tensors (outputs nobody saves, gradients flowing between layers) are not counted;
+  on CUDA, ``max_memory_allocated`` counts them, and is given beside it.
 * *RSS peak* (CPU): growth of the process's peak resident set size (``VmHWM``) over one
   step, in a fresh Python subprocess per method; the peak is reset just before the step by
   writing ``5`` to ``/proc/self/clear_refs`` (after a warm-up step on a batch of 2), so the
@@ -48,7 +56,7 @@ from ._device import resolve_device
 from .errors import AugLocalError
 from .local import LocalNet, to_local
 
-__all__ = ["METHODS", "MemoryReport", "MemoryRow", "SavedBytesCounter", "StepMemory", "measure_memory",
+__all__ = ["METHODS", "OPTIMIZERS", "MemoryReport", "MemoryRow", "SavedBytesCounter", "StepMemory", "measure_memory",
            "measure_step", "run_method_step"]
 
 METHODS = ("bp", "checkpoint", "auglocal")
@@ -66,11 +74,13 @@ class SavedBytesCounter:
 
     Args:
         exclude: tensors whose storages are not counted (typically the parameters).
+        on_grow: called with no argument each time the live bytes grow (after the update).
     """
 
-    def __init__(self, exclude: Sequence[torch.Tensor] = ()):
+    def __init__(self, exclude: Sequence[torch.Tensor] = (), on_grow: Optional[Callable[[], None]] = None):
         self.live = 0
         self.peak = 0
+        self._on_grow = on_grow
         self._entries: Dict[Tuple[str, int], List[int]] = {}  # key -> [references, nbytes]
         self._exclude = {self._key(t) for t in exclude}
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
@@ -92,6 +102,8 @@ class SavedBytesCounter:
             self._entries[key] = [1, nbytes]
             self.live += nbytes
             self.peak = max(self.peak, self.live)
+            if self._on_grow is not None:
+                self._on_grow()
         else:
             entry[0] += 1
         # Hold a detached alias (same storage and version counter): holding ``t`` itself would,
@@ -164,15 +176,47 @@ def measure_step(step: Callable[[], Any], device: Union[str, torch.device] = "cp
 
 @dataclass
 class MemoryRow:
-    """One measured method. Byte figures are ``None`` where not measured on this device."""
+    """One measured method. Byte figures are ``None`` where not measured on this device.
+
+    Attributes:
+        method: ``"bp"``, ``"checkpoint"`` or ``"auglocal"``.
+        d: the auxiliary depth (``auglocal`` only).
+        saved_peak: peak of bytes held for backward.
+        aux_checkpoint: whether auxiliary forwards were recomputed (``auglocal`` only).
+        param_bytes: the trained parameters (BP and checkpointing: the primary network only).
+        grad_bytes: the ``.grad`` tensors that existed at the moment of the whole-count peak.
+        optimizer_bytes: the optimizer's state after a real step (SGD momentum: one buffer per
+            parameter; AdamW: two, and a step count).
+        whole_peak: ``param_bytes + optimizer_bytes + max over the step of (saved bytes live +
+            .grad bytes existing)``: what the step holds at its peak, temporaries aside.
+        rss_peak: growth of the process's peak RSS over the step (CPU, subprocess).
+        cuda_peak: CUDA ``max_memory_allocated`` during the step minus the bytes allocated before.
+        cuda_max_allocated: CUDA ``max_memory_allocated`` itself, beside ``whole_peak`` (only this
+            network, its optimizer state and the batch are on the device).
+        lower_bound: the largest saved-bytes peak of one local module alone.
+        lower_bound_module: which module that is.
+    """
 
     method: str
     d: Optional[int]
     saved_peak: int
+    aux_checkpoint: Optional[bool] = None
+    param_bytes: Optional[int] = None
+    grad_bytes: Optional[int] = None
+    optimizer_bytes: Optional[int] = None
+    whole_peak: Optional[int] = None
     rss_peak: Optional[int] = None
     cuda_peak: Optional[int] = None
+    cuda_max_allocated: Optional[int] = None
     lower_bound: Optional[int] = None
     lower_bound_module: Optional[str] = None
+
+    @property
+    def label(self) -> str:
+        """``"bp"``, ``"checkpoint"``, ``"auglocal d=2"``, ``"auglocal d=2 +recompute"``."""
+        if self.method != "auglocal":
+            return self.method
+        return f"auglocal d={self.d}" + (" +recompute" if self.aux_checkpoint else "")
 
 
 @dataclass
@@ -185,13 +229,16 @@ class MemoryReport:
     input_size: Tuple[int, int, int]
     rows: List[MemoryRow]
     notes: List[str] = field(default_factory=list)
+    optimizer: str = "sgd"
 
-    def row(self, method: str, d: Optional[int] = None) -> MemoryRow:
-        """The row of ``method`` (and depth ``d`` for ``auglocal``)."""
+    def row(self, method: str, d: Optional[int] = None, aux_checkpoint: Optional[bool] = None) -> MemoryRow:
+        """The row of ``method`` (and depth ``d`` and ``aux_checkpoint`` for ``auglocal``)."""
         for r in self.rows:
-            if r.method == method and (d is None or r.d == d):
+            if r.method == method and (d is None or r.d == d) and \
+                    (aux_checkpoint is None or bool(r.aux_checkpoint) == aux_checkpoint):
                 return r
-        raise AugLocalError(f"no {method} row (d={d}) in this report; measure it with methods=({method!r},)")
+        raise AugLocalError(f"no {method} row (d={d}, aux_checkpoint={aux_checkpoint}) in this report; "
+                            f"measure it with methods=({method!r},)")
 
     def to_dict(self) -> Dict[str, Any]:
         """A JSON-ready dict."""
@@ -199,29 +246,31 @@ class MemoryReport:
 
     def __str__(self) -> str:
         bp = next((r for r in self.rows if r.method == "bp"), None)
-        cols = ["method", "saved MiB", "x BP"]
+        gc_row = next((r for r in self.rows if r.method == "checkpoint"), None)
         show_rss = any(r.rss_peak is not None for r in self.rows)
         show_cuda = any(r.cuda_peak is not None for r in self.rows)
+        cols = ["method", "saved MiB", "x BP", "params", "grads", "optim", "whole MiB", "x BP", "x GC"]
         if show_rss:
             cols += ["RSS MiB", "x BP"]
         if show_cuda:
-            cols += ["CUDA MiB", "x BP"]
+            cols += ["CUDA step MiB", "CUDA max MiB"]
         cols += ["lower bd MiB", "x lower bd"]
         lines = []
         for r in self.rows:
-            name = r.method if r.d is None else f"{r.method} d={r.d}"
-            cells = [name, _mib(r.saved_peak), _ratio(r.saved_peak, bp and bp.saved_peak)]
+            cells = [r.label, _mib(r.saved_peak), _ratio(r.saved_peak, bp and bp.saved_peak),
+                     _mib(r.param_bytes), _mib(r.grad_bytes), _mib(r.optimizer_bytes), _mib(r.whole_peak),
+                     _ratio(r.whole_peak, bp and bp.whole_peak), _ratio(r.whole_peak, gc_row and gc_row.whole_peak)]
             if show_rss:
                 cells += [_mib(r.rss_peak), _ratio(r.rss_peak, bp and bp.rss_peak)]
             if show_cuda:
-                cells += [_mib(r.cuda_peak), _ratio(r.cuda_peak, bp and bp.cuda_peak)]
+                cells += [_mib(r.cuda_peak), _mib(r.cuda_max_allocated)]
             cells += [_mib(r.lower_bound), _ratio(r.saved_peak, r.lower_bound) if r.lower_bound else "-"]
             lines.append(cells)
         widths = [max(len(c), *(len(l[i]) for l in lines)) for i, c in enumerate(cols)]
         fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
                                       for i, (c, w) in enumerate(zip(cells, widths)))
         out = [f"Training-step memory of {self.model}, batch {self.batch_size}, input "
-               f"{tuple(self.input_size)}, device {self.device}",
+               f"{tuple(self.input_size)}, device {self.device}, optimizer {self.optimizer}",
                fmt(cols), fmt(["-" * w for w in widths])]
         out += [fmt(l) for l in lines]
         out += ["How measured:"] + [f"  * {n}" for n in self.notes]
@@ -241,7 +290,8 @@ def measure_memory(model_or_spec: Union[str, nn.Module], methods: Sequence[str] 
                    device: Union[str, torch.device] = "cpu", input_size: Optional[Tuple[int, int, int]] = None,
                    num_classes: Optional[int] = None, rss: bool = True, seed: int = 0,
                    to_local_kwargs: Optional[Dict[str, Any]] = None,
-                   mmap_threshold: Optional[int] = None) -> MemoryReport:
+                   mmap_threshold: Optional[int] = None, optimizer: Union[str, OptimizerFactory] = "sgd",
+                   aux_checkpoint: Union[bool, Sequence[bool]] = False) -> MemoryReport:
     """Measure one training step of BP, gradient checkpointing and AugLocal side by side.
 
     Args:
@@ -263,6 +313,11 @@ def measure_memory(model_or_spec: Union[str, nn.Module], methods: Sequence[str] 
             glibc raises the threshold after frees, serves later tensors from its heap and keeps
             freed heap pages resident, which inflates (and adds noise to) the RSS of methods
             that allocate and free many activations, such as AugLocal.
+        optimizer: whose state the whole count holds: ``"sgd"`` (the paper's: Nesterov
+            momentum, one buffer per parameter), ``"adamw"`` (two buffers per parameter), or a
+            function ``params -> torch.optim.Optimizer``. Its state is measured after a real step.
+        aux_checkpoint: recompute the auxiliary forwards in backward (see
+            :func:`auglocal_fx.to_local`); ``(False, True)`` gives an ``auglocal`` row for each.
 
     Returns:
         A :class:`MemoryReport`; ``print(report)`` shows the table.
@@ -279,6 +334,8 @@ def measure_memory(model_or_spec: Union[str, nn.Module], methods: Sequence[str] 
         depths = (int(model_or_spec.options["d"]),)
     if not depths:
         raise AugLocalError("d must be an int or a non-empty sequence of ints, e.g. d=(2, 4)")
+    flags = aux_checkpoint_flags(aux_checkpoint)
+    _optimizer_name(optimizer)  # an unknown name fails before anything is built
     device = resolve_device(device)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise AugLocalError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -294,32 +351,57 @@ def measure_memory(model_or_spec: Union[str, nn.Module], methods: Sequence[str] 
     first = locals_by_d[depths[0]]
     name = model_or_spec if isinstance(model_or_spec, str) else (first.spec or type(model_or_spec).__name__)
     report = MemoryReport(str(name), str(device), batch_size, tuple(first.input_size), [],
-                          _notes(device, rss, mmap_threshold))
+                          _notes(device, rss, mmap_threshold), optimizer=_optimizer_name(optimizer))
     rss_source = _rss_source(model_or_spec, first) if (rss and device.type == "cpu") else None
     if rss and device.type == "cpu" and rss_source is None:
         report.notes.append("RSS not measured: the model is neither a spec string nor picklable; pass a spec")
 
+    runs = [(method, depth, flag) for method in methods
+            for depth in (depths if method == "auglocal" else depths[:1])
+            for flag in (flags if method == "auglocal" else (False,))]
     try:
-        for method in methods:
-            for depth in (depths if method == "auglocal" else depths[:1]):
-                local = locals_by_d[depth]
-                row = _measure_in_process(local, method, batch_size, device, seed)
-                row.d = depth if method == "auglocal" else None
+        for method, depth, flag in runs:
+            local = locals_by_d[depth]
+            before = local.aux_checkpoint
+            local.aux_checkpoint = flag
+            try:
+                row = _measure_in_process(local, method, batch_size, device, seed, optimizer)
                 if method == "auglocal":
+                    row.d, row.aux_checkpoint = depth, flag
                     row.lower_bound, row.lower_bound_module = _lower_bound(local, batch_size, device, seed)
-                if rss_source is not None:
-                    row.rss_peak = _rss_in_subprocess(rss_source, method, depth, batch_size, kwargs, seed,
-                                                      mmap_threshold)
-                report.rows.append(row)
+            finally:
+                local.aux_checkpoint = before
+                if device.type == "cuda":
+                    local.to("cpu")  # the next network's CUDA figures hold only its own tensors
+            if rss_source is not None:
+                row.rss_peak = _rss_in_subprocess(rss_source, method, depth, batch_size, kwargs, seed,
+                                                  mmap_threshold, flag)
+            report.rows.append(row)
     finally:
         if rss_source is not None and rss_source.get("tmp"):
             os.unlink(rss_source["path"])
     return report
 
 
+def aux_checkpoint_flags(aux_checkpoint: Union[bool, Sequence[bool]]) -> Tuple[bool, ...]:
+    """``True`` -> ``(True,)``, ``(False, True)`` -> itself; anything else is an AugLocalError."""
+    if isinstance(aux_checkpoint, bool):
+        return (aux_checkpoint,)
+    flags = tuple(aux_checkpoint) if isinstance(aux_checkpoint, (tuple, list)) else ()
+    if not flags or not all(isinstance(f, bool) for f in flags):
+        raise AugLocalError(f"aux_checkpoint must be True, False or a sequence of them, got {aux_checkpoint!r}")
+    return flags
+
+
 def _notes(device: torch.device, rss: bool, mmap_threshold: Optional[int]) -> List[str]:
     notes = ["saved MiB: peak of bytes held for backward during one step (torch.autograd.graph."
              "saved_tensors_hooks; each storage once, released when autograd frees it; parameters excluded)",
+             "whole MiB: parameters + optimizer state + the peak over the step of (saved bytes live + "
+             ".grad tensors existing), all counted exactly from the tensors (each storage once); "
+             "grads = the .grad bytes at that peak (gradients are set to None before the step and held "
+             "until the single optimizer step after it, as the trainer does); optim = the optimizer's "
+             "state after a real step; bp/checkpoint train the primary network's parameters only; "
+             "transient buffers (unsaved outputs, gradients flowing between layers) are not counted",
              "lower bd: the largest saved-bytes peak of one local module alone (block j + aux j, or the "
              "output module); x lower bd = saved MiB / lower bd"]
     if device.type == "cpu" and rss:
@@ -327,9 +409,12 @@ def _notes(device: torch.device, rss: bool, mmap_threshold: Optional[int]) -> Li
                      "in a fresh subprocess per method, after a warm-up step on 2 images; glibc malloc "
                      + (f"with MALLOC_MMAP_THRESHOLD_={mmap_threshold}" if mmap_threshold else "defaults"))
     if device.type == "cuda":
-        notes.append("CUDA MiB: torch.cuda.max_memory_allocated during the step minus memory allocated before it")
+        notes.append("CUDA step MiB: torch.cuda.max_memory_allocated during the step minus memory allocated "
+                     "before it; CUDA max MiB: torch.cuda.max_memory_allocated itself (this network, its "
+                     "optimizer state and the batch alone on the device): compare with whole MiB")
     notes.append("checkpoint: torch.utils.checkpoint (reentrant) around every block; bp: one backward; "
-                 "auglocal: LocalNet.train_step; one step each, same batch, no optimizer step")
+                 "auglocal: LocalNet.train_step (+recompute: aux_checkpoint=True, auxiliary forwards "
+                 "recomputed in backward); one step each, same batch, the optimizer step not counted")
     return notes
 
 
@@ -363,26 +448,114 @@ def run_method_step(local, method: str, x: torch.Tensor, y: torch.Tensor) -> Non
     F.cross_entropy(logits, y).backward()
 
 
-def _measure_in_process(local, method: str, batch_size: int, device: torch.device, seed: int) -> MemoryRow:
+OptimizerFactory = Callable[[List[nn.Parameter]], torch.optim.Optimizer]
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def _optimizer_name(optimizer: Union[str, OptimizerFactory]) -> str:
+    if callable(optimizer):
+        return getattr(optimizer, "__name__", type(optimizer).__name__)
+    if optimizer not in OPTIMIZERS:
+        raise AugLocalError(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)} "
+                            "or pass a function params -> torch.optim.Optimizer")
+    return optimizer
+
+
+def _make_optimizer(optimizer: Union[str, OptimizerFactory], params: List[nn.Parameter]) -> torch.optim.Optimizer:
+    if callable(optimizer):
+        made = optimizer(params)
+        if not isinstance(made, torch.optim.Optimizer):
+            raise AugLocalError(f"the optimizer function returned {type(made).__name__}, not a torch.optim.Optimizer")
+        return made
+    if optimizer == "sgd":  # the paper's recipe
+        return torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
+
+
+def _storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages of ``tensors`` (a storage viewed twice counts once)."""
+    seen = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.numel():
+            seen[SavedBytesCounter._key(t)] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def _optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    return _storage_bytes(v for state in opt.state.values() for v in state.values())
+
+
+def _trained_parameters(local, method: str) -> List[nn.Parameter]:
+    if method == "auglocal":
+        return list(local.parameters())
+    return list(local.blocks.parameters()) + list(local.head.parameters())  # BP has no aux nets
+
+
+class _SavedAndGrads:
+    """Peak over one step of saved bytes live plus ``.grad`` bytes existing, as they appear."""
+
+    def __init__(self, params: List[nn.Parameter]):
+        self.peak = 0
+        self.grads_at_peak = 0
+        self._grads = {SavedBytesCounter._key(p.grad): p.grad.untyped_storage().nbytes()
+                       for p in params if p.grad is not None}
+        self.grads = sum(self._grads.values())
+        self.counter = SavedBytesCounter(exclude=params, on_grow=self._check)
+        self._handles = [p.register_post_accumulate_grad_hook(self._grad_ready) for p in params
+                         if p.requires_grad]
+
+    def _grad_ready(self, p: nn.Parameter) -> None:
+        key = SavedBytesCounter._key(p.grad)
+        if key not in self._grads:
+            self._grads[key] = p.grad.untyped_storage().nbytes()
+            self.grads += self._grads[key]
+            self._check()
+
+    def _check(self) -> None:
+        if self.counter.live + self.grads > self.peak:
+            self.peak = self.counter.live + self.grads
+            self.grads_at_peak = self.grads
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _measure_in_process(local, method: str, batch_size: int, device: torch.device, seed: int,
+                        optimizer: Union[str, OptimizerFactory] = "sgd") -> MemoryRow:
     local.to(device).train()
     state = {k: v.detach().clone() for k, v in local.state_dict().items()}
-    run_method_step(local, method, *_batch(local, 2, device, seed))  # warm-up: allocates .grad, inits kernels
-    x, y = _batch(local, batch_size, device, seed)
-    gc.collect()
-    cuda_base = None
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        cuda_base = torch.cuda.memory_allocated(device)
-    with SavedBytesCounter(exclude=list(local.parameters())) as counter:
-        run_method_step(local, method, x, y)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    row = MemoryRow(method, None, counter.peak)
-    if cuda_base is not None:
-        row.cuda_peak = torch.cuda.max_memory_allocated(device) - cuda_base
-    local.zero_grad(set_to_none=True)
-    local.load_state_dict(state)
+    trained = _trained_parameters(local, method)
+    opt = _make_optimizer(optimizer, trained)
+    try:
+        run_method_step(local, method, *_batch(local, 2, device, seed))  # warm-up: inits kernels
+        opt.step()  # creates the optimizer state
+        local.zero_grad(set_to_none=True)  # as the trainer does before every step
+        x, y = _batch(local, batch_size, device, seed)
+        gc.collect()
+        cuda_base = None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            cuda_base = torch.cuda.memory_allocated(device)
+        whole = _SavedAndGrads(list(local.parameters()))
+        try:
+            with whole.counter:
+                run_method_step(local, method, x, y)
+        finally:
+            whole.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        param_bytes, opt_bytes = _storage_bytes(trained), _optimizer_state_bytes(opt)
+        row = MemoryRow(method, None, whole.counter.peak, param_bytes=param_bytes, grad_bytes=whole.grads_at_peak,
+                        optimizer_bytes=opt_bytes, whole_peak=param_bytes + opt_bytes + whole.peak)
+        if cuda_base is not None:
+            row.cuda_max_allocated = torch.cuda.max_memory_allocated(device)
+            row.cuda_peak = row.cuda_max_allocated - cuda_base
+    finally:
+        del opt
+        local.zero_grad(set_to_none=True)
+        local.load_state_dict(state)
     return row
 
 
@@ -425,9 +598,11 @@ def _rss_source(model_or_spec, local) -> Optional[Dict[str, Any]]:
 
 
 def _rss_in_subprocess(source: Dict[str, Any], method: str, d: int, batch_size: int,
-                       kwargs: Dict[str, Any], seed: int, mmap_threshold: Optional[int] = None) -> Optional[int]:
+                       kwargs: Dict[str, Any], seed: int, mmap_threshold: Optional[int] = None,
+                       aux_checkpoint: bool = False) -> Optional[int]:
     payload = {"source": {k: v for k, v in source.items() if k != "tmp"}, "method": method, "d": d,
-               "batch_size": batch_size, "kwargs": _jsonable(kwargs), "seed": seed}
+               "batch_size": batch_size, "kwargs": _jsonable(kwargs), "seed": seed,
+               "aux_checkpoint": aux_checkpoint}
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     if mmap_threshold:
@@ -473,6 +648,7 @@ def _rss_main() -> None:
     else:
         model_or_spec = torch.load(source["path"], weights_only=False)
     local = _build_local(model_or_spec, payload["d"], kwargs)
+    local.aux_checkpoint = bool(payload.get("aux_checkpoint", False))
     local.train()
     run_method_step(local, payload["method"], *_batch(local, 2, torch.device("cpu"), payload["seed"]))
     x, y = _batch(local, payload["batch_size"], torch.device("cpu"), payload["seed"])

@@ -204,11 +204,14 @@ def cost_table(report) -> str:
         report: a :class:`~auglocal_fx.costs.CostReport`.
     """
     has_mem = any(r.memory is not None for r in report.rows)
+    has_whole = any(getattr(r, "whole", None) is not None for r in report.rows)
     has_rss = any(r.rss is not None for r in report.rows)
     has_time = any(r.step_time is not None for r in report.rows)
     headers = ["method", "forward FLOPs", "x BP", "params (training)"]
     if has_mem:
         headers.append("CUDA peak" if report.device.startswith("cuda") else "saved for backward")
+    if has_whole:
+        headers.append("whole peak")
     if has_rss:
         headers.append("peak RSS")
     if has_time:
@@ -219,13 +222,17 @@ def cost_table(report) -> str:
         row = [r.method, format_flops(r.flops), f"{r.flops / bp:.2f}", format_count(r.params)]
         if has_mem:
             row.append(format_bytes(r.memory))
+        if has_whole:
+            row.append(format_bytes(r.whole))
         if has_rss:
             row.append(format_bytes(r.rss))
         if has_time:
             row.append("-" if r.step_time is None else f"{r.step_time * 1000:.0f} ms")
         rows.append(row)
     lines = [format_table(headers, rows, right=[False] + [True] * (len(headers) - 1)),
-             f"{FLOPS_NOTE} ({_shape(report.input_size)}); GC = gradient checkpointing."]
+             f"{FLOPS_NOTE} ({_shape(report.input_size)}); GC = gradient checkpointing"
+             + ("; +recompute = auxiliary forwards recomputed in backward (aux_checkpoint)."
+                if any(getattr(r, "aux_checkpoint", False) for r in report.rows) else ".")]
     if any(getattr(r, "rule", None) in ("predsim", "infopro", "auglocal+infopro") for r in report.rows):
         lines.append("Local rules: primary + auxiliary classifier networks, as the paper's Table 7 "
                      "counts them; the decoders of PredSim's and InfoPro's second losses are not "

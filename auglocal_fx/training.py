@@ -111,6 +111,8 @@ class TrainConfig:
             :func:`auglocal_fx.to_local`).
         rule: the local learning rule for ``method="auglocal"`` (``"auglocal"``, ``"dgl"``,
             ``"predsim"``, ``"infopro"``, ``"auglocal+infopro"``).
+        aux_checkpoint: recompute the auxiliary forwards in backward instead of keeping their
+            activations (``method="auglocal"``; same gradients, less memory, more time).
         seed: seeds the weights, the data order and the augmentations.
         device: ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda[:N]"``.
         amp: ``"none"``, ``"bf16"`` (CPU or CUDA) or ``"fp16"`` (CUDA, with gradient scaling).
@@ -178,6 +180,7 @@ class TrainConfig:
     selection: str = "uniform"
     aux_head: str = "auto"
     rule: str = "auglocal"
+    aux_checkpoint: bool = False
     seed: int = 0
     device: str = "auto"
     amp: str = "none"
@@ -284,6 +287,10 @@ def _check_config(config: Optional[TrainConfig], overrides: Dict[str, Any]) -> T
     if cfg.pipeline > 1 and cfg.method != "auglocal":
         raise AugLocalError("pipeline needs local learning (method 'auglocal'); backprop's blocks wait for each "
                             "other's gradients")
+    if not isinstance(cfg.aux_checkpoint, bool):
+        raise AugLocalError(f"aux_checkpoint must be True or False, got {cfg.aux_checkpoint!r}")
+    if cfg.aux_checkpoint and cfg.method != "auglocal":
+        raise AugLocalError("aux_checkpoint recomputes auxiliary networks: it needs method 'auglocal'")
     if cfg.pipeline_balance not in ("time", "flops"):
         raise AugLocalError(f"unknown pipeline_balance {cfg.pipeline_balance!r}; choose from time, flops")
     for name in ("batch_size", "max_steps", "train_subset", "test_subset", "threads") + (

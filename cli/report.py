@@ -19,6 +19,8 @@ from auglocal_fx.costs import REPORT_RULES
 
 __all__ = ["report"]
 
+_AUX_CHECKPOINT = {"off": (False,), "on": (True,), "both": (False, True)}
+
 
 @click.command(cls=MultiValueCommand)
 @spec_argument
@@ -30,6 +32,12 @@ __all__ = ["report"]
 @click.option("--rules", type=click.Choice(list(REPORT_RULES)), multiple=True, metavar="RULE...",
               help="Rows to compare, e.g. --rules bp gc dgl predsim infopro auglocal (gc = gradient "
                    "checkpointing; rules with a depth get a row per --d) [default: bp gc auglocal].")
+@click.option("--aux-checkpoint", type=click.Choice(["off", "on", "both"]), default="both", show_default=True,
+              help="Local rows with auxiliary forwards kept (off), recomputed in backward (on, the "
+                   "'+recompute' rows) or both, to compare peak memory and step time. FLOPs-only "
+                   "reports show 'off' only: recomputation does not change the forward FLOPs.")
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True,
+              help="Whose state the whole peak holds: SGD momentum (the paper's) or AdamW.")
 @click.option("--flops-only", "--no-memory", "flops_only", is_flag=True,
               help="Count FLOPs and parameters only: no memory or time measurement (fast).")
 @click.option("--rss", is_flag=True,
@@ -42,13 +50,14 @@ __all__ = ["report"]
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
               help="Draw FLOPs and memory per method and the per-block profile (.png/.svg).")
 def report(spec, depths, batch_size, device, tau, no_pyramid, selection, rule, aux_head,
-           input_size, num_classes, model_kwargs, rules, flops_only, rss, repeats, threads, as_json,
+           input_size, num_classes, model_kwargs, rules, aux_checkpoint, optimizer, flops_only, rss, repeats, threads, as_json,
            plot) -> None:
     """Compare BP, gradient checkpointing and AugLocal at each d for SPEC.
 
     Rows: forward FLOPs (fvcore: 1 multiply-add = 1 FLOP, one example), trained parameters,
-    measured memory (only when auglocal_fx.memory can measure it; never estimated) and time
-    per training step at --batch-size.
+    measured memory (only when auglocal_fx.memory can measure it; never estimated): the bytes
+    saved for backward (CUDA: the allocator's peak) and the whole peak (parameters + gradients
+    + optimizer state + saved bytes), and time per training step at --batch-size.
     """
     from auglocal_fx.costs import cost_report
     from auglocal_fx.tables import cost_table
@@ -68,7 +77,9 @@ def report(spec, depths, batch_size, device, tau, no_pyramid, selection, rule, a
         result = cost_report(spec, tuple(depths), batch_size=batch_size, device=device,
                              memory=not flops_only, rss=rss, timing=not flops_only,
                              repeats=repeats, threads=threads,
-                             rules=tuple(rules) or ("bp", "gc", "auglocal"), **kwargs)
+                             rules=tuple(rules) or ("bp", "gc", "auglocal"),
+                             aux_checkpoint=_AUX_CHECKPOINT["off" if flops_only else aux_checkpoint],
+                             optimizer=optimizer, **kwargs)
         if plot is not None:
             from auglocal_fx.plots import plot_report
             plot_report(result, plot)

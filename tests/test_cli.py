@@ -220,6 +220,10 @@ def test_report_measures_time_and_memory(run, tmp_path):
     # Measured for every row (this machine can measure the saved-tensor peak on CPU).
     assert all(isinstance(r["memory"], int) and r["memory"] > 0 for r in data["rows"]), data["memory_note"]
     assert data["memory_how"]
+    # Every combination by default; the whole peak holds the weights besides the saved bytes.
+    assert [r["method"] for r in data["rows"]] == ["BP", "GC", "AugLocal d=2", "AugLocal d=2 +recompute"]
+    assert all(r["whole"] > r["memory"] for r in data["rows"])
+    assert any(h.startswith("whole peak:") for h in data["memory_how"])
 
 
 def test_report_does_not_hide_a_broken_measurement(monkeypatch):

@@ -50,6 +50,7 @@ def test_train_paper_resnet32_on_digits_with_auglocal(tmp_path):
     (["--warmup-epochs", "-1"], "--warmup-epochs"),
     (["--pipeline", "2", "--method", "bp"], "pipeline needs local learning"),
     (["--pipeline", "0"], "--pipeline"),
+    (["--method", "bp", "--aux-checkpoint"], "needs method 'auglocal'"),
 ])
 def test_library_errors_are_one_line(tmp_path, args, message):
     result = CliRunner().invoke(train, [TINY, "--out", str(tmp_path), "--quiet"] + args)

@@ -1,5 +1,6 @@
 """LocalNet: forward in both modes, the local step, export, save and load."""
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 from auglocal_fx import AugLocalError, LocalNet, load, to_local
 
+from ._tiny_models import TinyCNN
 from .conftest import TinyResNet, batch
 
 
@@ -64,7 +66,7 @@ def test_export_is_the_trained_original(tiny_resnet):
 
 
 def test_save_load_round_trip(tmp_path):
-    local = to_local("paper:resnet32", d=3, tau=0.25)
+    local = to_local("paper:resnet32", d=3, tau=0.25, aux_checkpoint=True)
     first_aux_weight = next(local.aux[0].parameters())
     first_aux_weight.data.fill_(0.5)
     path = tmp_path / "r32.pt"
@@ -121,3 +123,28 @@ def test_checkpoint_of_a_file_spec_loads_from_anywhere_and_names_a_missing_file(
     (models / "mine.py").unlink()
     with pytest.raises(AugLocalError, match=r"mine\.py no longer exists: put the file back, or pass load"):
         load(tmp_path / "c.pt")
+
+
+@pytest.mark.parametrize("make, d", [(TinyResNet, 3), (lambda: TinyCNN(depth=4), 2)],
+                         ids=["dropout-in-aux", "batchnorm-in-aux"])
+def test_aux_checkpoint_gives_the_same_gradients_and_statistics(make, d):
+    # Recomputing the auxiliary forward in backward must change nothing a step produces: the
+    # dropout masks are replayed and the BatchNorm running statistics updated once.
+    torch.manual_seed(0)
+    kept = to_local(make(), d=d, input_size=(3, 16, 16))
+    recomputed = copy.deepcopy(kept)
+    recomputed.aux_checkpoint = True
+    assert any(isinstance(m, (torch.nn.Dropout, torch.nn.BatchNorm1d, torch.nn.BatchNorm2d))
+               for m in kept.aux.modules())
+    x, y = batch((3, 16, 16), num_classes=5)
+    results = []
+    for local in (kept, recomputed):
+        local.train()
+        torch.manual_seed(1)
+        losses = local.train_step(x, y)
+        results.append((losses, torch.rand(1)))  # the RNG stream after the step, too
+    for (n, p), q in zip(kept.named_parameters(), recomputed.parameters()):
+        assert torch.equal(p.grad, q.grad), n
+    for (n, b), c in zip(kept.named_buffers(), recomputed.buffers()):
+        assert torch.equal(b, c), n
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

@@ -1,5 +1,7 @@
 """Memory measurement: the saved-bytes counter, and AugLocal's peak against BP's."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -84,3 +86,89 @@ def test_measure_step_on_a_plain_module():
     x = torch.randn(2, 4, requires_grad=True)
     result = measure_step(lambda: lin(x).sum().backward(), exclude=list(lin.parameters()))
     assert result.peak_bytes == x.numel() * 4 and "saved_tensors_hooks" in result.how
+
+
+def _nbytes(params):
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def test_whole_count_adds_parameters_gradients_and_optimizer_state():
+    torch.manual_seed(0)
+    model = TinyCNN(depth=4, downsample=False)
+    primary = _nbytes(model.parameters())  # the original model's parameters, counted by hand
+    local = to_local(copy.deepcopy(model), d=2, input_size=SIZE)
+    aux = _nbytes(local.aux.parameters())
+    report = measure_memory(model, d=2, batch_size=2, input_size=SIZE, rss=False)
+    bp, gc, al = report.row("bp"), report.row("checkpoint"), report.row("auglocal")
+
+    # BP and checkpointing train the primary network only; SGD momentum holds one buffer each.
+    for row in (bp, gc):
+        assert row.param_bytes == primary and row.optimizer_bytes == primary
+    assert al.param_bytes == primary + aux and al.optimizer_bytes == primary + aux
+    for row in (bp, gc, al):  # the gradients at the peak are some of the parameters' at most
+        base = row.param_bytes + row.optimizer_bytes
+        assert base + row.saved_peak <= row.whole_peak <= base + row.saved_peak + row.param_bytes
+        assert row.whole_peak - base - row.grad_bytes <= row.saved_peak
+    # BP's peak is the end of the forward, before any gradient exists (they are None until then).
+    assert bp.grad_bytes < primary / 2
+    # AugLocal's output module runs while every earlier local module's gradients are held.
+    k = local.num_local
+    earlier = _nbytes(p for j in range(k - 1) for p in local.block_parameters(j))
+    h = torch.randn(2, *SIZE)
+    for block in local.blocks[:k - 1]:
+        h = block(h).detach()
+    out_module = nn.Sequential(*local.blocks[k - 1:], local.head)
+    floor = al.param_bytes + al.optimizer_bytes + earlier + _alone(out_module, h, list(local.parameters()))
+    assert al.whole_peak >= floor and al.grad_bytes >= earlier
+    assert "whole MiB" in str(report) and "optimizer state" in str(report)
+
+
+def test_adamw_state_is_two_buffers_and_a_step_per_parameter():
+    model = TinyCNN(depth=4, downsample=False)
+    params = list(model.parameters())
+    report = measure_memory(model, methods=("bp",), batch_size=2, input_size=SIZE, rss=False, optimizer="adamw")
+    step_bytes = len(params) * torch.tensor(0.0).element_size()  # AdamW's per-parameter step count
+    assert report.row("bp").optimizer_bytes == 2 * _nbytes(params) + step_bytes
+    with pytest.raises(AugLocalError, match="unknown optimizer"):
+        measure_memory(model, optimizer="lion", input_size=SIZE)
+
+
+def test_recomputed_aux_holds_the_block_and_the_aux_input_only():
+    torch.manual_seed(0)
+    local = to_local(TinyCNN(depth=4, downsample=False), d=2, input_size=SIZE)
+    params = list(local.parameters())
+    x, y = torch.randn(2, *SIZE), torch.randint(0, 10, (2,))
+    block = _alone(local.blocks[0], x, params)
+    out_bytes = 2 * 8 * 16 * 16 * 4  # block 0's output: the auxiliary network's input
+    peaks = {}
+    for flag in (False, True):
+        local.aux_checkpoint = flag
+        with SavedBytesCounter(exclude=params) as counter:
+            next(local.local_losses(x, y)).backward()  # local module 0: block 0 + aux 0
+        peaks[flag] = counter.peak
+    assert block <= peaks[True] <= block + out_bytes
+    assert peaks[False] >= block + 2 * out_bytes  # the aux copy's own activations are kept
+
+    # The output module: block K-1, then blocks K.. and the head, which serve it as an aux net.
+    k = local.num_local
+    h = x
+    for b in local.blocks[:k - 1]:
+        h = b(h).detach()
+    block = _alone(local.blocks[k - 1], h, params)
+    for flag in (False, True):
+        local.aux_checkpoint = flag
+        losses = local.local_losses(x, y)
+        for _ in range(k - 1):
+            next(losses).backward()
+        with SavedBytesCounter(exclude=params) as counter:
+            next(losses).backward()
+        peaks[flag] = counter.peak
+    assert block <= peaks[True] <= block + out_bytes
+    assert peaks[False] >= block + 2 * out_bytes
+
+
+def test_aux_checkpoint_and_optimizer_errors_are_ours():
+    with pytest.raises(AugLocalError, match="aux_checkpoint must be"):
+        measure_memory(TinyCNN(), aux_checkpoint=1, input_size=SIZE)
+    with pytest.raises(AugLocalError, match="aux_checkpoint must be"):
+        to_local(TinyCNN(), aux_checkpoint="yes", input_size=SIZE)

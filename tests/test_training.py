@@ -284,3 +284,19 @@ def test_model_options_are_checked(tmp_path):
         train(_config(tmp_path, weights=str(tmp_path / "nope.pt")))
     with pytest.raises(AugLocalError, match="unknown auxiliary initialisation"):
         train(_config(tmp_path, aux_init="pretrained"))
+
+
+def test_aux_checkpoint_trains_the_same_weights_with_recomputed_aux(tmp_path, monkeypatch):
+    import auglocal_fx.local
+
+    calls = []
+    real = auglocal_fx.local.checkpoint
+    monkeypatch.setattr(auglocal_fx.local, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    train(_config(tmp_path / "kept", max_steps=2))
+    assert not calls
+    train(_config(tmp_path / "recomputed", max_steps=2, aux_checkpoint=True))
+    assert len(calls) == 2 * 3  # tiny_cnn at d=2: 2 auxiliary networks and the output module; 2 steps
+    kept, recomputed = _weights(tmp_path / "kept" / "model.pt"), _weights(tmp_path / "recomputed" / "model.pt")
+    assert kept.keys() == recomputed.keys() and all(torch.equal(kept[k], recomputed[k]) for k in kept)
+    with pytest.raises(AugLocalError, match="needs method 'auglocal'"):
+        train(_config(tmp_path / "bp", method="bp", aux_checkpoint=True))
