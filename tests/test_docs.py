@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_readme import readme_links
+from .test_readme import readme_links
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
