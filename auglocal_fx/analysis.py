@@ -442,8 +442,10 @@ def block_cka(model_a: NetLike, model_b: NetLike, data: DataLike, batch_size: in
     module docstring, in float64.
 
     Args:
-        model_a, model_b: :class:`LocalNet`, a plain model (converted at the data's image size),
-            or a path :func:`load_trained` reads. Same partition: block count and output shapes.
+        model_a: :class:`LocalNet`, a plain model (converted at the data's image size), or a
+            path :func:`load_trained` reads.
+        model_b: the same kinds as ``model_a``, with the same partition: block count and
+            output shapes.
         data: a ``Dataset`` or ``DataLoader`` of ``(image, label)`` pairs, or a tensor of
             images ``(N, C, H, W)``. A DataLoader is read as it iterates (its order, sampler
             and transforms) and its batches are regrouped into minibatches of ``batch_size``.
@@ -535,8 +537,9 @@ def linear_probe(model: NetLike, train_data: DataLike, test_data: DataLike, batc
 
     Args:
         model: :class:`LocalNet`, a plain model, or a path :func:`load_trained` reads.
-        train_data, test_data: a ``Dataset`` or ``DataLoader`` of ``(image, label)`` pairs each
-            (no augmentation; a DataLoader is read as it iterates).
+        train_data: a ``Dataset`` or ``DataLoader`` of ``(image, label)`` pairs (no
+            augmentation; a DataLoader is read as it iterates).
+        test_data: the same kind as ``train_data``.
         batch_size: images per forward pass when the features are computed from a dataset.
         device: ``"cpu"``, ``"cuda[:N]"`` or ``"auto"``; the network returns where it was.
         max_iter: L-BFGS iterations.

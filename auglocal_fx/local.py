@@ -170,7 +170,8 @@ class LocalNet(nn.Module):
         Args:
             h: the input of module ``start`` (the image for ``start=0``).
             y: targets.
-            start, stop: the range of local modules (default all ``K``).
+            start: the first local module of the range (default 0).
+            stop: one past the last local module of the range (default ``K``: all).
             image: the input image, for rules whose loss reconstructs it (InfoPro); default ``h``
                 when ``start == 0``.
             loss_fn: ``loss_fn(logits, y)``; default cross-entropy.
