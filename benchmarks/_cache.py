@@ -23,7 +23,7 @@ from typing import Callable, Dict, Mapping, Optional
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "auglocal_fx"
 
-__all__ = ["code_identity", "reference_identity", "cached_run"]
+__all__ = ["code_identity", "reference_identity", "cached_run", "cached_result_exists"]
 
 
 def _hash_files(folder: Path, pattern: str) -> str:
@@ -58,6 +58,18 @@ def reference_identity(folder: Optional[str]) -> Optional[str]:
     return None if folder is None else _hash_files(Path(folder), "*.py")
 
 
+def _paths(name: str, key: Mapping[str, object], folder: Path):
+    """``(key as it reads back from disk, result file, work folder)`` of the run ``name``."""
+    key = json.loads(json.dumps(dict(key), sort_keys=True))
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return key, folder / f"{name}-{digest}.json", folder / f"{name}-{digest}"
+
+
+def cached_result_exists(name: str, key: Mapping[str, object], folder: Path) -> bool:
+    """Whether a run ``name`` with this ``key`` finished in ``folder``."""
+    return _paths(name, key, folder)[1].exists()
+
+
 def cached_run(name: str, key: Mapping[str, object], folder: Path,
                fn: Callable[[Path], Dict[str, object]], rerun: bool = False) -> Dict[str, object]:
     """The result of the run ``name`` under ``key``: from ``folder`` if a run with this key
@@ -66,9 +78,7 @@ def cached_run(name: str, key: Mapping[str, object], folder: Path,
     ``fn`` gets the run's own empty-or-resumable folder (emptied first under ``rerun``) and
     returns the result as a JSON-able dict; an exception in ``fn`` stores nothing.
     """
-    key = json.loads(json.dumps(dict(key), sort_keys=True))  # as it reads back from disk
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    path, workdir = folder / f"{name}-{digest}.json", folder / f"{name}-{digest}"
+    key, path, workdir = _paths(name, key, folder)
     if path.exists() and not rerun:
         return json.loads(path.read_text())
     if rerun:
