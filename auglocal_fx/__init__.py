@@ -9,6 +9,7 @@ from .errors import AugLocalError
 from .flops import count_flops, solve_budget
 from .local import LocalNet, load, to_local
 from .memory import measure_memory
+from .options import ConversionOptions
 from .planning import AuxPlan, plan_aux_nets, pyramid_depths, uniform_selection
 from .specs import ModelSpec, resolve_model
 
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AugLocalError",
     "AuxPlan",
+    "ConversionOptions",
     "BlockCKA",
     "Probe",
     "block_cka",

@@ -148,10 +148,8 @@ class Run:
         if cfg.method == "auglocal":
             # A model object has its own classifier; a spec is created for the dataset's classes.
             classes = {"num_classes": self.num_classes} if isinstance(cfg.model, str) else {}
-            local = to_local(cfg.model, d=cfg.d, tau=cfg.tau, pyramid=cfg.pyramid, selection=cfg.selection,
-                             input_size=self.input_size, aux_head=cfg.aux_head, rule=cfg.rule,
-                             normalization=dataset_normalization(cfg.dataset), aux_init=cfg.aux_init,
-                             aux_checkpoint=cfg.aux_checkpoint,
+            local = to_local(cfg.model, input_size=self.input_size,
+                             normalization=dataset_normalization(cfg.dataset), options=cfg.local_options(),
                              **classes, **self._model_options())
             return local, local.export()
         if isinstance(cfg.model, nn.Module):

@@ -55,6 +55,7 @@ from ._train_state import CKPT_FORMAT, load_checkpoint
 from .errors import AugLocalError
 from .layouts import FLAT, NCHW, NHWC, TOKENS, layout_of
 from .local import CHECKPOINT_FORMAT, LocalNet, load, to_local
+from .options import ConversionOptions
 from .tables import abbreviate_names
 
 __all__ = ["BlockCKA", "Probe", "AnalysisData", "Comparison", "block_cka", "linear_cka", "hsic_unbiased",
@@ -628,19 +629,15 @@ class Comparison:
 def describe(path: NetLike) -> str:
     """``"paper:resnet32, bp"`` / ``"paper:resnet32, auglocal d=2"`` for a checkpoint or LocalNet."""
     if isinstance(path, LocalNet):
-        return f"{path.spec or 'model'}, {_rule_text(path.options)}"
+        return f"{path.spec or 'model'}, {path.conversion.describe('brief')}"
     config = trained_config(path) if isinstance(path, (str, os.PathLike)) else None
     if config is None:
         local = load(_model_file(path)) if isinstance(path, (str, os.PathLike)) else None
         return describe(local) if local is not None else type(path).__name__
     if config.get("method") == "bp":
         return f"{config['model']}, bp"
-    return f"{config['model']}, {_rule_text(config)}"
-
-
-def _rule_text(options: Dict[str, Any]) -> str:
-    rule = options.get("rule", "auglocal")
-    return f"auglocal d={options.get('d')}" if rule == "auglocal" else rule
+    options = ConversionOptions(d=config.get("d", 2), rule=config.get("rule", "auglocal"))
+    return f"{config['model']}, {options.describe('brief')}"
 
 
 def compare(model_a: NetLike, model_b: NetLike, dataset: Optional[str] = None, data_dir: Optional[str] = None,

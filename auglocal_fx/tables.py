@@ -16,7 +16,6 @@ __all__ = [
     "format_count",
     "format_bytes",
     "abbreviate_names",
-    "describe_options",
     "format_table",
     "flops_table",
     "blocks_table",
@@ -79,26 +78,6 @@ def abbreviate_names(names: Sequence[str], width: int = 24) -> str:
         parts.append(".".join(common))
     text = "+".join(parts)
     return text if len(text) <= width else text[: width - 2] + ".."
-
-
-def describe_options(local) -> str:
-    """``"d=6, tau=0.5, pyramid=True, selection=uniform"`` for a ``LocalNet`` (a comparison
-    rule: ``"rule=dgl, every block but the last trained locally"``)."""
-    opts = getattr(local, "options", {}) or {}
-    rule = opts.get("rule", "auglocal")
-    if rule not in ("auglocal", "auglocal+infopro"):
-        return f"rule={rule}, every block but the last trained locally"
-    keys = ("d", "tau", "pyramid", "selection")
-    text = ", ".join(f"{k}={v}" for k, v in opts.items() if k in keys)
-    if rule != "auglocal":
-        text += f", rule={rule}"
-    partition = getattr(local, "partition", None)
-    if partition is not None and "aux_head" in opts:
-        from .synthesis import choose_aux_head
-
-        if choose_aux_head(partition, opts["aux_head"]) == "slim":
-            text += ", slim auxiliary heads"
-    return text
 
 
 def _shape(shape: Iterable[int]) -> str:
@@ -192,7 +171,7 @@ def blocks_table(flops) -> str:
     table = format_table(["#", "modules", "input", "output", "params", "aux copies"], rows,
                          right=[True, False, False, False, True, False])
     local = flops.local
-    desc = describe_options(local)
+    desc = local.conversion.describe()
     return (f"{table}\n\n{len(flops.blocks)} blocks + head; {len(flops.aux)} auxiliary networks "
             f"({desc}); 'k/2' = the copy of block k halves the resolution")
 
@@ -233,7 +212,7 @@ def cost_table(report) -> str:
              f"{FLOPS_NOTE} ({_shape(report.input_size)}); GC = gradient checkpointing"
              + ("; +recompute = auxiliary forwards recomputed in backward (aux_checkpoint)."
                 if any(getattr(r, "aux_checkpoint", False) for r in report.rows) else ".")]
-    if any(getattr(r, "rule", None) in ("predsim", "infopro", "auglocal+infopro") for r in report.rows):
+    if any(getattr(r, "second_loss", False) for r in report.rows):
         lines.append("Local rules: primary + auxiliary classifier networks, as the paper's Table 7 "
                      "counts them; the decoders of PredSim's and InfoPro's second losses are not "
                      "counted (their parameters are).")

@@ -50,6 +50,7 @@ from torch import nn
 from ._distributed import launched_by_torchrun
 from .data import DEFAULT_FASHION_MNIST_DIR
 from .errors import AugLocalError
+from .options import ConversionOptions
 from .optimization import check_optimizer, check_schedule
 from .recipe import default_recipe, default_warmup_epochs
 
@@ -142,6 +143,9 @@ class TrainConfig:
             out with a warning): fine-tuning a pretrained network.
         aux_init: how AugLocal's auxiliary copies start: ``"init"`` (drawn afresh, the default)
             or ``"copy"`` (the source blocks' weights); see :func:`auglocal_fx.to_local`.
+        conversion: the conversion options as one :class:`~auglocal_fx.ConversionOptions`
+            instead of the fields ``d`` ... ``aux_init`` (leave those at their defaults);
+            :func:`train` folds it into them. The dataset gives the classes and normalization.
     """
 
     model: Union[str, nn.Module] = "paper:resnet32"
@@ -203,6 +207,15 @@ class TrainConfig:
     model_kwargs: Optional[Dict[str, Any]] = None
     weights: Optional[str] = None
     aux_init: str = "init"
+    conversion: Optional[ConversionOptions] = None
+
+    def local_options(self) -> ConversionOptions:
+        """The conversion options of the fields ``d`` ... ``aux_init`` (validated)."""
+        return ConversionOptions(**{name: getattr(self, name) for name in _CONVERSION_FIELDS})
+
+
+# The TrainConfig fields that are conversion options; ``conversion`` sets them.
+_CONVERSION_FIELDS = ("d", "tau", "pyramid", "selection", "aux_head", "rule", "aux_init", "aux_checkpoint")
 
 
 @dataclass
@@ -267,6 +280,7 @@ def _check_config(config: Optional[TrainConfig], overrides: Dict[str, Any]) -> T
     if unknown:
         raise AugLocalError(f"unknown training option(s) {', '.join(unknown)}; see TrainConfig for the options")
     cfg = TrainConfig(**{**_asdict_shallow(cfg), **overrides})  # a copy: the caller's stays as given
+    _fold_conversion(cfg)
     if cfg.dataset is None:
         cfg.dataset = default_dataset()
     if cfg.method not in METHODS:
@@ -287,8 +301,7 @@ def _check_config(config: Optional[TrainConfig], overrides: Dict[str, Any]) -> T
     if cfg.pipeline > 1 and cfg.method != "auglocal":
         raise AugLocalError("pipeline needs local learning (method 'auglocal'); backprop's blocks wait for each "
                             "other's gradients")
-    if not isinstance(cfg.aux_checkpoint, bool):
-        raise AugLocalError(f"aux_checkpoint must be True or False, got {cfg.aux_checkpoint!r}")
+    cfg.local_options()  # validated where to_local validates them
     if cfg.aux_checkpoint and cfg.method != "auglocal":
         raise AugLocalError("aux_checkpoint recomputes auxiliary networks: it needs method 'auglocal'")
     if cfg.pipeline_balance not in ("time", "flops"):
@@ -332,10 +345,30 @@ def _check_recipe(cfg: TrainConfig) -> None:
                             "weights); drop --model-ema or --pipeline")
 
 
-def _check_model_options(cfg: TrainConfig) -> None:
-    from .synthesis import validate_aux_init
+def _fold_conversion(cfg: TrainConfig) -> None:
+    """Move ``cfg.conversion`` into the fields it stands for (a checkpoint holds plain fields)."""
+    conv, cfg.conversion = cfg.conversion, None
+    if conv is None:
+        return
+    if not isinstance(conv, ConversionOptions):
+        raise AugLocalError(f"conversion must be a ConversionOptions, not {type(conv).__name__}")
+    defaults = TrainConfig()
+    for name in _CONVERSION_FIELDS:
+        given = getattr(cfg, name)
+        if given != getattr(defaults, name) and given != getattr(conv, name):
+            raise AugLocalError(f"{name} is given both as a field and in conversion: give it in one place")
+        setattr(cfg, name, getattr(conv, name))
+    unused = [n for n in ("num_classes", "normalization", "block_boundaries") if getattr(conv, n) is not None]
+    if unused:
+        raise AugLocalError(f"train takes {' and '.join(unused)} from the dataset and the automatic cut, not from "
+                            "conversion: leave them unset")
+    if conv.model_kwargs is not None:
+        cfg.model_kwargs = cfg.model_kwargs or dict(conv.model_kwargs)
+    if conv.input_size is not None:
+        cfg.input_size = cfg.input_size or conv.input_size
 
-    validate_aux_init(cfg.aux_init)
+
+def _check_model_options(cfg: TrainConfig) -> None:
     if not isinstance(cfg.model, str):
         given = [n for n in ("model_kwargs", "weights") if getattr(cfg, n) is not None]
         if given:

@@ -6,7 +6,7 @@ import click
 
 from auglocal_fx.training import DEFAULT_EPOCHS
 
-from .options import (aux_head_option, rule_option, conversion_kwargs, depth_option, input_size_option, pyramid_options,
+from .options import (aux_head_option, rule_option, conversion_from_flags, depth_option, input_size_option, pyramid_options,
                       selection_option, spec_argument, user_errors)
 from .options import MultiValueCommand, aux_init_option, model_kwargs_option, weights_option
 
@@ -107,14 +107,14 @@ def train(spec, model_kwargs, weights, aux_init, dataset, data_dir, method, epoc
     from auglocal_fx.training import TrainConfig, train as run_training
 
     with user_errors():
-        options = conversion_kwargs(tau, no_pyramid, selection, input_size, None, aux_head, rule)
+        options = conversion_from_flags(tau, no_pyramid, selection, input_size, None, aux_head, rule,
+                                        d=d, aux_init=aux_init, aux_checkpoint=aux_checkpoint)
         config = TrainConfig(
             model=spec, dataset=dataset, data_dir=data_dir, out=out, method=method, epochs=epochs,
-            batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs, momentum=momentum, weight_decay=weight_decay, d=d,
-            tau=options["tau"], pyramid=options["pyramid"], selection=options["selection"],
-            aux_head=options["aux_head"], rule=options["rule"], aux_checkpoint=aux_checkpoint, seed=seed,
+            batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs, momentum=momentum, weight_decay=weight_decay,
+            conversion=options, seed=seed,
             device=device, amp=amp, grad_clip=grad_clip, label_smoothing=label_smoothing,
-            channels_last=channels_last, input_size=options.get("input_size"), max_steps=max_steps,
+            channels_last=channels_last, max_steps=max_steps,
             train_subset=train_subset, test_subset=test_subset, augment=not no_augment, num_workers=workers,
             nproc=nproc, pipeline=pipeline, pipeline_balance=pipeline_balance, threads=threads, resume=resume,
             progress=not quiet,
@@ -122,7 +122,7 @@ def train(spec, model_kwargs, weights, aux_init, dataset, data_dir, method, epoc
             sched_on_updates=sched_on_updates, decay_epochs=decay_epochs, decay_rate=decay_rate,
             mixup=mixup, cutmix=cutmix, mixup_prob=mixup_prob, mixup_switch_prob=mixup_switch_prob,
             model_ema=model_ema, model_ema_decay=model_ema_decay,
-            model_kwargs=model_kwargs, weights=weights, aux_init=aux_init)
+            model_kwargs=model_kwargs, weights=weights)
         result = run_training(config)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun, rank 0 reports
