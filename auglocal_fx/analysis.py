@@ -52,11 +52,13 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from ._device import resolve_device
 from ._train_state import CKPT_FORMAT, load_checkpoint
+from .data import build_datasets, dataset_geometry
 from .errors import AugLocalError
 from .layouts import FLAT, NCHW, NHWC, TOKENS, layout_of
 from .local import CHECKPOINT_FORMAT, LocalNet, load, to_local
 from .options import ConversionOptions
 from .tables import abbreviate_names
+from .training import default_dataset
 
 __all__ = ["BlockCKA", "Probe", "AnalysisData", "Comparison", "block_cka", "linear_cka", "hsic_unbiased",
            "linear_probe", "load_trained", "trained_config", "analysis_data", "compare", "describe"]
@@ -256,7 +258,6 @@ def load_trained(path: Union[str, os.PathLike], map_location: Union[str, torch.d
     if not isinstance(spec, str) or ":" not in spec:
         raise AugLocalError(f"{model_file} was trained from a model object ({spec}), not a spec: load "
                             "the weights into that model and pass it with to_local(model, input_size=...)")
-    from .data import dataset_geometry
 
     classes, size = dataset_geometry(config["dataset"], config.get("input_size"))
     # A BP run's local options were never used: the defaults only give it (unused) auxiliary nets.
@@ -338,7 +339,6 @@ def analysis_data(dataset: str, input_size: Sequence[int], data_dir: Optional[st
         probe_train_subset: keep this many training images for the probes.
         seed: seeds both subsets.
     """
-    from .data import build_datasets
 
     data = build_datasets(dataset, data_dir, tuple(input_size), augment=False)
     train = _subset(data.train, probe_train_subset, seed)
@@ -671,11 +671,9 @@ def compare(model_a: NetLike, model_b: NetLike, dataset: Optional[str] = None, d
         if config is not None:
             dataset = config["dataset"]
         else:
-            from .training import default_dataset
 
             dataset = default_dataset()
     if input_size is None:
-        from .data import dataset_geometry
 
         input_size = dataset_geometry(dataset)[1]
     a, b = _as_local(model_a, input_size), _as_local(model_b, input_size)

@@ -23,8 +23,12 @@ import torch
 from ._device import resolve_device
 from .errors import AugLocalError
 from .flops import count_flops
+from .local import to_local
+from . import memory as _memory  # looked up at call time: a test replaces measure_memory
+from .memory import aux_checkpoint_flags, run_method_step
 from .options import ConversionOptions, conversion_options
 from .rules import get_rule, rule_names
+from .specs import resolve_model
 
 __all__ = ["CostRow", "CostReport", "cost_report", "report_rules", "BASELINES"]
 
@@ -131,8 +135,6 @@ def _time(step: Callable[[], None], device: torch.device, repeats: int) -> float
 
 def _train_step(local, method: str, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
     """One training step as :mod:`auglocal_fx.memory` runs it (gradients, no update)."""
-    from .memory import run_method_step
-
     def step():
         local.zero_grad(set_to_none=True)
         run_method_step(local, method, x, y)
@@ -201,10 +203,6 @@ def cost_report(
     Raises:
         AugLocalError: bad options, an unavailable device, or any conversion error.
     """
-    from .local import to_local
-    from .memory import aux_checkpoint_flags
-    from .specs import resolve_model
-
     depths = tuple(depths)
     if not depths:
         raise AugLocalError("no depth given: pass at least one d, e.g. --d 2 3 4 5 6")
@@ -325,7 +323,6 @@ _MEASUREMENT_FAILURES = (AugLocalError, MemoryError, torch.OutOfMemoryError, OSE
 def _add_memory(report: CostReport, model_or_spec, entries, device, rss: bool,
                 options: ConversionOptions, num_classes: Optional[int], optimizer: str = "sgd") -> None:
     """Fill the memory columns from :func:`auglocal_fx.memory.measure_memory`, or say why not."""
-    from .memory import measure_memory
     common = dict(batch_size=report.batch_size, device=device, input_size=options.input_size,
                   num_classes=num_classes, rss=rss and device.type == "cpu",
                   optimizer=optimizer)
@@ -336,12 +333,12 @@ def _add_memory(report: CostReport, model_or_spec, entries, device, rss: bool,
         for _, rule, d, flag in entries:
             if rule in BASELINES:
                 if baseline is None:
-                    baseline = measure_memory(model_or_spec, methods=("bp", "checkpoint"), d=2,
+                    baseline = _memory.measure_memory(model_or_spec, methods=("bp", "checkpoint"), d=2,
                                               options=options.replace(rule="auglocal"), **common)
                     notes = baseline.notes
                 found.append(baseline.row("bp" if rule == "bp" else "checkpoint"))
             else:
-                measured = measure_memory(model_or_spec, methods=("auglocal",),
+                measured = _memory.measure_memory(model_or_spec, methods=("auglocal",),
                                           d=d if d is not None else 2,
                                           options=options.replace(rule=rule),
                                           aux_checkpoint=flag, **common)

@@ -33,7 +33,10 @@ from ._threads import single_thread
 from .errors import AugLocalError
 from .options import ConversionOptions
 from .rules import get_rule, rule_names
-from .tables import format_flops
+from .local import to_local
+from .planning import plan_aux_nets
+from .synthesis import synthesize_aux_net
+from .units import format_flops
 
 __all__ = [
     "BlockCost",
@@ -534,10 +537,6 @@ def solve_budget(
     Raises:
         AugLocalError: if the budget cannot be parsed or is too small for any ``d``.
     """
-    from .local import to_local
-    from .planning import plan_aux_nets
-    from .synthesis import synthesize_aux_net
-
     rule = to_local_kwargs.get("rule") or (options.rule if options is not None else "auglocal")
     if not get_rule(rule).uses_depth:
         raise AugLocalError(f"a FLOPs budget chooses AugLocal's d and tau; the {rule} rule has neither: drop "

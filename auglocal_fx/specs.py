@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import AugLocalError
+from .models import PAPER_MODELS
 
 __all__ = ["ModelSpec", "resolve_model", "load_weights", "parse_model_kwargs", "PREFIXES"]
 
@@ -148,7 +149,6 @@ def _torchvision_factory(name: str, num_classes: Optional[int], model_kwargs: Ma
 
 
 def _paper_factory(name: str, num_classes: Optional[int], model_kwargs: Mapping[str, Any]):
-    from .models import PAPER_MODELS
 
     if name not in PAPER_MODELS:
         raise AugLocalError(

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..initialization import InitReference
-from ..layouts import NCHW, ShapeAdapter
+from ..layouts import NCHW, ShapeAdapter, channels, grid_size
 from ..partition import Partition
 from ..planning import AuxPlan
 
@@ -96,7 +96,6 @@ def to_map(shape: Sequence[int], layout: str) -> Tuple[nn.Module, Tuple[int, int
     Convolutional auxiliary networks (DGL, PredSim, InfoPro) take maps; token and channels-last
     features are laid out as their grid first (prefix tokens dropped).
     """
-    from ..layouts import channels, grid_size
 
     _, h, w = grid_size(shape, layout)
     out = (channels(shape, layout), h, w)
