@@ -19,7 +19,7 @@ from ._pipeline import PipelineRun
 from ._train_config import TrainConfig, TrainResult
 from ._train_loop import Run, wants_cuda
 from ._train_state import resume_view
-from .errors import AugLocalError
+from .errors import AugLocalError, first_line
 
 __all__ = ["run", "run_spawned", "result_from_disk"]
 
@@ -40,7 +40,7 @@ def run(cfg: TrainConfig) -> TrainResult:
         except AugLocalError:
             raise
         except Exception as err:  # noqa: BLE001 - the other workers must learn which one failed
-            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+            reason = first_line(err, "", 200)
             raise AugLocalError(f"pipeline worker {rank} failed: {type(err).__name__}: {reason}") from err
     finally:
         torch.set_num_threads(threads)

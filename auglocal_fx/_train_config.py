@@ -18,12 +18,13 @@ from .options import ConversionOptions
 from .optimization import check_optimizer, check_schedule
 from .recipe import default_recipe, default_warmup_epochs
 
-__all__ = ["METHODS", "AMP_MODES", "DEFAULT_EPOCHS", "TrainConfig", "TrainResult", "default_dataset",
+__all__ = ["METHODS", "AMP_MODES", "PIPELINE_BALANCES", "DEFAULT_EPOCHS", "TrainConfig", "TrainResult", "default_dataset",
            "default_recipe"]
 
 METHODS = ("auglocal", "bp")
 DEFAULT_EPOCHS = 10  # enough to learn Fashion-MNIST or digits; with no warmup (default_warmup_epochs)
 AMP_MODES = ("none", "bf16", "fp16")
+PIPELINE_BALANCES = ("time", "flops")
 @dataclass
 class TrainConfig:
     """Everything a training run needs; ``None`` means "the recipe default".
@@ -246,8 +247,8 @@ def _check_config(config: Optional[TrainConfig], overrides: Dict[str, Any]) -> T
     cfg.local_options()  # validated where to_local validates them
     if cfg.aux_checkpoint and cfg.method != "auglocal":
         raise AugLocalError("aux_checkpoint recomputes auxiliary networks: it needs method 'auglocal'")
-    if cfg.pipeline_balance not in ("time", "flops"):
-        raise AugLocalError(f"unknown pipeline_balance {cfg.pipeline_balance!r}; choose from time, flops")
+    if cfg.pipeline_balance not in PIPELINE_BALANCES:
+        raise AugLocalError(f"unknown pipeline_balance {cfg.pipeline_balance!r}; choose from {', '.join(PIPELINE_BALANCES)}")
     for name in ("batch_size", "max_steps", "train_subset", "test_subset", "threads") + (
             () if isinstance(cfg.input_size, tuple) else ("input_size",)):
         value = getattr(cfg, name)

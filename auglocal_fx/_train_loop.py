@@ -20,7 +20,7 @@ from ._distributed import average_gradients, broadcast_buffers
 from ._io import atomic_save, atomic_write_text
 from ._train_state import CKPT_FORMAT, CKPT_VERSION, RESUME_KEYS, load_checkpoint, resume_view, rng_state, saved_view, set_rng_state
 from .data import build_datasets, dataset_normalization
-from .errors import AugLocalError
+from .errors import AugLocalError, first_line
 from .local import to_local
 from .optimization import LearningRateSchedule, build_optimizer, no_weight_decay_parameters
 from .plots import plot_training_curves
@@ -230,7 +230,7 @@ class Run:
             if self.ema is not None:
                 self.ema.module.load_state_dict(state["ema"])
         except (KeyError, RuntimeError, ValueError) as err:
-            reason = str(err).strip().splitlines()[0][:120]
+            reason = first_line(err, limit=120)
             raise AugLocalError(f"{path} does not match this model ({reason}); delete it or use another --out") from None
         if 0 <= rank_in_rng < len(state["rng"]):
             set_rng_state(state["rng"][rank_in_rng])

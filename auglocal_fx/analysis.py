@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from ._device import resolve_device
 from ._train_state import CKPT_FORMAT, load_checkpoint
 from .data import build_datasets, dataset_geometry
-from .errors import AugLocalError
+from .errors import AugLocalError, first_line
 from .layouts import FLAT, NCHW, NHWC, TOKENS, layout_of
 from .local import CHECKPOINT_FORMAT, LocalNet, load, to_local
 from .options import ConversionOptions
@@ -271,7 +271,7 @@ def load_trained(path: Union[str, os.PathLike], map_location: Union[str, torch.d
         local.export().load_state_dict(state, strict=True)
     except Exception as exc:  # noqa: BLE001 - any mismatch is the user's file
         raise AugLocalError(f"the weights in {model_file} do not fit {spec} "
-                            f"({str(exc).strip().splitlines()[0][:160]}); is it the model.pt of that run?") from None
+                            f"({first_line(exc, limit=160)}); is it the model.pt of that run?") from None
     return local.to(map_location)
 
 

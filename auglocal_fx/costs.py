@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from ._device import resolve_device
-from .errors import AugLocalError
+from .errors import AugLocalError, first_line
 from .flops import count_flops
 from .local import to_local
 from . import memory as _memory  # looked up at call time: a test replaces measure_memory
@@ -345,7 +345,7 @@ def _add_memory(report: CostReport, model_or_spec, entries, device, rss: bool,
                 notes = notes or measured.notes
                 found.append(measured.rows[0])
     except _MEASUREMENT_FAILURES as exc:  # never make numbers up: drop the columns and say why
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         report.memory_note = f"not measured: measure_memory failed ({type(exc).__name__}: {first})"
         return
     for row, m in zip(report.rows, found):

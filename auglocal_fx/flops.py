@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ._threads import single_thread
-from .errors import AugLocalError
+from .errors import AugLocalError, first_line
 from .options import ConversionOptions
 from .rules import get_rule, rule_names
 from .local import to_local
@@ -223,7 +223,7 @@ def _count_one(module: nn.Module, shape: Shape) -> Tuple[int, Counter]:
             try:
                 total = int(analysis.total())
             except Exception as exc:  # jit tracing failures come in many types
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                first = first_line(exc)
                 raise AugLocalError(
                     f"fvcore could not count the FLOPs of a {type(module).__name__} on input "
                     f"{shape} ({first}); count it by hand or report the model"

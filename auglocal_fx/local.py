@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ._io import atomic_save
 from ._threads import single_thread
-from .errors import AugLocalError
+from .errors import AugLocalError, first_line
 from .initialization import InitReference
 from .options import ConversionOptions, conversion_options
 from .partition import Partition, partition_blocks
@@ -525,6 +525,6 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None,
     except Exception as exc:
         raise AugLocalError(
             f"the weights in {path!r} do not fit the rebuilt network "
-            f"({str(exc).splitlines()[0]}); was it saved with another auglocal-fx version?"
+            f"({first_line(exc)}); was it saved with another auglocal-fx version?"
         ) from exc
     return local

@@ -47,10 +47,10 @@ from typing import Any, Optional
 
 from ._distributed import launched_by_torchrun
 from ._launch import run, run_spawned
-from ._train_config import (AMP_MODES, DEFAULT_EPOCHS, METHODS, TrainConfig, TrainResult, _check_config,
-                            default_dataset, default_recipe)
+from ._train_config import (AMP_MODES, DEFAULT_EPOCHS, METHODS, PIPELINE_BALANCES, TrainConfig, TrainResult,
+                            _check_config, default_dataset, default_recipe)
 
-__all__ = ["METHODS", "AMP_MODES", "DEFAULT_EPOCHS", "TrainConfig", "TrainResult", "default_dataset",
+__all__ = ["METHODS", "AMP_MODES", "PIPELINE_BALANCES", "DEFAULT_EPOCHS", "TrainConfig", "TrainResult", "default_dataset",
            "default_recipe", "train"]
 
 

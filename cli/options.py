@@ -12,7 +12,9 @@ import click
 from auglocal_fx.errors import AugLocalError
 from auglocal_fx.options import ConversionOptions
 from auglocal_fx.options import conversion_options as build_options  # the name below is the decorator
+from auglocal_fx.planning import SELECTIONS
 from auglocal_fx.rules import rule_names
+from auglocal_fx.synthesis import AUX_HEADS, AUX_INITS
 
 __all__ = [
     "conversion_options",
@@ -35,7 +37,6 @@ __all__ = [
     "is_checkpoint",
 ]
 
-_SELECTIONS = ("uniform", "sequential", "repetitive")
 _INT = re.compile(r"^-?\d+$")
 
 
@@ -94,7 +95,7 @@ def pyramid_options(fn):
 def selection_option(fn):
     """``--selection uniform|sequential|repetitive``."""
     return click.option(
-        "--selection", type=click.Choice(_SELECTIONS), default="uniform", show_default=True,
+        "--selection", type=click.Choice(SELECTIONS), default="uniform", show_default=True,
         help="Which later blocks an auxiliary network copies (the paper's method is uniform).",
     )(fn)
 
@@ -102,7 +103,7 @@ def selection_option(fn):
 def aux_head_option(fn):
     """``--aux-head auto|copy|slim``."""
     return click.option(
-        "--aux-head", type=click.Choice(["auto", "copy", "slim"]), default="auto", show_default=True,
+        "--aux-head", type=click.Choice(AUX_HEADS), default="auto", show_default=True,
         help="Auxiliary networks' head: a copy of the model's head, the authors' slim 512-wide MLP "
              "head, or auto (slim where the head holds half of the parameters or more, as VGG's).",
     )(fn)
@@ -167,7 +168,7 @@ def weights_option(fn):
 def aux_init_option(fn):
     """``--aux-init init|copy``."""
     return click.option(
-        "--aux-init", type=click.Choice(["init", "copy"]), default="init", show_default=True,
+        "--aux-init", type=click.Choice(AUX_INITS), default="init", show_default=True,
         help="How auxiliary copies start: drawn afresh by the model's init rule (the paper), or "
              "the copied blocks' weights where the shape allows (fine-tuning with --weights).",
     )(fn)

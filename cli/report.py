@@ -17,6 +17,7 @@ from .options import (
 )
 
 from auglocal_fx.costs import report_rules
+from auglocal_fx.memory import OPTIMIZERS
 
 __all__ = ["report"]
 
@@ -37,7 +38,7 @@ _AUX_CHECKPOINT = {"off": (False,), "on": (True,), "both": (False, True)}
               help="Local rows with auxiliary forwards kept (off), recomputed in backward (on, the "
                    "'+recompute' rows) or both, to compare peak memory and step time. FLOPs-only "
                    "reports show 'off' only: recomputation does not change the forward FLOPs.")
-@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True,
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="sgd", show_default=True,
               help="Whose state the whole peak holds: SGD momentum (the paper's) or AdamW.")
 @click.option("--flops-only", "--no-memory", "flops_only", is_flag=True,
               help="Count FLOPs and parameters only: no memory or time measurement (fast).")

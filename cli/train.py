@@ -4,7 +4,7 @@ import os
 
 import click
 
-from auglocal_fx.training import DEFAULT_EPOCHS
+from auglocal_fx.training import AMP_MODES, DEFAULT_EPOCHS, METHODS, PIPELINE_BALANCES
 
 from .options import (aux_head_option, rule_option, conversion_from_flags, depth_option, input_size_option, pyramid_options,
                       selection_option, spec_argument, user_errors)
@@ -21,7 +21,7 @@ from .options import MultiValueCommand, aux_init_option, model_kwargs_option, we
                    "[default: fashion-mnist when its Debian package is installed, else digits].")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Folder holding the dataset (never downloaded).")
-@click.option("--method", type=click.Choice(["auglocal", "bp"]), default="auglocal", show_default=True,
+@click.option("--method", type=click.Choice(METHODS), default="auglocal", show_default=True,
               help="AugLocal local learning, or end-to-end backprop for comparison.")
 @click.option("--epochs", type=click.IntRange(min=1), default=DEFAULT_EPOCHS, show_default=True,
               help="Passes over the training set (the paper: 400 on CIFAR-10).")
@@ -70,7 +70,7 @@ from .options import MultiValueCommand, aux_init_option, model_kwargs_option, we
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@click.option("--amp", type=click.Choice(["none", "bf16", "fp16"]), default="none", show_default=True,
+@click.option("--amp", type=click.Choice(AMP_MODES), default="none", show_default=True,
               help="Mixed precision (fp16 needs CUDA).")
 @click.option("--grad-clip", type=float, default=None, help="Max gradient norm per local module.")
 @click.option("--label-smoothing", type=float, default=0.0, show_default=True)
@@ -88,7 +88,7 @@ from .options import MultiValueCommand, aux_init_option, model_kwargs_option, we
 @click.option("--pipeline", type=click.IntRange(min=1), default=1, show_default=True,
               help="Pipeline workers, each owning a contiguous range of local modules (K x --nproc "
                    "processes; under torchrun the launched processes are split into pipelines of K).")
-@click.option("--pipeline-balance", type=click.Choice(["time", "flops"]), default="time", show_default=True,
+@click.option("--pipeline-balance", type=click.Choice(PIPELINE_BALANCES), default="time", show_default=True,
               help="Split the local modules by their measured step time or by their FLOPs.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads per process [default: the cores, shared by spawned processes].")

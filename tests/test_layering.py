@@ -139,3 +139,12 @@ def test_the_check_names_a_wrong_arrow(tmp_path, monkeypatch, source, arrow):
     (tmp_path / "cli").mkdir()
     with pytest.raises(AssertionError, match=re.escape(arrow)):
         test_no_arrow_runs_the_wrong_way()
+
+
+def test_the_promised_api():
+    import auglocal_fx
+
+    assert set(auglocal_fx.__all__) == {
+        "to_local", "load", "LocalNet", "ConversionOptions", "train", "TrainConfig", "cost_report", "count_flops",
+        "solve_budget", "measure_memory", "block_cka", "linear_probe", "AugLocalError", "__version__"}
+    assert all(hasattr(auglocal_fx, name) for name in auglocal_fx.__all__)
