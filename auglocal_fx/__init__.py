@@ -2,35 +2,38 @@
 
 >>> from auglocal_fx import to_local
 >>> local = to_local("timm:regnetx_004", d=6, input_size=(3, 64, 64))
+
+``__all__`` is the promised API: the entry points a user needs. Everything else is importable
+from its module (``auglocal_fx.planning.pyramid_depths``, ``auglocal_fx.specs.ModelSpec``,
+``auglocal_fx.analysis.BlockCKA``, ...); ``resolve_model`` is also importable from here, as
+older code does.
 """
 
-from .analysis import BlockCKA, Probe, block_cka, linear_probe
+from .analysis import block_cka, linear_probe
+from .costs import cost_report
 from .errors import AugLocalError
 from .flops import count_flops, solve_budget
 from .local import LocalNet, load, to_local
 from .memory import measure_memory
-from .planning import AuxPlan, plan_aux_nets, pyramid_depths, uniform_selection
-from .specs import ModelSpec, resolve_model
+from .options import ConversionOptions
+from .specs import resolve_model  # noqa: F401 - importable here, not promised (see auglocal_fx.specs)
+from .training import TrainConfig, train
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AugLocalError",
-    "AuxPlan",
-    "BlockCKA",
-    "Probe",
-    "block_cka",
-    "linear_probe",
+    "to_local",
+    "load",
+    "LocalNet",
+    "ConversionOptions",
+    "train",
+    "TrainConfig",
+    "cost_report",
     "count_flops",
     "solve_budget",
-    "LocalNet",
-    "ModelSpec",
-    "load",
     "measure_memory",
-    "plan_aux_nets",
-    "pyramid_depths",
-    "resolve_model",
-    "to_local",
-    "uniform_selection",
+    "block_cka",
+    "linear_probe",
+    "AugLocalError",
     "__version__",
 ]

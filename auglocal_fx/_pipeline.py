@@ -30,7 +30,7 @@ from ._distributed import broadcast_buffers
 from ._io import atomic_save
 from ._train_loop import Run
 from ._train_state import CKPT_VERSION, load_checkpoint
-from .errors import AugLocalError
+from .errors import AugLocalError, first_line
 from .flops import count_flops
 
 __all__ = ["balance_stages", "flop_costs", "measure_module_times", "PipelineRun", "BALANCE_MODES"]
@@ -141,7 +141,7 @@ class _Link:
         self.pending: Deque[Tuple[List[Any], List[torch.Tensor]]] = collections.deque()
 
     def _lost(self, err: Exception) -> AugLocalError:
-        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        reason = first_line(err, limit=160)
         return AugLocalError(f"pipeline worker {self.rank} lost pipeline worker {self.peer} ({reason}); "
                              f"worker {self.peer} stopped with an error or was killed")
 

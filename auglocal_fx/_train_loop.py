@@ -16,23 +16,23 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm.auto import tqdm
 
 from ._device import resolve_device
-from ._distributed import average_gradients, broadcast_buffers, check_same_settings, init_distributed, spawn
+from ._distributed import average_gradients, broadcast_buffers
 from ._io import atomic_save, atomic_write_text
 from ._train_state import CKPT_FORMAT, CKPT_VERSION, RESUME_KEYS, load_checkpoint, resume_view, rng_state, saved_view, set_rng_state
 from .data import build_datasets, dataset_normalization
-from .errors import AugLocalError
+from .errors import AugLocalError, first_line
 from .local import to_local
 from .optimization import LearningRateSchedule, build_optimizer, no_weight_decay_parameters
 from .plots import plot_training_curves
 from .recipe import default_recipe
 from .regularization import build_ema, build_loss, build_mixup
 from .specs import resolve_model
-from .training import TrainConfig, TrainResult
+from ._train_config import TrainConfig, TrainResult
 
-__all__ = ["Run", "GlobalBatchSampler", "subset", "run", "run_spawned", "result_from_disk"]
+__all__ = ["Run", "GlobalBatchSampler", "subset", "wants_cuda"]
 
 
-def _wants_cuda(cfg: TrainConfig) -> bool:
+def wants_cuda(cfg: TrainConfig) -> bool:
     return cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
 
 
@@ -148,10 +148,8 @@ class Run:
         if cfg.method == "auglocal":
             # A model object has its own classifier; a spec is created for the dataset's classes.
             classes = {"num_classes": self.num_classes} if isinstance(cfg.model, str) else {}
-            local = to_local(cfg.model, d=cfg.d, tau=cfg.tau, pyramid=cfg.pyramid, selection=cfg.selection,
-                             input_size=self.input_size, aux_head=cfg.aux_head, rule=cfg.rule,
-                             normalization=dataset_normalization(cfg.dataset), aux_init=cfg.aux_init,
-                             aux_checkpoint=cfg.aux_checkpoint,
+            local = to_local(cfg.model, input_size=self.input_size,
+                             normalization=dataset_normalization(cfg.dataset), options=cfg.local_options(),
                              **classes, **self._model_options())
             return local, local.export()
         if isinstance(cfg.model, nn.Module):
@@ -232,7 +230,7 @@ class Run:
             if self.ema is not None:
                 self.ema.module.load_state_dict(state["ema"])
         except (KeyError, RuntimeError, ValueError) as err:
-            reason = str(err).strip().splitlines()[0][:120]
+            reason = first_line(err, limit=120)
             raise AugLocalError(f"{path} does not match this model ({reason}); delete it or use another --out") from None
         if 0 <= rank_in_rng < len(state["rng"]):
             set_rng_state(state["rng"][rank_in_rng])
@@ -458,51 +456,3 @@ class Run:
         last = self.history[-1] if self.history else {"test_acc": float("nan"), "aux_acc": []}
         return TrainResult(str(self.out), last["test_acc"], list(last["aux_acc"]), list(self.history), str(path),
                            last.get("test_acc_ema"))
-
-
-def run(cfg: TrainConfig) -> TrainResult:
-    """This process's part of the run: the whole of it, a data-parallel replica or a pipeline worker."""
-    rank, world, local_rank = init_distributed(_wants_cuda(cfg))
-    threads = torch.get_num_threads()  # restored at the end: a run in the caller's process leaves it as it was
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    try:
-        if world > 1:
-            check_same_settings(_settings(cfg))
-        if cfg.pipeline == 1:
-            return Run(cfg, rank, world, local_rank).fit()
-        from ._pipeline import PipelineRun  # it builds on Run
-
-        try:
-            return PipelineRun(cfg, rank, world, local_rank).fit()
-        except AugLocalError:
-            raise
-        except Exception as err:  # noqa: BLE001 - the other workers must learn which one failed
-            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
-            raise AugLocalError(f"pipeline worker {rank} failed: {type(err).__name__}: {reason}") from err
-    finally:
-        torch.set_num_threads(threads)
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _settings(cfg: TrainConfig) -> Dict[str, Any]:
-    """The options every process of one run must share."""
-    view = resume_view(cfg)
-    view.update(pipeline=cfg.pipeline, pipeline_balance=cfg.pipeline_balance, lr=cfg.lr, amp=cfg.amp,
-                grad_clip=cfg.grad_clip, max_steps=cfg.max_steps, test_subset=cfg.test_subset)
-    return view
-
-
-def result_from_disk(cfg: TrainConfig) -> TrainResult:
-    out = Path(cfg.out)
-    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    last = history[-1] if history else {"test_acc": float("nan"), "aux_acc": []}
-    return TrainResult(str(out), last["test_acc"], list(last["aux_acc"]), history, str(out / "model.pt"),
-                       last.get("test_acc_ema"))
-
-
-def run_spawned(cfg: TrainConfig) -> TrainResult:
-    """Run ``cfg`` in ``cfg.nproc x cfg.pipeline`` spawned processes; the result is read from rank 0's files."""
-    spawn(cfg.nproc * cfg.pipeline, run, cfg)
-    return result_from_disk(cfg)

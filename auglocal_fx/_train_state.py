@@ -9,7 +9,7 @@ from typing import Any, Dict
 import numpy as np
 import torch
 
-from .errors import AugLocalError
+from .errors import AugLocalError, first_line
 
 __all__ = ["CKPT_FORMAT", "CKPT_VERSION", "RESUME_KEYS", "resume_view", "saved_view", "rng_state", "set_rng_state",
            "load_checkpoint"]
@@ -63,7 +63,7 @@ def load_checkpoint(path: Path, fmt: str = CKPT_FORMAT) -> Dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
-        reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        reason = first_line(err, limit=120)
         raise AugLocalError(f"cannot read checkpoint {path} ({reason}); delete it or use another --out") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
         raise AugLocalError(f"{path} is not an auglocal-fx training checkpoint; delete it or use another --out")

@@ -52,10 +52,13 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from ._device import resolve_device
 from ._train_state import CKPT_FORMAT, load_checkpoint
-from .errors import AugLocalError
+from .data import build_datasets, dataset_geometry
+from .errors import AugLocalError, first_line
 from .layouts import FLAT, NCHW, NHWC, TOKENS, layout_of
 from .local import CHECKPOINT_FORMAT, LocalNet, load, to_local
+from .options import ConversionOptions
 from .tables import abbreviate_names
+from .training import default_dataset
 
 __all__ = ["BlockCKA", "Probe", "AnalysisData", "Comparison", "block_cka", "linear_cka", "hsic_unbiased",
            "linear_probe", "load_trained", "trained_config", "analysis_data", "compare", "describe"]
@@ -255,7 +258,6 @@ def load_trained(path: Union[str, os.PathLike], map_location: Union[str, torch.d
     if not isinstance(spec, str) or ":" not in spec:
         raise AugLocalError(f"{model_file} was trained from a model object ({spec}), not a spec: load "
                             "the weights into that model and pass it with to_local(model, input_size=...)")
-    from .data import dataset_geometry
 
     classes, size = dataset_geometry(config["dataset"], config.get("input_size"))
     # A BP run's local options were never used: the defaults only give it (unused) auxiliary nets.
@@ -269,7 +271,7 @@ def load_trained(path: Union[str, os.PathLike], map_location: Union[str, torch.d
         local.export().load_state_dict(state, strict=True)
     except Exception as exc:  # noqa: BLE001 - any mismatch is the user's file
         raise AugLocalError(f"the weights in {model_file} do not fit {spec} "
-                            f"({str(exc).strip().splitlines()[0][:160]}); is it the model.pt of that run?") from None
+                            f"({first_line(exc, limit=160)}); is it the model.pt of that run?") from None
     return local.to(map_location)
 
 
@@ -337,7 +339,6 @@ def analysis_data(dataset: str, input_size: Sequence[int], data_dir: Optional[st
         probe_train_subset: keep this many training images for the probes.
         seed: seeds both subsets.
     """
-    from .data import build_datasets
 
     data = build_datasets(dataset, data_dir, tuple(input_size), augment=False)
     train = _subset(data.train, probe_train_subset, seed)
@@ -631,19 +632,15 @@ class Comparison:
 def describe(path: NetLike) -> str:
     """``"paper:resnet32, bp"`` / ``"paper:resnet32, auglocal d=2"`` for a checkpoint or LocalNet."""
     if isinstance(path, LocalNet):
-        return f"{path.spec or 'model'}, {_rule_text(path.options)}"
+        return f"{path.spec or 'model'}, {path.conversion.describe('brief')}"
     config = trained_config(path) if isinstance(path, (str, os.PathLike)) else None
     if config is None:
         local = load(_model_file(path)) if isinstance(path, (str, os.PathLike)) else None
         return describe(local) if local is not None else type(path).__name__
     if config.get("method") == "bp":
         return f"{config['model']}, bp"
-    return f"{config['model']}, {_rule_text(config)}"
-
-
-def _rule_text(options: Dict[str, Any]) -> str:
-    rule = options.get("rule", "auglocal")
-    return f"auglocal d={options.get('d')}" if rule == "auglocal" else rule
+    options = ConversionOptions(d=config.get("d", 2), rule=config.get("rule", "auglocal"))
+    return f"{config['model']}, {options.describe('brief')}"
 
 
 def compare(model_a: NetLike, model_b: NetLike, dataset: Optional[str] = None, data_dir: Optional[str] = None,
@@ -677,11 +674,9 @@ def compare(model_a: NetLike, model_b: NetLike, dataset: Optional[str] = None, d
         if config is not None:
             dataset = config["dataset"]
         else:
-            from .training import default_dataset
 
             dataset = default_dataset()
     if input_size is None:
-        from .data import dataset_geometry
 
         input_size = dataset_geometry(dataset)[1]
     a, b = _as_local(model_a, input_size), _as_local(model_b, input_size)

@@ -21,10 +21,19 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from ._device import resolve_device
-from .errors import AugLocalError
+from .errors import AugLocalError, first_line
 from .flops import count_flops
+from .local import to_local
+from . import memory as _memory  # looked up at call time: a test replaces measure_memory
+from .memory import aux_checkpoint_flags, run_method_step
+from .options import ConversionOptions, conversion_options
+from .rules import get_rule, rule_names
+from .specs import resolve_model
 
-__all__ = ["CostRow", "CostReport", "cost_report"]
+__all__ = ["CostRow", "CostReport", "cost_report", "report_rules", "BASELINES"]
+
+# The rows that are not local rules: end-to-end backprop and gradient checkpointing.
+BASELINES = {"bp": "BP", "gc": "GC"}
 
 
 @dataclass
@@ -43,6 +52,7 @@ class CostRow:
         aux_checkpoint: whether the auxiliary forwards are recomputed in backward.
         rss: growth of the process's peak RSS over one step (CPU, ``rss=True`` only).
         step_time: seconds per training step at the report's batch size (``None`` if not timed).
+        second_loss: the rule has a loss beyond cross-entropy (its decoder's FLOPs not counted).
     """
 
     method: str
@@ -55,6 +65,7 @@ class CostRow:
     rule: Optional[str] = None
     whole: Optional[int] = None
     aux_checkpoint: bool = False
+    second_loss: bool = False
 
     def as_dict(self) -> dict:
         """A JSON-ready row."""
@@ -124,8 +135,6 @@ def _time(step: Callable[[], None], device: torch.device, repeats: int) -> float
 
 def _train_step(local, method: str, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
     """One training step as :mod:`auglocal_fx.memory` runs it (gradients, no update)."""
-    from .memory import run_method_step
-
     def step():
         local.zero_grad(set_to_none=True)
         run_method_step(local, method, x, y)
@@ -138,12 +147,12 @@ def cost_report(
     *,
     batch_size: int = 128,
     device: str = "cpu",
-    tau: float = 0.5,
-    pyramid: bool = True,
-    selection: str = "uniform",
+    tau: Optional[float] = None,
+    pyramid: Optional[bool] = None,
+    selection: Optional[str] = None,
     input_size: Optional[Sequence[int]] = None,
     num_classes: Optional[int] = None,
-    aux_head: str = "auto",
+    aux_head: Optional[str] = None,
     model_kwargs: Optional[Dict[str, Any]] = None,
     rules: Sequence[str] = ("bp", "gc", "auglocal"),
     memory: bool = True,
@@ -153,6 +162,7 @@ def cost_report(
     threads: Optional[int] = None,
     aux_checkpoint: Union[bool, Sequence[bool]] = False,
     optimizer: str = "sgd",
+    options: Optional[ConversionOptions] = None,
 ) -> CostReport:
     """Forward FLOPs, parameters, measured memory and step time for BP, GC and AugLocal.
 
@@ -184,6 +194,8 @@ def cost_report(
         aux_checkpoint: recompute the auxiliary forwards in backward; ``(False, True)`` gives
             each local row both ways (the ``+recompute`` rows).
         optimizer: whose state the whole count holds (``"sgd"``, the paper's, or ``"adamw"``).
+        options: the :class:`~auglocal_fx.ConversionOptions` of every local row (``tau`` ...
+            above override its fields; ``d``, ``rule`` and ``aux_checkpoint`` are the rows').
 
     Returns:
         A :class:`CostReport`.
@@ -191,10 +203,6 @@ def cost_report(
     Raises:
         AugLocalError: bad options, an unavailable device, or any conversion error.
     """
-    from .local import to_local
-    from .memory import aux_checkpoint_flags
-    from .specs import resolve_model
-
     depths = tuple(depths)
     if not depths:
         raise AugLocalError("no depth given: pass at least one d, e.g. --d 2 3 4 5 6")
@@ -204,6 +212,13 @@ def cost_report(
                                 or threads < 1):
         raise AugLocalError(f"threads={threads!r} is invalid: give a positive integer")
     dev = resolve_device(device)
+    opts = conversion_options(options, tau=tau, pyramid=pyramid, selection=selection,
+                              aux_head=aux_head, input_size=input_size)
+    # The classes and builder arguments go to the spec; the rows convert the model it builds.
+    num_classes = opts.num_classes if num_classes is None else num_classes
+    model_kwargs = opts.model_kwargs if model_kwargs is None else model_kwargs
+    input_size = opts.input_size
+    opts = opts.replace(num_classes=None, model_kwargs=None)
 
     if isinstance(model_or_spec, str):
         spec = resolve_model(model_or_spec, num_classes=num_classes, input_size=input_size,
@@ -215,30 +230,29 @@ def cost_report(
                             "them yourself, or pass a spec like 'timm:resnet18'")
     else:
         model, name = model_or_spec, type(model_or_spec).__name__
-    kwargs = {"tau": tau, "pyramid": pyramid, "selection": selection, "aux_head": aux_head}
     if input_size is not None:
-        kwargs["input_size"] = tuple(input_size)
+        opts = opts.replace(input_size=tuple(input_size))
 
     flags = aux_checkpoint_flags(aux_checkpoint)
     entries = _rule_entries(rules, depths, flags)
     nets = []  # (row label, rule, d, LocalNet); the model has its classes
     for label, rule, d, flag in entries:
-        if rule in ("bp", "gc"):
+        if rule in BASELINES:
             continue
         nets.append((label, rule, d, to_local(model, d=d if d is not None else min(depths),
-                                              rule=rule, aux_checkpoint=flag, **kwargs)))
-    base = nets[0][3] if nets else to_local(model, d=2, **kwargs)
+                                              rule=rule, aux_checkpoint=flag, options=opts)))
+    base = nets[0][3] if nets else to_local(model, d=2, rule="auglocal", options=opts)
     first = count_flops(base)
     bp_flops, bp_params = first.primary, first.params_primary
     by_label = {label: (rule, d, local) for label, rule, d, local in nets}
     rows = []
     for label, rule, d, flag in entries:
-        if rule in ("bp", "gc"):
+        if rule in BASELINES:
             rows.append(CostRow(label, None, bp_flops, bp_params))
         else:
             f = count_flops(by_label[label][2])
             rows.append(CostRow(label, d, f.total, f.params_primary + f.params_aux, rule=rule,
-                                aux_checkpoint=flag))
+                                aux_checkpoint=flag, second_loss=get_rule(rule).second_loss))
 
     size = tuple(base.input_size)
     profile = [{"index": b.index, "flops": b.flops,
@@ -249,14 +263,14 @@ def cost_report(
                         unsupported_ops=dict(sorted(first.unsupported_ops().items())))
 
     if memory:
-        _add_memory(report, model_or_spec, entries, dev, rss, dict(kwargs, num_classes=num_classes), optimizer)
+        _add_memory(report, model_or_spec, entries, dev, rss, opts, num_classes, optimizer)
     else:
         report.memory_note = "not measured (FLOPs only)" if not timing else "not measured"
     if timing:
         gen = torch.Generator().manual_seed(0)
         x = torch.randn((batch_size,) + size, generator=gen).to(dev)
         y = torch.randint(0, int(base.num_classes), (batch_size,), generator=gen).to(dev)
-        runs = [(base, {"bp": "bp", "gc": "checkpoint"}[rule]) if rule in ("bp", "gc")
+        runs = [(base, {"bp": "bp", "gc": "checkpoint"}[rule]) if rule in BASELINES
                 else (by_label[label][2], "auglocal") for label, rule, _, _ in entries]
         default_threads = torch.get_num_threads()
         used = threads or default_threads
@@ -276,28 +290,27 @@ def cost_report(
     return report
 
 
-REPORT_RULES = ("bp", "gc", "auglocal", "dgl", "predsim", "infopro", "auglocal+infopro")
-_LABELS = {"bp": "BP", "gc": "GC", "auglocal": "AugLocal", "dgl": "DGL", "predsim": "PredSim",
-           "infopro": "InfoPro", "auglocal+infopro": "AugLocal+InfoPro"}
+def report_rules() -> Tuple[str, ...]:
+    """The report's row kinds: the baselines, then every registered local rule."""
+    return (*BASELINES, *rule_names())
 
 
 def _rule_entries(rules: Sequence[str], depths: Sequence[int],
                   flags: Sequence[bool] = (False,)) -> List[Tuple[str, str, Optional[int], bool]]:
     """``(row label, rule, d, aux_checkpoint)`` per report row: a rule with depths gets one row per
     ``d``, and every local rule one row per ``aux_checkpoint`` flag."""
-    from .rules import get_rule
-
     entries = []
     for rule in rules:
-        if rule not in REPORT_RULES:
+        if rule not in report_rules():
             raise AugLocalError(
-                f"unknown rule {rule!r} for the report: choose from {', '.join(REPORT_RULES)} "
+                f"unknown rule {rule!r} for the report: choose from {', '.join(report_rules())} "
                 "(gc = gradient checkpointing)")
-        if rule in ("bp", "gc"):
-            entries.append((_LABELS[rule], rule, None, False))
+        if rule in BASELINES:
+            entries.append((BASELINES[rule], rule, None, False))
             continue
-        for d in (depths if get_rule(rule).uses_depth else (None,)):
-            label = _LABELS[rule] + ("" if d is None else f" d={d}")
+        local_rule = get_rule(rule)
+        for d in (depths if local_rule.uses_depth else (None,)):
+            label = local_rule.label + ("" if d is None else f" d={d}")
             entries += [(label + (" +recompute" if flag else ""), rule, d, flag) for flag in flags]
     return entries
 
@@ -307,34 +320,32 @@ def _rule_entries(rules: Sequence[str], depths: Sequence[int],
 _MEASUREMENT_FAILURES = (AugLocalError, MemoryError, torch.OutOfMemoryError, OSError)
 
 
-def _add_memory(report: CostReport, model_or_spec, entries, device, rss: bool, kwargs,
-                optimizer: str = "sgd") -> None:
+def _add_memory(report: CostReport, model_or_spec, entries, device, rss: bool,
+                options: ConversionOptions, num_classes: Optional[int], optimizer: str = "sgd") -> None:
     """Fill the memory columns from :func:`auglocal_fx.memory.measure_memory`, or say why not."""
-    from .memory import measure_memory
-    options = {k: v for k, v in kwargs.items() if k not in ("input_size", "num_classes", "rule")}
-    common = dict(batch_size=report.batch_size, device=device, input_size=kwargs.get("input_size"),
-                  num_classes=kwargs.get("num_classes"), rss=rss and device.type == "cpu",
+    common = dict(batch_size=report.batch_size, device=device, input_size=options.input_size,
+                  num_classes=num_classes, rss=rss and device.type == "cpu",
                   optimizer=optimizer)
     found = []
     notes: List[str] = []
     try:
         baseline = None
         for _, rule, d, flag in entries:
-            if rule in ("bp", "gc"):
+            if rule in BASELINES:
                 if baseline is None:
-                    baseline = measure_memory(model_or_spec, methods=("bp", "checkpoint"), d=2,
-                                              to_local_kwargs=options, **common)
+                    baseline = _memory.measure_memory(model_or_spec, methods=("bp", "checkpoint"), d=2,
+                                              options=options.replace(rule="auglocal"), **common)
                     notes = baseline.notes
                 found.append(baseline.row("bp" if rule == "bp" else "checkpoint"))
             else:
-                measured = measure_memory(model_or_spec, methods=("auglocal",),
+                measured = _memory.measure_memory(model_or_spec, methods=("auglocal",),
                                           d=d if d is not None else 2,
-                                          to_local_kwargs=dict(options, rule=rule),
+                                          options=options.replace(rule=rule),
                                           aux_checkpoint=flag, **common)
                 notes = notes or measured.notes
                 found.append(measured.rows[0])
     except _MEASUREMENT_FAILURES as exc:  # never make numbers up: drop the columns and say why
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         report.memory_note = f"not measured: measure_memory failed ({type(exc).__name__}: {first})"
         return
     for row, m in zip(report.rows, found):

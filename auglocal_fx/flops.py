@@ -30,8 +30,13 @@ import torch
 from torch import nn
 
 from ._threads import single_thread
-from .errors import AugLocalError
-from .tables import format_flops
+from .errors import AugLocalError, first_line
+from .options import ConversionOptions
+from .rules import get_rule, rule_names
+from .local import to_local
+from .planning import plan_aux_nets
+from .synthesis import synthesize_aux_net
+from .units import format_flops
 
 __all__ = [
     "BlockCost",
@@ -218,7 +223,7 @@ def _count_one(module: nn.Module, shape: Shape) -> Tuple[int, Counter]:
             try:
                 total = int(analysis.total())
             except Exception as exc:  # jit tracing failures come in many types
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                first = first_line(exc)
                 raise AugLocalError(
                     f"fvcore could not count the FLOPs of a {type(module).__name__} on input "
                     f"{shape} ({first}); count it by hand or report the model"
@@ -497,8 +502,9 @@ def solve_budget(
     min_d: int = 2,
     max_d: int = 6,
     tau_step: float = 0.05,
-    pyramid: bool = True,
-    selection: str = "uniform",
+    pyramid: Optional[bool] = None,
+    selection: Optional[str] = None,
+    options: Optional[ConversionOptions] = None,
     **to_local_kwargs,
 ) -> BudgetChoice:
     """Pick the largest ``d``, then the smallest ``tau``, whose total forward FLOPs fit a budget.
@@ -517,8 +523,11 @@ def solve_budget(
         min_d: smallest depth considered.
         max_d: largest depth considered (default 6, the largest in the paper).
         tau_step: spacing of the tau grid.
-        pyramid: ``False`` to keep every auxiliary network at depth ``d``.
-        selection: ``"uniform"``, ``"sequential"`` or ``"repetitive"``.
+        pyramid: ``False`` to keep every auxiliary network at depth ``d`` (default: the
+            options', ``True``).
+        selection: ``"uniform"``, ``"sequential"`` or ``"repetitive"`` (default: the options').
+        options: the :class:`~auglocal_fx.ConversionOptions` to plan within (``d`` and ``tau``
+            are what this chooses).
         **to_local_kwargs: passed to :func:`auglocal_fx.to_local` (``input_size``,
             ``num_classes``, ``leaf_modules``, ...).
 
@@ -528,10 +537,10 @@ def solve_budget(
     Raises:
         AugLocalError: if the budget cannot be parsed or is too small for any ``d``.
     """
-    from .local import to_local
-    from .planning import plan_aux_nets
-    from .synthesis import synthesize_aux_net
-
+    rule = to_local_kwargs.get("rule") or (options.rule if options is not None else "auglocal")
+    if not get_rule(rule).uses_depth:
+        raise AugLocalError(f"a FLOPs budget chooses AugLocal's d and tau; the {rule} rule has neither: drop "
+                            f"the budget, or plan a rule with a depth ({', '.join(n for n in rule_names() if get_rule(n).uses_depth)})")
     kind, value = parse_budget(budget)
     if not (isinstance(tau_step, (int, float)) and 0 < tau_step <= 1):
         raise AugLocalError(f"tau_step={tau_step!r} must be in (0, 1]; use e.g. 0.05")
@@ -541,7 +550,8 @@ def solve_budget(
         raise AugLocalError(f"max_d={max_d!r} is invalid: give an integer >= {min_d}")
 
     base = to_local(model_or_spec, d=min_d, tau=0.5, pyramid=pyramid, selection=selection,
-                    **to_local_kwargs)
+                    options=options, **to_local_kwargs)
+    pyramid, selection = base.conversion.pyramid, base.conversion.selection
     bp = count_flops(base).primary
     partition = base.partition
     aux_cache: Dict = {}
@@ -549,7 +559,7 @@ def solve_budget(
     def aux_flops(plan) -> int:
         if plan not in aux_cache:
             with single_thread():
-                net = synthesize_aux_net(partition, plan, aux_head=base.options["aux_head"])
+                net = synthesize_aux_net(partition, plan, aux_head=base.conversion.resolved_aux_head)
             aux_cache[plan] = count_module_flops(net, base.block_shapes[plan.block])[0]
         return aux_cache[plan]
 

@@ -19,14 +19,15 @@ from torch.utils.checkpoint import checkpoint
 
 from ._io import atomic_save
 from ._threads import single_thread
-from .errors import AugLocalError
+from .errors import AugLocalError, first_line
 from .initialization import InitReference
+from .options import ConversionOptions, conversion_options
 from .partition import Partition, partition_blocks
-from .planning import AuxPlan, validate_options
+from .planning import AuxPlan
 from .specs import missing_input_size, model_input_size, resolve_model, spec_file
 from .rules import RuleContext, get_rule
 from .rules.base import Normalization
-from .synthesis import choose_aux_head, validate_aux_head, validate_aux_init, warn_adapters
+from .synthesis import choose_aux_head, warn_adapters
 from .tracing import SHAPE_KEY, trace_model
 
 __all__ = ["LocalNet", "to_local", "load", "CHECKPOINT_FORMAT"]
@@ -50,14 +51,17 @@ class LocalNet(nn.Module):
         block_shapes: each block's output shape ``(C, H, W)`` at ``input_size``.
         input_size: ``(C, H, W)`` the network was converted at.
         num_classes: width of the logits.
-        options: the conversion options (``d``, ``tau``, ``pyramid``, ``selection``, ...).
+        conversion: the :class:`~auglocal_fx.ConversionOptions` it was built with (input size,
+            classes and auxiliary head resolved).
+        options: ``conversion`` as the checkpoint's dict (a copy; kept for older callers).
         spec: the model spec string it was made from, or ``None`` for a model object.
         normalization: the inputs' per-channel ``(mean, std)`` (``to_local(normalization=)``),
             or ``None`` where unknown.
     """
 
     def __init__(self, model: nn.Module, partition: Partition, aux: Sequence[nn.Module],
-                 plan: Sequence[AuxPlan], options: Dict[str, Any], spec: Optional[str] = None):
+                 plan: Sequence[AuxPlan], options: Union[ConversionOptions, Dict[str, Any]],
+                 spec: Optional[str] = None):
         super().__init__()
         self.blocks = nn.ModuleList(partition.blocks)
         self.head = partition.head
@@ -69,18 +73,24 @@ class LocalNet(nn.Module):
         self.block_shapes = partition.block_shapes
         self.block_input_shapes = partition.block_input_shapes
         self.input_layouts = partition.input_layouts
-        self.options = dict(options)
-        self.input_size = tuple(options["input_size"])
-        self.num_classes = int(options["num_classes"])
+        if not isinstance(options, ConversionOptions):
+            options = ConversionOptions.from_dict(options)
+        self.conversion = options
+        self.input_size = tuple(options.input_size)
+        self.num_classes = int(options.num_classes)
         self.spec = spec
         self._original = [model]  # a list keeps it out of the module tree and the state_dict
         self.train(model.training)
 
     @property
+    def options(self) -> Dict[str, Any]:
+        """The conversion options as a checkpoint stores them (a copy: change ``conversion``)."""
+        return self.conversion.to_dict()
+
+    @property
     def normalization(self) -> Optional[Normalization]:
         """The ``normalization`` given to :func:`to_local` (``None``: unknown)."""
-        value = self.options.get("normalization")
-        return None if value is None else (tuple(value[0]), tuple(value[1]))
+        return self.conversion.normalization
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Eval mode: the original model's logits. Train mode: ``(logits, aux_logits)``.
@@ -205,11 +215,11 @@ class LocalNet(nn.Module):
     @property
     def aux_checkpoint(self) -> bool:
         """Whether auxiliary forwards are recomputed in backward instead of kept (see :func:`to_local`)."""
-        return bool(self.options.get("aux_checkpoint", False))
+        return self.conversion.aux_checkpoint
 
     @aux_checkpoint.setter
     def aux_checkpoint(self, value: bool) -> None:
-        self.options["aux_checkpoint"] = bool(value)
+        self.conversion = self.conversion.replace(aux_checkpoint=bool(value))
 
     def _aux_loss(self, j: int, out: torch.Tensor, image: Optional[torch.Tensor], y: torch.Tensor,
                   loss_fn: LossFn) -> torch.Tensor:
@@ -302,18 +312,13 @@ class LocalNet(nn.Module):
             "format": CHECKPOINT_FORMAT,
             "version": _CHECKPOINT_VERSION,
             "spec": self.spec,
-            "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.options.items()},
+            "options": self.conversion.to_dict(),
             "state_dict": self.state_dict(),
         }
         atomic_save(payload, path)
 
     def extra_repr(self) -> str:
-        opts = self.options
-        return (f"blocks={len(self.blocks)}, aux_nets={len(self.aux)}, d={opts['d']}, "
-                f"tau={opts['tau']}, pyramid={opts['pyramid']}, selection={opts['selection']!r}, "
-                f"aux_head={opts.get('aux_head', 'copy')!r}"
-                + (f", rule={opts['rule']!r}" if opts.get("rule", "auglocal") != "auglocal" else "")
-                + (", aux_checkpoint=True" if opts.get("aux_checkpoint") else ""))
+        return f"blocks={len(self.blocks)}, aux_nets={len(self.aux)}, {self.conversion.describe('repr')}"
 
 
 class _KeepBuffers:
@@ -334,24 +339,30 @@ class _KeepBuffers:
 
 def to_local(
     model: Union[nn.Module, str],
-    d: int = 2,
-    tau: float = 0.5,
-    pyramid: bool = True,
-    selection: str = "uniform",
+    d: Optional[int] = None,
+    tau: Optional[float] = None,
+    pyramid: Optional[bool] = None,
+    selection: Optional[str] = None,
     input_size: Optional[Sequence[int]] = None,
     num_classes: Optional[int] = None,
     leaf_modules: Sequence[Union[type, str]] = (),
     autowrap_functions: Sequence[Callable] = (),
     block_boundaries: Optional[Sequence[str]] = None,
     weights: Optional[str] = None,
-    aux_head: str = "auto",
-    rule: str = "auglocal",
+    aux_head: Optional[str] = None,
+    rule: Optional[str] = None,
     normalization: Optional[Normalization] = None,
     model_kwargs: Optional[Dict[str, Any]] = None,
-    aux_init: str = "init",
-    aux_checkpoint: bool = False,
+    aux_init: Optional[str] = None,
+    aux_checkpoint: Optional[bool] = None,
+    options: Optional[ConversionOptions] = None,
 ) -> LocalNet:
     """Convert a ConvNet into an AugLocal :class:`LocalNet`.
+
+    The conversion options are a :class:`~auglocal_fx.ConversionOptions` (``options=``); the
+    keyword arguments of the same names are a convenience that overrides its fields (``None``
+    keeps them: ``d=2``, ``tau=0.5``, ``pyramid=True``, ``selection="uniform"``,
+    ``aux_head="auto"``, ``rule="auglocal"``, ``aux_init="init"``, ``aux_checkpoint=False``).
 
     Args:
         model: an ``nn.Module`` (shared, not copied: training the LocalNet trains it), or a
@@ -399,17 +410,21 @@ def to_local(
             are recomputed likewise. The gradients, dropout masks and BatchNorm statistics are
             exactly those without it; the cost is one more auxiliary forward per step. Settable
             later as ``local.aux_checkpoint``.
+        options: the conversion options as one record; ``leaf_modules``,
+            ``autowrap_functions`` and ``weights`` are not in it (a checkpoint cannot carry
+            classes and functions; the weights are the checkpoint's own).
 
     Raises:
         AugLocalError: bad options, unknown model, untraceable model, no classifier head, an
             input too small for the network, or a depth that leaves nothing to train locally.
     """
-    validate_options(d, tau, selection)
-    validate_aux_head(aux_head)
-    validate_aux_init(aux_init)
-    if not isinstance(aux_checkpoint, bool):
-        raise AugLocalError(f"aux_checkpoint must be True or False, got {aux_checkpoint!r}")
-    local_rule = get_rule(rule)
+    opts = conversion_options(
+        options, d=d, tau=tau, pyramid=pyramid, selection=selection, input_size=input_size,
+        num_classes=num_classes, block_boundaries=block_boundaries, aux_head=aux_head, rule=rule,
+        normalization=normalization, model_kwargs=model_kwargs, aux_init=aux_init,
+        aux_checkpoint=aux_checkpoint)
+    local_rule = get_rule(opts.rule)
+    input_size, num_classes, model_kwargs = opts.input_size, opts.num_classes, opts.model_kwargs
     spec = None
     initial = None
     if isinstance(model, str):
@@ -437,47 +452,21 @@ def to_local(
         )
     with single_thread():
         traced = trace_model(model, size, leaf_modules, autowrap_functions)
-        partition = partition_blocks(traced, block_boundaries)
-        plans = local_rule.plan(partition.resolutions, d, tau, pyramid, selection)
+        # The normalization's channel count is checked against the traced input here.
+        opts = opts.replace(input_size=tuple(int(v) for v in traced.input_size),
+                            num_classes=_output_classes(traced), model_kwargs=model_kwargs)
+        partition = partition_blocks(traced, opts.block_boundaries)
+        plans = local_rule.plan(partition.resolutions, opts.d, opts.tau, opts.pyramid, opts.selection)
+        opts = opts.replace(resolved_aux_head=choose_aux_head(partition, opts.aux_head))
         init = InitReference.from_model(model, initial)
         notes: List[Tuple[str, str, str]] = []
-        context = RuleContext(partition, _output_classes(traced),
-                              tuple(int(v) for v in traced.input_size), len(plans) + 1, init,
-                              choose_aux_head(partition, aux_head), notes,  # resolved once
-                              aux_init)
+        context = RuleContext(partition, opts.num_classes, opts.input_size, len(plans) + 1, init,
+                              opts.resolved_aux_head, notes, opts.aux_init)
         aux = [local_rule.build(p, context) for p in plans]
     warn_adapters(notes)
-    classes = _output_classes(traced)
-    options = {
-        "d": d, "tau": float(tau), "pyramid": bool(pyramid), "selection": selection,
-        "input_size": tuple(int(v) for v in traced.input_size), "num_classes": classes,
-        "block_boundaries": list(block_boundaries) if block_boundaries else None,
-        "aux_head": aux_head,
-        "rule": rule,
-        "normalization": _checked_normalization(normalization, int(traced.input_size[0])),
-        "aux_init": aux_init,
-        "aux_checkpoint": bool(aux_checkpoint),
-    }
-    if model_kwargs:
-        options["model_kwargs"] = dict(model_kwargs)  # load() re-creates the model with them
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    local = LocalNet(model, partition, aux, plans, options, spec)
+    local = LocalNet(model, partition, aux, plans, opts, spec)
     return local.to(device)
-
-
-def _checked_normalization(value: Optional[Normalization], channels: int) -> Optional[List[List[float]]]:
-    """``value`` as ``[mean, std]`` lists, or an error saying what a normalization must be."""
-    if value is None:
-        return None
-    try:
-        mean, std = ([float(v) for v in part] for part in value)
-    except (TypeError, ValueError):
-        mean, std = [], []
-    if not mean or len(mean) != len(std) or len(mean) not in (1, channels) or min(std) <= 0:
-        raise AugLocalError(
-            f"normalization must be (mean, std) with 1 or {channels} values each and std > 0, not "
-            f"{value!r}; pass the statistics the images were normalised with")
-    return [mean, std]
 
 
 def _output_classes(traced) -> int:
@@ -513,7 +502,10 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None,
             f"{path!r} is not an auglocal-fx LocalNet checkpoint; make one with "
             "`auglocal-fx convert` or LocalNet.save()"
         )
-    options = dict(payload["options"])
+    try:
+        options = ConversionOptions.from_dict(payload["options"])
+    except AugLocalError as exc:
+        raise AugLocalError(f"{path!r} holds options this version cannot read: {exc}") from None
     spec = payload.get("spec") if model is None else None
     source: Union[nn.Module, str, None] = spec if spec else model
     if source is None:
@@ -526,21 +518,14 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None,
             f"{path!r} was converted from {spec!r}, and {file} no longer exists: put the file "
             "back, or pass load(path, model=...) with a fresh model of that architecture"
         )
-    kwargs = {k: options[k] for k in ("d", "tau", "pyramid", "selection", "block_boundaries")}
-    kwargs["aux_head"] = options.get("aux_head", "copy")  # checkpoints before the option: copies
-    kwargs["rule"] = options.get("rule", "auglocal")
-    kwargs["normalization"] = options.get("normalization")
-    kwargs["aux_init"] = options.get("aux_init", "init")  # the state_dict replaces them anyway
-    if spec:
-        kwargs["model_kwargs"] = options.get("model_kwargs")  # None before the option existed
-    kwargs["aux_checkpoint"] = bool(options.get("aux_checkpoint", False))
-    local = to_local(source, input_size=options["input_size"],
-                     num_classes=options["num_classes"] if spec else None, **kwargs)
+    if not spec:  # a model object brings its own classifier and builder arguments
+        options = options.replace(num_classes=None, model_kwargs=None)
+    local = to_local(source, options=options.replace(resolved_aux_head=None))
     try:
         local.load_state_dict(payload["state_dict"], strict=True)
     except Exception as exc:
         raise AugLocalError(
             f"the weights in {path!r} do not fit the rebuilt network "
-            f"({str(exc).splitlines()[0]}); was it saved with another auglocal-fx version?"
+            f"({first_line(exc)}); was it saved with another auglocal-fx version?"
         ) from exc
     return local

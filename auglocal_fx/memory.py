@@ -55,6 +55,7 @@ from torch.utils.checkpoint import checkpoint
 from ._device import resolve_device
 from .errors import AugLocalError
 from .local import LocalNet, to_local
+from .options import ConversionOptions
 
 __all__ = ["METHODS", "OPTIMIZERS", "MemoryReport", "MemoryRow", "SavedBytesCounter", "StepMemory", "measure_memory",
            "measure_step", "run_method_step"]
@@ -291,7 +292,8 @@ def measure_memory(model_or_spec: Union[str, nn.Module], methods: Sequence[str] 
                    num_classes: Optional[int] = None, rss: bool = True, seed: int = 0,
                    to_local_kwargs: Optional[Dict[str, Any]] = None,
                    mmap_threshold: Optional[int] = None, optimizer: Union[str, OptimizerFactory] = "sgd",
-                   aux_checkpoint: Union[bool, Sequence[bool]] = False) -> MemoryReport:
+                   aux_checkpoint: Union[bool, Sequence[bool]] = False,
+                   options: Optional[ConversionOptions] = None) -> MemoryReport:
     """Measure one training step of BP, gradient checkpointing and AugLocal side by side.
 
     Args:
@@ -318,6 +320,8 @@ def measure_memory(model_or_spec: Union[str, nn.Module], methods: Sequence[str] 
             function ``params -> torch.optim.Optimizer``. Its state is measured after a real step.
         aux_checkpoint: recompute the auxiliary forwards in backward (see
             :func:`auglocal_fx.to_local`); ``(False, True)`` gives an ``auglocal`` row for each.
+        options: the :class:`~auglocal_fx.ConversionOptions` of the networks (``d`` and
+            ``aux_checkpoint`` above, and ``to_local_kwargs``, take precedence).
 
     Returns:
         A :class:`MemoryReport`; ``print(report)`` shows the table.
@@ -331,7 +335,7 @@ def measure_memory(model_or_spec: Union[str, nn.Module], methods: Sequence[str] 
             raise AugLocalError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     depths = (d,) if isinstance(d, int) else tuple(d)
     if isinstance(model_or_spec, LocalNet):
-        depths = (int(model_or_spec.options["d"]),)
+        depths = (model_or_spec.conversion.d,)
     if not depths:
         raise AugLocalError("d must be an int or a non-empty sequence of ints, e.g. d=(2, 4)")
     flags = aux_checkpoint_flags(aux_checkpoint)
@@ -340,6 +344,8 @@ def measure_memory(model_or_spec: Union[str, nn.Module], methods: Sequence[str] 
     if not isinstance(batch_size, int) or batch_size < 1:
         raise AugLocalError(f"batch_size must be a positive int, got {batch_size!r}")
     kwargs = dict(to_local_kwargs or {})
+    if options is not None:
+        kwargs["options"] = options
     if input_size is not None:
         kwargs["input_size"] = tuple(input_size)
     if num_classes is not None and isinstance(model_or_spec, str):
@@ -585,7 +591,7 @@ def _rss_source(model_or_spec, local) -> Optional[Dict[str, Any]]:
     target = model_or_spec
     if isinstance(model_or_spec, LocalNet):
         if local.spec:
-            return {"spec": local.spec, "options": dict(local.options)}
+            return {"spec": local.spec, "options": local.conversion.to_dict()}
         target = local
     fd, path = tempfile.mkstemp(suffix=".pt", prefix="auglocal-mem-")
     os.close(fd)
@@ -602,6 +608,7 @@ def _rss_in_subprocess(source: Dict[str, Any], method: str, d: int, batch_size: 
                        aux_checkpoint: bool = False) -> Optional[int]:
     payload = {"source": {k: v for k, v in source.items() if k != "tmp"}, "method": method, "d": d,
                "batch_size": batch_size, "kwargs": _jsonable(kwargs), "seed": seed,
+               "options": kwargs["options"].to_dict() if "options" in kwargs else None,
                "aux_checkpoint": aux_checkpoint}
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
@@ -641,10 +648,11 @@ def _rss_main() -> None:
     source, kwargs = payload["source"], payload["kwargs"]
     if "input_size" in kwargs:
         kwargs["input_size"] = tuple(kwargs["input_size"])
+    options = source.get("options") or payload.get("options")
+    if options is not None:
+        kwargs["options"] = ConversionOptions.from_dict(options)
     if "spec" in source:
         model_or_spec = source["spec"]
-        kwargs = {**source.get("options", {}), **kwargs}
-        kwargs.pop("d", None)
     else:
         model_or_spec = torch.load(source["path"], weights_only=False)
     local = _build_local(model_or_spec, payload["d"], kwargs)

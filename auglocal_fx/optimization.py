@@ -19,7 +19,7 @@ import timm.scheduler
 import torch
 from torch import nn
 
-from .errors import AugLocalError
+from .errors import AugLocalError, first_line
 from .recipe import PAPER_WARMUP_LR, learning_rate
 
 __all__ = ["PAPER_SCHEDULE", "SCHEDULES", "TIMM_WARMUP_LR", "check_optimizer", "check_schedule",
@@ -96,7 +96,7 @@ def build_optimizer(cfg: Any, module: nn.Module, lr: float,
         return timm.optim.create_optimizer_v2(params, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay,
                                               momentum=cfg.momentum, **kwargs)
     except (ImportError, TypeError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        reason = first_line(err, limit=160)
         raise AugLocalError(f"cannot build optimizer {cfg.opt!r} ({reason}); choose another --opt") from None
 
 

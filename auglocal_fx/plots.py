@@ -14,7 +14,6 @@ import numpy as np
 
 from ._io import atomic_write
 from .errors import AugLocalError
-from .tables import describe_options
 
 __all__ = ["check_figure_path", "plot_report", "plot_blocks", "plot_training_curves", "plot_analysis"]
 
@@ -136,7 +135,7 @@ def plot_blocks(flops, path: str) -> None:
     ax.set_yticks([])
     ax.set_xlabel("primary block (shade: output resolution; H: head)")
     ax.set_ylabel("auxiliary network j (top to bottom)")
-    desc = describe_options(flops.local)
+    desc = flops.local.conversion.describe()
     ax.set_title(f"{getattr(flops.local, 'spec', None) or 'model'}: {num} blocks, "
                  f"{len(aux)} auxiliary networks ({desc})\nred: block the auxiliary network is "
                  "attached to; blue: copied block; ring: the copy halves the resolution",

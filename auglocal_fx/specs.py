@@ -20,7 +20,8 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .errors import AugLocalError
+from .errors import AugLocalError, first_line
+from .models import PAPER_MODELS
 
 __all__ = ["ModelSpec", "resolve_model", "load_weights", "parse_model_kwargs", "PREFIXES"]
 
@@ -148,7 +149,6 @@ def _torchvision_factory(name: str, num_classes: Optional[int], model_kwargs: Ma
 
 
 def _paper_factory(name: str, num_classes: Optional[int], model_kwargs: Mapping[str, Any]):
-    from .models import PAPER_MODELS
 
     if name not in PAPER_MODELS:
         raise AugLocalError(
@@ -223,7 +223,7 @@ def _infer_num_classes(model: nn.Module, input_size: Tuple[int, int, int]) -> in
     except Exception as exc:
         raise AugLocalError(
             f"the model fails on an input of size {input_size}: {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}; check --input-size"
+            f"{first_line(exc, '')}; check --input-size"
         ) from exc
     finally:
         model.train(was_training)
@@ -337,13 +337,9 @@ def _create(factory: Callable[[], nn.Module], spec: str, model_kwargs: Mapping[s
         given = ", ".join(f"{k}={v!r}" for k, v in model_kwargs.items())
         raise AugLocalError(
             f"{spec} cannot be built with model_kwargs {given}: {type(exc).__name__}: "
-            f"{_first_line(exc)}; check the names and values the builder takes"
+            f"{first_line(exc)}; check the names and values the builder takes"
         ) from exc
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def parse_model_kwargs(pairs: Sequence[str]) -> Dict[str, Any]:
@@ -392,7 +388,7 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise AugLocalError(f"cannot read weights file {path!r}: {_first_line(exc)}; is it a "
+        raise AugLocalError(f"cannot read weights file {path!r}: {first_line(exc)}; is it a "
                             "torch.save'd state_dict or a training checkpoint?") from exc
     if isinstance(state, dict):
         for key in _STATE_KEYS:

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .errors import AugLocalError
+from .errors import AugLocalError, first_line
 from .initialization import InitReference
 from .layouts import FLAT, NCHW, ShapeAdapter, grid_size, input_layout, layout_of, resolution
 from .partition import Partition
@@ -457,7 +457,7 @@ class _Repairer:
                 if attempt or first is None or not self._adapt_channels(node, first, env, original):
                     raise AugLocalError(
                         f"{describe_node(node)} cannot take the new input shape "
-                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+                        f"({type(exc).__name__}: {first_line(exc, '')})"
                     ) from exc
         raise AssertionError("unreachable")
 
@@ -664,10 +664,6 @@ def _adapt(source: fx.GraphModule, in_shape: Tuple[int, ...], stride: Optional[i
     return gm, out
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
 
 def adapt_copy(source: fx.GraphModule, in_shape: Sequence[int], stride: Optional[int],
                name: str, init: Optional[InitReference] = None,
@@ -725,12 +721,12 @@ def adapt_copy(source: fx.GraphModule, in_shape: Sequence[int], stride: Optional
             errors.append(exc)
     else:
         raise AugLocalError(
-            f"cannot build {label or name}: {_first_line(errors[0])}; "
-            + (f"with an input adapter: {_first_line(errors[-1])}; " if len(errors) > 1 else "")
+            f"cannot build {label or name}: {first_line(errors[0])}; "
+            + (f"with an input adapter: {first_line(errors[-1])}; " if len(errors) > 1 else "")
             + "give other block boundaries (block_boundaries=) or another selection"
         ) from errors[-1]
     if adapter == "channels" or (adapter == "shape" and shape != own_shape):
-        reason = _first_line(errors[0]) if errors else (
+        reason = first_line(errors[0]) if errors else (
             f"it takes {own_layout} features of shape {own_shape}")
         note = (label or name, adapter, reason)
         if notes is None:

@@ -7,8 +7,9 @@ FLOPs says the convention: one fused multiply-add counts as one FLOP, forward of
 
 from __future__ import annotations
 
-import math
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Sequence
+
+from .units import format_bytes, format_count, format_flops
 
 __all__ = [
     "FLOPS_NOTE",
@@ -16,7 +17,6 @@ __all__ = [
     "format_count",
     "format_bytes",
     "abbreviate_names",
-    "describe_options",
     "format_table",
     "flops_table",
     "blocks_table",
@@ -25,37 +25,6 @@ __all__ = [
 ]
 
 FLOPS_NOTE = "FLOPs: fvcore convention, 1 multiply-add = 1 FLOP, forward pass of one example"
-
-
-def format_flops(flops: Optional[float]) -> str:
-    """``1127000000 -> '1.13G'``, ``629e6 -> '629.0M'`` (one multiply-add = one FLOP)."""
-    if flops is None or (isinstance(flops, float) and math.isnan(flops)):
-        return "-"
-    for scale, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(flops) >= scale:
-            digits = 2 if unit in "TG" else 1
-            return f"{flops / scale:.{digits}f}{unit}"
-    return str(int(flops))
-
-
-def format_count(count: Optional[float]) -> str:
-    """Parameter counts: ``1730714 -> '1.73M'``, ``4810 -> '4.8K'``."""
-    if count is None:
-        return "-"
-    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(count) >= scale:
-            return f"{count / scale:.{2 if unit != 'K' else 1}f}{unit}"
-    return str(int(count))
-
-
-def format_bytes(num: Optional[float]) -> str:
-    """``1.5e9 -> '1.40 GiB'``; ``None -> '-'``."""
-    if num is None:
-        return "-"
-    for scale, unit in ((2 ** 30, "GiB"), (2 ** 20, "MiB"), (2 ** 10, "KiB")):
-        if abs(num) >= scale:
-            return f"{num / scale:.2f} {unit}"
-    return f"{int(num)} B"
 
 
 def abbreviate_names(names: Sequence[str], width: int = 24) -> str:
@@ -79,26 +48,6 @@ def abbreviate_names(names: Sequence[str], width: int = 24) -> str:
         parts.append(".".join(common))
     text = "+".join(parts)
     return text if len(text) <= width else text[: width - 2] + ".."
-
-
-def describe_options(local) -> str:
-    """``"d=6, tau=0.5, pyramid=True, selection=uniform"`` for a ``LocalNet`` (a comparison
-    rule: ``"rule=dgl, every block but the last trained locally"``)."""
-    opts = getattr(local, "options", {}) or {}
-    rule = opts.get("rule", "auglocal")
-    if rule not in ("auglocal", "auglocal+infopro"):
-        return f"rule={rule}, every block but the last trained locally"
-    keys = ("d", "tau", "pyramid", "selection")
-    text = ", ".join(f"{k}={v}" for k, v in opts.items() if k in keys)
-    if rule != "auglocal":
-        text += f", rule={rule}"
-    partition = getattr(local, "partition", None)
-    if partition is not None and "aux_head" in opts:
-        from .synthesis import choose_aux_head
-
-        if choose_aux_head(partition, opts["aux_head"]) == "slim":
-            text += ", slim auxiliary heads"
-    return text
 
 
 def _shape(shape: Iterable[int]) -> str:
@@ -192,7 +141,7 @@ def blocks_table(flops) -> str:
     table = format_table(["#", "modules", "input", "output", "params", "aux copies"], rows,
                          right=[True, False, False, False, True, False])
     local = flops.local
-    desc = describe_options(local)
+    desc = local.conversion.describe()
     return (f"{table}\n\n{len(flops.blocks)} blocks + head; {len(flops.aux)} auxiliary networks "
             f"({desc}); 'k/2' = the copy of block k halves the resolution")
 
@@ -233,7 +182,7 @@ def cost_table(report) -> str:
              f"{FLOPS_NOTE} ({_shape(report.input_size)}); GC = gradient checkpointing"
              + ("; +recompute = auxiliary forwards recomputed in backward (aux_checkpoint)."
                 if any(getattr(r, "aux_checkpoint", False) for r in report.rows) else ".")]
-    if any(getattr(r, "rule", None) in ("predsim", "infopro", "auglocal+infopro") for r in report.rows):
+    if any(getattr(r, "second_loss", False) for r in report.rows):
         lines.append("Local rules: primary + auxiliary classifier networks, as the paper's Table 7 "
                      "counts them; the decoders of PredSim's and InfoPro's second losses are not "
                      "counted (their parameters are).")

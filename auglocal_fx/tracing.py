@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set,
 import torch
 from torch import fx, nn
 
-from .errors import AugLocalError
+from .errors import AugLocalError, first_line
 
 __all__ = ["LocalTracer", "TracedModel", "trace_model", "register_leaf_module", "SHAPE_KEY"]
 
@@ -227,7 +227,7 @@ def _trace_with_auto_leaves(
         try:
             return _trace_once(model, list(leaf_modules) + auto_leaves, autowrap_functions)
         except _TraceFailure as failure:
-            cause = f"{type(failure.cause).__name__}: {str(failure.cause).splitlines()[0] if str(failure.cause) else ''}"
+            cause = f"{type(failure.cause).__name__}: {first_line(failure.cause, '')}"
             if not failure.module or len(auto_leaves) >= _MAX_AUTO_LEAVES:
                 where = f"in module {failure.module!r}" if failure.module else "in the model's own forward"
                 raise AugLocalError(
@@ -282,7 +282,7 @@ class _NodeFailure(Exception):
     """An operation failed while shapes were recorded: says which module ran it."""
 
     def __init__(self, node: fx.Node, cause: BaseException):
-        message = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        message = first_line(cause, "")
         super().__init__(f"{type(cause).__name__}{': ' + message if message else ''} in "
                          f"{describe_node(node)}")
 
@@ -308,10 +308,6 @@ def record_shapes(gm: fx.GraphModule, example: torch.Tensor) -> Any:
     with torch.no_grad():
         return _ShapeRecorder(gm).run(example)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _run_train_graph_for_shapes(model: nn.Module, gm: fx.GraphModule, example: torch.Tensor) -> None:
@@ -366,7 +362,7 @@ def trace_model(
     try:
         out = record_shapes(eval_gm, example)
     except Exception as exc:
-        reason = _first_line(exc)
+        reason = first_line(exc)
         if any(word in reason.lower() for word in ("too small", "output size", "kernel size")):
             advice = "the input is too small for this network; use a larger input size"
         else:
@@ -390,7 +386,7 @@ def trace_model(
             _run_train_graph_for_shapes(model, train_gm, torch.cat([example, example]))
         except Exception as exc:
             raise AugLocalError(
-                f"the model fails in train mode on an input of size {size} ({_first_line(exc)})"
+                f"the model fails in train mode on an input of size {size} ({first_line(exc)})"
             ) from exc
         train = train_gm
     return TracedModel(eval_graph=eval_gm, train_graph=train, input_size=size,  # type: ignore[arg-type]

@@ -7,7 +7,7 @@ import click
 from .options import (
     MultiValueCommand,
     conversion_options,
-    conversion_kwargs,
+    conversion_from_flags,
     depth_option,
     is_checkpoint,
     spec_argument,
@@ -35,8 +35,8 @@ def blocks(spec, d, tau, no_pyramid, selection, rule, aux_head, input_size, num_
     from auglocal_fx.plots import plot_blocks
     from auglocal_fx.tables import blocks_table
 
-    kwargs = conversion_kwargs(tau, no_pyramid, selection, input_size, num_classes, aux_head, rule,
-                               model_kwargs)
+    options = conversion_from_flags(tau, no_pyramid, selection, input_size, num_classes, aux_head,
+                                    rule, model_kwargs)
     if is_checkpoint(spec):
         ctx = click.get_current_context()
         given = [f"--{name.replace('_', '-')}" for name in
@@ -51,7 +51,7 @@ def blocks(spec, d, tau, no_pyramid, selection, rule, aux_head, input_size, num_
         if figure is not None:
             from auglocal_fx.plots import check_figure_path
             check_figure_path(figure)
-        local = load(spec) if is_checkpoint(spec) else to_local(spec, d=d, **kwargs)
+        local = load(spec) if is_checkpoint(spec) else to_local(spec, d=d, options=options)
         flops = count_flops(local)
         click.echo(blocks_table(flops))
         if figure is not None:

@@ -12,7 +12,7 @@ from .options import (
     MultiValueCommand,
     aux_init_option,
     conversion_options,
-    conversion_kwargs,
+    conversion_from_flags,
     depth_option,
     spec_argument,
     user_errors,
@@ -49,18 +49,11 @@ def convert(spec: str, d: Optional[int], tau, no_pyramid, selection, rule, aux_h
     """
     from auglocal_fx import to_local
     from auglocal_fx.flops import count_flops, solve_budget
-    from auglocal_fx.tables import describe_options, flops_table
+    from auglocal_fx.tables import flops_table
 
-    kwargs = conversion_kwargs(tau, no_pyramid, selection, input_size, num_classes, aux_head, rule,
-                               model_kwargs)
-    from auglocal_fx.rules import get_rule
-
-    with user_errors():
-        uses_depth = get_rule(rule).uses_depth
-    if flops_budget is not None and not uses_depth:
-        raise click.ClickException(
-            f"--flops-budget chooses AugLocal's d and tau; the {rule} rule has neither: drop one")
-    if d is None and not uses_depth:
+    options = conversion_from_flags(tau, no_pyramid, selection, input_size, num_classes, aux_head,
+                                    rule, model_kwargs, aux_init=aux_init)
+    if d is None and not options.uses_depth:
         d = 2  # the baselines train every block but the last; d does not apply
     if d is None and flops_budget is None:
         raise click.ClickException(
@@ -76,10 +69,9 @@ def convert(spec: str, d: Optional[int], tau, no_pyramid, selection, rule, aux_h
     choice = None
     with user_errors():
         if flops_budget is not None:
-            opts = {k: v for k, v in kwargs.items() if k != "tau"}
-            choice = solve_budget(spec, flops_budget, max_d=d if d is not None else 6, **opts)
-            d, kwargs["tau"] = choice.d, choice.tau
-        local = to_local(spec, d=d, weights=weights, aux_init=aux_init, **kwargs)
+            choice = solve_budget(spec, flops_budget, max_d=d if d is not None else 6, options=options)
+            d, options = choice.d, options.replace(tau=choice.tau)
+        local = to_local(spec, d=d, weights=weights, options=options)
         flops = count_flops(local)
         summary = flops.as_dict()
         if output is not None:
@@ -94,8 +86,8 @@ def convert(spec: str, d: Optional[int], tau, no_pyramid, selection, rule, aux_h
     if choice is not None:
         click.echo(choice.reason)
     size = "x".join(map(str, local.input_size))
-    name = "AugLocal" if local.options.get("rule", "auglocal") == "auglocal" else "local learning"
-    click.echo(f"{spec} -> {name} ({describe_options(local)}), input {size}")
+    conversion = local.conversion
+    click.echo(f"{spec} -> {conversion.describe('method')} ({conversion.describe()}), input {size}")
     click.echo(flops_table(flops))
     if output is not None:
         click.echo(f"saved {output}; restore with auglocal_fx.load({output!r})")

@@ -5,12 +5,16 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from typing import Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import click
 
 from auglocal_fx.errors import AugLocalError
-from auglocal_fx.rules import RULES
+from auglocal_fx.options import ConversionOptions
+from auglocal_fx.options import conversion_options as build_options  # the name below is the decorator
+from auglocal_fx.planning import SELECTIONS
+from auglocal_fx.rules import rule_names
+from auglocal_fx.synthesis import AUX_HEADS, AUX_INITS
 
 __all__ = [
     "conversion_options",
@@ -27,12 +31,12 @@ __all__ = [
     "weights_option",
     "aux_init_option",
     "MultiValueCommand",
+    "RegistryChoice",
     "user_errors",
-    "conversion_kwargs",
+    "conversion_from_flags",
     "is_checkpoint",
 ]
 
-_SELECTIONS = ("uniform", "sequential", "repetitive")
 _INT = re.compile(r"^-?\d+$")
 
 
@@ -91,7 +95,7 @@ def pyramid_options(fn):
 def selection_option(fn):
     """``--selection uniform|sequential|repetitive``."""
     return click.option(
-        "--selection", type=click.Choice(_SELECTIONS), default="uniform", show_default=True,
+        "--selection", type=click.Choice(SELECTIONS), default="uniform", show_default=True,
         help="Which later blocks an auxiliary network copies (the paper's method is uniform).",
     )(fn)
 
@@ -99,19 +103,33 @@ def selection_option(fn):
 def aux_head_option(fn):
     """``--aux-head auto|copy|slim``."""
     return click.option(
-        "--aux-head", type=click.Choice(["auto", "copy", "slim"]), default="auto", show_default=True,
+        "--aux-head", type=click.Choice(AUX_HEADS), default="auto", show_default=True,
         help="Auxiliary networks' head: a copy of the model's head, the authors' slim 512-wide MLP "
              "head, or auto (slim where the head holds half of the parameters or more, as VGG's).",
     )(fn)
 
 
-RULE_NAMES = tuple(RULES)
+class RegistryChoice(click.Choice):
+    """A choice read from a registry when the command runs, so a rule registered after the CLI
+    was imported (a plug-in's file) is a choice too."""
+
+    def __init__(self, names: Callable[[], Sequence[str]]):
+        self._names = names
+        super().__init__(list(names()))
+
+    @property
+    def choices(self) -> Tuple[str, ...]:
+        return tuple(self._names())
+
+    @choices.setter
+    def choices(self, value) -> None:
+        pass  # always the registry's
 
 
 def rule_option(fn):
-    """``--rule auglocal|dgl|predsim|infopro|auglocal+infopro``."""
+    """``--rule NAME``: a registered local learning rule (:mod:`auglocal_fx.rules`)."""
     return click.option(
-        "--rule", type=click.Choice(RULE_NAMES), default="auglocal", show_default=True,
+        "--rule", type=RegistryChoice(rule_names), default="auglocal", show_default=True,
         help="Local learning rule: AugLocal, or the paper's comparison systems (they train every "
              "block but the last locally and ignore --d/--tau).",
     )(fn)
@@ -150,31 +168,28 @@ def weights_option(fn):
 def aux_init_option(fn):
     """``--aux-init init|copy``."""
     return click.option(
-        "--aux-init", type=click.Choice(["init", "copy"]), default="init", show_default=True,
+        "--aux-init", type=click.Choice(AUX_INITS), default="init", show_default=True,
         help="How auxiliary copies start: drawn afresh by the model's init rule (the paper), or "
              "the copied blocks' weights where the shape allows (fine-tuning with --weights).",
     )(fn)
 
 
-def conversion_kwargs(tau: Optional[float], no_pyramid: bool, selection: str,
-                      input_size, num_classes: Optional[int], aux_head: str = "auto",
-                      rule: str = "auglocal", model_kwargs: Optional[dict] = None) -> dict:
-    """The ``to_local`` keyword arguments the shared options stand for.
+def conversion_from_flags(tau: Optional[float], no_pyramid: bool, selection: str, input_size,
+                          num_classes: Optional[int], aux_head: str = "auto", rule: str = "auglocal",
+                          model_kwargs: Optional[dict] = None, **more) -> ConversionOptions:
+    """The :class:`~auglocal_fx.ConversionOptions` the shared flags stand for; ``more``: the
+    command's own (``d``, ``aux_init``, ``aux_checkpoint``; ``None`` for not given).
 
     Raises:
-        click.ClickException: if both ``--tau`` and ``--no-pyramid`` are given.
+        click.ClickException: for both ``--tau`` and ``--no-pyramid``, or what the library rejects.
     """
     if tau is not None and no_pyramid:
         raise click.ClickException("give --tau or --no-pyramid, not both")
-    kwargs = {"tau": 0.5 if tau is None else tau, "pyramid": not no_pyramid,
-              "selection": selection, "aux_head": aux_head, "rule": rule}
-    if input_size:
-        kwargs["input_size"] = tuple(input_size)
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
-    if model_kwargs:
-        kwargs["model_kwargs"] = model_kwargs
-    return kwargs
+    with user_errors():
+        return build_options(
+            tau=tau, pyramid=False if no_pyramid else None, selection=selection, aux_head=aux_head,
+            rule=rule, input_size=tuple(input_size) if input_size else None, num_classes=num_classes,
+            model_kwargs=model_kwargs or None, **more)
 
 
 class MultiValueCommand(click.Command):

@@ -9,13 +9,15 @@ import click
 from .options import (
     conversion_options,
     MultiValueCommand,
-    conversion_kwargs,
+    RegistryChoice,
+    conversion_from_flags,
     depths_option,
     spec_argument,
     user_errors,
 )
 
-from auglocal_fx.costs import REPORT_RULES
+from auglocal_fx.costs import report_rules
+from auglocal_fx.memory import OPTIMIZERS
 
 __all__ = ["report"]
 
@@ -29,14 +31,14 @@ _AUX_CHECKPOINT = {"off": (False,), "on": (True,), "both": (False, True)}
               help="Batch size of the memory and time measurements.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @conversion_options
-@click.option("--rules", type=click.Choice(list(REPORT_RULES)), multiple=True, metavar="RULE...",
+@click.option("--rules", type=RegistryChoice(report_rules), multiple=True, metavar="RULE...",
               help="Rows to compare, e.g. --rules bp gc dgl predsim infopro auglocal (gc = gradient "
                    "checkpointing; rules with a depth get a row per --d) [default: bp gc auglocal].")
 @click.option("--aux-checkpoint", type=click.Choice(["off", "on", "both"]), default="both", show_default=True,
               help="Local rows with auxiliary forwards kept (off), recomputed in backward (on, the "
                    "'+recompute' rows) or both, to compare peak memory and step time. FLOPs-only "
                    "reports show 'off' only: recomputation does not change the forward FLOPs.")
-@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True,
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="sgd", show_default=True,
               help="Whose state the whole peak holds: SGD momentum (the paper's) or AdamW.")
 @click.option("--flops-only", "--no-memory", "flops_only", is_flag=True,
               help="Count FLOPs and parameters only: no memory or time measurement (fast).")
@@ -62,9 +64,9 @@ def report(spec, depths, batch_size, device, tau, no_pyramid, selection, rule, a
     from auglocal_fx.costs import cost_report
     from auglocal_fx.tables import cost_table
 
-    kwargs = conversion_kwargs(tau, no_pyramid, selection, input_size, num_classes, aux_head,
-                               model_kwargs=model_kwargs)
-    del kwargs["rule"]  # the report's rows are --rules
+    # The report's rows are --rules; --rule only stands for BP, GC and that rule.
+    options = conversion_from_flags(tau, no_pyramid, selection, input_size, num_classes, aux_head,
+                                    model_kwargs=model_kwargs)
     if rules and click.get_current_context().get_parameter_source("rule") \
             is not click.core.ParameterSource.DEFAULT:
         raise click.ClickException("give --rule or --rules, not both: --rules lists every row")
@@ -79,7 +81,7 @@ def report(spec, depths, batch_size, device, tau, no_pyramid, selection, rule, a
                              repeats=repeats, threads=threads,
                              rules=tuple(rules) or ("bp", "gc", "auglocal"),
                              aux_checkpoint=_AUX_CHECKPOINT["off" if flops_only else aux_checkpoint],
-                             optimizer=optimizer, **kwargs)
+                             optimizer=optimizer, options=options)
         if plot is not None:
             from auglocal_fx.plots import plot_report
             plot_report(result, plot)

@@ -4,9 +4,9 @@ import os
 
 import click
 
-from auglocal_fx.training import DEFAULT_EPOCHS
+from auglocal_fx.training import AMP_MODES, DEFAULT_EPOCHS, METHODS, PIPELINE_BALANCES
 
-from .options import (aux_head_option, rule_option, conversion_kwargs, depth_option, input_size_option, pyramid_options,
+from .options import (aux_head_option, rule_option, conversion_from_flags, depth_option, input_size_option, pyramid_options,
                       selection_option, spec_argument, user_errors)
 from .options import MultiValueCommand, aux_init_option, model_kwargs_option, weights_option
 
@@ -21,7 +21,7 @@ from .options import MultiValueCommand, aux_init_option, model_kwargs_option, we
                    "[default: fashion-mnist when its Debian package is installed, else digits].")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Folder holding the dataset (never downloaded).")
-@click.option("--method", type=click.Choice(["auglocal", "bp"]), default="auglocal", show_default=True,
+@click.option("--method", type=click.Choice(METHODS), default="auglocal", show_default=True,
               help="AugLocal local learning, or end-to-end backprop for comparison.")
 @click.option("--epochs", type=click.IntRange(min=1), default=DEFAULT_EPOCHS, show_default=True,
               help="Passes over the training set (the paper: 400 on CIFAR-10).")
@@ -70,7 +70,7 @@ from .options import MultiValueCommand, aux_init_option, model_kwargs_option, we
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@click.option("--amp", type=click.Choice(["none", "bf16", "fp16"]), default="none", show_default=True,
+@click.option("--amp", type=click.Choice(AMP_MODES), default="none", show_default=True,
               help="Mixed precision (fp16 needs CUDA).")
 @click.option("--grad-clip", type=float, default=None, help="Max gradient norm per local module.")
 @click.option("--label-smoothing", type=float, default=0.0, show_default=True)
@@ -88,7 +88,7 @@ from .options import MultiValueCommand, aux_init_option, model_kwargs_option, we
 @click.option("--pipeline", type=click.IntRange(min=1), default=1, show_default=True,
               help="Pipeline workers, each owning a contiguous range of local modules (K x --nproc "
                    "processes; under torchrun the launched processes are split into pipelines of K).")
-@click.option("--pipeline-balance", type=click.Choice(["time", "flops"]), default="time", show_default=True,
+@click.option("--pipeline-balance", type=click.Choice(PIPELINE_BALANCES), default="time", show_default=True,
               help="Split the local modules by their measured step time or by their FLOPs.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads per process [default: the cores, shared by spawned processes].")
@@ -107,14 +107,14 @@ def train(spec, model_kwargs, weights, aux_init, dataset, data_dir, method, epoc
     from auglocal_fx.training import TrainConfig, train as run_training
 
     with user_errors():
-        options = conversion_kwargs(tau, no_pyramid, selection, input_size, None, aux_head, rule)
+        options = conversion_from_flags(tau, no_pyramid, selection, input_size, None, aux_head, rule,
+                                        d=d, aux_init=aux_init, aux_checkpoint=aux_checkpoint)
         config = TrainConfig(
             model=spec, dataset=dataset, data_dir=data_dir, out=out, method=method, epochs=epochs,
-            batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs, momentum=momentum, weight_decay=weight_decay, d=d,
-            tau=options["tau"], pyramid=options["pyramid"], selection=options["selection"],
-            aux_head=options["aux_head"], rule=options["rule"], aux_checkpoint=aux_checkpoint, seed=seed,
+            batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs, momentum=momentum, weight_decay=weight_decay,
+            conversion=options, seed=seed,
             device=device, amp=amp, grad_clip=grad_clip, label_smoothing=label_smoothing,
-            channels_last=channels_last, input_size=options.get("input_size"), max_steps=max_steps,
+            channels_last=channels_last, max_steps=max_steps,
             train_subset=train_subset, test_subset=test_subset, augment=not no_augment, num_workers=workers,
             nproc=nproc, pipeline=pipeline, pipeline_balance=pipeline_balance, threads=threads, resume=resume,
             progress=not quiet,
@@ -122,7 +122,7 @@ def train(spec, model_kwargs, weights, aux_init, dataset, data_dir, method, epoc
             sched_on_updates=sched_on_updates, decay_epochs=decay_epochs, decay_rate=decay_rate,
             mixup=mixup, cutmix=cutmix, mixup_prob=mixup_prob, mixup_switch_prob=mixup_switch_prob,
             model_ema=model_ema, model_ema_decay=model_ema_decay,
-            model_kwargs=model_kwargs, weights=weights, aux_init=aux_init)
+            model_kwargs=model_kwargs, weights=weights)
         result = run_training(config)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun, rank 0 reports

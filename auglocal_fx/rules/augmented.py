@@ -11,16 +11,20 @@ from ..planning import AuxPlan, plan_aux_nets
 from ..synthesis import synthesize_aux_net
 from .base import LocalRule, RuleAux, RuleContext, interpolate_weights
 from .infopro import reconstruction_decoder, reconstruction_schedule
+from .registry import register_rule
 
 __all__ = ["AugLocalRule", "AugLocalInfoProRule"]
 
 
+@register_rule
 class AugLocalRule(LocalRule):
     """Each auxiliary network is a fresh copy of ``n_j`` uniformly sampled later blocks and the
     head (pyramidal depth, stride and channel adaptation)."""
 
     name = "auglocal"
+    label = "AugLocal"
     uses_depth = True
+    order = 0
 
     def plan(self, resolutions: Sequence[int], d: int, tau: float, pyramid: bool,
              selection: str) -> List[AuxPlan]:
@@ -31,6 +35,7 @@ class AugLocalRule(LocalRule):
                                   context.aux_head, context.aux_init)
 
 
+@register_rule
 class AugLocalInfoProRule(AugLocalRule):
     """AugLocal's auxiliary network and cross-entropy unchanged, plus InfoPro's reconstruction
     decoder and loss on every locally trained block (appendix A.9).
@@ -41,6 +46,9 @@ class AugLocalInfoProRule(AugLocalRule):
     """
 
     name = "auglocal+infopro"
+    label = "AugLocal+InfoPro"
+    second_loss = True
+    order = 4
 
     def build(self, plan: AuxPlan, context: RuleContext) -> nn.Module:
         classifier = super().build(plan, context)

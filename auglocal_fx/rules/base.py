@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..initialization import InitReference
-from ..layouts import NCHW, ShapeAdapter
+from ..layouts import NCHW, ShapeAdapter, channels, grid_size
 from ..partition import Partition
 from ..planning import AuxPlan
 
@@ -50,14 +50,25 @@ class RuleContext:
 class LocalRule:
     """A local learning rule: which blocks learn locally, and with which auxiliary network.
 
+    Register a subclass with :func:`~auglocal_fx.rules.registry.register_rule`; the class
+    attributes are what the conversion, the reports and the CLI read.
+
     Attributes:
-        name: the value of ``to_local(..., rule=)``.
+        name: the value of ``to_local(..., rule=)``, ``--rule`` and ``--rules``.
+        label: what reports call it (``"AugLocal"``, ``"DGL"``; a row adds `` d=D`` where
+            ``uses_depth``).
         uses_depth: ``True`` where ``d``, ``tau``, ``pyramid`` and ``selection`` shape the
             auxiliary networks (AugLocal); the baselines train every block but the last locally.
+        second_loss: ``True`` where the auxiliary network is a :class:`RuleAux` with a loss
+            beyond cross-entropy (its decoder is not in the FLOPs of Table 7).
+        order: where the rule is listed (choices, error messages); ties keep registration order.
     """
 
     name = ""
+    label = ""
     uses_depth = False
+    second_loss = False
+    order = 100
 
     def plan(self, resolutions: Sequence[int], d: int, tau: float, pyramid: bool,
              selection: str) -> List[AuxPlan]:
@@ -85,7 +96,6 @@ def to_map(shape: Sequence[int], layout: str) -> Tuple[nn.Module, Tuple[int, int
     Convolutional auxiliary networks (DGL, PredSim, InfoPro) take maps; token and channels-last
     features are laid out as their grid first (prefix tokens dropped).
     """
-    from ..layouts import channels, grid_size
 
     _, h, w = grid_size(shape, layout)
     out = (channels(shape, layout), h, w)

@@ -14,12 +14,16 @@ from torch import nn
 
 from ..planning import AuxPlan
 from .base import LocalRule, RuleContext, initialise, to_map
+from .registry import register_rule
 
 __all__ = ["DGLRule"]
 
 
+@register_rule
 class DGLRule(LocalRule):
     name = "dgl"
+    label = "DGL"
+    order = 1
 
     def build(self, plan: AuxPlan, context: RuleContext) -> nn.Module:
         partition = context.partition

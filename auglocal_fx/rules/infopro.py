@@ -19,6 +19,7 @@ from torch import nn
 
 from ..planning import AuxPlan
 from .base import LocalRule, RuleAux, RuleContext, initialise, interpolate_weights, to_map
+from .registry import register_rule
 
 __all__ = ["InfoProRule", "reconstruction_decoder", "reconstruction_schedule", "RECONSTRUCTION_SCHEDULES"]
 
@@ -60,8 +61,12 @@ def reconstruction_decoder(context: RuleContext, block: int) -> nn.Module:
     return initialise(decoder, context.init)
 
 
+@register_rule
 class InfoProRule(LocalRule):
     name = "infopro"
+    label = "InfoPro"
+    second_loss = True
+    order = 3
 
     def build(self, plan: AuxPlan, context: RuleContext) -> nn.Module:
         partition = context.partition

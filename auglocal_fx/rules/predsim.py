@@ -18,6 +18,7 @@ from torch import nn
 
 from ..planning import AuxPlan
 from .base import LocalRule, RuleAux, RuleContext, initialise, to_map
+from .registry import register_rule
 
 __all__ = ["PredSimRule", "pool_to_features"]
 
@@ -45,8 +46,12 @@ def pool_to_features(channels: int, h: int, w: int, target: int) -> Tuple[nn.Mod
     return nn.AvgPool2d((kh, kw), padding=pad), size
 
 
+@register_rule
 class PredSimRule(LocalRule):
     name = "predsim"
+    label = "PredSim"
+    second_loss = True
+    order = 2
 
     def build(self, plan: AuxPlan, context: RuleContext) -> nn.Module:
         partition = context.partition

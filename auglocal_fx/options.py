@@ -1,0 +1,196 @@
+"""``ConversionOptions``: what :func:`~auglocal_fx.to_local` is asked to build, in one record.
+
+One frozen, typed dataclass validates the options, says them in words (:meth:`describe`), and
+writes / reads the ``options`` dict of a checkpoint (old checkpoints, missing newer keys, load
+with the defaults those keys had before they existed). ``to_local``, ``LocalNet``, ``TrainConfig``,
+``cost_report``, ``solve_budget``, ``measure_memory`` and the CLI take it; their keyword
+arguments are a convenience that builds one.
+
+``leaf_modules`` and ``autowrap_functions`` are not options here: they hold classes and
+functions a checkpoint cannot carry, so they stay arguments of tracing (``to_local``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+from .errors import AugLocalError
+from .planning import validate_options
+from .rules import get_rule
+from .synthesis import validate_aux_head, validate_aux_init
+
+__all__ = ["ConversionOptions", "conversion_options"]
+
+# The keys a checkpoint's ``options`` dict may miss (written before the option existed), and
+# what those checkpoints meant.
+_OLD_DEFAULTS = {"aux_head": "copy", "rule": "auglocal", "normalization": None, "aux_init": "init",
+                 "model_kwargs": None, "aux_checkpoint": False, "block_boundaries": None}
+
+
+@dataclass(frozen=True)
+class ConversionOptions:
+    """The conversion options of an AugLocal network (see :func:`~auglocal_fx.to_local`).
+
+    Attributes:
+        d: auxiliary depth, sampled blocks + classifier (>= 2).
+        tau: pyramid decay in ``[0, 1]``.
+        pyramid: ``False`` gives every auxiliary network depth ``d``.
+        selection: ``"uniform"``, ``"sequential"`` or ``"repetitive"``.
+        aux_head: ``"auto"``, ``"copy"`` or ``"slim"``, as asked.
+        rule: a registered local learning rule (:mod:`auglocal_fx.rules`).
+        aux_init: ``"init"`` or ``"copy"``: how AugLocal's copies start.
+        aux_checkpoint: recompute the auxiliary forwards in backward.
+        input_size: ``(C, H, W)`` to trace at; ``None``: the model's own.
+        num_classes: classifier width (spec strings; a converted network's own width).
+        block_boundaries: module names that end a block; ``None``: the automatic cut.
+        normalization: the images' per-channel ``(mean, std)``; ``None``: unknown.
+        model_kwargs: a spec string's builder arguments.
+        resolved_aux_head: ``"copy"`` or ``"slim"``, what ``aux_head`` meant for the network
+            (set by ``to_local``; ``None`` before conversion).
+    """
+
+    d: int = 2
+    tau: float = 0.5
+    pyramid: bool = True
+    selection: str = "uniform"
+    aux_head: str = "auto"
+    rule: str = "auglocal"
+    aux_init: str = "init"
+    aux_checkpoint: bool = False
+    input_size: Optional[Tuple[int, int, int]] = None
+    num_classes: Optional[int] = None
+    block_boundaries: Optional[Tuple[str, ...]] = None
+    normalization: Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]] = None
+    model_kwargs: Optional[Mapping[str, Any]] = None
+    resolved_aux_head: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        validate_options(self.d, self.tau, self.selection)
+        validate_aux_head(self.aux_head)
+        validate_aux_init(self.aux_init)
+        get_rule(self.rule)
+        if not isinstance(self.aux_checkpoint, bool):
+            raise AugLocalError(f"aux_checkpoint must be True or False, got {self.aux_checkpoint!r}")
+        if not isinstance(self.pyramid, bool):
+            raise AugLocalError(f"pyramid must be True or False, got {self.pyramid!r}")
+        if self.resolved_aux_head not in (None, "copy", "slim"):
+            raise AugLocalError(f"resolved_aux_head must be 'copy' or 'slim', got {self.resolved_aux_head!r}")
+        # Normal forms, so equal options compare equal however they were given.
+        set_ = object.__setattr__  # frozen: __post_init__ is the one place that may
+        set_(self, "tau", float(self.tau))
+        if self.input_size is not None:
+            set_(self, "input_size", tuple(int(v) for v in self.input_size))
+        if self.num_classes is not None:
+            set_(self, "num_classes", int(self.num_classes))
+        set_(self, "block_boundaries", tuple(self.block_boundaries) if self.block_boundaries else None)
+        set_(self, "normalization", _checked_normalization(self.normalization, self.input_size))
+        set_(self, "model_kwargs", dict(self.model_kwargs) if self.model_kwargs else None)
+
+    def replace(self, **changes: Any) -> "ConversionOptions":
+        """A copy with ``changes`` (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def uses_depth(self) -> bool:
+        """Whether ``d``, ``tau``, ``pyramid`` and ``selection`` shape the auxiliary networks."""
+        return get_rule(self.rule).uses_depth
+
+    def describe(self, style: str = "words") -> str:
+        """The options in words; every place that prints options uses this.
+
+        Args:
+            style: ``"words"``: ``"d=6, tau=0.5, pyramid=True, selection=uniform"`` (a rule
+                without depth: ``"rule=dgl, every block but the last trained locally"``);
+                ``"brief"``: ``"auglocal d=6"`` or the rule's name; ``"method"``: ``"AugLocal"``
+                or ``"local learning"``; ``"repr"``: the ``LocalNet`` repr's fields.
+        """
+        if style == "brief":
+            return f"auglocal d={self.d}" if self.rule == "auglocal" else self.rule
+        if style == "method":
+            return "AugLocal" if self.rule == "auglocal" else "local learning"
+        if style == "repr":
+            return (f"d={self.d}, tau={self.tau}, pyramid={self.pyramid}, selection={self.selection!r}, "
+                    f"aux_head={self.aux_head!r}"
+                    + (f", rule={self.rule!r}" if self.rule != "auglocal" else "")
+                    + (", aux_checkpoint=True" if self.aux_checkpoint else ""))
+        if style != "words":
+            raise AugLocalError(f"unknown describe style {style!r}: choose words, brief, method or repr")
+        if not self.uses_depth:
+            return f"rule={self.rule}, every block but the last trained locally"
+        text = f"d={self.d}, tau={self.tau}, pyramid={self.pyramid}, selection={self.selection}"
+        if self.rule != "auglocal":
+            text += f", rule={self.rule}"
+        if self.resolved_aux_head == "slim":
+            text += ", slim auxiliary heads"
+        return text
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The checkpoint's ``options`` dict (lists, not tuples; ``model_kwargs`` only when set)."""
+        out: Dict[str, Any] = {
+            "d": self.d, "tau": self.tau, "pyramid": self.pyramid, "selection": self.selection,
+            "input_size": None if self.input_size is None else list(self.input_size),
+            "num_classes": self.num_classes,
+            "block_boundaries": None if self.block_boundaries is None else list(self.block_boundaries),
+            "aux_head": self.aux_head, "rule": self.rule,
+            "normalization": None if self.normalization is None else [list(v) for v in self.normalization],
+            "aux_init": self.aux_init, "aux_checkpoint": self.aux_checkpoint,
+        }
+        if self.model_kwargs:
+            out["model_kwargs"] = dict(self.model_kwargs)  # load() re-creates the model with them
+        if self.resolved_aux_head is not None:
+            out["resolved_aux_head"] = self.resolved_aux_head
+        return out
+
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any]) -> "ConversionOptions":
+        """Options from a checkpoint's ``options`` dict; keys older checkpoints lack take the
+        values they had then (``aux_head="copy"``, ``rule="auglocal"``, ...).
+
+        Raises:
+            AugLocalError: for an unknown key or a bad value.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise AugLocalError(f"unknown conversion option(s) {', '.join(unknown)}; "
+                                "was the checkpoint written by a newer auglocal-fx?")
+        return cls(**{**_OLD_DEFAULTS, **options})
+
+
+def conversion_options(options: Optional[ConversionOptions] = None, **kwargs: Any) -> ConversionOptions:
+    """``options`` with the keyword arguments given (``None`` values left out) applied on top.
+
+    Raises:
+        AugLocalError: for an unknown keyword or a bad value.
+    """
+    base = ConversionOptions() if options is None else options
+    if not isinstance(base, ConversionOptions):
+        raise AugLocalError(f"options must be a ConversionOptions, not {type(base).__name__}")
+    names = {f.name for f in dataclasses.fields(ConversionOptions)}
+    unknown = sorted(set(kwargs) - names)
+    if unknown:
+        raise AugLocalError(f"unknown conversion option(s) {', '.join(unknown)}; see ConversionOptions")
+    changes = {k: v for k, v in kwargs.items() if v is not None}
+    return base.replace(**changes) if changes else base
+
+
+def _checked_normalization(value: Optional[Sequence[Sequence[float]]],
+                           input_size: Optional[Tuple[int, ...]]
+                           ) -> Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]]:
+    """``value`` as ``(mean, std)`` tuples, or an error saying what a normalization must be."""
+    if value is None:
+        return None
+    channels = input_size[0] if input_size else None
+    try:
+        mean, std = (tuple(float(v) for v in part) for part in value)
+    except (TypeError, ValueError):
+        mean, std = (), ()
+    if (not mean or len(mean) != len(std) or min(std) <= 0
+            or (channels is not None and len(mean) not in (1, channels))):
+        count = f"1 or {channels} values each" if channels is not None else "equally many values"
+        raise AugLocalError(
+            f"normalization must be (mean, std) with {count} and std > 0, not "
+            f"{value!r}; pass the statistics the images were normalised with")
+    return mean, std
