@@ -4,9 +4,7 @@ The rule (docs/method.md, "Initialisation"): each parameter of a copy is drawn f
 distribution of the parameter it copies *as the source model initialised it*:
 
 * a constant stays that constant: BatchNorm weight 1 and bias 0, a zero-initialised last
-  BatchNorm weight of a residual block (timm's ``zero_init_last``), zero biases; except a
-  *layer scale*, a small positive constant (at most ``LAYER_SCALE_MAX``: ConvNeXt's 1e-6,
-  CaiT's 1e-5) that scales a residual branch, which starts at 1 in a copy (see below);
+  BatchNorm weight of a residual block (timm's ``zero_init_last``), zero biases;
 * otherwise the same family (normal or uniform, told apart by the sample kurtosis) with the same
   mean and standard deviation (the fan rule's exact value, below, when the source's sample
   standard deviation agrees with it up to sampling noise);
@@ -35,17 +33,10 @@ from typing import Dict, Iterable, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ["TensorInit", "FanRule", "InitReference", "describe_init", "fit_fan_rule", "LAYER_SCALE_MAX"]
+__all__ = ["TensorInit", "FanRule", "InitReference", "describe_init", "fit_fan_rule"]
 
 # Excess kurtosis: normal 0, truncated normal at 2 sigma -0.64, uniform -1.2.
 _UNIFORM_KURTOSIS = -0.9
-# A constant in (0, LAYER_SCALE_MAX] is a layer scale: it lets a deep network start close to the
-# identity, so its residual branches learn gently under end-to-end training. An auxiliary network
-# is one to three copied blocks deep and needs no such start; copied at 1e-6 its blocks are the
-# identity, the network a linear classifier on the block's output (greedy local learning), and
-# ConvNeXt-atto's AugLocal d=4 ended 2.7 points below BP instead of 0.6 (docs/results.md).
-LAYER_SCALE_MAX = 1e-2
-AUX_LAYER_SCALE = 1.0
 
 
 @dataclass(frozen=True)
@@ -214,11 +205,7 @@ class InitReference:
             source = sources.get(name)
             init = self.by_param.get(id(source)) if source is not None else None
             if init is not None and init.family == "constant":
-                if 0.0 < init.mean <= LAYER_SCALE_MAX:
-                    with torch.no_grad():
-                        param.fill_(AUX_LAYER_SCALE)
-                else:
-                    init.sample_(param)
+                init.sample_(param)
                 continue
             rule = self.rules.get((type(module), name))
             fan_in, fan_out = fans(tuple(param.shape)) if param.dim() >= 2 else (owner or (1, 1))
