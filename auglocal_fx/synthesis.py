@@ -5,7 +5,10 @@ the head. Each copy is the block's traced subgraph, adapted to what actually rea
 
 * stride: a copy reduces the resolution by exactly the factor the plan gives (1 or 2). Strides
   of the original's reducing convolutions and poolings are lowered (a removed 2x pooling becomes
-  nothing), or the first spatial operation on each path from the input gets stride 2;
+  nothing), or the first spatial operation on each path from the input gets stride 2; a copy
+  with no spatial operation (only 1x1 convolutions, as MobileNetV3's last block) is average-pooled
+  to the planned size after it, since a strided 1x1 convolution would drop three of every four
+  positions unseen;
 * channels: a weight layer or norm that receives another channel count is re-created for it
   (same class, same options, new width); where the changed input reaches a residual merge
   through no weight layer (an identity shortcut), that shortcut becomes a projection
@@ -225,7 +228,6 @@ def _add_first_strides(gm: fx.GraphModule, placeholder: fx.Node) -> None:
     """Stride 2 at the first spatial op of every path from the input (merges are repaired)."""
     deps = _dependent(gm.graph)
     marked: List[fx.Node] = []
-    first_conv: Optional[fx.Node] = None
     seen = set()
     stack = list(placeholder.users)
     while stack:
@@ -235,16 +237,12 @@ def _add_first_strides(gm: fx.GraphModule, placeholder: fx.Node) -> None:
         seen.add(node)
         if len(_activation_inputs(node, deps)) > 1:
             continue
-        if node.op == "call_module" and first_conv is None and isinstance(
-                gm.get_submodule(node.target), nn.modules.conv._ConvNd):
-            first_conv = node
         if _is_spatial_op(gm, node):
             marked.append(node)
             continue
         stack.extend(node.users)
-    if not marked and first_conv is not None:
-        marked = [first_conv]
-    # Nothing to stride (a leaf module): the copy is pooled to the planned size afterwards.
+    # Nothing to stride (only pointwise convolutions, or a leaf module): the copy is average-pooled
+    # to the planned size afterwards, rather than a 1x1 convolution striding past 3 of 4 positions.
     for node in marked:
         _set_stride(gm, node, 2)
 
