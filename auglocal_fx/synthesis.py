@@ -6,9 +6,9 @@ the head. Each copy is the block's traced subgraph, adapted to what actually rea
 * stride: a copy reduces the resolution by exactly the factor the plan gives (1 or 2). Strides
   of the original's reducing convolutions and poolings are lowered (a removed 2x pooling becomes
   nothing), or the first spatial operation on each path from the input gets stride 2; a copy
-  with no spatial operation (only 1x1 convolutions, as MobileNetV3's last block) is average-pooled
-  to the planned size after it, since a strided 1x1 convolution would drop three of every four
-  positions unseen;
+  with no spatial operation (only 1x1 convolutions, as MobileNetV3's last block) gets a 2x2
+  average pooling of its input instead, since a strided 1x1 convolution would drop three of every
+  four positions unseen (the same size and memory, every position read);
 * channels: a weight layer or norm that receives another channel count is re-created for it
   (same class, same options, new width); where the changed input reaches a residual merge
   through no weight layer (an identity shortcut), that shortcut becomes a projection
@@ -228,6 +228,7 @@ def _add_first_strides(gm: fx.GraphModule, placeholder: fx.Node) -> None:
     """Stride 2 at the first spatial op of every path from the input (merges are repaired)."""
     deps = _dependent(gm.graph)
     marked: List[fx.Node] = []
+    pointwise = False
     seen = set()
     stack = list(placeholder.users)
     while stack:
@@ -237,12 +238,20 @@ def _add_first_strides(gm: fx.GraphModule, placeholder: fx.Node) -> None:
         seen.add(node)
         if len(_activation_inputs(node, deps)) > 1:
             continue
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.modules.conv._ConvNd):
+            pointwise = True
         if _is_spatial_op(gm, node):
             marked.append(node)
             continue
         stack.extend(node.users)
-    # Nothing to stride (only pointwise convolutions, or a leaf module): the copy is average-pooled
-    # to the planned size afterwards, rather than a 1x1 convolution striding past 3 of 4 positions.
+    if not marked and pointwise:
+        # Only 1x1 convolutions: pool the input 2x2 rather than stride a 1x1 convolution past
+        # three of every four positions (ceil mode gives ceil(H/2), as that stride would).
+        gm.add_submodule("auglocal_input_pool", nn.AvgPool2d(2, ceil_mode=True))
+        with gm.graph.inserting_after(placeholder):
+            pool = gm.graph.call_module("auglocal_input_pool", (placeholder,))
+        placeholder.replace_all_uses_with(pool, delete_user_cb=lambda user: user is not pool)
+    # Nothing to stride otherwise (a leaf module): the copy is pooled to the planned size afterwards.
     for node in marked:
         _set_stride(gm, node, 2)
 
