@@ -152,3 +152,22 @@ def test_aux_init_is_checked():
 
     with pytest.raises(AugLocalError, match="unknown auxiliary initialisation 'pretrained'"):
         to_local("paper:resnet32", d=2, aux_init="pretrained")
+
+
+def test_a_pointwise_copy_reads_every_position_when_it_reduces():
+    """MobileNetV3's last block is a 1x1 conv: striding it by 2 would never read odd positions."""
+    import timm
+
+    model = timm.create_model("mobilenetv3_small_100", num_classes=10)
+    local = to_local(model, d=2, input_size=(3, 32, 32))
+    copy = local.aux[0][0].eval()
+    assert local.plan[0].strides == (2,) and local.block_names[-1] == ["blocks.5"]
+    convs = [m for m in copy.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(c.kernel_size == (1, 1) and c.stride == (1, 1) for c in convs)
+    h = torch.randn(1, *local.block_shapes[0])
+    moved = h.clone()
+    moved[..., 1::2, 1::2] += 1.0  # only positions a stride-2 1x1 conv skips
+    with torch.no_grad():
+        out, out_moved = copy(h), copy(moved)
+    assert out.shape[-2:] == (8, 8)  # half of block 0's 16x16, as planned
+    assert not torch.allclose(out, out_moved)
