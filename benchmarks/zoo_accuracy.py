@@ -306,7 +306,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     if r["gap_to_bp"] is not None and abs(r["gap_to_bp"]) < 1.0})
     extra = [(f, m, s) for s in args.confirm_seeds for f, m in close + sorted({(f, "bp") for f, _ in close})
              if s not in args.seeds]
-    if extra and not args.report_only:
+    if extra:
         print(f"gaps below one point: {', '.join(f'{f} {LABELS[m]}' for f, m in close)}; more seeds", flush=True)
         _run_all(args, extra, results, failures)
     rows = _rows(results, args.families, args.methods)
