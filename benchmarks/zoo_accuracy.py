@@ -85,7 +85,8 @@ TARGETS = {"auglocal4": 1.0, "auglocal2": 2.0}  # largest gap to BP, points
 def _recipe(args: argparse.Namespace) -> Dict[str, Any]:
     return {"dataset": "fashion-mnist", "input_size": 32, "train_subset": args.train_subset,
             "test_subset": args.test_subset, "epochs": args.epochs, "warmup_epochs": args.warmup_epochs,
-            "batch_size": 128, "threads": 1, "memory_batch": args.memory_batch}
+            "batch_size": 128, "threads": 1, "memory_batch": args.memory_batch,
+            **({"device": args.device} if args.device != "cpu" else {})}
 
 
 # ----------------------------------------------------------------------------- one run (worker)
@@ -106,7 +107,7 @@ def _worker(family: str, method: str, seed: int, workdir: str, recipe: Dict[str,
                    input_size=recipe["input_size"], train_subset=recipe["train_subset"],
                    test_subset=recipe["test_subset"], epochs=recipe["epochs"],
                    warmup_epochs=recipe["warmup_epochs"], batch_size=recipe["batch_size"], seed=seed,
-                   device="cpu", threads=1, out=str(out), progress=False, resume=True, **RECIPES[recipe_name],
+                   device=recipe.get("device", "cpu"), threads=1, out=str(out), progress=False, resume=True, **RECIPES[recipe_name],
                    **options)
     seconds = time.perf_counter() - start
     steps = result.history[-1]["step"]
@@ -115,6 +116,7 @@ def _worker(family: str, method: str, seed: int, workdir: str, recipe: Dict[str,
     memory = measure_memory(spec, methods=("bp",) if method == "bp" else ("auglocal",),
                             d=options.get("d", 2), batch_size=recipe["memory_batch"],
                             input_size=(3, recipe["input_size"], recipe["input_size"]), num_classes=10,
+                            device=recipe.get("device", "cpu"),
                             to_local_kwargs={**local_options, "model_kwargs": model_kwargs})
     row = memory.rows[0]
     record = {"family": family, "spec": spec, "model_kwargs": model_kwargs, "recipe_name": recipe_name,
@@ -284,6 +286,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--test-subset", type=int, default=2000)
     parser.add_argument("--memory-batch", type=int, default=128, help="batch of the memory measurement")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (a CPU run's cache key has no device)")
     parser.add_argument("--out", default="runs/zoo")
     parser.add_argument("--json", default="docs/zoo_accuracy.json")
     parser.add_argument("--plot", default="docs/zoo_accuracy.png")
