@@ -107,8 +107,8 @@ def _worker(family: str, method: str, seed: int, workdir: str, recipe: Dict[str,
                    input_size=recipe["input_size"], train_subset=recipe["train_subset"],
                    test_subset=recipe["test_subset"], epochs=recipe["epochs"],
                    warmup_epochs=recipe["warmup_epochs"], batch_size=recipe["batch_size"], seed=seed,
-                   device=recipe.get("device", "cpu"), threads=1, out=str(out), progress=False, resume=True, **RECIPES[recipe_name],
-                   **options)
+                   device=recipe.get("device", "cpu"), threads=1, out=str(out), progress=False, resume=True,
+                   **RECIPES[recipe_name], **options)
     seconds = time.perf_counter() - start
     steps = result.history[-1]["step"]
     train_seconds = sum(h["train_seconds"] for h in result.history)
