@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from torch import nn
 
 from auglocal_fx import AugLocalError, solve_budget, to_local
 from auglocal_fx.costs import CostReport, CostRow
