@@ -35,13 +35,13 @@ from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from torchvision.transforms import v2
 
 from .errors import AugLocalError
 
 __all__ = ["DATASETS", "DEFAULT_FASHION_MNIST_DIR", "Datasets", "build_datasets", "dataset_geometry",
-           "dataset_normalization", "train_augmentation"]
+           "dataset_normalization", "train_augmentation", "subset"]
 
 DATASETS = ("cifar10", "svhn", "stl10", "fashion-mnist", "digits", "imagefolder:PATH", "synthetic")
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -162,6 +162,14 @@ def dataset_geometry(name: str, input_size: Union[None, int, Sequence[int]] = No
     if not os.path.isdir(train):
         raise AugLocalError(f"{name} needs {train}/<class>/*; create it or pass another path")
     return sum(os.path.isdir(os.path.join(train, c)) for c in os.listdir(train)), (3, side, side)
+
+
+def subset(dataset: Dataset, n: Optional[int], seed: int) -> Dataset:
+    """A seeded random subset of ``n`` examples, in the permutation's order (all for ``n=None``)."""
+    if n is None or n >= len(dataset):
+        return dataset
+    generator = torch.Generator().manual_seed(seed)
+    return Subset(dataset, torch.randperm(len(dataset), generator=generator)[:n].tolist())
 
 
 def dataset_normalization(name: str) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
