@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ._device import resolve_device
+from ._device import random_input, resolve_device, synchronize
 from .errors import AugLocalError, first_line
 from .flops import count_flops
 from .local import to_local
@@ -116,19 +116,14 @@ class CostReport:
         }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _time(step: Callable[[], None], device: torch.device, repeats: int) -> float:
     step()  # warm-up
-    _sync(device)
+    synchronize(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         step()
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -268,7 +263,7 @@ def cost_report(
         report.memory_note = "not measured (FLOPs only)" if not timing else "not measured"
     if timing:
         gen = torch.Generator().manual_seed(0)
-        x = torch.randn((batch_size,) + size, generator=gen).to(dev)
+        x = random_input(size, batch_size, dev, generator=gen)
         y = torch.randint(0, int(base.num_classes), (batch_size,), generator=gen).to(dev)
         runs = [(base, {"bp": "bp", "gc": "checkpoint"}[rule]) if rule in BASELINES
                 else (by_label[label][2], "auglocal") for label, rule, _, _ in entries]
