@@ -92,6 +92,7 @@ def test_count_flops_is_lazy(resnet32_d3, monkeypatch):
     calls = len(counted)
     flops.total
     flops.primary
+    flops.blocks, flops.head, flops.aux, flops.unsupported_ops()
     assert len(counted) == calls  # cached
 
 
