@@ -1,10 +1,10 @@
 """The paper's Table 7 for any model: FLOPs, parameters, memory and step time per method.
 
 Rows: end-to-end backpropagation (BP), gradient checkpointing (GC: every block wrapped in
-:func:`torch.utils.checkpoint.checkpoint`, as :mod:`auglocal_fx.memory` measures it), and AugLocal
+``torch.utils.checkpoint.checkpoint``, as ``auglocal_fx.memory`` measures it), and AugLocal
 at each requested depth. FLOPs are fvcore's (one fused multiply-add = one FLOP, forward of one
 example; GC's forward is BP's, its recomputation during backward is not a forward FLOP). Memory
-comes from :func:`auglocal_fx.memory.measure_memory`; if that is unavailable or fails, the memory
+comes from ``auglocal_fx.memory.measure_memory``; if that is unavailable or fails, the memory
 columns are left out, never estimated. Time per step is measured here, without the memory hooks
 (wall clock, median of a few steps after one warm-up step, gradients computed, no optimizer
 update).
@@ -48,7 +48,7 @@ class CostRow:
         memory: measured bytes: the CUDA peak on a GPU, else the peak of bytes saved for
             backward (``None`` when not measured).
         whole: the whole count at the step's peak: parameters + optimizer state + saved bytes
-            and ``.grad`` tensors (see :mod:`auglocal_fx.memory`; ``None`` when not measured).
+            and ``.grad`` tensors (see ``auglocal_fx.memory``; ``None`` when not measured).
         aux_checkpoint: whether the auxiliary forwards are recomputed in backward.
         rss: growth of the process's peak RSS over one step (CPU, ``rss=True`` only).
         step_time: seconds per training step at the report's batch size (``None`` if not timed).
@@ -77,7 +77,7 @@ class CostRow:
 
 @dataclass
 class CostReport:
-    """The rows of :func:`cost_report` and the per-block profile of the primary network.
+    """The rows of ``cost_report`` and the per-block profile of the primary network.
 
     Attributes:
         model: the spec string (or class name).
@@ -129,7 +129,7 @@ def _time(step: Callable[[], None], device: torch.device, repeats: int) -> float
 
 
 def _train_step(local, method: str, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    """One training step as :mod:`auglocal_fx.memory` runs it (gradients, no update)."""
+    """One training step as ``auglocal_fx.memory`` runs it (gradients, no update)."""
     def step():
         local.zero_grad(set_to_none=True)
         run_method_step(local, method, x, y)
@@ -174,13 +174,13 @@ def cost_report(
         selection: block selection strategy.
         input_size: ``(C, H, W)``; default: the spec's.
         num_classes: classifier width; default: the spec's.
-        aux_head: ``"auto"``, ``"copy"`` or ``"slim"`` (see :func:`auglocal_fx.to_local`).
+        aux_head: ``"auto"``, ``"copy"`` or ``"slim"`` (see ``auglocal_fx.to_local``).
         model_kwargs: for a spec string, keyword arguments for its builder (see
-            :func:`auglocal_fx.resolve_model`).
+            ``auglocal_fx.resolve_model``).
         rules: the rows: ``"bp"``, ``"gc"`` (gradient checkpointing), and local rules
             (``"auglocal"``, ``"dgl"``, ``"predsim"``, ``"infopro"``, ``"auglocal+infopro"``);
             a rule with a depth gets one row per ``d`` in ``depths``.
-        memory: measure memory with :func:`auglocal_fx.memory.measure_memory`.
+        memory: measure memory with ``auglocal_fx.memory.measure_memory``.
         rss: on CPU, also measure peak RSS (one fresh subprocess per method: slow).
         timing: measure time per step.
         repeats: timed steps per method (after one warm-up step).
@@ -189,11 +189,11 @@ def cost_report(
         aux_checkpoint: recompute the auxiliary forwards in backward; ``(False, True)`` gives
             each local row both ways (the ``+recompute`` rows).
         optimizer: whose state the whole count holds (``"sgd"``, the paper's, or ``"adamw"``).
-        options: the :class:`~auglocal_fx.ConversionOptions` of every local row (``tau`` ...
+        options: the ``ConversionOptions`` of every local row (``tau`` ...
             above override its fields; ``d``, ``rule`` and ``aux_checkpoint`` are the rows').
 
     Returns:
-        A :class:`CostReport`.
+        A ``CostReport``.
 
     Raises:
         AugLocalError: bad options, an unavailable device, or any conversion error.
@@ -317,7 +317,7 @@ _MEASUREMENT_FAILURES = (AugLocalError, MemoryError, torch.OutOfMemoryError, OSE
 
 def _add_memory(report: CostReport, model_or_spec, entries, device, rss: bool,
                 options: ConversionOptions, num_classes: Optional[int], optimizer: str = "sgd") -> None:
-    """Fill the memory columns from :func:`auglocal_fx.memory.measure_memory`, or say why not."""
+    """Fill the memory columns from ``auglocal_fx.memory.measure_memory``, or say why not."""
     common = dict(batch_size=report.batch_size, device=device, input_size=options.input_size,
                   num_classes=num_classes, rss=rss and device.type == "cpu",
                   optimizer=optimizer)

@@ -1,6 +1,6 @@
 """Model specs: ``timm:NAME``, ``torchvision:NAME``, ``paper:NAME`` and ``path/file.py:factory``.
 
-A spec names an architecture; :func:`resolve_model` creates it with random weights (nothing is
+A spec names an architecture; ``resolve_model`` creates it with random weights (nothing is
 ever downloaded), with the builder's keyword arguments (``model_kwargs``, as timm's
 ``--model-kwargs``), optionally loads a local weights file, and knows the default input size.
 """
@@ -252,7 +252,7 @@ def resolve_model(
         input_size: ``(C, H, W)``; default: the size the model states (timm's pretrained
             config, the paper's networks' 32x32; a timm ``img_size`` in ``model_kwargs``), 224
             for torchvision; a file's model that states none needs it.
-        weights: a local weights file (see :func:`load_weights`; never downloaded).
+        weights: a local weights file (see ``load_weights``; never downloaded).
         model_kwargs: keyword arguments for the builder (``timm.create_model``, torchvision's
             ``get_model``, the file's factory), e.g. ``{"depth": 6, "patch_size": 4}``.
 
