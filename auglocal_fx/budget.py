@@ -141,8 +141,9 @@ def solve_budget(
     """
     rule = to_local_kwargs.get("rule") or (options.rule if options is not None else "auglocal")
     if not get_rule(rule).uses_depth:
+        with_depth = ", ".join(n for n in rule_names() if get_rule(n).uses_depth)
         raise AugLocalError(f"a FLOPs budget chooses AugLocal's d and tau; the {rule} rule has neither: drop "
-                            f"the budget, or plan a rule with a depth ({', '.join(n for n in rule_names() if get_rule(n).uses_depth)})")
+                            f"the budget, or plan a rule with a depth ({with_depth})")
     kind, value = parse_budget(budget)
     if not (isinstance(tau_step, (int, float)) and 0 < tau_step <= 1):
         raise AugLocalError(f"tau_step={tau_step!r} must be in (0, 1]; use e.g. 0.05")

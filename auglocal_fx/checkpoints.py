@@ -2,18 +2,22 @@
 
 The kinds (a payload is a ``torch.save``'d dict; the tagged ones carry ``format`` and ``version``):
 
-* a LocalNet checkpoint (``LocalNet.save``, ``auglocal-fx convert --out``): spec, options and
+* a LocalNet checkpoint (``LocalNet.save``, ``auglocal-fx convert --output``): spec, options and
   the network's ``state_dict``; ``format`` ``"auglocal-fx/localnet"``, any version is read;
 * the training state (``OUT/last.pt``): the run's config, position, weights, optimizer and RNG;
   ``format`` ``"auglocal-fx-train"``, version 3 only (a run resumes with the exact state);
-* a pipeline worker's part of the training state (``OUT/last.stageN.pt``), likewise;
+* a pipeline worker's part of the training state (``OUT/last.stageK-of-N.stepS.pt``), likewise;
 * a weights file: a plain ``state_dict`` (``OUT/model.pt``, the original model's weights), or a
   timm / torchvision training checkpoint that holds one.
 
 Whatever the kind, a missing file, an unreadable one and one of another kind give one line in
-the same words (``read``): ``<noun> '<path>' does not exist``, ``cannot read <noun> '<path>':
-corrupt or not a torch file (...)``, ``'<path>' is not <kind> [but <kind found>]``, each with
-what to do. Files are read with ``weights_only=True``: nothing in them is executed.
+the same words (``read``), each followed by what to do:
+
+* ``<noun> '<path>' does not exist: check the path``;
+* ``cannot read <noun> '<path>': corrupt or not a torch file (<error type>)``;
+* ``'<path>' is not <kind> [but <the kind it is>]``, or ``... is version N of <kind>``.
+
+Files are read with ``weights_only=True``: nothing in them is executed.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Any, Dict, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .errors import AugLocalError, first_line
+from .errors import AugLocalError
 
 __all__ = ["Kind", "LOCALNET", "TRAINING", "PIPELINE_PART", "WEIGHTS", "TRAINED", "read", "read_state_dict",
            "load_weights", "model_file", "trained_config"]
@@ -58,7 +62,7 @@ class Kind:
 
 
 LOCALNET = Kind("an auglocal-fx LocalNet checkpoint", "checkpoint",
-                "write it with `auglocal-fx convert --out` or LocalNet.save()", "auglocal-fx/localnet", 1)
+                "write it with `auglocal-fx convert --output` or LocalNet.save()", "auglocal-fx/localnet", 1)
 TRAINING = Kind("an auglocal-fx training checkpoint (the training state)", "checkpoint",
                 "delete it or use another --out", "auglocal-fx-train", 3, strict_version=True)
 PIPELINE_PART = Kind("an auglocal-fx pipeline part of a training checkpoint", "checkpoint",
@@ -114,10 +118,10 @@ def _load(path: PathLike, kind: Kind, map_location: Union[str, torch.device], mm
         with torch.serialization.safe_globals([argparse.Namespace]):
             payload = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
-        line = first_line(exc, empty="", limit=120)
-        reason = type(exc).__name__ + (f": {line}" if line else "")
-        raise AugLocalError(f"cannot read {kind.noun} {_q(path)}: corrupt or not a torch file ({reason}); "
-                            f"{kind.hint}") from None
+        # The type only: torch's message for a file that is not a torch file is a page about
+        # weights_only, which is beside the point here.
+        raise AugLocalError(f"cannot read {kind.noun} {_q(path)}: corrupt or not a torch file "
+                            f"({type(exc).__name__}); {kind.hint}") from None
     if not isinstance(payload, dict):
         raise _wrong_kind(path, kind)
     return payload

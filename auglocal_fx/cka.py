@@ -1,9 +1,8 @@
 """Linear CKA of two networks, block by block: the paper's section 4.3, Figure 3.
 
 The features are each block's output (``LocalNet.block_outputs``): no forward hooks, no layer
-names. linear CKA (Kornblith et al. 2019) of the
-flattened block outputs, one ``(n, C*H*W)`` matrix per block, as Kornblith et al. and the
-paper use them. It is computed with the minibatch estimator of Nguyen et al. (2021, eq. 3),
+names. ``block_cka`` computes the linear CKA (Kornblith et al. 2019) of the flattened block
+outputs, one ``(n, C*H*W)`` matrix per block, as Kornblith et al. and the paper use them. It is computed with the minibatch estimator of Nguyen et al. (2021, eq. 3),
 so a whole test set fits in bounded memory (one ``(n, n)`` Gram matrix per block at a time)::
 
     CKA = mean_k HSIC_1(K_k, L_k) / sqrt(mean_k HSIC_1(K_k, K_k) * mean_k HSIC_1(L_k, L_k))
@@ -22,6 +21,7 @@ precision), but they read models through forward hooks on named modules, which i
 module exists to avoid; ``cka-pytorch`` and ``pytorch-cka`` build the Gram matrices in float32
 and ``pytorch-cka`` clamps CKA into ``[0, 1]`` (hiding a wrong value); ``ckatorch``'s
 feature-level ``cka_batch`` wants all minibatches stacked in memory at once; and they pull in
+lightning/torchmetrics or seaborn/safetensors/pyyaml for twenty lines.
 """
 
 from __future__ import annotations
@@ -127,12 +127,16 @@ def _gram(x: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
     return gram
 
 
-def _batch_slices(n: int, batch_size: int) -> List[slice]:
-    if n < 4:
-        raise AugLocalError(f"CKA needs at least 4 examples, got {n}; pass a larger set")
+def _check_batch_size(batch_size: int) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 4:
         raise AugLocalError(f"batch_size must be an integer >= 4 (the unbiased HSIC needs 4 examples), "
                             f"got {batch_size!r}")
+
+
+def _batch_slices(n: int, batch_size: int) -> List[slice]:
+    if n < 4:
+        raise AugLocalError(f"CKA needs at least 4 examples, got {n}; pass a larger set")
+    _check_batch_size(batch_size)
     size = min(batch_size, n)
     return [slice(i * size, (i + 1) * size) for i in range(n // size)]  # the incomplete tail is dropped
 
@@ -159,9 +163,7 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor, batch_size: Optional[int] = Non
 def _equal_batches(images: Iterator[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
     """Consecutive minibatches of exactly ``batch_size`` examples, the incomplete tail dropped; a
     set smaller than ``batch_size`` is one minibatch (the estimator's terms need equal ``n``)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 4:
-        raise AugLocalError(f"batch_size must be an integer >= 4 (the unbiased HSIC needs 4 examples), "
-                            f"got {batch_size!r}")
+    _check_batch_size(batch_size)
     pending: List[torch.Tensor] = []
     held, emitted = 0, False
     for x in images:

@@ -1,7 +1,7 @@
-"""Linear probes of a network's blocks: the paper's section 4.3, Table 5.
+"""Linear probes of a network's blocks, the paper's section 4.3.
 
- The network frozen in eval mode; each block's output
-is global-average-pooled (``NCHW``/``NHWC``: mean over the grid; tokens: mean over tokens), the
+``linear_probe``: the network frozen in eval mode; each block's output is
+global-average-pooled (``NCHW``/``NHWC``: mean over the grid; tokens: mean over tokens), the
 features are standardised with the training features' mean and standard deviation, and a
 multinomial logistic regression (a linear layer with bias, zero-initialised) is fit on the
 whole training set by full-batch L-BFGS (strong-Wolfe line search, ``max_iter`` iterations,
