@@ -47,8 +47,8 @@ class TrainConfig:
         weight_decay: on every parameter for the paper's recipe, on all but 1-D ones (norms,
             biases) otherwise, as timm does.
 
-        The optimizer and schedule (``auglocal_fx.optimization``; the defaults are the
-        paper's recipe, SGD with Nesterov momentum and the per-epoch cosine):
+        The optimizer and schedule (``auglocal_fx.optimization``); the defaults: the paper's
+            recipe, SGD with Nesterov momentum and the per-epoch cosine.
 
         opt: a timm optimizer name (``"sgd"`` is SGD with Nesterov momentum, ``"momentum"``
             without; ``"adamw"``, ``"lamb"``, ...).
