@@ -64,4 +64,4 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 def load_checkpoint(path: Path, fmt: str = CKPT_FORMAT) -> Dict[str, Any]:
     """Read a training checkpoint (``fmt``: ``last.pt``'s, or a pipeline worker's part) or raise one line."""
-    return read(path, PIPELINE_PART if fmt == PIPELINE_PART.format else TRAINING)
+    return read(path, {TRAINING.format: TRAINING, PIPELINE_PART.format: PIPELINE_PART}[fmt])
