@@ -21,6 +21,7 @@ from torch import fx, nn
 
 from .errors import AugLocalError
 from .layouts import input_layout, layout_of, resolution
+from .shape_values import check_input_size
 from .tracing import SHAPE_KEY, TracedModel
 
 __all__ = ["GraphBlock", "Partition", "partition_blocks", "find_cut_points"]
@@ -34,18 +35,24 @@ class GraphBlock(nn.Module):
 
     In eval mode the eval graph runs; in train mode the train graph (when the model's train
     mode has different code outside leaf modules), so each block behaves like the original in
-    both modes. Both graphs share the original model's modules and parameters.
+    both modes. Both graphs share the original model's modules and parameters. A first block
+    given ``input_size`` refuses inputs of another size (its network holds values computed for
+    that size, see :mod:`auglocal_fx.shape_values`).
     """
 
-    def __init__(self, eval_graph: fx.GraphModule, train_graph: Optional[fx.GraphModule] = None):
+    def __init__(self, eval_graph: fx.GraphModule, train_graph: Optional[fx.GraphModule] = None,
+                 input_size: Optional[Tuple[int, ...]] = None):
         super().__init__()
         self.eval_graph = eval_graph
         self.train_graph = train_graph
+        self.input_size = None if input_size is None else tuple(int(v) for v in input_size)
         if train_graph is not None:
             self._register_state_dict_hook(_drop_shared_train_keys)
             self._register_load_state_dict_pre_hook(_restore_shared_train_keys)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_size is not None:
+            check_input_size(x, self.input_size)
         graph = self.train_graph if (self.training and self.train_graph is not None) else self.eval_graph
         return graph(x)
 
@@ -627,7 +634,8 @@ def partition_blocks(traced: TracedModel, block_boundaries: Optional[Sequence[st
             train_gm = _extract(traced.train_graph, train_part.blocks[j], t_inp, f"Block{j}Train")
             if train_gm.code == eval_gm.code:
                 train_gm = None
-        blocks.append(GraphBlock(eval_gm, train_gm))
+        fixed = traced.input_size if j == 0 and traced.frozen else None
+        blocks.append(GraphBlock(eval_gm, train_gm, fixed))
     head_eval = _extract(traced.eval_graph, eval_part.head, eval_part.head_input, "Head")
     head_train = None
     if train_part is not None:

@@ -7,17 +7,19 @@ shape of every value from one example input.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Type, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Type, Union
 
 import torch
 from torch import fx, nn
 
 from .errors import AugLocalError, first_line
+from .shape_values import freeze_shape_values
 
 __all__ = ["LocalTracer", "TracedModel", "trace_model", "register_leaf_module", "SHAPE_KEY"]
 
@@ -140,12 +142,15 @@ class TracedModel:
             ``None`` when its code is the same as the eval graph's.
         input_size: ``(C, H, W)`` of the example input.
         auto_leaves: qualified names of modules kept whole because they could not be traced.
+        frozen: how many shape-only values became constants of the graphs (the converted
+            network then takes inputs of ``input_size`` only).
     """
 
     eval_graph: fx.GraphModule
     train_graph: Optional[fx.GraphModule]
     input_size: Tuple[int, int, int]
     auto_leaves: Tuple[str, ...]
+    frozen: int = 0
 
 
 _MAX_AUTO_LEAVES = 32
@@ -310,16 +315,28 @@ def record_shapes(gm: fx.GraphModule, example: torch.Tensor) -> Any:
 
 
 
-def _run_train_graph_for_shapes(model: nn.Module, gm: fx.GraphModule, example: torch.Tensor) -> None:
-    """Record shapes of the train graph without changing the model's buffers or the RNG."""
+@contextlib.contextmanager
+def _preserved(model: nn.Module) -> Iterator[None]:
+    """Leave the model's buffers and the random state as they were (train-mode runs)."""
     buffers = {name: buf.detach().clone() for name, buf in model.named_buffers()}
     try:
         with torch.random.fork_rng(devices=[]):
-            record_shapes(gm, example)
+            yield
     finally:
         with torch.no_grad():
             for name, buf in model.named_buffers():
                 buf.copy_(buffers[name])
+
+
+def _freeze(model: nn.Module, gm: fx.GraphModule, example: torch.Tensor,
+            batches: Tuple[int, int]) -> int:
+    """Shape-only values of ``gm`` become constants (see :mod:`auglocal_fx.shape_values`)."""
+
+    def run(fn: Callable[[torch.Tensor], Any], batch: int) -> None:
+        with _preserved(model):
+            fn(example[:1].expand(batch, *example.shape[1:]).contiguous())
+
+    return freeze_shape_values(gm, run, batches)
 
 
 def trace_model(
@@ -378,19 +395,24 @@ def trace_model(
             ", not (N, num_classes) logits; auglocal-fx converts classification networks"
         )
     _drop_training_outputs(train_gm)
-    if train_gm.code == eval_gm.code:
+    same_code = train_gm.code == eval_gm.code
+    frozen = _freeze(model, eval_gm, example, (1, 2))
+    if same_code:
         train = None
     else:
         train_gm.train()
         try:
-            _run_train_graph_for_shapes(model, train_gm, torch.cat([example, example]))
+            with _preserved(model):
+                record_shapes(train_gm, torch.cat([example, example]))
+            # Batch 1 would fail in train-mode batch norm over one value per channel.
+            frozen += _freeze(model, train_gm, example, (2, 3))
         except Exception as exc:
             raise AugLocalError(
                 f"the model fails in train mode on an input of size {size} ({first_line(exc)})"
             ) from exc
         train = train_gm
     return TracedModel(eval_graph=eval_gm, train_graph=train, input_size=size,  # type: ignore[arg-type]
-                       auto_leaves=tuple(auto_leaves))
+                       auto_leaves=tuple(auto_leaves), frozen=frozen)
 
 
 def _trace_needs_retrace(eval_gm: fx.GraphModule, auto_leaves: List[str]) -> bool:
