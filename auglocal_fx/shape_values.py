@@ -21,7 +21,11 @@ from torch import fx
 
 from .errors import AugLocalError
 
-__all__ = ["freeze_shape_values", "check_input_size", "CONSTANT_PREFIX"]
+__all__ = ["freeze_shape_values", "check_input_size", "CONSTANT_PREFIX", "SHAPE_KEY"]
+
+# node.meta key holding a value's shape (torch.Size for tensors, None for anything else);
+# tracing fills it in, every later step reads it.
+SHAPE_KEY = "auglocal_shape"
 
 # Buffers holding frozen tensors are named CONSTANT_PREFIX + a number on the traced graph.
 CONSTANT_PREFIX = "auglocal_shape_constant_"
@@ -34,10 +38,16 @@ _SIZE_METHODS = {"size", "dim", "ndimension", "numel", "nelement", "get_device"}
 _UNFROZEN_TYPES = (torch.device, torch.dtype, torch.layout)
 
 
-def _reads_size(node: fx.Node, kinds: Dict[fx.Node, int]) -> bool:
-    """Does ``node`` read only the metadata of a data tensor (``x.shape``, ``x.size(1)``)?"""
+def _reads_size(node: fx.Node, kinds: Dict[fx.Node, int], opaque: Set[fx.Node] = frozenset()) -> bool:
+    """Does ``node`` read only the metadata of a data tensor (``x.shape``, ``x.size(1)``)?
+
+    ``opaque``: nodes taken to be sizes returned beside a tensor by a function that is not
+    traced into (MViT-v2's ``reshape_post_pool`` returns the pooled grid size).
+    """
     if not node.args or not isinstance(node.args[0], fx.Node) or kinds.get(node.args[0]) != _DATA:
         return False
+    if node in opaque:
+        return True
     if node.op == "call_function" and node.target is getattr:
         return node.args[1] in _SIZE_ATTRIBUTES
     if node.op == "call_function" and node.target is len:
@@ -45,7 +55,8 @@ def _reads_size(node: fx.Node, kinds: Dict[fx.Node, int]) -> bool:
     return node.op == "call_method" and node.target in _SIZE_METHODS
 
 
-def _classify(gm: fx.GraphModule) -> Tuple[Dict[fx.Node, int], Set[fx.Node], Dict[fx.Node, Set[fx.Node]]]:
+def _classify(gm: fx.GraphModule, opaque: Set[fx.Node]
+              ) -> Tuple[Dict[fx.Node, int], Set[fx.Node], Dict[fx.Node, Set[fx.Node]]]:
     """Each node's kind (data, shape-only, constant), the trainable ones, and for shape-only
     nodes the data tensors whose metadata they read."""
     kinds: Dict[fx.Node, int] = {}
@@ -59,7 +70,7 @@ def _classify(gm: fx.GraphModule) -> Tuple[Dict[fx.Node, int], Set[fx.Node], Dic
             continue
         if node.op == "output":
             continue
-        if _reads_size(node, kinds):
+        if _reads_size(node, kinds, opaque):
             kinds[node] = _SHAPE
             sources[node] = {node.args[0]}
             continue
@@ -114,6 +125,21 @@ def _batch_dim(node: fx.Node, user: fx.Node, kinds: Dict[fx.Node, int],
     return None
 
 
+def _opaque_sizes(gm: fx.GraphModule) -> Set[fx.Node]:
+    """Items of a non-tensor result that are not tensors either: maybe sizes (see
+    :func:`_reads_size`), confirmed only if they are numbers, equal at both batch sizes."""
+    return {n for n in gm.graph.nodes
+            if n.op == "call_function" and n.target is operator.getitem and n.meta.get(SHAPE_KEY) is None
+            and isinstance(n.args[0], fx.Node) and n.args[0].op != "placeholder"
+            and n.args[0].meta.get(SHAPE_KEY) is None}
+
+
+def _numbers(value: Any) -> bool:
+    if isinstance(value, (tuple, list)):
+        return all(_numbers(v) for v in value)
+    return isinstance(value, (bool, int, float, type(None)))
+
+
 def _same(a: Any, b: Any) -> bool:
     """Equal values of a type that can be put into the graph."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
@@ -156,27 +182,35 @@ def freeze_shape_values(gm: fx.GraphModule, run: Callable[[Callable[[torch.Tenso
     Returns:
         How many values were replaced or shape checks dropped (0: the graph is unchanged).
     """
-    kinds, trainable, sources = _classify(gm)
     order = list(gm.graph.nodes)
     index = {n: i for i, n in enumerate(order)}
-    shape_only = {n for n, k in kinds.items() if k == _SHAPE and n not in trainable}
-
-    def extends(node: fx.Node, position: int) -> bool:
-        # Used at ``position``, ``node`` keeps one of its data tensors alive past its last use.
-        return any(position > _last_data_use(d, kinds, index) for d in sources.get(node, ()))
-
-    edges = [(n, u) for n in shape_only for u in n.users
-             if u not in shape_only and extends(n, index[u])]
-    dead_ends = [n for n in shape_only if not n.users and extends(n, index[n])]  # checks
-    if not edges and not dead_ends:
-        return 0
+    opaque = _opaque_sizes(gm)
     values: List[Dict[fx.Node, Any]] = []
-    sized = {a for _, u in edges for a in u.all_input_nodes if kinds.get(a) == _DATA}
-    for batch in batches:
-        recorder = _ValueRecorder(gm, shape_only, sized)
-        with torch.no_grad():
-            run(recorder.run, batch)
-        values.append(recorder.values)
+    while True:
+        kinds, trainable, sources = _classify(gm, opaque)
+        shape_only = {n for n, k in kinds.items() if k == _SHAPE and n not in trainable}
+
+        def extends(node: fx.Node, position: int) -> bool:
+            # Used at ``position``, ``node`` keeps one of its data tensors alive past its last use.
+            return any(position > _last_data_use(d, kinds, index) for d in sources.get(node, ()))
+
+        edges = [(n, u) for n in shape_only for u in n.users
+                 if u not in shape_only and extends(n, index[u])]
+        dead_ends = [n for n in shape_only if not n.users and extends(n, index[n])]  # checks
+        if not edges and not dead_ends:
+            return 0
+        if not values:
+            tensors = {n for n in order if n.meta.get(SHAPE_KEY) is not None}
+            for batch in batches:
+                recorder = _ValueRecorder(gm, shape_only, tensors)
+                with torch.no_grad():
+                    run(recorder.run, batch)
+                values.append(recorder.values)
+        wrong = {n for n in opaque & shape_only
+                 if not (_numbers(values[0].get(n, ())) and _same(values[0][n], values[1][n]))}
+        if not wrong:
+            break
+        opaque -= wrong
     frozen = {n for n in shape_only if n in values[0] and n in values[1]
               and not isinstance(values[0][n], _UNFROZEN_TYPES) and _same(values[0][n], values[1][n])}
     # An edge from a value that changes with the batch size: read it from a tensor the user

@@ -19,12 +19,10 @@ import torch
 from torch import fx, nn
 
 from .errors import AugLocalError, first_line
-from .shape_values import freeze_shape_values
+from .shape_values import SHAPE_KEY, freeze_shape_values
 
 __all__ = ["LocalTracer", "TracedModel", "trace_model", "register_leaf_module", "SHAPE_KEY"]
 
-# node.meta key holding a value's shape (torch.Size for tensors, None for anything else).
-SHAPE_KEY = "auglocal_shape"
 
 # Module types that are always leaves, each with the reason. Weight layers must stay modules so
 # that the synthesizer can re-create them with other channel counts; stochastic layers must stay
@@ -333,8 +331,10 @@ def _freeze(model: nn.Module, gm: fx.GraphModule, example: torch.Tensor,
     """Shape-only values of ``gm`` become constants (see :mod:`auglocal_fx.shape_values`)."""
 
     def run(fn: Callable[[torch.Tensor], Any], batch: int) -> None:
+        # Other images than the traced one: a size computed from the data does not repeat.
+        images = torch.randn(batch, *example.shape[1:], generator=torch.Generator().manual_seed(batch))
         with _preserved(model):
-            fn(example[:1].expand(batch, *example.shape[1:]).contiguous())
+            fn(images.to(example.device))
 
     return freeze_shape_values(gm, run, batches)
 
