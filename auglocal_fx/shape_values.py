@@ -14,7 +14,7 @@ that changes with the batch size (``x.shape[0]``) is kept as computed.
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import fx
