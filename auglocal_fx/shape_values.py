@@ -105,9 +105,17 @@ class _ValueRecorder(fx.Interpreter):
         result = super().run_node(n)
         if n in self.wanted:
             self.values[n] = result
-        elif n in self.sized and isinstance(result, torch.Tensor):
-            self.values[n] = tuple(result.shape)
+        elif n in self.sized:
+            # A tensor's shape; for a tuple of results, the sizes of the tensors in it.
+            self.values[n] = tuple(result.shape) if isinstance(result, torch.Tensor) else tuple(
+                d for t in _leaves(result) if isinstance(t, torch.Tensor) for d in t.shape)
         return result
+
+
+def _leaves(value: Any) -> List[Any]:
+    if isinstance(value, (tuple, list)):
+        return [leaf for v in value for leaf in _leaves(v)]
+    return [value]
 
 
 def _batch_dim(node: fx.Node, user: fx.Node, kinds: Dict[fx.Node, int],
@@ -117,7 +125,8 @@ def _batch_dim(node: fx.Node, user: fx.Node, kinds: Dict[fx.Node, int],
     if not all(type(v.get(node)) is int for v in values):
         return None
     for tensor in user.all_input_nodes:
-        if kinds.get(tensor) != _DATA or not all(tensor in v for v in values):
+        if kinds.get(tensor) != _DATA or tensor.meta.get(SHAPE_KEY) is None \
+                or not all(tensor in v for v in values):
             continue
         for dim in range(len(values[0][tensor])):
             if all(dim < len(v[tensor]) and v[tensor][dim] == v[node] for v in values):
@@ -134,10 +143,13 @@ def _opaque_sizes(gm: fx.GraphModule) -> Set[fx.Node]:
             and n.args[0].meta.get(SHAPE_KEY) is None}
 
 
-def _numbers(value: Any) -> bool:
-    if isinstance(value, (tuple, list)):
-        return all(_numbers(v) for v in value)
-    return isinstance(value, (bool, int, float, type(None)))
+def _is_size(node: fx.Node, values: List[Dict[fx.Node, Any]]) -> bool:
+    """Is an item of an untraced function's result a size: ints, equal at both batch sizes,
+    each a size of a tensor in the same result (a number computed from the data is not)?"""
+    found = [v.get(node) for v in values]
+    return _same(found[0], found[1]) and all(
+        type(leaf) is int and leaf in v.get(node.args[0], ()) for value, v in zip(found, values)
+        for leaf in _leaves(value))
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -201,13 +213,13 @@ def freeze_shape_values(gm: fx.GraphModule, run: Callable[[Callable[[torch.Tenso
             return 0
         if not values:
             tensors = {n for n in order if n.meta.get(SHAPE_KEY) is not None}
+            tensors |= {n.args[0] for n in opaque}
             for batch in batches:
                 recorder = _ValueRecorder(gm, shape_only, tensors)
                 with torch.no_grad():
                     run(recorder.run, batch)
                 values.append(recorder.values)
-        wrong = {n for n in opaque & shape_only
-                 if not (_numbers(values[0].get(n, ())) and _same(values[0][n], values[1][n]))}
+        wrong = {n for n in opaque & shape_only if not _is_size(n, values)}
         if not wrong:
             break
         opaque -= wrong
