@@ -145,11 +145,16 @@ def _opaque_sizes(gm: fx.GraphModule) -> Set[fx.Node]:
 
 def _is_size(node: fx.Node, values: List[Dict[fx.Node, Any]]) -> bool:
     """Is an item of an untraced function's result a size: ints, equal at both batch sizes,
-    each a size of a tensor in the same result (a number computed from the data is not)?"""
+    each a size of a tensor the function takes or returns (a number computed from the data
+    is not)?"""
+    call = node.args[0]
     found = [v.get(node) for v in values]
-    return _same(found[0], found[1]) and all(
-        type(leaf) is int and leaf in v.get(node.args[0], ()) for value, v in zip(found, values)
-        for leaf in _leaves(value))
+    for value, v in zip(found, values):
+        tensors = [a for a in call.all_input_nodes if a.meta.get(SHAPE_KEY) is not None]
+        sizes = set(v.get(call, ())).union(*(v.get(a, ()) for a in tensors))
+        if not all(type(leaf) is int and leaf in sizes for leaf in _leaves(value)):
+            return False
+    return _same(found[0], found[1])
 
 
 def _same(a: Any, b: Any) -> bool:
