@@ -19,58 +19,12 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .errors import AugLocalError
+from .graph_blocks import GraphBlock, extract_graph
 from .heads import has_weight_layer, head_start, is_norm
 from .layouts import input_layout, layout_of, resolution
-from .shape_values import check_input_size
 from .tracing import SHAPE_KEY, TracedModel
 
 __all__ = ["GraphBlock", "Partition", "partition_blocks", "find_cut_points"]
-
-
-class GraphBlock(nn.Module):
-    """One piece of the primary network: a traced subgraph, with its train-mode twin.
-
-    In eval mode the eval graph runs; in train mode the train graph (when the model's train
-    mode has different code outside leaf modules), so each block behaves like the original in
-    both modes. Both graphs share the original model's modules and parameters. A first block
-    given ``input_size`` refuses inputs of another size (its network holds values computed for
-    that size, see :mod:`auglocal_fx.shape_values`).
-    """
-
-    def __init__(self, eval_graph: fx.GraphModule, train_graph: Optional[fx.GraphModule] = None,
-                 input_size: Optional[Tuple[int, ...]] = None):
-        super().__init__()
-        self.eval_graph = eval_graph
-        self.train_graph = train_graph
-        self.input_size = None if input_size is None else tuple(int(v) for v in input_size)
-        if train_graph is not None:
-            self._register_state_dict_hook(_drop_shared_train_keys)
-            self._register_load_state_dict_pre_hook(_restore_shared_train_keys)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_size is not None:
-            check_input_size(x, self.input_size)
-        graph = self.train_graph if (self.training and self.train_graph is not None) else self.eval_graph
-        return graph(x)
-
-
-def _drop_shared_train_keys(module, state_dict, prefix, local_metadata):
-    # The train graph's tensors are the eval graph's: save them once.
-    for key in list(state_dict):
-        if key.startswith(prefix + "train_graph."):
-            twin = prefix + "eval_graph." + key[len(prefix + "train_graph."):]
-            if twin in state_dict and state_dict[twin].data_ptr() == state_dict[key].data_ptr():
-                del state_dict[key]
-    return state_dict
-
-
-def _restore_shared_train_keys(state_dict, prefix, local_metadata, strict, missing_keys,
-                               unexpected_keys, error_msgs):
-    for key in list(state_dict):
-        if key.startswith(prefix + "eval_graph."):
-            twin = prefix + "train_graph." + key[len(prefix + "eval_graph."):]
-            if twin not in state_dict:
-                state_dict[twin] = state_dict[key]
 
 
 @dataclass
@@ -336,32 +290,6 @@ def _partition_graph(gm: fx.GraphModule, boundaries: Optional[Sequence[str]]) ->
     return _GraphPartition(input_node=input_node, blocks=blocks, head=head, head_input=head_input)
 
 
-def _extract(gm: fx.GraphModule, nodes: List[fx.Node], input_node: fx.Node,
-             name: str) -> fx.GraphModule:
-    """A GraphModule computing ``nodes`` from ``input_node``; free values are copied in."""
-    graph = fx.Graph()
-    env: Dict[fx.Node, fx.Node] = {}
-    placeholder = graph.placeholder("x")
-    placeholder.meta = dict(input_node.meta)
-    env[input_node] = placeholder
-    member = set(nodes)
-
-    def copy_free(node: fx.Node) -> fx.Node:
-        if node not in env:
-            if node in member or node.op == "placeholder":
-                raise AugLocalError(f"internal: node {node.name} used before it is computed")
-            env[node] = graph.node_copy(node, lambda a: copy_free(a))
-        return env[node]
-
-    for node in nodes:
-        for arg in node.all_input_nodes:
-            if arg not in env:
-                copy_free(arg)
-        env[node] = graph.node_copy(node, lambda a: env[a])
-    graph.output(env[nodes[-1]])
-    return fx.GraphModule(gm, graph, name)
-
-
 def _module_targets(nodes: Sequence[fx.Node]) -> List[str]:
     return list(dict.fromkeys(str(n.target) for n in nodes if n.op == "call_module"))
 
@@ -415,19 +343,19 @@ def partition_blocks(traced: TracedModel, block_boundaries: Optional[Sequence[st
     blocks = []
     for j, nodes in enumerate(eval_part.blocks):
         inp = eval_part.input_node if j == 0 else eval_part.blocks[j - 1][-1]
-        eval_gm = _extract(traced.eval_graph, nodes, inp, f"Block{j}")
+        eval_gm = extract_graph(traced.eval_graph, nodes, inp, f"Block{j}")
         train_gm = None
         if train_part is not None:
             t_inp = train_part.input_node if j == 0 else train_part.blocks[j - 1][-1]
-            train_gm = _extract(traced.train_graph, train_part.blocks[j], t_inp, f"Block{j}Train")
+            train_gm = extract_graph(traced.train_graph, train_part.blocks[j], t_inp, f"Block{j}Train")
             if train_gm.code == eval_gm.code:
                 train_gm = None
         fixed = traced.input_size if j == 0 and traced.frozen else None
         blocks.append(GraphBlock(eval_gm, train_gm, fixed))
-    head_eval = _extract(traced.eval_graph, eval_part.head, eval_part.head_input, "Head")
+    head_eval = extract_graph(traced.eval_graph, eval_part.head, eval_part.head_input, "Head")
     head_train = None
     if train_part is not None:
-        head_train = _extract(traced.train_graph, train_part.head, train_part.head_input, "HeadTrain")
+        head_train = extract_graph(traced.train_graph, train_part.head, train_part.head_input, "HeadTrain")
         if head_train.code == head_eval.code:
             head_train = None
     shapes = [tuple(nodes[-1].meta[SHAPE_KEY][1:]) for nodes in eval_part.blocks]

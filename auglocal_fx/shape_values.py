@@ -13,15 +13,17 @@ that changes with the batch size (``x.shape[0]``) is kept as computed.
 
 from __future__ import annotations
 
+import contextlib
 import operator
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from .errors import AugLocalError
 
-__all__ = ["freeze_shape_values", "check_input_size", "CONSTANT_PREFIX", "SHAPE_KEY"]
+__all__ = ["freeze_shape_values", "freeze_graph", "preserved_state", "check_input_size",
+           "CONSTANT_PREFIX", "SHAPE_KEY"]
 
 # node.meta key holding a value's shape (torch.Size for tensors, None for anything else);
 # tracing fills it in, every later step reads it.
@@ -265,6 +267,33 @@ def freeze_shape_values(gm: fx.GraphModule, run: Callable[[Callable[[torch.Tenso
             gm.graph.erase_node(node)
     gm.recompile()
     return len(constants) + len(dropped)
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module) -> Iterator[None]:
+    """Leave the model's buffers and the random state as they were (train-mode runs)."""
+    buffers = {name: buf.detach().clone() for name, buf in model.named_buffers()}
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        with torch.no_grad():
+            for name, buf in model.named_buffers():
+                buf.copy_(buffers[name])
+
+
+def freeze_graph(model: nn.Module, gm: fx.GraphModule, example: torch.Tensor,
+            batches: Tuple[int, int]) -> int:
+    """:func:`freeze_shape_values` on ``gm``, traced from ``model``, run on random images of
+    ``example``'s size; the model's buffers and the random state are left as they were."""
+
+    def run(fn: Callable[[torch.Tensor], Any], batch: int) -> None:
+        # Other images than the traced one: a size computed from the data does not repeat.
+        images = torch.randn(batch, *example.shape[1:], generator=torch.Generator().manual_seed(batch))
+        with preserved_state(model):
+            fn(images.to(example.device))
+
+    return freeze_shape_values(gm, run, batches)
 
 
 def check_input_size(x: torch.Tensor, size: Tuple[int, ...]) -> None:

@@ -7,19 +7,18 @@ shape of every value from one example input.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Type, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Type, Union
 
 import torch
 from torch import fx, nn
 
 from .errors import AugLocalError, first_line
-from .shape_values import SHAPE_KEY, freeze_shape_values
+from .shape_values import SHAPE_KEY, freeze_graph, preserved_state
 
 __all__ = ["LocalTracer", "TracedModel", "trace_model", "register_leaf_module", "SHAPE_KEY"]
 
@@ -313,32 +312,6 @@ def record_shapes(gm: fx.GraphModule, example: torch.Tensor) -> Any:
 
 
 
-@contextlib.contextmanager
-def _preserved(model: nn.Module) -> Iterator[None]:
-    """Leave the model's buffers and the random state as they were (train-mode runs)."""
-    buffers = {name: buf.detach().clone() for name, buf in model.named_buffers()}
-    try:
-        with torch.random.fork_rng(devices=[]):
-            yield
-    finally:
-        with torch.no_grad():
-            for name, buf in model.named_buffers():
-                buf.copy_(buffers[name])
-
-
-def _freeze(model: nn.Module, gm: fx.GraphModule, example: torch.Tensor,
-            batches: Tuple[int, int]) -> int:
-    """Shape-only values of ``gm`` become constants (see :mod:`auglocal_fx.shape_values`)."""
-
-    def run(fn: Callable[[torch.Tensor], Any], batch: int) -> None:
-        # Other images than the traced one: a size computed from the data does not repeat.
-        images = torch.randn(batch, *example.shape[1:], generator=torch.Generator().manual_seed(batch))
-        with _preserved(model):
-            fn(images.to(example.device))
-
-    return freeze_shape_values(gm, run, batches)
-
-
 def trace_model(
     model: nn.Module,
     input_size: Sequence[int],
@@ -396,16 +369,16 @@ def trace_model(
         )
     _drop_training_outputs(train_gm)
     same_code = train_gm.code == eval_gm.code
-    frozen = _freeze(model, eval_gm, example, (1, 2))
+    frozen = freeze_graph(model, eval_gm, example, (1, 2))
     if same_code:
         train = None
     else:
         train_gm.train()
         try:
-            with _preserved(model):
+            with preserved_state(model):
                 record_shapes(train_gm, torch.cat([example, example]))
             # Batch 1 would fail in train-mode batch norm over one value per channel.
-            frozen += _freeze(model, train_gm, example, (2, 3))
+            frozen += freeze_graph(model, train_gm, example, (2, 3))
         except Exception as exc:
             raise AugLocalError(
                 f"the model fails in train mode on an input of size {size} ({first_line(exc)})"
