@@ -249,6 +249,9 @@ def freeze_shape_values(gm: fx.GraphModule, run: Callable[[Callable[[torch.Tenso
         elif read is not None:
             with gm.graph.inserting_before(u):
                 size = gm.graph.call_method("size", read)
+            # The user's module runs it: partition keeps no cut inside that module's code.
+            size.meta.update({k: v for k, v in u.meta.items() if k != SHAPE_KEY})
+            size.meta[SHAPE_KEY] = None
             u.replace_input_with(n, size)
             rebased += 1
         elif not _reads_size(n, kinds):
