@@ -18,11 +18,10 @@ import torch
 from torch import fx, nn
 
 from .errors import AugLocalError, first_line
+from .shape_values import SHAPE_KEY, freeze_graph, preserved_state
 
 __all__ = ["LocalTracer", "TracedModel", "trace_model", "register_leaf_module", "SHAPE_KEY"]
 
-# node.meta key holding a value's shape (torch.Size for tensors, None for anything else).
-SHAPE_KEY = "auglocal_shape"
 
 # Module types that are always leaves, each with the reason. Weight layers must stay modules so
 # that the synthesizer can re-create them with other channel counts; stochastic layers must stay
@@ -140,12 +139,15 @@ class TracedModel:
             ``None`` when its code is the same as the eval graph's.
         input_size: ``(C, H, W)`` of the example input.
         auto_leaves: qualified names of modules kept whole because they could not be traced.
+        frozen: how many shape-only values became constants of the graphs (the converted
+            network then takes inputs of ``input_size`` only).
     """
 
     eval_graph: fx.GraphModule
     train_graph: Optional[fx.GraphModule]
     input_size: Tuple[int, int, int]
     auto_leaves: Tuple[str, ...]
+    frozen: int = 0
 
 
 _MAX_AUTO_LEAVES = 32
@@ -310,18 +312,6 @@ def record_shapes(gm: fx.GraphModule, example: torch.Tensor) -> Any:
 
 
 
-def _run_train_graph_for_shapes(model: nn.Module, gm: fx.GraphModule, example: torch.Tensor) -> None:
-    """Record shapes of the train graph without changing the model's buffers or the RNG."""
-    buffers = {name: buf.detach().clone() for name, buf in model.named_buffers()}
-    try:
-        with torch.random.fork_rng(devices=[]):
-            record_shapes(gm, example)
-    finally:
-        with torch.no_grad():
-            for name, buf in model.named_buffers():
-                buf.copy_(buffers[name])
-
-
 def trace_model(
     model: nn.Module,
     input_size: Sequence[int],
@@ -378,19 +368,24 @@ def trace_model(
             ", not (N, num_classes) logits; auglocal-fx converts classification networks"
         )
     _drop_training_outputs(train_gm)
-    if train_gm.code == eval_gm.code:
+    same_code = train_gm.code == eval_gm.code
+    frozen = freeze_graph(model, eval_gm, example, (1, 2))
+    if same_code:
         train = None
     else:
         train_gm.train()
         try:
-            _run_train_graph_for_shapes(model, train_gm, torch.cat([example, example]))
+            with preserved_state(model):
+                record_shapes(train_gm, torch.cat([example, example]))
+            # Batch 1 would fail in train-mode batch norm over one value per channel.
+            frozen += freeze_graph(model, train_gm, example, (2, 3))
         except Exception as exc:
             raise AugLocalError(
                 f"the model fails in train mode on an input of size {size} ({first_line(exc)})"
             ) from exc
         train = train_gm
     return TracedModel(eval_graph=eval_gm, train_graph=train, input_size=size,  # type: ignore[arg-type]
-                       auto_leaves=tuple(auto_leaves))
+                       auto_leaves=tuple(auto_leaves), frozen=frozen)
 
 
 def _trace_needs_retrace(eval_gm: fx.GraphModule, auto_leaves: List[str]) -> bool:

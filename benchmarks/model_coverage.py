@@ -9,7 +9,8 @@ on the meta device, nothing allocated) is created with random weights at its own
 size and converted by ``to_local`` in a fresh subprocess. A row says: converted or the one-line
 error; eval output ``torch.equal`` to the original's; the number of blocks ``L``; auxiliary /
 primary parameters; how many copies in the auxiliary networks take an input adapter (docs/method.md, rule 11);
-the wall time of the conversion. Nothing is downloaded.
+the wall time of the conversion; the largest block's share of the primary parameters.
+``--merge`` updates the given rows of an existing ``--json`` file. Nothing is downloaded.
 """
 
 import argparse
@@ -65,7 +66,9 @@ def convert_one(name, d, queue):
         with torch.no_grad():
             row["exact"] = bool(torch.equal(local(x), resolved.model(x)))
         primary = sum(p.numel() for p in resolved.model.parameters())
+        largest = max(sum(p.numel() for p in b.parameters()) for b in local.blocks)
         row.update(status="ok", input=resolved.input_size[1], blocks=len(local.blocks),
+                   largest_block=round(largest / primary, 2),
                    aux_ratio=round(sum(p.numel() for a in local.aux for p in a.parameters())
                                    / primary, 2),
                    adapted=sum(1 for aux in local.aux for m in aux.modules()
@@ -100,6 +103,8 @@ def main():
     parser.add_argument("--timeout", type=int, default=600, help="seconds per model")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--json", default=None, help="write the rows to this file")
+    parser.add_argument("--merge", action="store_true",
+                        help="replace only these modules' rows in the --json file")
     args = parser.parse_args()
 
     if args.choice:
@@ -119,7 +124,8 @@ def main():
         for module, future in futures.items():
             row = {"module": module, **future.result()}
             rows.append(row)
-            detail = (f"L={row['blocks']} exact={row['exact']} aux/primary={row['aux_ratio']} "
+            detail = (f"L={row['blocks']} largest={row['largest_block']} exact={row['exact']} "
+                      f"aux/primary={row['aux_ratio']} "
                       f"adapters={row['adapted']} {row['seconds']}s @{row['input']}px"
                       if row["status"] == "ok" else row["error"])
             print(f"{row['status']:7} {module:28} {row['model']:36} {detail}", flush=True)
@@ -130,6 +136,13 @@ def main():
     if failed:
         print(f"not converted: {', '.join(r['module'] for r in failed)}")
     if args.json:
+        if args.merge:
+            with open(args.json) as handle:
+                kept = json.load(handle)
+            if kept.get("d") != args.d:
+                raise SystemExit(f"{args.json} holds rows at d={kept.get('d')}, not d={args.d}")
+            new = {r["module"]: r for r in rows}
+            rows = [new.pop(r["module"], r) for r in kept["rows"]] + list(new.values())
         with open(args.json, "w") as handle:
             json.dump({"d": args.d, "rows": rows}, handle, indent=1)
     return 0

@@ -34,16 +34,30 @@ TRANSFORMERS = {
     "efficientvit_b0": 32, "fastvit_t8": 32, "mixer_s16_224": 32, "poolformer_s12": 32,
     "mobilevit_xxs": 64, "tiny_vit_5m_224": 64, "botnet26t_256": 64,
 }
-TRANSFORMER_SWEEP = [f"timm:{m}" for m in TRANSFORMERS]
+# Families whose blocks take values computed from the input's shape (a grid size, rotary
+# tables, a batch size read once): tiny configurations, each a few seconds (mvitv2 ~14 s).
+SHAPE_VALUE_MODELS = {
+    "xcit_nano_12_p16_224": (32, {"depth": 4}),
+    "mvitv2_tiny": (32, {}),
+    "vit_tiny_patch16_dinov3_qkvb": (32, {"depth": 4}),
+    "pit_ti_224": (32, {}),
+    "naflexvit_base_patch16_parfac_gap": (32, {"depth": 4, "embed_dim": 64, "num_heads": 2}),
+    "qwen3_vit_88m": (32, {"depth": 4, "embed_dim": 64, "num_heads": 2}),
+    "deepseek_vit_412m": (28, {"depth": 4, "embed_dim": 64, "num_heads": 2}),
+}
+TRANSFORMER_SWEEP = [f"timm:{m}" for m in TRANSFORMERS] + [f"timm:{m}" for m in SHAPE_VALUE_MODELS]
+_MODEL_KWARGS = {f"timm:{m}": kwargs for m, (_, kwargs) in SHAPE_VALUE_MODELS.items()}
 
 # Small inputs keep the sweep fast; a few models need more than 32 px.
-_INPUT_SIZE = {"timm:inception_v3": 75, **{f"timm:{m}": s for m, s in TRANSFORMERS.items()}}
+_INPUT_SIZE = {"timm:inception_v3": 75, **{f"timm:{m}": s for m, s in TRANSFORMERS.items()},
+               **{f"timm:{m}": s for m, (s, _) in SHAPE_VALUE_MODELS.items()}}
 NUM_CLASSES = 7
 
 
 def _make(spec, d, convert=True):
     size = _INPUT_SIZE.get(spec, 32)
-    resolved = resolve_model(spec, num_classes=NUM_CLASSES, input_size=(3, size, size))
+    resolved = resolve_model(spec, num_classes=NUM_CLASSES, input_size=(3, size, size),
+                             model_kwargs=_MODEL_KWARGS.get(spec))
     local = to_local(resolved.model, d=d, input_size=resolved.input_size) if convert else None
     return resolved, local
 
@@ -68,6 +82,12 @@ def test_convert(spec, d):
 def test_convert_transformer(spec):
     resolved, local = _make(spec, d=3)
     assert len(local.aux) == local.num_local - 1 == len(local.blocks) - 3
+    # Values frozen for the input size must leave the batch dimension free.
+    x = torch.randn(3, *resolved.input_size)
+    resolved.model.eval()
+    local.eval()
+    with torch.no_grad():
+        assert torch.equal(local(x), resolved.model(x))
     check_local(resolved.model, local, resolved.input_size, NUM_CLASSES, resolved.create)
 
 

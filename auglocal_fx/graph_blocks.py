@@ -1,0 +1,89 @@
+"""The primary network's pieces: a traced subgraph, with its train-mode twin, as a module.
+
+:mod:`auglocal_fx.partition` decides where the blocks are; this module cuts a block's nodes out
+of the traced graph (:func:`extract_graph`) and wraps them (:class:`GraphBlock`).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import fx, nn
+
+from .errors import AugLocalError
+from .shape_values import check_input_size
+
+__all__ = ["GraphBlock", "extract_graph"]
+
+
+class GraphBlock(nn.Module):
+    """One piece of the primary network: a traced subgraph, with its train-mode twin.
+
+    In eval mode the eval graph runs; in train mode the train graph (when the model's train
+    mode has different code outside leaf modules), so each block behaves like the original in
+    both modes. Both graphs share the original model's modules and parameters. A first block
+    given ``input_size`` refuses inputs of another size (its network holds values computed for
+    that size, see :mod:`auglocal_fx.shape_values`).
+    """
+
+    def __init__(self, eval_graph: fx.GraphModule, train_graph: Optional[fx.GraphModule] = None,
+                 input_size: Optional[Tuple[int, ...]] = None):
+        super().__init__()
+        self.eval_graph = eval_graph
+        self.train_graph = train_graph
+        self.input_size = None if input_size is None else tuple(int(v) for v in input_size)
+        if train_graph is not None:
+            self._register_state_dict_hook(_drop_shared_train_keys)
+            self._register_load_state_dict_pre_hook(_restore_shared_train_keys)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_size is not None:
+            check_input_size(x, self.input_size)
+        graph = self.train_graph if (self.training and self.train_graph is not None) else self.eval_graph
+        return graph(x)
+
+
+def _drop_shared_train_keys(module, state_dict, prefix, local_metadata):
+    # The train graph's tensors are the eval graph's: save them once.
+    for key in list(state_dict):
+        if key.startswith(prefix + "train_graph."):
+            twin = prefix + "eval_graph." + key[len(prefix + "train_graph."):]
+            if twin in state_dict and state_dict[twin].data_ptr() == state_dict[key].data_ptr():
+                del state_dict[key]
+    return state_dict
+
+
+def _restore_shared_train_keys(state_dict, prefix, local_metadata, strict, missing_keys,
+                               unexpected_keys, error_msgs):
+    for key in list(state_dict):
+        if key.startswith(prefix + "eval_graph."):
+            twin = prefix + "train_graph." + key[len(prefix + "eval_graph."):]
+            if twin not in state_dict:
+                state_dict[twin] = state_dict[key]
+
+
+def extract_graph(gm: fx.GraphModule, nodes: List[fx.Node], input_node: fx.Node,
+             name: str) -> fx.GraphModule:
+    """A GraphModule computing ``nodes`` from ``input_node``; free values are copied in."""
+    graph = fx.Graph()
+    env: Dict[fx.Node, fx.Node] = {}
+    placeholder = graph.placeholder("x")
+    placeholder.meta = dict(input_node.meta)
+    env[input_node] = placeholder
+    member = set(nodes)
+
+    def copy_free(node: fx.Node) -> fx.Node:
+        if node not in env:
+            if node in member or node.op == "placeholder":
+                raise AugLocalError(f"internal: node {node.name} used before it is computed")
+            env[node] = graph.node_copy(node, lambda a: copy_free(a))
+        return env[node]
+
+    for node in nodes:
+        for arg in node.all_input_nodes:
+            if arg not in env:
+                copy_free(arg)
+        env[node] = graph.node_copy(node, lambda a: env[a])
+    graph.output(env[nodes[-1]])
+    return fx.GraphModule(gm, graph, name)
