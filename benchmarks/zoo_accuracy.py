@@ -30,6 +30,11 @@ made it (``made_by``). ``--rerun`` trains every run anew.
 
     python benchmarks/zoo_accuracy.py --jobs 2
     python benchmarks/zoo_accuracy.py --families resnet18 vit --methods bp auglocal2
+    python benchmarks/zoo_accuracy.py --families regnet --options aux_head=slim   # a variant
+
+``--options KEY=VALUE`` passes more options to ``train`` for the local methods (BP's rows are
+shared): those runs have their own cache entries and labels. Each run's record also holds the
+final test top-1 of every auxiliary network (``aux_acc``).
 
 Writes the table (markdown), ``--json`` (default ``docs/zoo_accuracy.json``) and ``--plot``
 (default ``docs/zoo_accuracy.png``). Exits non-zero when a run fails: a missing row is a failure.

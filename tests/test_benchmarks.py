@@ -171,8 +171,8 @@ def test_zoo_options_make_a_variant_of_the_local_methods_only(monkeypatch, tmp_p
     monkeypatch.setattr(zoo_accuracy, "_train_in_subprocess", fake)
 
     def run(*extra):
-        return zoo_accuracy.main(["--families", "resnet18", "--methods", "bp", "auglocal2", "--confirm-seeds", "--jobs", "1",
-                                  "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "z.json"),
+        return zoo_accuracy.main(["--families", "resnet18", "--methods", "bp", "auglocal2", "--confirm-seeds",
+                                  "--jobs", "1", "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "z.json"),
                                   "--plot", "", *extra])
 
     assert run() == 0
