@@ -30,6 +30,11 @@ made it (``made_by``). ``--rerun`` trains every run anew.
 
     python benchmarks/zoo_accuracy.py --jobs 2
     python benchmarks/zoo_accuracy.py --families resnet18 vit --methods bp auglocal2
+    python benchmarks/zoo_accuracy.py --families regnet --options aux_head=slim   # a variant
+
+``--options KEY=VALUE`` passes more options to ``train`` for the local methods (BP's rows are
+shared): those runs have their own cache entries and labels. Each run's record also holds the
+final test top-1 of every auxiliary network (``aux_acc``).
 
 Writes the table (markdown), ``--json`` (default ``docs/zoo_accuracy.json``) and ``--plot``
 (default ``docs/zoo_accuracy.png``). Exits non-zero when a run fails: a missing row is a failure.
@@ -38,6 +43,7 @@ Writes the table (markdown), ``--json`` (default ``docs/zoo_accuracy.json``) and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -92,15 +98,17 @@ def _recipe(args: argparse.Namespace) -> Dict[str, Any]:
 # ----------------------------------------------------------------------------- one run (worker)
 
 
-def _worker(family: str, method: str, seed: int, workdir: str, recipe: Dict[str, Any]) -> None:
+def _worker(family: str, method: str, seed: int, workdir: str, recipe: Dict[str, Any],
+            extra: Dict[str, Any]) -> None:
     import torch
 
     from auglocal_fx.memory import measure_memory
+    from auglocal_fx.options import ConversionOptions
     from auglocal_fx.training import train
 
     torch.set_num_threads(1)
     spec, model_kwargs, recipe_name = FAMILIES[family]
-    options = METHODS[method]
+    options = {**METHODS[method], **(extra if method != "bp" else {})}
     out = Path(workdir) / "train"
     start = time.perf_counter()
     result = train(model=spec, model_kwargs=model_kwargs, dataset=recipe["dataset"],
@@ -112,7 +120,8 @@ def _worker(family: str, method: str, seed: int, workdir: str, recipe: Dict[str,
     seconds = time.perf_counter() - start
     steps = result.history[-1]["step"]
     train_seconds = sum(h["train_seconds"] for h in result.history)
-    local_options = {k: v for k, v in options.items() if k == "rule"}
+    conversion = {f.name for f in dataclasses.fields(ConversionOptions)} - {"d"}
+    local_options = {k: v for k, v in options.items() if k in conversion}
     memory = measure_memory(spec, methods=("bp",) if method == "bp" else ("auglocal",),
                             d=options.get("d", 2), batch_size=recipe["memory_batch"],
                             input_size=(3, recipe["input_size"], recipe["input_size"]), num_classes=10,
@@ -121,7 +130,8 @@ def _worker(family: str, method: str, seed: int, workdir: str, recipe: Dict[str,
     row = memory.rows[0]
     record = {"family": family, "spec": spec, "model_kwargs": model_kwargs, "recipe_name": recipe_name,
               "method": method, "seed": seed, "test_acc": result.test_acc,
-              "history": [h["test_acc"] for h in result.history], "steps": steps,
+              "history": [h["test_acc"] for h in result.history], "aux_acc": list(result.aux_acc),
+              "options": extra if method != "bp" else {}, "steps": steps,
               "step_seconds": train_seconds / max(1, steps), "seconds": round(seconds, 1),
               "saved_bytes": row.saved_peak, "rss_bytes": row.rss_peak, "recipe": recipe}
     (Path(workdir) / "result.json").write_text(json.dumps(record, indent=1))
@@ -135,7 +145,8 @@ class RunFailed(RuntimeError):
 
 
 def _train_in_subprocess(args: argparse.Namespace, family: str, method: str, seed: int, workdir: Path) -> dict:
-    cmd = [sys.executable, __file__, "--worker", family, method, str(seed), str(workdir), json.dumps(_recipe(args))]
+    cmd = [sys.executable, __file__, "--worker", family, method, str(seed), str(workdir), json.dumps(_recipe(args)),
+           json.dumps(args.options)]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
@@ -151,6 +162,9 @@ def _run(args: argparse.Namespace, family: str, method: str, seed: int) -> Optio
     key = {"family": family, "method": method, "seed": seed, "recipe": _recipe(args),
            "model": FAMILIES[family], "options": METHODS[method], "optimizer": RECIPES[FAMILIES[family][2]],
            "code": code_identity()["source"]}
+    if args.options and method != "bp":  # a variant; without --options the key is the one it always was
+        key["extra_options"] = args.options
+        name += "-" + "-".join(f"{k}{v}" for k, v in sorted(args.options.items()))
     if args.report_only and not cached_result_exists(name, key, Path(args.out)):
         print(f"  {name}: not cached (--report-only)", flush=True)
         return None
@@ -199,7 +213,8 @@ def _rows(results: List[dict], families: List[str], methods: List[str]) -> List[
             saved = runs[0]["saved_bytes"]
             rows.append({
                 "family": family, "spec": runs[0]["spec"], "model_kwargs": runs[0]["model_kwargs"],
-                "recipe": runs[0]["recipe_name"], "method": method, "label": LABELS[method],
+                "recipe": runs[0]["recipe_name"], "method": method,
+                "label": LABELS[method] + "".join(f" {k}={v}" for k, v in runs[0].get("options", {}).items()),
                 "seeds": [r["seed"] for r in runs], "accs": accs, "mean": mean,
                 "std": statistics.stdev(accs) if len(accs) > 1 else None,
                 "gap_to_bp": None if method == "bp" or bp is None else bp - mean,
@@ -293,12 +308,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--rerun", action="store_true", help="train every run anew, ignoring the cache")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: the table of the cached runs, the missing ones listed as failures")
-    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="more train() options for the local methods (not BP), e.g. aux_head=slim "
+                             "aux_init=copy: a variant with its own cache entries")
+    parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        family, method, seed, path, recipe = args.worker
-        _worker(family, method, int(seed), path, json.loads(recipe))
+        family, method, seed, path, recipe, extra = args.worker
+        _worker(family, method, int(seed), path, json.loads(recipe), json.loads(extra))
         return 0
+    from auglocal_fx.specs import parse_model_kwargs
+
+    args.options = parse_model_kwargs(args.options) or {}
     if "bp" not in args.methods:
         parser.error("--methods must include bp: every gap is measured against it")
     Path(args.out).mkdir(parents=True, exist_ok=True)

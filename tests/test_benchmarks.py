@@ -153,3 +153,30 @@ def test_accuracy_refuses_an_image_size_the_authors_rules_cannot_build(bench, ca
         run("--image-size", "16")
     assert exit_info.value.code == 2 and calls == []
     assert "need --image-size 32 or 96" in capsys.readouterr().err
+
+
+def test_zoo_options_make_a_variant_of_the_local_methods_only(monkeypatch, tmp_path, capsys):
+    import zoo_accuracy
+
+    calls = []
+
+    def fake(args, family, method, seed, workdir):
+        calls.append((method, dict(args.options)))
+        acc = 70.0 if method == "bp" else 60.0 + len(args.options)
+        return {"family": family, "spec": "s", "model_kwargs": {}, "recipe_name": "sgd", "method": method,
+                "seed": seed, "test_acc": acc, "history": [acc], "aux_acc": [], "steps": 1, "step_seconds": 1.0,
+                "seconds": 0.0, "saved_bytes": 1, "rss_bytes": None, "recipe": {},
+                "options": dict(args.options) if method != "bp" else {}}
+
+    monkeypatch.setattr(zoo_accuracy, "_train_in_subprocess", fake)
+
+    def run(*extra):
+        return zoo_accuracy.main(["--families", "resnet18", "--methods", "bp", "auglocal2", "--confirm-seeds",
+                                  "--jobs", "1", "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "z.json"),
+                                  "--plot", "", *extra])
+
+    assert run() == 0
+    assert run("--options", "aux_head=slim") == 0
+    # BP is shared by the variant; the local method trains again with the option
+    assert calls == [("bp", {}), ("auglocal2", {}), ("auglocal2", {"aux_head": "slim"})]
+    assert "| resnet18 (sgd) | AugLocal d=2 aux_head=slim | 1 | 61.00 | +9.00 |" in capsys.readouterr().out
