@@ -92,6 +92,7 @@ _MERGE_METHODS = {"add", "add_", "mul", "mul_", "sub", "sub_"}
 _CAT_FUNCTIONS = {torch.cat, torch.concat}
 _POOL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, torch.max_pool2d}
 _POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d)
+_PLAIN_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def _replace_module(gm: fx.GraphModule, target: str, new: nn.Module) -> None:
@@ -350,12 +351,13 @@ def _refit_module(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor,
 
 
 def _projection(in_channels: int, out_channels: int, stride: int, dims: int) -> nn.Module:
+    # On the meta device: it is initialised once, when the copy is materialized.
     if dims == 2:
-        return nn.Sequential(nn.Linear(in_channels, out_channels, bias=False),
-                             nn.BatchNorm1d(out_channels))
+        return nn.Sequential(nn.Linear(in_channels, out_channels, bias=False, device="meta"),
+                             nn.BatchNorm1d(out_channels, device="meta"))
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
-        nn.BatchNorm2d(out_channels),
+        nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False, device="meta"),
+        nn.BatchNorm2d(out_channels, device="meta"),
     )
 
 
@@ -551,7 +553,15 @@ def _execute(gm: fx.GraphModule, node: fx.Node, env: Dict[fx.Node, Any]) -> Any:
     args = fx.node.map_arg(node.args, lambda n: env[n])
     kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
     if node.op == "call_module":
-        return gm.get_submodule(node.target)(*args, **kwargs)
+        module = gm.get_submodule(node.target)
+        if type(module) in _PLAIN_BATCH_NORMS and len(args) == 1 and not kwargs \
+                and args[0].is_meta and args[0].dim() > 1 \
+                and args[0].shape[1] == module.num_features:
+            # Shape-preserving; PyTorch's meta batch norm runs a Python decomposition that took
+            # a fifth of a conversion.
+            module._check_input_dim(args[0])
+            return torch.empty_like(args[0])
+        return module(*args, **kwargs)
     if node.op == "call_function":
         return node.target(*args, **kwargs)
     if node.op == "call_method":
@@ -560,18 +570,31 @@ def _execute(gm: fx.GraphModule, node: fx.Node, env: Dict[fx.Node, Any]) -> Any:
     raise AugLocalError(f"internal: unexpected operation {describe_node(node)}")
 
 
-def _meta_copy(source: fx.GraphModule) -> fx.GraphModule:
-    """A deep copy whose tensors live on the meta device: nothing is computed or copied."""
+def _meta_copy(source: fx.GraphModule, name: str) -> fx.GraphModule:
+    """A copy named ``name`` whose tensors live on the meta device: nothing is computed or copied.
+
+    Only the modules and attributes the graph uses are copied, and the graph node by node
+    (each node's recorded shapes with it); a deep copy of the whole GraphModule pickles its graph
+    through ``copy.deepcopy`` and generates its code twice, a sixth of a conversion.
+    """
     memo: Dict[int, Any] = {}
     for module in source.modules():
-        for name, param in module._parameters.items():
+        for param in module._parameters.values():
             if param is not None and id(param) not in memo:
                 memo[id(param)] = nn.Parameter(torch.empty_like(param, device="meta"),
                                                requires_grad=param.requires_grad)
-        for name, buf in module._buffers.items():
+        for buf in module._buffers.values():
             if buf is not None and id(buf) not in memo:
                 memo[id(buf)] = torch.empty_like(buf, device="meta")
-    return copy.deepcopy(source, memo)
+    graph = fx.Graph()
+    graph._codegen = copy.deepcopy(source.graph._codegen)
+    values: Dict[fx.Node, fx.Node] = {}
+    attrs: Dict[str, Any] = {}
+    for node in source.graph.nodes:
+        values[node] = graph.node_copy(node, lambda n: values[n])
+        if node.op in ("call_module", "get_attr") and node.target not in attrs:
+            attrs[node.target] = copy.deepcopy(_fetch_attr(source, node.target), memo)
+    return fx.GraphModule(attrs, graph, name)
 
 
 def _materialize(gm: fx.GraphModule, source: fx.GraphModule, device: torch.device,
@@ -591,14 +614,24 @@ def _materialize(gm: fx.GraphModule, source: fx.GraphModule, device: torch.devic
     twins.update(dict(source.named_buffers()))
     with torch.no_grad():
         for prefix, module in gm.named_modules():
+            sources: Dict[str, nn.Parameter] = {}
+            if init is not None and not prefix.startswith("auglocal_"):  # added modules: no twin
+                twin_module = source_modules.get(prefix)
+                if twin_module is not None:
+                    sources = dict(twin_module.named_parameters(recurse=False))
             resets = hasattr(module, "reset_parameters")
-            if resets:
+            # Initialise each parameter once: PyTorch's default draw is skipped where the init
+            # rule draws every parameter anyway (a leaf: its reset touches its own tensors only).
+            # It was a quarter of a ResNet-50 conversion at d=6; the init rule's draws are unchanged.
+            drawn = init is not None and not any(True for _ in module.children()) \
+                and init.draws_all(module, sources)
+            if resets and not drawn:
                 module.reset_parameters()
             if hasattr(module, "reset_running_stats"):
                 module.reset_running_stats()
             else:
                 tensors = list(module._buffers.items())
-                if not resets:
+                if not resets and not drawn:
                     tensors += list(module._parameters.items())
                 for name, tensor in tensors:
                     if tensor is None:
@@ -611,9 +644,6 @@ def _materialize(gm: fx.GraphModule, source: fx.GraphModule, device: torch.devic
                     else:
                         tensor.zero_()
             if init is not None:
-                twin_module = source_modules.get(prefix)
-                sources = dict(twin_module.named_parameters(recurse=False)) \
-                    if twin_module is not None and not prefix.startswith("auglocal_") else {}
                 init.initialise_(module, sources)
             if copy_weights and not prefix.startswith("auglocal_"):  # modules the adaptation added
                 for name, tensor in list(module._parameters.items()) + list(module._buffers.items()):
@@ -633,14 +663,14 @@ def _insert_input_adapter(gm: fx.GraphModule, adapter: nn.Module, want: torch.Si
 
 
 def _adapt(source: fx.GraphModule, in_shape: Tuple[int, ...], stride: Optional[int],
-           adapter: Optional[str], in_layout: str) -> Tuple[fx.GraphModule, torch.Tensor]:
-    """Adapt a meta copy of ``source`` to ``in_shape``.
+           adapter: Optional[str], in_layout: str, name: str) -> Tuple[fx.GraphModule, torch.Tensor]:
+    """Adapt a meta copy of ``source``, named ``name``, to ``in_shape``.
 
     ``adapter``: ``None`` (layer by layer), ``"channels"`` (a 1x1 conv + BN restores the input
     width, strides still adapted) or ``"shape"`` (a :class:`ShapeAdapter` restores the whole
     input shape; the copy keeps its own strides).
     """
-    gm = _meta_copy(source)
+    gm = _meta_copy(source, name)
     placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
     want = placeholder.meta.get(SHAPE_KEY)
     if adapter == "shape":
@@ -652,8 +682,7 @@ def _adapt(source: fx.GraphModule, in_shape: Tuple[int, ...], stride: Optional[i
         _adapt_stride(gm, stride)
     if adapter == "channels" and want is not None and len(want) == 4 and int(want[1]) != in_shape[0]:
         _insert_input_adapter(gm, _projection(in_shape[0], int(want[1]), 1, 4), want)
-    gm.recompile()
-    out = _Repairer(gm, in_shape).run()
+    out = _Repairer(gm, in_shape).run()  # runs node by node: no code generation needed yet
     if stride is not None and out.dim() == 4 and len(in_shape) == 3:
         expected = tuple(math.ceil(v / stride) for v in in_shape[1:])
         if any(o > e for o, e in zip(out.shape[2:], expected)):
@@ -668,6 +697,8 @@ def _adapt(source: fx.GraphModule, in_shape: Tuple[int, ...], stride: Optional[i
             out = F.adaptive_avg_pool2d(out, expected)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
+    gm.delete_all_unused_submodules()  # a pooling made stride 1, a dead branch's layers
+    gm.recompile()
     return gm, out
 
 
@@ -722,7 +753,7 @@ def adapt_copy(source: fx.GraphModule, in_shape: Sequence[int], stride: Optional
     errors: List[BaseException] = []
     for adapter in attempts:
         try:
-            gm, out = _adapt(source, shape, stride, adapter, layout)
+            gm, out = _adapt(source, shape, stride, adapter, layout, name)
             break
         except _ADAPTATION_ERRORS as exc:
             errors.append(exc)
@@ -740,10 +771,9 @@ def adapt_copy(source: fx.GraphModule, in_shape: Sequence[int], stride: Optional
             warn_adapters([note], stacklevel=3)
         else:
             notes.append(note)
-    copy_gm = fx.GraphModule(gm, gm.graph, name)
-    _materialize(copy_gm, source, device, init, copy_weights)
-    copy_gm.train()
-    return copy_gm, tuple(out.shape[1:])
+    _materialize(gm, source, device, init, copy_weights)
+    gm.train()
+    return gm, tuple(out.shape[1:])
 
 
 def warn_adapters(notes: Sequence[Tuple[str, str, str]], stacklevel: int = 2) -> None:
