@@ -92,7 +92,6 @@ _MERGE_METHODS = {"add", "add_", "mul", "mul_", "sub", "sub_"}
 _CAT_FUNCTIONS = {torch.cat, torch.concat}
 _POOL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, torch.max_pool2d}
 _POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d)
-_PLAIN_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def _replace_module(gm: fx.GraphModule, target: str, new: nn.Module) -> None:
@@ -549,17 +548,27 @@ def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
     return obj
 
 
+def _meta_batch_norm_fits(module: nn.Module, value: Any) -> bool:
+    """Whether ``module`` is a batch norm that takes the meta tensor ``value`` as it is."""
+    if not isinstance(module, nn.modules.batchnorm._BatchNorm) or not isinstance(value, torch.Tensor) \
+            or not value.is_meta or value.dim() < 2 or value.shape[1] != module.num_features:
+        return False
+    try:
+        module._check_input_dim(value)  # raises ValueError for the wrong number of dimensions
+    except NotImplementedError:  # a batch norm of unknown dimensions: run it
+        return False
+    return True
+
+
 def _execute(gm: fx.GraphModule, node: fx.Node, env: Dict[fx.Node, Any]) -> Any:
     args = fx.node.map_arg(node.args, lambda n: env[n])
     kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
-        if type(module) in _PLAIN_BATCH_NORMS and len(args) == 1 and not kwargs \
-                and args[0].is_meta and args[0].dim() > 1 \
-                and args[0].shape[1] == module.num_features:
-            # Shape-preserving; PyTorch's meta batch norm runs a Python decomposition that took
-            # a fifth of a conversion.
-            module._check_input_dim(args[0])
+        if not kwargs and len(args) == 1 and _meta_batch_norm_fits(module, args[0]):
+            # Shape-preserving (timm's BatchNormAct2d adds an activation, shape-preserving too);
+            # PyTorch's meta batch norm runs a Python decomposition that took a fifth of a
+            # conversion.
             return torch.empty_like(args[0])
         return module(*args, **kwargs)
     if node.op == "call_function":
