@@ -95,12 +95,12 @@ def test_input_adapter_fallback_warns_naming_the_modules():
 
 def test_unexpected_errors_in_adaptation_propagate(monkeypatch):
     """Only shape errors fall back to the input adapter; a bug is not hidden behind it."""
-    import auglocal_fx.synthesis as synthesis
+    import auglocal_fx.synthesis.copies as copies  # where adapt_copy calls it
 
     def broken(*args, **kwargs):
         raise KeyError("a bug")
 
-    monkeypatch.setattr(synthesis, "_adapt", broken)
+    monkeypatch.setattr(copies, "_adapt", broken)
     with pytest.raises(KeyError, match="a bug"):
         to_local("paper:resnet32", d=2)
 
