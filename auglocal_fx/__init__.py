@@ -9,15 +9,21 @@ from its module (``auglocal_fx.planning.pyramid_depths``, ``auglocal_fx.specs.Mo
 older code does.
 """
 
-from .analysis import block_cka, linear_probe
-from .costs import cost_report
-from .errors import AugLocalError
-from .flops import count_flops, solve_budget
-from .local import LocalNet, load, to_local
-from .memory import measure_memory
-from .options import ConversionOptions
-from .specs import resolve_model  # noqa: F401 - importable here, not promised (see auglocal_fx.specs)
-from .training import TrainConfig, train
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .analysis import block_cka, linear_probe
+    from .costs import cost_report
+    from .errors import AugLocalError
+    from .flops import count_flops, solve_budget
+    from .local import LocalNet, load, to_local
+    from .memory import measure_memory
+    from .options import ConversionOptions
+    from .specs import resolve_model
+    from .training import TrainConfig, train
 
 __version__ = "0.1.0"
 
@@ -37,3 +43,26 @@ __all__ = [
     "AugLocalError",
     "__version__",
 ]
+
+# Each name is imported from its module on first use (PEP 562): `auglocal-fx convert` then loads
+# the conversion modules only, not the trainer's, the analysis' and their libraries.
+_HOMES = {
+    "to_local": "local", "load": "local", "LocalNet": "local", "ConversionOptions": "options",
+    "train": "training", "TrainConfig": "training", "cost_report": "costs",
+    "count_flops": "flops", "solve_budget": "flops", "measure_memory": "memory",
+    "block_cka": "analysis", "linear_probe": "analysis", "AugLocalError": "errors",
+    "resolve_model": "specs",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'auglocal_fx' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{home}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_HOMES))
