@@ -56,18 +56,21 @@ def _timed(fn, device) -> float:
 
 
 def _authors_resnet32(reference: str, d: int, batch_size: int):
-    """The authors' AugLocal ResNet-32 as their run.sh builds it (``--aux_net_depth d-1 --pyramid``)."""
+    """The authors' AugLocal ResNet-32 as their run.sh and train.py build it.
+
+    ``--local_module_num 16 --rule AugLocal --aux_net_depth d-1 --pyramid --pyramid_coeff 0.5``;
+    their train.py then sets ``aux_net_config='unifSamp'`` and ``local_module_num = 16 - (d-1)``.
+    """
     sys.path.insert(0, os.path.abspath(reference))
     import networks.resnet as theirs  # the authors' code
 
-    return theirs.resnet32(local_module_num=16, batch_size=batch_size, image_size=32,
-                           dataset="cifar10", class_num=10, rule="AugLocal", aux_net_depth=d - 1,
-                           is_pyramid=True, paramid_coeff=0.5)
+    return theirs.resnet32(local_module_num=16 - (d - 1), batch_size=batch_size, image_size=32,
+                           dataset="cifar10", class_num=10, aux_net_config="unifSamp",
+                           rule="AugLocal", aux_net_depth=d - 1, is_pyramid=True, paramid_coeff=0.5)
 
 
 def _against_authors(reference: str, depths, batch_size: int, repeats: int, device) -> None:
-    print(f"
-paper:resnet32 against the authors' LocalResNet (16 local modules, pyramid 0.5), "
+    print(f"\npaper:resnet32 against the authors' LocalResNet (16 blocks, pyramid 0.5), "
           f"batch {batch_size}, median of {repeats} interleaved steps")
     header = f"{'d':>3}  {'ours s/step':>11}  {'authors s/step':>14}  {'ours / authors':>14}"
     print(header)
