@@ -85,7 +85,7 @@ class _Repairer:
         if env[source].numel() == 0:
             raise AugLocalError(f"internal: empty tensor reaches {describe_node(user)}")
         with torch.no_grad():
-            env[new] = module(env[source])
+            env[new] = _run_meta(module, env[source])
         new.meta[SHAPE_KEY] = env[new].shape
         user.replace_input_with(source, new)
         return new
@@ -223,6 +223,17 @@ def _meta_batch_norm_fits(module: nn.Module, value: Any) -> bool:
     except NotImplementedError:  # a batch norm of unknown dimensions: run it
         return False
     return True
+
+
+def _run_meta(module: nn.Module, value: Any) -> Any:
+    """``module(value)``, with the batch norms of a Sequential (a projection) shape-only."""
+    if type(module) is nn.Sequential:
+        for layer in module:
+            value = _run_meta(layer, value)
+        return value
+    if _meta_batch_norm_fits(module, value):
+        return torch.empty_like(value)
+    return module(value)
 
 
 def _execute(gm: fx.GraphModule, node: fx.Node, env: Dict[fx.Node, Any]) -> Any:
