@@ -49,7 +49,8 @@ def _meta_copy(source: fx.GraphModule, name: str) -> fx.GraphModule:
         for buf in module._buffers.values():
             if buf is not None and id(buf) not in memo:
                 memo[id(buf)] = torch.empty_like(buf, device="meta")
-    graph = fx.Graph()
+    # The source's tracer class goes with the graph: a pickled copy is traced again with it.
+    graph = fx.Graph(tracer_cls=source.graph._tracer_cls, tracer_extras=source.graph._tracer_extras)
     graph._codegen = copy.deepcopy(source.graph._codegen)
     values: Dict[fx.Node, fx.Node] = {}
     attrs: Dict[str, Any] = {}
