@@ -9,17 +9,23 @@ from its module (``auglocal_fx.planning.pyramid_depths``, ``auglocal_fx.specs.Mo
 older code does.
 """
 
-from .budget import solve_budget
-from .cka import block_cka
-from .costs import cost_report
-from .errors import AugLocalError
-from .flops import count_flops
-from .local import LocalNet, load, to_local
-from .memory import measure_memory
-from .options import ConversionOptions
-from .probes import linear_probe
-from .specs import resolve_model  # noqa: F401 - importable here, not promised (see auglocal_fx.specs)
-from .training import TrainConfig, train
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .budget import solve_budget
+    from .cka import block_cka
+    from .costs import cost_report
+    from .errors import AugLocalError
+    from .flops import count_flops
+    from .local import LocalNet, load, to_local
+    from .memory import measure_memory
+    from .options import ConversionOptions
+    from .probes import linear_probe
+    from .specs import resolve_model
+    from .training import TrainConfig, train
 
 __version__ = "0.1.0"
 
@@ -39,3 +45,26 @@ __all__ = [
     "AugLocalError",
     "__version__",
 ]
+
+# Each name is imported from its module on first use (PEP 562): `auglocal-fx convert` then loads
+# the conversion modules only, not the trainer's, the analysis' and their libraries.
+_HOMES = {
+    "to_local": "local", "load": "local", "LocalNet": "local", "ConversionOptions": "options",
+    "train": "training", "TrainConfig": "training", "cost_report": "costs",
+    "count_flops": "flops", "solve_budget": "budget", "measure_memory": "memory",
+    "block_cka": "cka", "linear_probe": "probes", "AugLocalError": "errors",
+    "resolve_model": "specs",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'auglocal_fx' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{home}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_HOMES))

@@ -92,19 +92,23 @@ def _sync(device: torch.device) -> None:
 
 
 def measure_module_times(net: nn.Module, batch: int, num_classes: int, device: torch.device,
-                         repeats: int = 3, autocast_dtype: Optional[torch.dtype] = None) -> List[float]:
+                         repeats: int = 1, autocast_dtype: Optional[torch.dtype] = None,
+                         warmup: Optional[bool] = None) -> List[float]:
     """Seconds per training step of each local module (forward, loss, backward) on random data.
 
-    The median of ``repeats`` after one warm-up. Weights, buffers, gradients and the RNG are left
-    as they were, so measuring does not change the run.
+    The median of ``repeats`` passes (default one: the balance needs the modules' proportions,
+    and every pass is a whole training step that all workers wait for), after one warm-up pass
+    where ``warmup`` (default: on CUDA only, whose first pass pays for kernel selection). Weights,
+    buffers, gradients and the RNG are left as they were, so measuring does not change the run.
     """
+    warmup = device.type == "cuda" if warmup is None else warmup
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
     g = torch.Generator().manual_seed(0)
     x = torch.randn((batch,) + tuple(net.input_size), generator=g).to(device)
     y = torch.randint(num_classes, (batch,), generator=g).to(device)
     times: List[List[float]] = [[] for _ in range(net.num_local)]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for repeat in range(repeats + 1):
+        for repeat in range(repeats + 1 if warmup else repeats):
             losses = net.module_losses(x, y, autocast_dtype=autocast_dtype)
             for j in range(net.num_local):
                 _sync(device)
@@ -112,7 +116,7 @@ def measure_module_times(net: nn.Module, batch: int, num_classes: int, device: t
                 loss, _ = next(losses)
                 loss.backward()
                 _sync(device)
-                if repeat:
+                if repeat or not warmup:
                     times[j].append(time.perf_counter() - start)
                 del loss
             for _ in losses:  # close the generator

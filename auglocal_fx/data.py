@@ -30,15 +30,17 @@ from __future__ import annotations
 import gzip
 import os
 import struct
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
-from torchvision.transforms import v2
 
 from .errors import AugLocalError
+
+if TYPE_CHECKING:  # imported where transforms are built: `auglocal-fx convert` needs none
+    from torchvision.transforms import v2
 
 __all__ = ["DATASETS", "DEFAULT_FASHION_MNIST_DIR", "Datasets", "build_datasets", "dataset_geometry",
            "dataset_normalization", "train_augmentation", "subset"]
@@ -211,6 +213,8 @@ def train_augmentation(name: str, side: Optional[int] = None) -> List[v2.Transfo
         name: ``cifar10``, ``svhn``, ``stl10``, ``fashion-mnist``, ``digits`` or ``synthetic``.
         side: the image side after resizing; default the dataset's native size.
     """
+    from torchvision.transforms import v2
+
     if name not in _AUGMENT:
         raise AugLocalError(f"no augmentation for dataset {name!r}; choose from {', '.join(_AUGMENT)}")
     native = _NATIVE_SIZE[name]
@@ -224,6 +228,8 @@ def train_augmentation(name: str, side: Optional[int] = None) -> List[v2.Transfo
 
 
 def _transform(key: str, side: int, native: int, augment: bool) -> Callable:
+    from torchvision.transforms import v2
+
     mean, std = _MEAN_STD[key]
     steps = [v2.ToImage()]
     if side != native:
@@ -330,6 +336,7 @@ def _synthetic(side: int, train_tf, test_tf, train_size: int = 512, test_size: i
 
 def _imagefolder(path: str, side: int, augment: bool):
     from torchvision import datasets
+    from torchvision.transforms import v2
 
     if not path or not os.path.isdir(os.path.join(path, "train")):
         raise AugLocalError(f"imagefolder:{path} needs {os.path.join(path or 'PATH', 'train')}/<class>/*; "

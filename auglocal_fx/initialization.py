@@ -97,7 +97,10 @@ def describe_init(tensor: torch.Tensor) -> TensorInit:
     std = float(flat.std(unbiased=False))
     if std == 0.0 or flat.numel() < 8:
         return TensorInit("normal", mean, std)
-    kurtosis = float(((flat - mean) ** 4).mean()) / std ** 4 - 3.0
+    # Square twice rather than ``** 4``: a generic power of a double is several times slower,
+    # and over a whole model's parameters that was a third of the conversion's statistics.
+    squares = (flat - mean).square_()
+    kurtosis = float(squares.square_().mean()) / std ** 4 - 3.0
     return TensorInit("uniform" if kurtosis < _UNIFORM_KURTOSIS else "normal", mean, std)
 
 
@@ -191,6 +194,20 @@ class InitReference:
                         (init.std, fan_in, fan_out, init.family))
         rules = {key: rule for key, s in samples.items() if (rule := fit_fan_rule(s)) is not None}
         return cls(by_param, rules)
+
+    def draws_all(self, module: nn.Module, sources: Mapping[str, nn.Parameter]) -> bool:
+        """Whether :meth:`initialise_` draws every one of ``module``'s own parameters.
+
+        Where it does, PyTorch's default initialisation before it would only be overwritten.
+        """
+        for name, param in module.named_parameters(recurse=False):
+            source = sources.get(name)
+            init = self.by_param.get(id(source)) if source is not None else None
+            if init is not None and (init.family == "constant" or source.shape == param.shape):
+                continue
+            if (type(module), name) not in self.rules:
+                return False
+        return True
 
     def initialise_(self, module: nn.Module, sources: Mapping[str, nn.Parameter]) -> None:
         """Initialise ``module``'s own parameters in place.

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence
 
-import timm.optim
-import timm.scheduler
 import torch
 from torch import nn
 
@@ -34,6 +32,8 @@ TIMM_WARMUP_LR = 1e-5  # timm's train.py default
 
 def check_optimizer(opt: str) -> None:
     """Raise one line unless ``opt`` names a timm optimizer (``lookahead_`` prefix allowed)."""
+    import timm.optim  # here, not at the top: `auglocal-fx convert` never needs it
+
     if not isinstance(opt, str) or opt.lower().split("_")[-1] not in timm.optim.list_optimizers():
         raise AugLocalError(f"unknown optimizer {opt!r}; use a timm name such as sgd, momentum, adamw, lamb, "
                             "lion, rmsproptf (timm.optim.list_optimizers() lists all)")
@@ -77,6 +77,8 @@ def build_optimizer(cfg: Any, module: nn.Module, lr: float,
         exempt: parameters without weight decay besides the 1-D ones (outside the paper's
             recipe), e.g. ``no_weight_decay_parameters`` of the original model.
     """
+    import timm.optim
+
     kwargs: Dict[str, Any] = {}
     if cfg.opt_eps is not None:
         kwargs["eps"] = cfg.opt_eps
@@ -113,6 +115,8 @@ class LearningRateSchedule:
     """
 
     def __init__(self, cfg: Any, optimizer: torch.optim.Optimizer, base_lr: float, steps_per_epoch: int):
+        import timm.scheduler
+
         self.cfg, self.optimizer, self.base_lr = cfg, optimizer, base_lr
         self.timm: Optional[timm.scheduler.scheduler.Scheduler] = None
         if cfg.sched != PAPER_SCHEDULE:

@@ -10,7 +10,7 @@ Usage::
    plan, synthesis (the auxiliary networks), assembly (``LocalNet``), FLOPs counting (fvcore),
    save. Conversion and counting run on one thread, as the CLI does.
 
-Target: under 10 s for the whole process.
+Target: at most 6 s for the whole process (issue 22; 10 s before).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def _stages(spec: str, d: int, out: str) -> dict:
     import fvcore.nn  # noqa: F401
 
     from auglocal_fx.flops import count_flops
+    from auglocal_fx.initialization import InitReference
     from auglocal_fx.local import LocalNet
     from auglocal_fx.partition import partition_blocks
     from auglocal_fx.planning import plan_aux_nets
@@ -69,7 +70,10 @@ def _stages(spec: str, d: int, out: str) -> dict:
     plans = plan_aux_nets(partition.resolutions, d)
     times["plan"] = time.perf_counter() - t
     t = time.perf_counter()
-    aux = [synthesize_aux_net(partition, p) for p in plans]
+    init = InitReference.from_model(resolved.model, resolved.initial_parameters)
+    times["init statistics"] = time.perf_counter() - t
+    t = time.perf_counter()
+    aux = [synthesize_aux_net(partition, p, init) for p in plans]  # drawn by the init rule, as the CLI
     times["synthesis (aux nets)"] = time.perf_counter() - t
     t = time.perf_counter()
     options = {"d": d, "tau": 0.5, "pyramid": True, "selection": "uniform",
@@ -143,8 +147,8 @@ def main() -> None:
     print(_table([[k, f"{v:.2f} s", f"{100 * v / total:.0f}%"] for k, v in times.items()]
                  + [["sum of stages", f"{total:.2f} s", "100%"]],
                  ["stage (fresh process, in-process timers)", "time", "share"]))
-    verdict = "meets" if statistics.median(walls) < 10 else "MISSES"
-    print(f"\nmedian whole-process time {statistics.median(walls):.2f} s {verdict} the 10 s target")
+    verdict = "meets" if statistics.median(walls) <= 6 else "MISSES"
+    print(f"\nmedian whole-process time {statistics.median(walls):.2f} s {verdict} the 6 s target")
 
 
 if __name__ == "__main__":

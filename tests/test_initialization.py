@@ -195,3 +195,55 @@ def test_init_reference_records_shared_parameters_once():
     model = nn.Sequential(conv, conv)
     ref = InitReference.from_model(model)
     assert len(ref.by_param) == 2  # weight and bias, once each
+
+
+def test_copies_are_initialised_once_by_the_init_rule(monkeypatch):
+    # PyTorch's default draw before the init rule's was a quarter of a conversion; a copied conv
+    # must be drawn by the init rule alone (a reset on the meta device, while re-creating a
+    # layer for another width, allocates and draws nothing).
+    from auglocal_fx.models.cifar import resnet32
+
+    model = resnet32()
+    drawn = []
+    reset = nn.Conv2d.reset_parameters
+
+    def counting(self):
+        if self.weight.device.type != "meta":
+            drawn.append(self)
+        reset(self)
+
+    monkeypatch.setattr(nn.Conv2d, "reset_parameters", counting)
+    local = to_local(model, d=2)
+    assert not drawn
+    conv = next(m for m in local.aux[3].modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3))
+    assert abs(conv.weight.std().item() / _he_fan_out_std(conv) - 1) < 0.1
+
+
+def test_a_layer_the_init_rule_cannot_draw_keeps_pytorchs_default():
+    # The source has no BatchNorm and no Linear bias rule for an added layer: skipping PyTorch's
+    # reset there would leave the memory `to_empty` gave (zeros or garbage).
+    class NoNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.b = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+            self.c = nn.Conv2d(16, 16, 3, padding=1)
+            self.fc = nn.Linear(16, 5)
+
+        def forward(self, x):
+            x = torch.relu(self.a(x))
+            x = torch.relu(self.b(x))
+            x = x + torch.relu(self.c(x))
+            return self.fc(x.mean((2, 3)))
+
+    model = NoNorm()
+    ref = InitReference.from_model(model)
+    norm = nn.BatchNorm1d(16)
+    assert not ref.draws_all(norm, {})  # no BatchNorm in the source: no rule
+    assert ref.draws_all(nn.Conv2d(8, 16, 3), {})  # a fitted rule for conv weight and bias
+    local = to_local(model, d=2, input_size=(3, 16, 16))
+    added = [m for aux in local.aux for m in aux.modules() if isinstance(m, nn.BatchNorm1d)]
+    assert added  # the authors' BatchNorm1d before a one-block auxiliary classifier
+    for m in added:
+        assert torch.all(m.weight == 1) and torch.all(m.bias == 0)
+        assert torch.all(m.running_var == 1) and torch.all(m.running_mean == 0)

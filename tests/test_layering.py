@@ -157,3 +157,18 @@ def test_the_promised_api():
         "to_local", "load", "LocalNet", "ConversionOptions", "train", "TrainConfig", "cost_report", "count_flops",
         "solve_budget", "measure_memory", "block_cka", "linear_probe", "AugLocalError", "__version__"}
     assert all(hasattr(auglocal_fx, name) for name in auglocal_fx.__all__)
+
+
+def test_the_command_line_loads_no_trainer_and_no_model_library():
+    # `auglocal-fx convert` pays for what it uses: the package resolves its API on first use, and
+    # timm, torchvision, fvcore, matplotlib and sklearn are imported where they are needed.
+    import subprocess
+    import sys
+
+    code = ("import sys, cli.main, auglocal_fx; "
+            "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('timm', 'torchvision', 'fvcore', 'matplotlib', 'sklearn') or m in "
+            "('auglocal_fx.training', 'auglocal_fx.analysis', 'auglocal_fx._pipeline'))))")
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                            check=True).stdout.split()
+    assert loaded == []

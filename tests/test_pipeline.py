@@ -196,3 +196,20 @@ def test_workers_with_adamw_a_per_update_cosine_and_mixup_match_the_sequential_r
     two = train(TrainConfig(out=str(tmp_path / "two"), pipeline=2, **common))
     _assert_same_weights(one.model_path, two.model_path)
     assert one.history[-1]["local_losses"] == two.history[-1]["local_losses"]
+
+
+def test_time_balance_measures_one_pass_on_the_cpu(monkeypatch):
+    # Every pass is a whole training step all workers wait for: one is enough for proportions.
+    local = to_local(TINY, d=2, input_size=(3, 16, 16))
+    passes = []
+    losses = type(local).module_losses
+
+    def counting(self, *args, **kwargs):
+        passes.append(1)
+        return losses(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(local), "module_losses", counting)
+    measure_module_times(local, 4, 10, torch.device("cpu"))
+    assert len(passes) == 1
+    measure_module_times(local, 4, 10, torch.device("cpu"), repeats=2, warmup=True)
+    assert len(passes) == 4

@@ -95,12 +95,12 @@ def test_input_adapter_fallback_warns_naming_the_modules():
 
 def test_unexpected_errors_in_adaptation_propagate(monkeypatch):
     """Only shape errors fall back to the input adapter; a bug is not hidden behind it."""
-    import auglocal_fx.synthesis as synthesis
+    import auglocal_fx.synthesis.copies as copies  # where adapt_copy calls it
 
     def broken(*args, **kwargs):
         raise KeyError("a bug")
 
-    monkeypatch.setattr(synthesis, "_adapt", broken)
+    monkeypatch.setattr(copies, "_adapt", broken)
     with pytest.raises(KeyError, match="a bug"):
         to_local("paper:resnet32", d=2)
 
@@ -171,3 +171,43 @@ def test_a_pointwise_copy_reads_every_position_when_it_reduces():
         out, out_moved = copy(h), copy(moved)
     assert out.shape[-2:] == (8, 8)  # half of block 0's 16x16, as planned
     assert not torch.allclose(out, out_moved)
+
+
+def test_meta_batch_norm_shortcut_keeps_the_shape_checks():
+    # Batch norms pass meta shapes through without PyTorch's slow meta decomposition; a wrong
+    # channel count or rank must still fail as running the layer does (and then be repaired).
+    from torch import fx
+
+    from auglocal_fx.synthesis.repair import _execute, _meta_batch_norm_fits
+
+    norm = nn.BatchNorm2d(8)
+    assert _meta_batch_norm_fits(norm, torch.empty(2, 8, 4, 4, device="meta"))
+    assert not _meta_batch_norm_fits(norm, torch.empty(2, 6, 4, 4, device="meta"))
+    assert not _meta_batch_norm_fits(norm, torch.empty(2, 8, 4, 4))  # real tensors run the layer
+    with pytest.raises(ValueError):
+        _meta_batch_norm_fits(norm, torch.empty(2, 8, device="meta"))
+    gm = fx.symbolic_trace(nn.Sequential(nn.BatchNorm2d(8)).to("meta"))
+    node = next(n for n in gm.graph.nodes if n.op == "call_module")
+    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    out = _execute(gm, node, {placeholder: torch.empty(2, 8, 5, 5, device="meta")})
+    assert out.shape == (2, 8, 5, 5) and out.is_meta
+    with pytest.raises(RuntimeError):
+        _execute(gm, node, {placeholder: torch.empty(2, 6, 5, 5, device="meta")})
+
+
+def test_copies_share_nothing_with_their_source():
+    # The meta copy copies the graph node by node and the modules it uses: the source block's
+    # graph, modules and recorded shapes stay as they were.
+    from auglocal_fx.synthesis import adapt_copy
+    from auglocal_fx.tracing import SHAPE_KEY
+
+    local = to_local("paper:resnet32", d=2)
+    source = local.blocks[15].eval_graph
+    nodes = [(n.name, n.op, n.target, n.meta.get(SHAPE_KEY)) for n in source.graph.nodes]
+    copy_gm, shape = adapt_copy(source, (16, 32, 32), 2, "Copy")
+    assert shape == (64, 16, 16)
+    assert [(n.name, n.op, n.target, n.meta.get(SHAPE_KEY)) for n in source.graph.nodes] == nodes
+    theirs = {id(t) for t in list(source.parameters()) + list(source.buffers())}
+    assert not theirs & {id(t) for t in list(copy_gm.parameters()) + list(copy_gm.buffers())}
+    assert not {id(m) for m in source.modules()} & {id(m) for m in copy_gm.modules()}
+    assert all(n.graph is copy_gm.graph for n in copy_gm.graph.nodes)

@@ -1,0 +1,126 @@
+"""Synthesis of auxiliary networks from fresh copies of later blocks (docs/method.md, rule 5).
+
+``aux_j`` is a fresh-initialised copy of each block in ``S_j``, in order, then a fresh copy of
+the head. Each copy is the block's traced subgraph, adapted to what actually reaches it:
+
+* stride: a copy reduces the resolution by exactly the factor the plan gives (1 or 2). Strides
+  of the original's reducing convolutions and poolings are lowered (a removed 2x pooling becomes
+  nothing), or the first spatial operation on each path from the input gets stride 2; a copy
+  with no spatial operation (only 1x1 convolutions, as MobileNetV3's last block) gets a 2x2
+  average pooling of its input instead, since a strided 1x1 convolution would drop three of every
+  four positions unseen (the same size and memory, every position read);
+* channels: a weight layer or norm that receives another channel count is re-created for it
+  (same class, same options, new width); where the changed input reaches a residual merge
+  through no weight layer (an identity shortcut), that shortcut becomes a projection
+  (1x1 conv with the block's stride + BatchNorm), as a residual block with different in/out
+  shapes is normally built;
+* anything else that cannot take the new shape (a depthwise convolution, a hard-coded split)
+  gets a 1x1 conv + BatchNorm in front of it that restores the channel count it was built for;
+* a copy that cannot be re-strided or re-widened at all (attention windows, a channel shuffle,
+  attention built for one feature size), and a token or channels-last copy whose input is not
+  its own, keeps its strides and widths and takes its original input shape through a
+  :class:`~auglocal_fx.layouts.ShapeAdapter` (rule 11).
+
+The head is a fresh copy of the network's head, or the authors' slim MLP head where the head
+holds most of the parameters (``aux_head``, rule 12).
+
+Weights (``aux_init``): ``"init"`` draws every copy afresh by the source model's init rule (the
+paper's and the authors' choice); ``"copy"`` starts each copy from the weights its source
+block (or head) holds now, for fine-tuning a pretrained network: every parameter and buffer
+whose shape the adaptation kept (a re-strided convolution, the norms after a widened one, the
+classifier) takes the source's value, and the rest (a widened layer's weight, projection
+shortcuts and input adapters added by the adaptation, the BatchNorm1d before a one-block
+auxiliary classifier, a slim head) is drawn by the init rule.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+from torch import nn
+
+from ..initialization import InitReference
+from ..layouts import resolution
+from ..partition import Partition
+from ..planning import AuxPlan
+from .copies import adapt_copy, warn_adapters
+# Re-exported: the rest of the package imports these names from here (SLIM_WIDTH: the tests).
+from .heads import (AUX_HEADS, AUX_INITS, SLIM_WIDTH, _insert_norm_before_classifier,  # noqa: F401
+                    _num_classes, choose_aux_head, slim_head, validate_aux_head, validate_aux_init)
+
+__all__ = ["AUX_HEADS", "AUX_INITS", "AuxNet", "synthesize_aux_net", "adapt_copy", "warn_adapters",
+           "slim_head", "choose_aux_head", "validate_aux_head", "validate_aux_init"]
+
+
+class AuxNet(nn.Sequential):
+    """An auxiliary network: adapted block copies followed by a head copy.
+
+    Attributes:
+        plan: the :class:`~auglocal_fx.planning.AuxPlan` it was built from.
+    """
+
+    def __init__(self, modules: Sequence[nn.Module], plan: AuxPlan):
+        super().__init__(*modules)
+        self.plan = plan
+
+
+def _module_list(names: Sequence[str], most: int = 3) -> str:
+    shown = ", ".join(names[:most]) or "no modules"
+    return shown + (f", ... ({len(names)} modules)" if len(names) > most else "")
+
+
+def synthesize_aux_net(partition: Partition, plan: AuxPlan,
+                       init: Optional[InitReference] = None,
+                       notes: Optional[List[Tuple[str, str, str]]] = None,
+                       aux_head: str = "auto", aux_init: str = "init") -> AuxNet:
+    """Build the auxiliary network of block ``plan.block`` (docs/method.md, rules 5 and 10).
+
+    Args:
+        partition: the primary network's blocks and head, with recorded shapes.
+        plan: which blocks to copy and each copy's stride.
+        init: initial-value statistics of the source model (see
+            :class:`~auglocal_fx.initialization.InitReference`); ``None``: PyTorch's defaults.
+        notes: collects input adapters (see :func:`adapt_copy`); ``None``: warn here.
+        aux_head: ``"copy"`` (a fresh copy of the network's head), ``"slim"`` (see
+            :func:`slim_head`) or ``"auto"`` (see :func:`choose_aux_head`).
+        aux_init: ``"init"`` (every copy drawn afresh) or ``"copy"`` (copies start from the
+            source's weights where the shape was kept; see the module docstring).
+
+    Returns:
+        An :class:`AuxNet` mapping block ``j``'s output to ``(N, num_classes)`` logits. With one
+        copied block, the head copy has a BatchNorm1d before its linear classifier, as the
+        authors' code builds it.
+    """
+    validate_aux_init(aux_init)
+    copy_weights = aux_init == "copy"
+    shape = partition.block_shapes[plan.block]
+    layout = partition.output_layout(plan.block)
+    planned = resolution(shape, layout)
+    modules: List[nn.Module] = []
+    for k, stride in zip(plan.selected, plan.strides):
+        label = f"block {k} ({_module_list(partition.block_names[k])})"
+        current = resolution(shape, layout)
+        if current != planned:
+            # An earlier copy kept its own resolution (input adapter): reduce while this copy's
+            # input is finer than the original block's output.
+            target = partition.resolutions[k]
+            stride = 2 if current > 0 and target > 0 and round(math.log2(current / target)) >= 1 else 1
+        copy_gm, shape = adapt_copy(partition.blocks[k].eval_graph, shape, stride,
+                                    f"Aux{plan.block}CopyOfBlock{k}", init, label, layout, notes,
+                                    copy_weights)
+        planned = math.ceil(planned / stride)
+        layout = partition.output_layout(k)
+        modules.append(copy_gm)
+    if choose_aux_head(partition, aux_head) == "slim":
+        reference = next(partition.head.eval_graph.parameters())
+        head: nn.Module = slim_head(_num_classes(partition), reference.device, reference.dtype,
+                                    init)
+    else:
+        head, _ = adapt_copy(partition.head.eval_graph, shape, None, f"Aux{plan.block}Head", init,
+                             f"the head ({_module_list(partition.head_names)})", layout, notes,
+                             copy_weights)
+        if len(plan.selected) == 1:
+            _insert_norm_before_classifier(head)
+    modules.append(head)
+    return AuxNet(modules, plan)
