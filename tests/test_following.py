@@ -173,7 +173,8 @@ def test_bad_options_are_one_clear_line(options, words):
 ])
 def test_trainer_refuses_what_it_cannot_do(tmp_path, config, words):
     with pytest.raises(AugLocalError, match=words):
-        train(TrainConfig(model="paper:resnet32", dataset="synthetic", out=str(tmp_path), **config))
+        train(TrainConfig(model=TINY, dataset="synthetic", input_size=16, batch_size=4, train_subset=8,
+                          test_subset=4, max_steps=1, out=str(tmp_path), progress=False, **config))
 
 
 def test_train_runs_both_and_records_them(tmp_path):
@@ -184,3 +185,22 @@ def test_train_runs_both_and_records_them(tmp_path):
     assert any(k.startswith("following.ema") for k in ckpt["model"])
     assert float(ckpt["model"]["freezing.progress"]) == pytest.approx(1.0)
     assert len(result.history) == 2
+
+
+def test_cli_flags_reach_the_run_and_bad_values_are_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    try:
+        from auglocal_fx_cli.main import cli
+    except ImportError:  # not installed: run from the repository root
+        from cli.main import cli
+    common = ["train", TINY, "--dataset", "synthetic", "--input-size", "3", "16", "16", "--batch-size", "4",
+              "--train-subset", "8", "--test-subset", "4", "--max-steps", "2", "--quiet"]
+    result = CliRunner().invoke(cli, common + ["--aux-follow", "1.5", "--out", str(tmp_path / "a")])
+    assert result.exit_code != 0 and "aux_follow must be" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    result = CliRunner().invoke(cli, common + ["--aux-follow", "0.5", "--aux-follow-adapted", "slice",
+                                               "--aux-freeze", "0.5", "--out", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    state = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["model"]
+    assert "freezing.progress" in state and any(k.startswith("following.ema") for k in state)
