@@ -79,6 +79,9 @@ class TrainConfig:
             ``"predsim"``, ``"infopro"``, ``"auglocal+infopro"``).
         aux_checkpoint: recompute the auxiliary forwards in backward instead of keeping their
             activations (``method="auglocal"``; same gradients, less memory, more time).
+        aux_follow, aux_follow_adapted, aux_freeze: AugLocal's copies follow their source
+            blocks by an EMA; auxiliary layers freeze top first (see
+            :class:`~auglocal_fx.ConversionOptions`; not with ``pipeline > 1``).
         seed: seeds the weights, the data order and the augmentations.
         device: ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda[:N]"``.
         amp: ``"none"``, ``"bf16"`` (CPU or CUDA) or ``"fp16"`` (CUDA, with gradient scaling).
@@ -150,6 +153,9 @@ class TrainConfig:
     aux_head: str = "auto"
     rule: str = "auglocal"
     aux_checkpoint: bool = False
+    aux_follow: Optional[float] = None
+    aux_follow_adapted: str = "own"
+    aux_freeze: Optional[float] = None
     seed: int = 0
     device: str = "auto"
     amp: str = "none"
@@ -180,7 +186,8 @@ class TrainConfig:
 
 
 # The TrainConfig fields that are conversion options; ``conversion`` sets them.
-_CONVERSION_FIELDS = ("d", "tau", "pyramid", "selection", "aux_head", "rule", "aux_init", "aux_checkpoint")
+_CONVERSION_FIELDS = ("d", "tau", "pyramid", "selection", "aux_head", "rule", "aux_init", "aux_checkpoint",
+                      "aux_follow", "aux_follow_adapted", "aux_freeze")
 
 
 @dataclass
@@ -245,6 +252,11 @@ def _check_config(config: Optional[TrainConfig], overrides: Dict[str, Any]) -> T
         raise AugLocalError("pipeline needs local learning (method 'auglocal'); backprop's blocks wait for each "
                             "other's gradients")
     cfg.local_options()  # validated where to_local validates them
+    if cfg.method != "auglocal" and (cfg.aux_follow is not None or cfg.aux_freeze is not None):
+        raise AugLocalError("aux_follow and aux_freeze act on auxiliary networks: they need method 'auglocal'")
+    if cfg.pipeline > 1 and (cfg.aux_follow is not None or cfg.aux_freeze is not None):
+        raise AugLocalError("aux_follow and aux_freeze are not supported with pipeline > 1 (a copy's source and "
+                            "the run's progress live on other workers); drop them or --pipeline")
     if cfg.aux_checkpoint and cfg.method != "auglocal":
         raise AugLocalError("aux_checkpoint recomputes auxiliary networks: it needs method 'auglocal'")
     if cfg.pipeline_balance not in PIPELINE_BALANCES:

@@ -278,6 +278,8 @@ class Run:
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             losses = loss.detach().reshape(1)
         self._apply_gradients()
+        if self.cfg.method == "auglocal":
+            self.net.after_optimizer_step((self.global_step + 1) / self.total_steps)
         return losses.float()
 
     def _apply_gradients(self) -> None:

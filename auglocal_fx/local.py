@@ -21,6 +21,7 @@ from ._io import atomic_save
 from ._threads import single_thread
 from .checkpoints import LOCALNET, read
 from .errors import AugLocalError, first_line
+from .following import Following, Freezing
 from .initialization import InitReference
 from .options import ConversionOptions, conversion_options
 from .partition import Partition, partition_blocks
@@ -80,6 +81,10 @@ class LocalNet(nn.Module):
         self.input_size = tuple(options.input_size)
         self.num_classes = int(options.num_classes)
         self.spec = spec
+        # Issue 24: copies that follow their sources, auxiliary layers that stop training.
+        self.following = None if options.aux_follow is None else Following(
+            self.aux, self.blocks, self.head, options.aux_follow, options.aux_follow_adapted)
+        self.freezing = None if options.aux_freeze is None else Freezing(self.aux, options.aux_freeze)
         self._original = [model]  # a list keeps it out of the module tree and the state_dict
         self.train(model.training)
 
@@ -212,6 +217,14 @@ class LocalNet(nn.Module):
                 out = self.blocks[self.num_local - 1](h.detach())
                 loss, out = self._output_loss(out, y, loss_fn)
             yield loss, out.detach()
+
+    def after_optimizer_step(self, progress: Optional[float] = None) -> None:
+        """Call after each optimizer step: copies follow their sources (``aux_follow``) and,
+        given the run's progress (``step / total_steps``), auxiliary layers freeze (``aux_freeze``)."""
+        if self.following is not None:
+            self.following.step()
+        if self.freezing is not None and progress is not None:
+            self.freezing.set_progress(progress)
 
     @property
     def aux_checkpoint(self) -> bool:

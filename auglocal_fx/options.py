@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from .errors import AugLocalError
+from .following import validate_follow, validate_freeze
 from .planning import validate_options
 from .rules import get_rule
 from .synthesis import validate_aux_head, validate_aux_init
@@ -26,7 +27,8 @@ __all__ = ["ConversionOptions", "conversion_options"]
 # The keys a checkpoint's ``options`` dict may miss (written before the option existed), and
 # what those checkpoints meant.
 _OLD_DEFAULTS = {"aux_head": "copy", "rule": "auglocal", "normalization": None, "aux_init": "init",
-                 "model_kwargs": None, "aux_checkpoint": False, "block_boundaries": None}
+                 "model_kwargs": None, "aux_checkpoint": False, "block_boundaries": None,
+                 "aux_follow": None, "aux_follow_adapted": "own", "aux_freeze": None}
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,12 @@ class ConversionOptions:
         model_kwargs: a spec string's builder arguments.
         resolved_aux_head: ``"copy"`` or ``"slim"``, what ``aux_head`` meant for the network
             (set by ``to_local``; ``None`` before conversion).
+        aux_follow: EMA momentum ``m`` with which AugLocal's copies follow their source blocks
+            (plus a learned correction); ``None``: they do not (see :mod:`auglocal_fx.following`).
+        aux_follow_adapted: copy parameters whose shape the adaptation changed keep their own
+            weights (``"own"``) or follow the source's leading slice (``"slice"``).
+        aux_freeze: auxiliary layers freeze top first, all frozen by this fraction of the run;
+            ``None``: they train to the end.
     """
 
     d: int = 2
@@ -65,12 +73,20 @@ class ConversionOptions:
     normalization: Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]] = None
     model_kwargs: Optional[Mapping[str, Any]] = None
     resolved_aux_head: Optional[str] = None
+    aux_follow: Optional[float] = None
+    aux_follow_adapted: str = "own"
+    aux_freeze: Optional[float] = None
 
     def __post_init__(self) -> None:
         validate_options(self.d, self.tau, self.selection)
         validate_aux_head(self.aux_head)
         validate_aux_init(self.aux_init)
         get_rule(self.rule)
+        validate_follow(self.aux_follow, self.aux_follow_adapted)
+        validate_freeze(self.aux_freeze)
+        if (self.aux_follow is not None or self.aux_freeze is not None) and not get_rule(self.rule).uses_depth:
+            raise AugLocalError(f"aux_follow and aux_freeze act on AugLocal's block copies; rule {self.rule!r} "
+                                "has none: use rule auglocal or auglocal+infopro, or leave them unset")
         if not isinstance(self.aux_checkpoint, bool):
             raise AugLocalError(f"aux_checkpoint must be True or False, got {self.aux_checkpoint!r}")
         if not isinstance(self.pyramid, bool):
@@ -80,6 +96,9 @@ class ConversionOptions:
         # Normal forms, so equal options compare equal however they were given.
         set_ = object.__setattr__  # frozen: __post_init__ is the one place that may
         set_(self, "tau", float(self.tau))
+        for name in ("aux_follow", "aux_freeze"):
+            if getattr(self, name) is not None:
+                set_(self, name, float(getattr(self, name)))
         if self.input_size is not None:
             set_(self, "input_size", tuple(int(v) for v in self.input_size))
         if self.num_classes is not None:
@@ -114,7 +133,8 @@ class ConversionOptions:
             return (f"d={self.d}, tau={self.tau}, pyramid={self.pyramid}, selection={self.selection!r}, "
                     f"aux_head={self.aux_head!r}"
                     + (f", rule={self.rule!r}" if self.rule != "auglocal" else "")
-                    + (", aux_checkpoint=True" if self.aux_checkpoint else ""))
+                    + (", aux_checkpoint=True" if self.aux_checkpoint else "")
+                    + self._beyond(", {}={!r}"))
         if style != "words":
             raise AugLocalError(f"unknown describe style {style!r}: choose words, brief, method or repr")
         if not self.uses_depth:
@@ -124,7 +144,13 @@ class ConversionOptions:
             text += f", rule={self.rule}"
         if self.resolved_aux_head == "slim":
             text += ", slim auxiliary heads"
-        return text
+        return text + self._beyond(", {}={}")
+
+    def _beyond(self, form: str) -> str:
+        """The issue-24 options that are set, each as ``form.format(name, value)``."""
+        names = ("aux_follow", "aux_follow_adapted") if self.aux_follow is not None else ()
+        names += ("aux_freeze",) if self.aux_freeze is not None else ()
+        return "".join(form.format(name, getattr(self, name)) for name in names)
 
     def to_dict(self) -> Dict[str, Any]:
         """The checkpoint's ``options`` dict (lists, not tuples; ``model_kwargs`` only when set)."""
@@ -141,6 +167,11 @@ class ConversionOptions:
             out["model_kwargs"] = dict(self.model_kwargs)  # load() re-creates the model with them
         if self.resolved_aux_head is not None:
             out["resolved_aux_head"] = self.resolved_aux_head
+        # Written only when set, so checkpoints without them read as before with older versions.
+        if self.aux_follow is not None:
+            out.update(aux_follow=self.aux_follow, aux_follow_adapted=self.aux_follow_adapted)
+        if self.aux_freeze is not None:
+            out["aux_freeze"] = self.aux_freeze
         return out
 
     @classmethod

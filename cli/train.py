@@ -65,6 +65,13 @@ from .options import MultiValueCommand, aux_init_option, model_kwargs_option, we
 @click.option("--aux-checkpoint", is_flag=True,
               help="Recompute the auxiliary networks' forwards in backward instead of keeping their "
                    "activations: same gradients, less memory, one more auxiliary forward per step.")
+@click.option("--aux-follow", type=float, default=None,
+              help="AugLocal's copies follow their source blocks by an EMA of this momentum (e.g. 0.9), "
+                   "plus a learned correction (docs/method.md, Beyond AugLocal).")
+@click.option("--aux-follow-adapted", type=click.Choice(["own", "slice"]), default=None,
+              help="Re-fitted copy layers keep their own weights or follow the source's slice [default: own].")
+@click.option("--aux-freeze", type=float, default=None,
+              help="Freeze auxiliary layers top first, all frozen by this fraction of the run (e.g. 0.3).")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/auglocal", show_default=True,
               help="Output folder: metrics.jsonl, curves.png, last.pt, model.pt.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
@@ -96,7 +103,7 @@ from .options import MultiValueCommand, aux_init_option, model_kwargs_option, we
 def train(spec, model_kwargs, weights, aux_init, dataset, data_dir, method, epochs, batch_size, lr, warmup_epochs, momentum, weight_decay,
           opt, opt_eps, opt_betas, sched, warmup_lr, min_lr, sched_on_updates, decay_epochs, decay_rate,
           mixup, cutmix, mixup_prob, mixup_switch_prob, model_ema, model_ema_decay, d, tau, no_pyramid,
-          selection, aux_head, rule, aux_checkpoint, out, resume, seed, device, amp, grad_clip, label_smoothing, channels_last, input_size,
+          selection, aux_head, rule, aux_checkpoint, aux_follow, aux_follow_adapted, aux_freeze, out, resume, seed, device, amp, grad_clip, label_smoothing, channels_last, input_size,
           max_steps, train_subset, test_subset, no_augment, workers, nproc, pipeline, pipeline_balance, threads, quiet):
     """Train SPEC (e.g. paper:resnet32, timm:resnet18) with AugLocal or backprop.
 
@@ -108,7 +115,9 @@ def train(spec, model_kwargs, weights, aux_init, dataset, data_dir, method, epoc
 
     with user_errors():
         options = conversion_from_flags(tau, no_pyramid, selection, input_size, None, aux_head, rule,
-                                        d=d, aux_init=aux_init, aux_checkpoint=aux_checkpoint)
+                                        d=d, aux_init=aux_init, aux_checkpoint=aux_checkpoint,
+                                        aux_follow=aux_follow, aux_follow_adapted=aux_follow_adapted,
+                                        aux_freeze=aux_freeze)
         config = TrainConfig(
             model=spec, dataset=dataset, data_dir=data_dir, out=out, method=method, epochs=epochs,
             batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs, momentum=momentum, weight_decay=weight_decay,
