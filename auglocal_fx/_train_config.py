@@ -79,6 +79,15 @@ class TrainConfig:
             ``"predsim"``, ``"infopro"``, ``"auglocal+infopro"``).
         aux_checkpoint: recompute the auxiliary forwards in backward instead of keeping their
             activations (``method="auglocal"``; same gradients, less memory, more time).
+        step_each_module: step each local module as soon as its loss is back-propagated and drop
+            its gradients, so at most one module's gradients exist at a time (same weights as one
+            step at the end; see :mod:`auglocal_fx._updates`); ``False`` steps once at the end of
+            the training step; default (``None``) on for the optimizers where it is exact
+            (PyTorch's own: ``sgd``, ``momentum``, ``adamw``, ...), off for the others.
+        max_memory: bytes (or ``"8GB"``, ``"512MiB"``) the training step may hold at its peak
+            (the whole count of :func:`auglocal_fx.measure_memory`): the trainer measures each
+            combination of method (BP, AugLocal) and ``aux_checkpoint`` on this run's batch and
+            takes the fastest that fits, or says it cannot. ``None``: no limit, no measurement.
         seed: seeds the weights, the data order and the augmentations.
         device: ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda[:N]"``.
         amp: ``"none"``, ``"bf16"`` (CPU or CUDA) or ``"fp16"`` (CUDA, with gradient scaling).
@@ -150,6 +159,8 @@ class TrainConfig:
     aux_head: str = "auto"
     rule: str = "auglocal"
     aux_checkpoint: bool = False
+    step_each_module: Optional[bool] = None
+    max_memory: Union[None, int, str] = None
     seed: int = 0
     device: str = "auto"
     amp: str = "none"
@@ -247,6 +258,8 @@ def _check_config(config: Optional[TrainConfig], overrides: Dict[str, Any]) -> T
     cfg.local_options()  # validated where to_local validates them
     if cfg.aux_checkpoint and cfg.method != "auglocal":
         raise AugLocalError("aux_checkpoint recomputes auxiliary networks: it needs method 'auglocal'")
+    if cfg.step_each_module is not None and not isinstance(cfg.step_each_module, bool):
+        raise AugLocalError(f"step_each_module must be True, False or None, got {cfg.step_each_module!r}")
     if cfg.pipeline_balance not in PIPELINE_BALANCES:
         raise AugLocalError(f"unknown pipeline_balance {cfg.pipeline_balance!r}; choose from {', '.join(PIPELINE_BALANCES)}")
     for name in ("batch_size", "max_steps", "train_subset", "test_subset", "threads") + (

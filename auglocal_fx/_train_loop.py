@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm.auto import tqdm
 
 from ._device import resolve_device
-from ._distributed import average_gradients, broadcast_buffers
+from ._distributed import broadcast_buffers
 from ._io import atomic_save, atomic_write_text
 from ._train_state import CKPT_FORMAT, CKPT_VERSION, RESUME_KEYS, load_checkpoint, resume_view, rng_state, saved_view, set_rng_state
 from .data import build_datasets, dataset_normalization
@@ -28,6 +28,7 @@ from .recipe import default_recipe
 from .regularization import build_ema, build_loss, build_mixup
 from .specs import resolve_model
 from ._train_config import TrainConfig, TrainResult
+from ._updates import GradientUpdates, steps_each_module_exactly
 
 __all__ = ["Run", "GlobalBatchSampler", "subset", "wants_cuda"]
 
@@ -126,6 +127,11 @@ class Run:
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+        # BP is one module: its step after its one loss is the step at the end.
+        self.step_each_module = cfg.method == "auglocal" and (
+            cfg.step_each_module if cfg.step_each_module is not None else steps_each_module_exactly(self.optimizer))
+        self.updates = GradientUpdates(self.optimizer, self._clip_groups(), self.step_each_module, self.scaler,
+                                       cfg.grad_clip, self.dp_world, self.dp_group)
         self.mixup = build_mixup(cfg, self.num_classes)
         if self.mixup is not None and (self.batch_size // self.dp_world) % 2:
             raise AugLocalError(f"mixup pairs the images of a batch: {self.batch_size // self.dp_world} per process "
@@ -268,10 +274,9 @@ class Run:
         return self.mixup(x, y) if self.mixup is not None else (x, y)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        self.optimizer.zero_grad(set_to_none=True)
+        self._begin_step()
         if self.cfg.method == "auglocal":
-            losses = self.net.train_step(x, y, loss_fn=self.loss_fn, scaler=self.scaler,
-                                         autocast_dtype=self.amp_dtype)
+            losses, _ = self._train_modules(x, y)
         else:
             with self._autocast():
                 loss = self.loss_fn(self.net(x), y)
@@ -280,21 +285,28 @@ class Run:
         self._apply_gradients()
         return losses.float()
 
-    def _apply_gradients(self) -> None:
-        """Average over the replicas, unscale, clip, step (at the schedule's rate), update the EMA."""
+    def _begin_step(self) -> None:
+        """No gradients, and the schedule's rate for this update (set before any module steps)."""
+        self.optimizer.zero_grad(set_to_none=True)
         self.schedule.before_update(self.global_step)
-        if self.dp_world > 1:
-            average_gradients(self.params, self.dp_world, group=self.dp_group)
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        if self.cfg.grad_clip is not None:
-            for group in self._clip_groups():
-                nn.utils.clip_grad_norm_(group, self.cfg.grad_clip)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+
+    def _train_modules(self, h: torch.Tensor, y: torch.Tensor, start: int = 0, stop: Optional[int] = None,
+                       image: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Local modules ``start .. stop-1`` (:meth:`LocalNet.train_modules`), each stepped as soon as
+        its loss is back-propagated when ``step_each_module``: the losses and the last output."""
+        losses, out = [], h
+        for i, (loss, out) in enumerate(self.net.module_losses(h, y, start, stop, image=image, loss_fn=self.loss_fn,
+                                                               autocast_dtype=self.amp_dtype)):
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            losses.append(loss.detach())
+            del loss  # module i's graph goes before its update runs
+            self.updates.module_done(i)
+        return torch.stack([v.float() for v in losses]), out
+
+    def _apply_gradients(self) -> None:
+        """Average over the replicas, unscale, clip, step (what ``step_each_module`` did not step yet),
+        update the scale and the EMA."""
+        self.updates.finish()
         if self.ema is not None:
             self.ema.update(self.primary)
 
