@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 from torch import nn
 
+from ._memory_choice import parse_memory
 from .data import DEFAULT_FASHION_MNIST_DIR
 from .errors import AugLocalError
 from .options import ConversionOptions
@@ -260,6 +261,11 @@ def _check_config(config: Optional[TrainConfig], overrides: Dict[str, Any]) -> T
         raise AugLocalError("aux_checkpoint recomputes auxiliary networks: it needs method 'auglocal'")
     if cfg.step_each_module is not None and not isinstance(cfg.step_each_module, bool):
         raise AugLocalError(f"step_each_module must be True, False or None, got {cfg.step_each_module!r}")
+    if cfg.max_memory is not None:
+        cfg.max_memory = parse_memory(cfg.max_memory)
+        if cfg.pipeline > 1:
+            raise AugLocalError("max_memory chooses for one process holding the whole network; with --pipeline, "
+                                "each worker holds part of it: drop one of them")
     if cfg.pipeline_balance not in PIPELINE_BALANCES:
         raise AugLocalError(f"unknown pipeline_balance {cfg.pipeline_balance!r}; choose from {', '.join(PIPELINE_BALANCES)}")
     for name in ("batch_size", "max_steps", "train_subset", "test_subset", "threads") + (

@@ -28,6 +28,7 @@ from .recipe import default_recipe
 from .regularization import build_ema, build_loss, build_mixup
 from .specs import resolve_model
 from ._train_config import TrainConfig, TrainResult
+from ._memory_choice import MemoryChoice, choose_memory_options
 from ._updates import GradientUpdates, steps_each_module_exactly
 
 __all__ = ["Run", "GlobalBatchSampler", "subset", "wants_cuda"]
@@ -106,6 +107,7 @@ class Run:
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every process
         self.net, self.primary = self._build_model()
+        self.memory_choice = self._choose_memory() if cfg.max_memory is not None else None
         self.net.to(self.device)
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
@@ -128,8 +130,10 @@ class Run:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
         # BP is one module: its step after its one loss is the step at the end.
-        self.step_each_module = cfg.method == "auglocal" and (
-            cfg.step_each_module if cfg.step_each_module is not None else steps_each_module_exactly(self.optimizer))
+        each = cfg.step_each_module if cfg.step_each_module is not None else steps_each_module_exactly(self.optimizer)
+        if self.memory_choice is not None:
+            each = self.memory_choice.step_each_module
+        self.step_each_module = cfg.method == "auglocal" and each
         self.updates = GradientUpdates(self.optimizer, self._clip_groups(), self.step_each_module, self.scaler,
                                        cfg.grad_clip, self.dp_world, self.dp_group)
         self.mixup = build_mixup(cfg, self.num_classes)
@@ -163,6 +167,33 @@ class Run:
         model = resolve_model(cfg.model, num_classes=self.num_classes, input_size=self.input_size,
                               **self._model_options()).model
         return model, model
+
+    def _choose_memory(self) -> MemoryChoice:
+        """``max_memory``: rank 0 measures and picks, every process takes its choice (the same collectives)."""
+        cfg, choice = self.cfg, [None]
+        if self.rank == 0:
+            try:
+                choice = [self._measure_choice()]
+            except AugLocalError as err:
+                choice = [str(err)]  # every process stops with rank 0's reason
+        if self.world > 1:
+            dist.broadcast_object_list(choice, src=0)
+        if isinstance(choice[0], str):
+            raise AugLocalError(choice[0])
+        if self.main:
+            self._log(choice[0].reason)
+        if cfg.method == "auglocal":
+            self.net.aux_checkpoint = choice[0].aux_checkpoint
+        return choice[0]
+
+    def _measure_choice(self) -> MemoryChoice:
+        cfg = self.cfg
+        exempt = no_weight_decay_parameters(self.primary)
+        exact = steps_each_module_exactly(build_optimizer(cfg, self.net, self.lr, exempt=exempt))
+        each = (cfg.step_each_module,) if cfg.step_each_module is not None else (False, True) if exact else (False,)
+        return choose_memory_options(self.net, cfg.method, cfg.max_memory, self.batch_size // self.dp_world,
+                                     self.device, lambda params: build_optimizer(cfg, nn.ParameterList(params), self.lr),
+                                     each_module=each, input_size=self.input_size)
 
     def _model_options(self) -> Dict[str, Any]:
         """How a spec's model is created: builder arguments and starting weights."""
@@ -402,7 +433,8 @@ class Run:
                       "local_losses": mean[:-1] if self.cfg.method == "auglocal" else [],
                       "test_acc": test_acc, "aux_acc": aux_acc, "test_acc_ema": test_acc_ema,
                       "train_seconds": round(train_seconds, 3),
-                      "epoch_seconds": round(time.perf_counter() - start, 3), **self._record_extra(train_seconds)}
+                      "epoch_seconds": round(time.perf_counter() - start, 3), **self._record_extra(train_seconds),
+                      **({"max_memory": self.memory_choice.reason} if self.memory_choice is not None else {})}
             self.history.append(record)
             if finished_epoch:
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
