@@ -28,7 +28,7 @@ from .recipe import default_recipe
 from .regularization import build_ema, build_loss, build_mixup
 from .specs import resolve_model
 from ._train_config import TrainConfig, TrainResult
-from ._memory_choice import MemoryChoice, choose_memory_options
+from ._memory_choice import MemoryChoice, choose_memory_options, parse_memory
 from ._updates import GradientUpdates, steps_each_module_exactly
 
 __all__ = ["Run", "GlobalBatchSampler", "subset", "wants_cuda"]
@@ -191,7 +191,7 @@ class Run:
         exempt = no_weight_decay_parameters(self.primary)
         exact = steps_each_module_exactly(build_optimizer(cfg, self.net, self.lr, exempt=exempt))
         each = (cfg.step_each_module,) if cfg.step_each_module is not None else (False, True) if exact else (False,)
-        return choose_memory_options(self.net, cfg.method, cfg.max_memory, self.batch_size // self.dp_world,
+        return choose_memory_options(self.net, cfg.method, parse_memory(cfg.max_memory), self.batch_size // self.dp_world,
                                      self.device, lambda params: build_optimizer(cfg, nn.ParameterList(params), self.lr),
                                      each_module=each, input_size=self.input_size)
 

@@ -420,3 +420,50 @@ def test_a_run_resumes_mid_epoch_with_the_other_stepping(tmp_path):
     a, b = (_weights(tmp_path / n / "last.pt") for n in ("straight", "split"))
     _assert_equal_states(a["model"], b["model"])  # the auxiliary networks too
     assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+
+
+# -- max_memory: the fastest combination whose measured whole peak fits (issue 22)
+
+
+def test_max_memory_sizes_are_parsed_or_refused(tmp_path):
+    from auglocal_fx._memory_choice import parse_memory
+
+    assert parse_memory("8GB") == 8 * 10 ** 9 and parse_memory("7.5 GiB") == int(7.5 * 2 ** 30)
+    assert parse_memory("512MiB") == 512 * 2 ** 20 and parse_memory(4096) == 4096
+    for bad in ("8 apples", "-1GB", "GB", 0, True, 1.5):
+        with pytest.raises(AugLocalError, match="is not a size; give bytes or a number with a unit"):
+            parse_memory(bad)
+    with pytest.raises(AugLocalError, match="max_memory chooses for one process"):
+        train(_config(tmp_path, max_memory="1GB", pipeline=2))
+
+
+def test_max_memory_takes_what_fits_and_says_the_smallest_peak_otherwise(tmp_path):
+    from auglocal_fx.memory import measure_memory
+    from auglocal_fx.units import format_bytes
+
+    plain = Run(_config(tmp_path / "plain"), 0, 1, 0)
+    report = measure_memory(plain.net, methods=("auglocal",), batch_size=4, rss=False, aux_checkpoint=(False, True),
+                            step_each_module=(False, True))
+    peaks = {(r.aux_checkpoint, r.step_each_module): r.whole_peak for r in report.rows}
+    assert len(set(peaks.values())) > 1
+    smallest = min(peaks, key=peaks.get)
+    run = Run(_config(tmp_path / "tight", max_memory=peaks[smallest]), 0, 1, 0)  # only the smallest fits
+    assert peaks[run.net.aux_checkpoint, run.step_each_module] == peaks[smallest]  # (or one of equal peaks)
+    assert run.memory_choice.whole_peak == peaks[smallest]
+    assert f"whole peak {format_bytes(peaks[smallest])}" in run.memory_choice.reason
+    with pytest.raises(AugLocalError, match=f"the smallest whole peak is {format_bytes(peaks[smallest])} .*"
+                                            "smaller --batch-size or --d"):
+        Run(_config(tmp_path / "none", max_memory=peaks[smallest] - 1), 0, 1, 0)
+    roomy = Run(_config(tmp_path / "roomy", max_memory="64GB"), 0, 1, 0)
+    assert "the fastest of 4 that fit" in roomy.memory_choice.reason
+
+
+def test_max_memory_leaves_the_trained_weights_as_they_would_be(tmp_path):
+    from auglocal_fx.units import format_bytes
+
+    common = dict(max_steps=2, warmup_epochs=1)
+    chosen = train(_config(tmp_path / "chosen", max_memory="64GB", **common))
+    plain = train(_config(tmp_path / "plain", **common))
+    assert chosen.history[-1]["max_memory"].startswith(f"max_memory {format_bytes(64 * 10 ** 9)}: AugLocal d=2")
+    _assert_equal_states(_weights(tmp_path / "chosen" / "last.pt")["model"], _weights(tmp_path / "plain" / "last.pt")["model"])
+    assert "max_memory" not in plain.history[-1]
