@@ -44,6 +44,9 @@ def main() -> None:
     parser.add_argument("--step-each-module", action="store_true",
                         help="also measure AugLocal with each module's gradients dropped after its backward")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: PyTorch's)")
+    parser.add_argument("--trainer-steps", type=int, default=0, metavar="N",
+                        help="also time N trainer steps (optimizer update included) with step_each_module off and on, "
+                             "alternating, after one warm-up each")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -89,7 +92,38 @@ def main() -> None:
                     print(f"  {row.label}: {row.whole_peak / 2 ** 20:.1f} -> {after.whole_peak / 2 ** 20:.1f} MiB "
                           f"(grads at the peak {row.grad_bytes / 2 ** 20:.1f} -> {after.grad_bytes / 2 ** 20:.1f})"
                           + gc_part)
+        if args.trainer_steps:
+            _trainer_step_times(spec, args)
         print(f"({spec} measured in {time.perf_counter() - start:.0f} s)\n")
+
+
+def _trainer_step_times(spec: str, args) -> None:
+    """The trainer's whole step (forward, backward, SGD update) with each module stepped at once or at the end."""
+    from auglocal_fx._train_config import _check_config
+    from auglocal_fx._train_loop import Run
+    from auglocal_fx.training import TrainConfig
+
+    size, batch = args.input_size, args.batch_size
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(batch, 3, size, size, generator=g), torch.randint(0, 10, (batch,), generator=g)
+    runs = {}
+    for each in (False, True):
+        cfg = _check_config(TrainConfig(model=spec, dataset="synthetic", input_size=size, batch_size=batch,
+                                        train_subset=batch, test_subset=batch, epochs=1, d=args.depths[0],
+                                        out="/tmp/unused", progress=False, device=args.device,
+                                        step_each_module=each), {})
+        runs[each] = Run(cfg, 0, 1, 0)
+    times = {False: [], True: []}
+    for i in range(args.trainer_steps + 1):
+        for each, run in runs.items():  # alternating: the same machine load for both
+            start = time.perf_counter()
+            run.train_step(x, y)
+            if i:
+                times[each].append(time.perf_counter() - start)
+    med = {each: sorted(t)[len(t) // 2] for each, t in times.items()}
+    print(f"trainer step, d={args.depths[0]}, batch {batch}, median of {args.trainer_steps} after 1 warm-up "
+          f"(SGD update included): at the end {med[False]:.3f} s -> each module {med[True]:.3f} s "
+          f"({med[True] / med[False]:.2f}x)")
 
 
 if __name__ == "__main__":
