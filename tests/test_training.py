@@ -467,3 +467,28 @@ def test_max_memory_leaves_the_trained_weights_as_they_would_be(tmp_path):
     assert chosen.history[-1]["max_memory"].startswith(f"max_memory {format_bytes(64 * 10 ** 9)}: AugLocal d=2")
     _assert_equal_states(_weights(tmp_path / "chosen" / "last.pt")["model"], _weights(tmp_path / "plain" / "last.pt")["model"])
     assert "max_memory" not in plain.history[-1]
+
+
+def test_train_command_passes_the_stepping_and_memory_options(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import auglocal_fx.training
+    from cli.main import cli
+
+    seen = {}
+
+    def fake_train(config):
+        seen["config"] = config
+        raise AugLocalError("stop here")
+
+    monkeypatch.setattr(auglocal_fx.training, "train", fake_train)
+    result = CliRunner().invoke(cli, ["train", TINY, "--step-at-end", "--max-memory", "7.5GiB", "--out", str(tmp_path)])
+    assert result.exit_code != 0 and "stop here" in result.output
+    assert seen["config"].step_each_module is False and seen["config"].max_memory == "7.5GiB"
+    result = CliRunner().invoke(cli, ["train", TINY, "--step-each-module", "--out", str(tmp_path)])
+    assert seen["config"].step_each_module is True and seen["config"].max_memory is None
+    monkeypatch.undo()  # the real trainer checks the size before it builds anything
+    result = CliRunner().invoke(cli, ["train", TINY, "--max-memory", "lots", "--out", str(tmp_path),
+                                      "--dataset", "synthetic"])
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert "max_memory 'lots' is not a size" in result.output and "Traceback" not in result.output
