@@ -36,7 +36,7 @@ def spawn(nproc: int, worker: Callable[..., Any], *args: Any) -> None:
     """Run ``worker(*args)`` in ``nproc`` processes that form one process group.
 
     Each process gets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and a free local port, and an
-    equal share of the CPU threads. An :class:`AugLocalError` raised in a worker is raised here
+    equal share of the CPU threads. An ``AugLocalError`` raised in a worker is raised here
     as one line.
     """
     import torch.multiprocessing as mp

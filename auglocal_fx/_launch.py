@@ -1,8 +1,8 @@
 """Which process runs what: the whole run, a data-parallel replica or a pipeline worker.
 
-:func:`run` is one process's part (``torchrun`` starts it in every process, :func:`run_spawned`
-spawns the processes itself); it picks :class:`~auglocal_fx._train_loop.Run` or, for
-``pipeline > 1``, :class:`~auglocal_fx._pipeline.PipelineRun`.
+``run`` is one process's part (``torchrun`` starts it in every process, ``run_spawned``
+spawns the processes itself); it picks ``Run`` or, for
+``pipeline > 1``, ``PipelineRun``.
 """
 
 from __future__ import annotations

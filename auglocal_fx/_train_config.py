@@ -1,6 +1,6 @@
 """The training options (``TrainConfig``), what a run returns, and the checks of both.
 
-:func:`auglocal_fx.training.train` is the entry point and its module docstring the guide; the
+``auglocal_fx.training.train`` is the entry point and its module docstring the guide; the
 names here are re-exported there.
 """
 
@@ -33,8 +33,8 @@ class TrainConfig:
     Attributes:
         model: a spec string (``"paper:resnet32"``, ``"timm:resnet18"``, ...) or an
             ``nn.Module`` (must be picklable when ``nproc > 1``).
-        dataset: a name accepted by :func:`auglocal_fx.data.build_datasets`; default
-            :func:`default_dataset` (Fashion-MNIST when installed).
+        dataset: a name accepted by ``auglocal_fx.data.build_datasets``; default
+            ``default_dataset`` (Fashion-MNIST when installed).
         data_dir: dataset folder (cifar10, svhn, stl10, fashion-mnist).
         out: output folder.
         method: ``"auglocal"`` or ``"bp"``.
@@ -43,20 +43,20 @@ class TrainConfig:
         lr: peak learning rate; default ``0.1 * batch_size / 128``.
         warmup_epochs: epochs of linear warmup; default the paper's 10 scaled to the run,
             ``min(10, epochs // 20)`` (none below 20 epochs); see
-            :func:`auglocal_fx.recipe.default_warmup_epochs`.
+            ``auglocal_fx.recipe.default_warmup_epochs``.
         momentum: momentum of the optimizers that have one.
         weight_decay: on every parameter for the paper's recipe, on all but 1-D ones (norms,
             biases) otherwise, as timm does.
 
-        The optimizer and schedule (:mod:`auglocal_fx.optimization`; the defaults are the
-        paper's recipe, SGD with Nesterov momentum and the per-epoch cosine):
+        The optimizer and schedule (``auglocal_fx.optimization``); the defaults: the paper's
+            recipe, SGD with Nesterov momentum and the per-epoch cosine.
 
         opt: a timm optimizer name (``"sgd"`` is SGD with Nesterov momentum, ``"momentum"``
             without; ``"adamw"``, ``"lamb"``, ...).
         nesterov: override the optimizer's own Nesterov setting (SGD family only).
         opt_eps, opt_betas: the optimizer's ``eps`` and ``betas`` where it has them.
         sched: ``"paper"`` (the authors' per-epoch cosine with warmup from ``warmup_lr``, see
-            :func:`auglocal_fx.recipe.learning_rate`) or a timm scheduler: ``"cosine"``,
+            ``auglocal_fx.recipe.learning_rate``) or a timm scheduler: ``"cosine"``,
             ``"step"``, ``"multistep"``, ``"poly"``, ``"tanh"``, ``"wsd"``, ``"rsqrt"``,
             ``"constant"``.
         warmup_lr: the rate warmup starts from; default 0.01 (paper) or timm's 1e-5.
@@ -64,7 +64,7 @@ class TrainConfig:
         sched_on_updates: step a timm schedule after every update instead of every epoch.
         decay_epochs, decay_rate: a step schedule's interval (default timm's 90) and factor.
 
-        Regularisation (:mod:`auglocal_fx.regularization`):
+        Regularisation (``auglocal_fx.regularization``):
 
         mixup, cutmix: alphas of ``timm.data.Mixup`` (0 for off); its soft targets, with the
             label smoothing in them, reach every local loss and the output loss.
@@ -75,7 +75,7 @@ class TrainConfig:
             with ``pipeline > 1``.
         model_ema_decay: its decay ``d``: ``ema = d * ema + (1 - d) * w`` after every update.
         d, tau, pyramid, selection, aux_head: AugLocal options (see
-            :func:`auglocal_fx.to_local`).
+            ``auglocal_fx.to_local``).
         rule: the local learning rule for ``method="auglocal"`` (``"auglocal"``, ``"dgl"``,
             ``"predsim"``, ``"infopro"``, ``"auglocal+infopro"``).
         aux_checkpoint: recompute the auxiliary forwards in backward instead of keeping their
@@ -104,7 +104,7 @@ class TrainConfig:
             count is ``pipeline x`` replicas).
         pipeline: ``K`` pipeline workers, each owning a contiguous range of local modules
             (``method="auglocal"`` only); ``pipeline x nproc`` processes in all. See
-            :mod:`auglocal_fx._pipeline`.
+            ``auglocal_fx._pipeline``.
         pipeline_balance: how the ranges are chosen: ``"time"`` (each module's measured step
             time) or ``"flops"`` (forward FLOPs).
         threads: CPU threads per process (``torch.set_num_threads``); default all cores, shared
@@ -112,15 +112,15 @@ class TrainConfig:
         resume: continue from ``out/last.pt`` if it exists.
         progress: show tqdm progress bars and per-epoch lines (rank 0).
         model_kwargs: for a spec string, keyword arguments for its builder (e.g.
-            ``{"depth": 6, "patch_size": 4}``; see :func:`auglocal_fx.resolve_model`).
+            ``{"depth": 6, "patch_size": 4}``; see ``auglocal_fx.resolve_model``).
         weights: for a spec string, a local weights file to start from (a ``state_dict`` or a
             timm / torchvision checkpoint; a classifier for another number of classes is left
             out with a warning): fine-tuning a pretrained network.
         aux_init: how AugLocal's auxiliary copies start: ``"init"`` (drawn afresh, the default)
-            or ``"copy"`` (the source blocks' weights); see :func:`auglocal_fx.to_local`.
-        conversion: the conversion options as one :class:`~auglocal_fx.ConversionOptions`
+            or ``"copy"`` (the source blocks' weights); see ``auglocal_fx.to_local``.
+        conversion: the conversion options as one ``ConversionOptions``
             instead of the fields ``d`` ... ``aux_init`` (leave those at their defaults);
-            :func:`train` folds it into them. The dataset gives the classes and normalization.
+            ``train`` folds it into them. The dataset gives the classes and normalization.
     """
 
     model: Union[str, nn.Module] = "paper:resnet32"
@@ -197,7 +197,7 @@ _CONVERSION_FIELDS = ("d", "tau", "pyramid", "selection", "aux_head", "rule", "a
 
 @dataclass
 class TrainResult:
-    """What :func:`train` returns (from rank 0).
+    """What ``train`` returns (from rank 0).
 
     Attributes:
         out: the output folder.

@@ -1,4 +1,8 @@
-"""The training checkpoint: what ``last.pt`` holds, RNG states, and reading it back."""
+"""The training checkpoint: what ``last.pt`` holds, RNG states, and reading it back.
+
+The file format, its check and its error wording belong to ``auglocal_fx.checkpoints``
+(``TRAINING``, ``PIPELINE_PART``); this module keeps the trainer's view of it.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,13 @@ from typing import Any, Dict
 import numpy as np
 import torch
 
-from .errors import AugLocalError, first_line
+from .checkpoints import PIPELINE_PART, TRAINING, read
 
 __all__ = ["CKPT_FORMAT", "CKPT_VERSION", "RESUME_KEYS", "resume_view", "saved_view", "rng_state", "set_rng_state",
            "load_checkpoint"]
 
-CKPT_FORMAT = "auglocal-fx-train"
-CKPT_VERSION = 3  # 3: optimizer and schedule options, EMA weights; the schedule still needs no state
+CKPT_FORMAT = TRAINING.format
+CKPT_VERSION = TRAINING.version  # 3: optimizer and schedule options, EMA weights; the schedule needs no state
 # Fields that must match for a run to be resumed from a checkpoint.
 RESUME_KEYS = ("model", "dataset", "method", "d", "tau", "pyramid", "selection", "aux_head", "rule",
                "batch_size",
@@ -35,7 +39,7 @@ def resume_view(cfg: Any) -> Dict[str, Any]:
 
 
 def saved_view(config: Dict[str, Any]) -> Dict[str, Any]:
-    """:func:`resume_view` as a checkpoint's ``config`` holds it (keys newer than it defaulted)."""
+    """``resume_view`` as a checkpoint's ``config`` holds it (keys newer than it defaulted)."""
     return {k: config.get(k, RESUME_DEFAULTS.get(k)) for k in RESUME_KEYS}
 
 
@@ -60,14 +64,4 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 def load_checkpoint(path: Path, fmt: str = CKPT_FORMAT) -> Dict[str, Any]:
     """Read a training checkpoint (``fmt``: ``last.pt``'s, or a pipeline worker's part) or raise one line."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
-        reason = first_line(err, limit=120)
-        raise AugLocalError(f"cannot read checkpoint {path} ({reason}); delete it or use another --out") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
-        raise AugLocalError(f"{path} is not an auglocal-fx training checkpoint; delete it or use another --out")
-    if ckpt.get("version") != CKPT_VERSION:
-        raise AugLocalError(f"{path} has checkpoint version {ckpt.get('version')}, this auglocal-fx reads "
-                            f"{CKPT_VERSION}; start a new run in another --out")
-    return ckpt
+    return read(path, {TRAINING.format: TRAINING, PIPELINE_PART.format: PIPELINE_PART}[fmt])

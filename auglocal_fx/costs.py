@@ -1,10 +1,10 @@
 """The paper's Table 7 for any model: FLOPs, parameters, memory and step time per method.
 
 Rows: end-to-end backpropagation (BP), gradient checkpointing (GC: every block wrapped in
-:func:`torch.utils.checkpoint.checkpoint`, as :mod:`auglocal_fx.memory` measures it), and AugLocal
+``torch.utils.checkpoint.checkpoint``, as ``auglocal_fx.memory`` measures it), and AugLocal
 at each requested depth. FLOPs are fvcore's (one fused multiply-add = one FLOP, forward of one
 example; GC's forward is BP's, its recomputation during backward is not a forward FLOP). Memory
-comes from :func:`auglocal_fx.memory.measure_memory`; if that is unavailable or fails, the memory
+comes from ``auglocal_fx.memory.measure_memory``; if that is unavailable or fails, the memory
 columns are left out, never estimated. Time per step is measured here, without the memory hooks
 (wall clock, median of a few steps after one warm-up step, gradients computed, no optimizer
 update).
@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ._device import resolve_device
+from ._device import random_input, resolve_device, synchronize
 from .errors import AugLocalError, first_line
 from .flops import count_flops
 from .local import to_local
@@ -48,7 +48,7 @@ class CostRow:
         memory: measured bytes: the CUDA peak on a GPU, else the peak of bytes saved for
             backward (``None`` when not measured).
         whole: the whole count at the step's peak: parameters + optimizer state + saved bytes
-            and ``.grad`` tensors (see :mod:`auglocal_fx.memory`; ``None`` when not measured).
+            and ``.grad`` tensors (see ``auglocal_fx.memory``; ``None`` when not measured).
         aux_checkpoint: whether the auxiliary forwards are recomputed in backward.
         step_each_module: whether each local module's gradients go as soon as its loss is
             back-propagated (the trainer's ``step_each_module``: it steps the module then).
@@ -80,7 +80,7 @@ class CostRow:
 
 @dataclass
 class CostReport:
-    """The rows of :func:`cost_report` and the per-block profile of the primary network.
+    """The rows of ``cost_report`` and the per-block profile of the primary network.
 
     Attributes:
         model: the spec string (or class name).
@@ -119,26 +119,26 @@ class CostReport:
         }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _time(step: Callable[[], None], device: torch.device, repeats: int) -> float:
     step()  # warm-up
-    _sync(device)
+    synchronize(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         step()
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
+<<<<<<< HEAD
 def _train_step(local, method: str, x: torch.Tensor, y: torch.Tensor,
                 step_each_module: bool = False) -> Callable[[], None]:
     """One training step as :mod:`auglocal_fx.memory` runs it (gradients, no update)."""
+=======
+def _train_step(local, method: str, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """One training step as ``auglocal_fx.memory`` runs it (gradients, no update)."""
+>>>>>>> main
     def step():
         local.zero_grad(set_to_none=True)
         run_method_step(local, method, x, y, step_each_module)
@@ -184,13 +184,13 @@ def cost_report(
         selection: block selection strategy.
         input_size: ``(C, H, W)``; default: the spec's.
         num_classes: classifier width; default: the spec's.
-        aux_head: ``"auto"``, ``"copy"`` or ``"slim"`` (see :func:`auglocal_fx.to_local`).
+        aux_head: ``"auto"``, ``"copy"`` or ``"slim"`` (see ``auglocal_fx.to_local``).
         model_kwargs: for a spec string, keyword arguments for its builder (see
-            :func:`auglocal_fx.resolve_model`).
+            ``auglocal_fx.resolve_model``).
         rules: the rows: ``"bp"``, ``"gc"`` (gradient checkpointing), and local rules
             (``"auglocal"``, ``"dgl"``, ``"predsim"``, ``"infopro"``, ``"auglocal+infopro"``);
             a rule with a depth gets one row per ``d`` in ``depths``.
-        memory: measure memory with :func:`auglocal_fx.memory.measure_memory`.
+        memory: measure memory with ``auglocal_fx.memory.measure_memory``.
         rss: on CPU, also measure peak RSS (one fresh subprocess per method: slow).
         timing: measure time per step.
         repeats: timed steps per method (after one warm-up step).
@@ -199,14 +199,14 @@ def cost_report(
         aux_checkpoint: recompute the auxiliary forwards in backward; ``(False, True)`` gives
             each local row both ways (the ``+recompute`` rows).
         optimizer: whose state the whole count holds (``"sgd"``, the paper's, or ``"adamw"``).
-        options: the :class:`~auglocal_fx.ConversionOptions` of every local row (``tau`` ...
+        options: the ``ConversionOptions`` of every local row (``tau`` ...
             above override its fields; ``d``, ``rule`` and ``aux_checkpoint`` are the rows').
         step_each_module: drop each local module's gradients as soon as its loss is
             back-propagated (the trainer's ``step_each_module``); ``(False, True)`` gives each
             local row both ways (the ``+step each`` rows).
 
     Returns:
-        A :class:`CostReport`.
+        A ``CostReport``.
 
     Raises:
         AugLocalError: bad options, an unavailable device, or any conversion error.
@@ -277,7 +277,7 @@ def cost_report(
         report.memory_note = "not measured (FLOPs only)" if not timing else "not measured"
     if timing:
         gen = torch.Generator().manual_seed(0)
-        x = torch.randn((batch_size,) + size, generator=gen).to(dev)
+        x = random_input(size, batch_size, dev, generator=gen)
         y = torch.randint(0, int(base.num_classes), (batch_size,), generator=gen).to(dev)
         runs = [(base, {"bp": "bp", "gc": "checkpoint"}[rule], False) if rule in BASELINES
                 else (by_label[label], "auglocal", each) for label, rule, _, _, each in entries]
@@ -333,7 +333,7 @@ _MEASUREMENT_FAILURES = (AugLocalError, MemoryError, torch.OutOfMemoryError, OSE
 
 def _add_memory(report: CostReport, model_or_spec, entries, device, rss: bool,
                 options: ConversionOptions, num_classes: Optional[int], optimizer: str = "sgd") -> None:
-    """Fill the memory columns from :func:`auglocal_fx.memory.measure_memory`, or say why not."""
+    """Fill the memory columns from ``auglocal_fx.memory.measure_memory``, or say why not."""
     common = dict(batch_size=report.batch_size, device=device, input_size=options.input_size,
                   num_classes=num_classes, rss=rss and device.type == "cpu",
                   optimizer=optimizer)

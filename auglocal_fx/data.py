@@ -3,7 +3,7 @@
 Every dataset is read from disk (or built in memory); nothing is ever downloaded. Names:
 
 * ``cifar10``, ``svhn``, ``stl10``: the torchvision classes, read from ``data_dir``
-  (``download=False`` always; a missing dataset raises :class:`AugLocalError`).
+  (``download=False`` always; a missing dataset raises ``AugLocalError``).
 * ``fashion-mnist``: the idx files (``train-images-idx3-ubyte[.gz]`` ...) read directly from
   ``data_dir`` (default ``/usr/share/datasets/fashion-mnist``, which the Debian package
   ``dataset-fashion-mnist`` provides) or from torchvision's ``FashionMNIST/raw`` layout;
@@ -35,13 +35,13 @@ from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from torchvision.transforms import v2
 
 from .errors import AugLocalError
 
 __all__ = ["DATASETS", "DEFAULT_FASHION_MNIST_DIR", "Datasets", "build_datasets", "dataset_geometry",
-           "dataset_normalization", "train_augmentation"]
+           "dataset_normalization", "train_augmentation", "subset"]
 
 DATASETS = ("cifar10", "svhn", "stl10", "fashion-mnist", "digits", "imagefolder:PATH", "synthetic")
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -77,7 +77,7 @@ _AUGMENT = {
 
 
 class Datasets(NamedTuple):
-    """What :func:`build_datasets` returns (unpacks as a 4-tuple)."""
+    """What ``build_datasets`` returns (unpacks as a 4-tuple)."""
 
     train: Dataset
     test: Dataset
@@ -147,7 +147,7 @@ def build_datasets(name: str, data_dir: Optional[str] = None,
 
 def dataset_geometry(name: str, input_size: Union[None, int, Sequence[int]] = None
                      ) -> Tuple[int, Tuple[int, int, int]]:
-    """``(num_classes, (3, H, W))`` that :func:`build_datasets` gives, without reading images.
+    """``(num_classes, (3, H, W))`` that ``build_datasets`` gives, without reading images.
 
     ``imagefolder:PATH`` counts the class folders of ``PATH/train``.
 
@@ -164,8 +164,16 @@ def dataset_geometry(name: str, input_size: Union[None, int, Sequence[int]] = No
     return sum(os.path.isdir(os.path.join(train, c)) for c in os.listdir(train)), (3, side, side)
 
 
+def subset(dataset: Dataset, n: Optional[int], seed: int) -> Dataset:
+    """A seeded random subset of ``n`` examples, in the permutation's order (all for ``n=None``)."""
+    if n is None or n >= len(dataset):
+        return dataset
+    generator = torch.Generator().manual_seed(seed)
+    return Subset(dataset, torch.randperm(len(dataset), generator=generator)[:n].tolist())
+
+
 def dataset_normalization(name: str) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
-    """The per-channel ``(mean, std)`` :func:`build_datasets` normalises ``name``'s images with."""
+    """The per-channel ``(mean, std)`` ``build_datasets`` normalises ``name``'s images with."""
     return _MEAN_STD[_dataset_key(name)]
 
 

@@ -20,7 +20,7 @@ a layer keeps PyTorch's default initialisation.
 
 The statistics are those of the source model's parameters *at initialisation*: the model's
 own values when it is converted as created, or the values it was created with when a weights
-file was loaded into it (:func:`~auglocal_fx.resolve_model` keeps them).
+file was loaded into it (``resolve_model`` keeps them).
 """
 
 from __future__ import annotations
@@ -152,8 +152,8 @@ class InitReference:
     """Initial-value statistics of a source model, for initialising copies of its layers.
 
     Attributes:
-        by_param: per parameter object of the source model (by ``id``), its :class:`TensorInit`.
-        rules: per ``(module class, parameter name)``, the :class:`FanRule` its tensors follow.
+        by_param: per parameter object of the source model (by ``id``), its ``TensorInit``.
+        rules: per ``(module class, parameter name)``, the ``FanRule`` its tensors follow.
     """
 
     def __init__(self, by_param: Dict[int, TensorInit], rules: Dict[Tuple[type, str], FanRule]):

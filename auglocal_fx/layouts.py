@@ -4,7 +4,7 @@ ConvNets pass ``(N, C, H, W)`` maps between blocks; Swin passes ``(N, H, W, C)``
 LeViT pass ``(N, T, C)`` tokens, where ``T = P + H*W`` holds ``P`` prefix (class, distillation)
 tokens before an ``H x W`` grid. docs/method.md, rule 11, says how auxiliary copies use this:
 a copy that cannot be re-strided or re-widened gets its original input shape through a
-:class:`ShapeAdapter` (average pooling on the grid + a linear projection of the channels).
+``ShapeAdapter`` (average pooling on the grid + a linear projection of the channels).
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ._io import atomic_save
 from ._threads import single_thread
+from .checkpoints import LOCALNET, read
 from .errors import AugLocalError, first_line
 from .initialization import InitReference
 from .options import ConversionOptions, conversion_options
@@ -32,8 +33,8 @@ from .tracing import SHAPE_KEY, trace_model
 
 __all__ = ["LocalNet", "to_local", "load", "CHECKPOINT_FORMAT"]
 
-CHECKPOINT_FORMAT = "auglocal-fx/localnet"
-_CHECKPOINT_VERSION = 1
+CHECKPOINT_FORMAT = LOCALNET.format
+_CHECKPOINT_VERSION = LOCALNET.version
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -476,7 +477,7 @@ def _output_classes(traced) -> int:
 
 def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None,
          map_location: Union[str, torch.device] = "cpu") -> LocalNet:
-    """Restore a :class:`LocalNet` written by :meth:`LocalNet.save`.
+    """Restore a ``LocalNet`` written by ``LocalNet.save``.
 
     Args:
         path: the checkpoint file.
@@ -488,20 +489,7 @@ def load(path: Union[str, os.PathLike], model: Optional[nn.Module] = None,
         AugLocalError: missing, corrupt or foreign file, or weights that do not fit.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise AugLocalError(f"checkpoint {path!r} does not exist")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise AugLocalError(
-            f"checkpoint {path!r} is corrupt or not a torch file ({type(exc).__name__}); "
-            "write it again with `auglocal-fx convert` or LocalNet.save()"
-        ) from exc
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise AugLocalError(
-            f"{path!r} is not an auglocal-fx LocalNet checkpoint; make one with "
-            "`auglocal-fx convert` or LocalNet.save()"
-        )
+    payload = read(path, LOCALNET, map_location)
     try:
         options = ConversionOptions.from_dict(payload["options"])
     except AugLocalError as exc:

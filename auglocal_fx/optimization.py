@@ -2,7 +2,7 @@
 
 The paper's recipe (``opt="sgd"``, ``sched="paper"``, the defaults) is SGD with Nesterov
 momentum and weight decay on every parameter, as the authors' ``train.py`` does, with the
-per-epoch cosine and warmup of :func:`auglocal_fx.recipe.learning_rate`. Every other choice
+per-epoch cosine and warmup of ``auglocal_fx.recipe.learning_rate``. Every other choice
 goes through ``timm.optim.create_optimizer_v2`` and ``timm.scheduler.create_scheduler_v2``, and
 like timm's own training script exempts norms and biases (1-D parameters) from weight decay.
 
@@ -75,7 +75,7 @@ def build_optimizer(cfg: Any, module: nn.Module, lr: float,
         module: what this process trains (a ``LocalNet``, a model, a worker's modules).
         lr: the peak learning rate.
         exempt: parameters without weight decay besides the 1-D ones (outside the paper's
-            recipe), e.g. :func:`no_weight_decay_parameters` of the original model.
+            recipe), e.g. ``no_weight_decay_parameters`` of the original model.
     """
     kwargs: Dict[str, Any] = {}
     if cfg.opt_eps is not None:

@@ -1,6 +1,6 @@
-"""``ConversionOptions``: what :func:`~auglocal_fx.to_local` is asked to build, in one record.
+"""``ConversionOptions``: what ``to_local`` is asked to build, in one record.
 
-One frozen, typed dataclass validates the options, says them in words (:meth:`describe`), and
+One frozen, typed dataclass validates the options, says them in words (``describe``), and
 writes / reads the ``options`` dict of a checkpoint (old checkpoints, missing newer keys, load
 with the defaults those keys had before they existed). ``to_local``, ``LocalNet``, ``TrainConfig``,
 ``cost_report``, ``solve_budget``, ``measure_memory`` and the CLI take it; their keyword
@@ -31,7 +31,7 @@ _OLD_DEFAULTS = {"aux_head": "copy", "rule": "auglocal", "normalization": None, 
 
 @dataclass(frozen=True)
 class ConversionOptions:
-    """The conversion options of an AugLocal network (see :func:`~auglocal_fx.to_local`).
+    """The conversion options of an AugLocal network (see ``to_local``).
 
     Attributes:
         d: auxiliary depth, sampled blocks + classifier (>= 2).
@@ -39,7 +39,7 @@ class ConversionOptions:
         pyramid: ``False`` gives every auxiliary network depth ``d``.
         selection: ``"uniform"``, ``"sequential"`` or ``"repetitive"``.
         aux_head: ``"auto"``, ``"copy"`` or ``"slim"``, as asked.
-        rule: a registered local learning rule (:mod:`auglocal_fx.rules`).
+        rule: a registered local learning rule (``auglocal_fx.rules``).
         aux_init: ``"init"`` or ``"copy"``: how AugLocal's copies start.
         aux_checkpoint: recompute the auxiliary forwards in backward.
         input_size: ``(C, H, W)`` to trace at; ``None``: the model's own.

@@ -187,7 +187,7 @@ def plan_aux_nets(
         selection: ``"uniform"`` (the paper's method), ``"sequential"`` or ``"repetitive"``.
 
     Returns:
-        One :class:`AuxPlan` per block ``j = 0 .. K-2``.
+        One ``AuxPlan`` per block ``j = 0 .. K-2``.
     """
     validate_options(d, tau, selection)
     num_blocks = len(resolutions)

@@ -1,7 +1,7 @@
 """Figures: ``auglocal-fx report --plot``, ``auglocal-fx blocks --svg``, training curves (Agg).
 
 The file type follows the extension (``.png``, ``.svg``, ``.pdf``). Plotting only: the numbers
-come from :mod:`auglocal_fx.costs` and :mod:`auglocal_fx.flops`.
+come from ``auglocal_fx.costs`` and ``auglocal_fx.flops``.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def plot_report(report, path: str) -> None:
     """FLOPs and memory per method, and the per-block profile of FLOPs and activation size.
 
     Args:
-        report: a :class:`~auglocal_fx.costs.CostReport`.
+        report: a ``CostReport``.
         path: output file (``.png``, ``.svg`` or ``.pdf``).
     """
     check_figure_path(path)
@@ -100,7 +100,7 @@ def plot_blocks(flops, path: str) -> None:
     network copies (a ring where the copy halves the resolution).
 
     Args:
-        flops: a :class:`~auglocal_fx.flops.LocalFlops`.
+        flops: a ``LocalFlops``.
         path: output file (``.svg``, ``.png`` or ``.pdf``).
     """
     check_figure_path(path)

@@ -1,25 +1,24 @@
 """Model specs: ``timm:NAME``, ``torchvision:NAME``, ``paper:NAME`` and ``path/file.py:factory``.
 
-A spec names an architecture; :func:`resolve_model` creates it with random weights (nothing is
+A spec names an architecture; ``resolve_model`` creates it with random weights (nothing is
 ever downloaded), with the builder's keyword arguments (``model_kwargs``, as timm's
 ``--model-kwargs``), optionally loads a local weights file, and knows the default input size.
 """
 
 from __future__ import annotations
 
-import argparse
 import ast
 import importlib.util
 import inspect
 import os
 import sys
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from .checkpoints import load_weights
 from .errors import AugLocalError, first_line
 from .models import PAPER_MODELS
 
@@ -253,7 +252,7 @@ def resolve_model(
         input_size: ``(C, H, W)``; default: the size the model states (timm's pretrained
             config, the paper's networks' 32x32; a timm ``img_size`` in ``model_kwargs``), 224
             for torchvision; a file's model that states none needs it.
-        weights: a local weights file (see :func:`load_weights`; never downloaded).
+        weights: a local weights file (see ``load_weights``; never downloaded).
         model_kwargs: keyword arguments for the builder (``timm.create_model``, torchvision's
             ``get_model``, the file's factory), e.g. ``{"depth": 6, "patch_size": 4}``.
 
@@ -341,7 +340,6 @@ def _create(factory: Callable[[], nn.Module], spec: str, model_kwargs: Mapping[s
         ) from exc
 
 
-
 def parse_model_kwargs(pairs: Sequence[str]) -> Dict[str, Any]:
     """``["depth=6", "img_size=32", "global_pool=avg"]`` -> ``{"depth": 6, ...}``.
 
@@ -363,92 +361,3 @@ def parse_model_kwargs(pairs: Sequence[str]) -> Dict[str, Any]:
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             kwargs[key] = text  # a bare word (global_pool=avg) needs no quotes on a command line
     return kwargs
-
-
-# Where training scripts keep the weights in their checkpoints, in the order they are taken:
-# timm's CheckpointSaver writes state_dict (+ state_dict_ema), torchvision's train.py model
-# (+ model_ema). The plain weights come first, as timm's load_checkpoint(use_ema=False) does.
-_STATE_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
-
-
-def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """The weights in a local file: a ``state_dict``, or a timm / torchvision checkpoint.
-
-    A checkpoint dict holds them under ``state_dict``, ``model``, ``state_dict_ema`` or
-    ``model_ema`` (the first present is taken); a ``module.`` prefix on every key (a
-    ``DistributedDataParallel`` model's, or torchvision's EMA with its ``n_averaged``) is removed.
-
-    Raises:
-        AugLocalError: when the file is missing, unreadable or holds no weights.
-    """
-    if not os.path.isfile(path):
-        raise AugLocalError(f"weights file {path!r} does not exist")
-    try:
-        # timm and torchvision save their argparse options beside the weights.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise AugLocalError(f"cannot read weights file {path!r}: {first_line(exc)}; is it a "
-                            "torch.save'd state_dict or a training checkpoint?") from exc
-    if isinstance(state, dict):
-        for key in _STATE_KEYS:
-            if isinstance(state.get(key), dict):
-                state = state[key]
-                break
-    if not isinstance(state, dict) or not state or \
-            not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise AugLocalError(f"weights file {path!r} holds no state_dict (name -> tensor), nor one under "
-                            f"{', '.join(_STATE_KEYS)}: save model.state_dict()")
-    if all(k.startswith("module.") for k in state if k != "n_averaged"):
-        # DDP's wrapper, or torchvision's EMA (an AveragedModel: the model under module.,
-        # beside its n_averaged count).
-        state = {k[len("module."):]: v for k, v in state.items() if k != "n_averaged"}
-    return state
-
-
-def load_weights(model: nn.Module, path: str, num_classes: Optional[int] = None) -> None:
-    """Load a local weights file into ``model``: every tensor must fit, but the classifier's.
-
-    The file is read by :func:`read_state_dict`. Every name must match, and every shape, except
-    where the file's classifier has another number of classes (fine-tuning a pretrained network
-    on a new dataset): the tensors whose first dimension is ``num_classes`` in the model and
-    one other number in the file are left as the model initialised them, with one warning.
-
-    Args:
-        model: the model to load into.
-        path: the weights file.
-        num_classes: the model's classifier width; ``None``: every shape must match.
-
-    Raises:
-        AugLocalError: when the file is missing, unreadable or does not fit the model.
-    """
-    state = read_state_dict(path)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        parts = [f"{what} {_some(keys)}" for what, keys in
-                 (("the model's", missing), ("the file's", unexpected)) if keys]
-        raise AugLocalError(f"weights in {path!r} do not fit the model: {' and '.join(parts)} have no "
-                            "counterpart; is it a checkpoint of this architecture?")
-    differ = [k for k in own if tuple(state[k].shape) != tuple(own[k].shape)]
-    classifier = [k for k in differ if num_classes is not None and own[k].dim() >= 1
-                  and own[k].shape[0] == num_classes and state[k].shape[1:] == own[k].shape[1:]]
-    file_classes = {int(state[k].shape[0]) for k in classifier}
-    if len(file_classes) > 1 or set(differ) != set(classifier):
-        k = next(k for k in differ if k not in classifier or len(file_classes) > 1)
-        raise AugLocalError(f"weights in {path!r} do not fit the model: {k} has shape "
-                            f"{tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model; "
-                            "is it a checkpoint of this architecture (and model_kwargs)?")
-    for k in classifier:
-        del state[k]
-    model.load_state_dict(state, strict=False)
-    if classifier:
-        warnings.warn(
-            f"auglocal-fx: {path} has a {file_classes.pop()}-class classifier, the model "
-            f"{num_classes} classes: loaded all weights but the classifier's ({', '.join(classifier)}), "
-            "which start freshly initialised", stacklevel=3)
-
-
-def _some(keys: Sequence[str], most: int = 3) -> str:
-    return ", ".join(keys[:most]) + (f" (+{len(keys) - most} more)" if len(keys) > most else "")

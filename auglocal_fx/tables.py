@@ -1,6 +1,6 @@
 """Plain-text tables for FLOPs, partitions, budgets and cost reports (formatting only).
 
-Counting lives in :mod:`auglocal_fx.flops` and :mod:`auglocal_fx.costs`; this module only turns
+Counting lives in ``auglocal_fx.flops`` and ``auglocal_fx.costs``; this module only turns
 their results into strings, so the CLI and notebooks print the same thing. Every table that shows
 FLOPs says the convention: one fused multiply-add counts as one FLOP, forward of one example.
 """
@@ -78,7 +78,7 @@ def flops_table(flops) -> str:
     """The ``convert`` table: one row per primary block with its auxiliary network, then totals.
 
     Args:
-        flops: a :class:`~auglocal_fx.flops.LocalFlops`.
+        flops: a ``LocalFlops``.
     """
     aux = {a.block: a for a in flops.aux}
     rows = []
@@ -150,7 +150,7 @@ def cost_table(report) -> str:
     """The ``report`` table (the paper's Table 7 for any model).
 
     Args:
-        report: a :class:`~auglocal_fx.costs.CostReport`.
+        report: a ``CostReport``.
     """
     has_mem = any(r.memory is not None for r in report.rows)
     has_whole = any(getattr(r, "whole", None) is not None for r in report.rows)
@@ -199,7 +199,7 @@ def analysis_table(comparison) -> str:
     """The per-block table of ``auglocal-fx analyze``: modules, output shape, CKA, probes.
 
     Args:
-        comparison: a :class:`~auglocal_fx.analysis.Comparison`.
+        comparison: a ``Comparison``.
     """
     cka, pa, pb = comparison.cka, comparison.probe_a, comparison.probe_b
     headers = ["block", "modules", "output", "CKA(A,B)"]

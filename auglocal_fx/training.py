@@ -5,18 +5,18 @@ The options live in ``_train_config.py`` (re-exported here), which process runs 
 groups in ``_distributed.py``, the checkpoint format in ``_train_state.py``, the recipe in
 ``recipe.py``.
 
-The recipe defaults follow the paper and the authors' code (:mod:`auglocal_fx.recipe`): SGD with
+The recipe defaults follow the paper and the authors' code (``auglocal_fx.recipe``): SGD with
 Nesterov momentum 0.9, weight decay 1e-4 on every parameter, a cosine learning-rate schedule set
 once per epoch with a linear warmup from 0.01 (the paper's 10 epochs of 400, scaled to the
-run: :func:`auglocal_fx.recipe.default_warmup_epochs`), batch 1024 and lr 0.8 for
+run: ``auglocal_fx.recipe.default_warmup_epochs``), batch 1024 and lr 0.8 for
 CIFAR-10/SVHN, batch 128 and lr 0.1 for STL-10. Both settings are ``lr = 0.1 * batch / 128``;
 other datasets default to batch 128 and that same linear rule applies when only the batch
 size is overridden. The default dataset is Fashion-MNIST when its Debian package is installed
 (digits otherwise, which every method learns to ~99%).
 
-Other optimizers and schedules come from timm's factories (:mod:`auglocal_fx.optimization`);
+Other optimizers and schedules come from timm's factories (``auglocal_fx.optimization``);
 mixup / cutmix, label smoothing and an EMA of the primary weights from timm's tools
-(:mod:`auglocal_fx.regularization`).
+(``auglocal_fx.regularization``).
 
 Outputs in ``out``: ``metrics.jsonl`` (one JSON line per epoch), ``curves.png`` (loss and
 accuracy curves), ``last.pt`` (the full training state, written atomically every epoch, used
@@ -38,7 +38,7 @@ and rank 0's are broadcast before evaluation, as DDP does at each forward.
 
 Pipeline (``pipeline=K``): K worker processes, each owning a contiguous range of local modules,
 pass detached block outputs forward; the weights after N steps equal the sequential run's. It
-composes with data parallel (``K x nproc`` processes). See :mod:`auglocal_fx._pipeline`.
+composes with data parallel (``K x nproc`` processes). See ``auglocal_fx._pipeline``.
 """
 
 from __future__ import annotations
@@ -55,13 +55,13 @@ __all__ = ["METHODS", "AMP_MODES", "PIPELINE_BALANCES", "DEFAULT_EPOCHS", "Train
 
 
 def train(config: Optional[TrainConfig] = None, **overrides: Any) -> TrainResult:
-    """Train a network with AugLocal or backprop; see :class:`TrainConfig` for the options.
+    """Train a network with AugLocal or backprop; see ``TrainConfig`` for the options.
 
     ``train(model="paper:resnet32", dataset="digits", epochs=2)`` is the same as
     ``train(TrainConfig(model=..., dataset=..., epochs=2))``.
 
     Returns:
-        A :class:`TrainResult` (on every process under ``torchrun``; the files are written by
+        A ``TrainResult`` (on every process under ``torchrun``; the files are written by
         rank 0).
 
     Raises:

@@ -10,10 +10,10 @@ resized to 16x16, a fixed 4096-image training subset, 6 epochs, batch 128, SGD N
 weight decay 1e-4, lr 0.1 with the paper's per-epoch cosine and a 1-epoch warmup, the paper's
 crop + flip, seed 0, one thread. Methods: BP, AugLocal d=2, 4, 6 and DGL (``rule="dgl"``).
 
-Then, on 2000 test images (a seeded subset): :func:`auglocal_fx.block_cka` of each method (and of
+Then, on 2000 test images (a seeded subset): ``auglocal_fx.block_cka`` of each method (and of
 the untrained network every run starts from: ``train`` seeds the weights, so all runs share them) to BP
 (flattened block outputs, minibatch unbiased HSIC, batches of 250), and
-:func:`auglocal_fx.linear_probe` of every network (global-average-pooled block outputs of 4096
+``auglocal_fx.linear_probe`` of every network (global-average-pooled block outputs of 4096
 training images, standardised, L-BFGS logistic regression; accuracy on the 2000 test images).
 Prints a markdown table, writes ``--json`` and ``--plot``::
 

@@ -5,7 +5,7 @@
     python benchmarks/cuda_memory.py --optimizer adamw --depths 2 4
 
 For each method (bp, checkpoint, auglocal d=D with and without recomputed auxiliary networks)
-one training step runs on the GPU through :func:`auglocal_fx.measure_memory`, and the table
+one training step runs on the GPU through ``auglocal_fx.measure_memory``, and the table
 shows, side by side, ``torch.cuda.max_memory_allocated`` (CUDA max: this network, its
 gradients, its optimizer state and the batch alone on the device; transient buffers included)
 and the whole count computed exactly from the tensors (parameters + optimizer state + saved

@@ -6,7 +6,7 @@
     python benchmarks/memory.py --models paper:resnet110 --batch-size 64 --depths 2 --no-rss --recompute   # issue 22
     python benchmarks/memory.py --models paper:resnet110 --batch-size 64 --depths 2 --step-each-module --threads 1
 
-Every figure is measured in this run by :func:`auglocal_fx.measure_memory` (see its docstring):
+Every figure is measured in this run by ``auglocal_fx.measure_memory`` (see its docstring):
 the peak of bytes held for backward (saved_tensors_hooks), the growth of peak RSS over one step
 in a fresh subprocess per method, and the lower bound for local learning (the largest local
 module's own saved bytes), and the whole count (parameters + optimizer state + saved bytes and

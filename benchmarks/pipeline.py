@@ -4,7 +4,7 @@
     python benchmarks/pipeline.py --models paper:resnet32 --stages 1 2 4 --device cuda
 
 Every configuration trains the same ``--steps`` steps (one epoch of ``steps x batch`` images of
-``--dataset``, AugLocal d=2) through :func:`auglocal_fx.train`; samples/s is
+``--dataset``, AugLocal d=2) through ``auglocal_fx.train``; samples/s is
 ``steps x batch / train_seconds``, where ``train_seconds`` is the training loop of the epoch as
 the run records it in ``metrics.jsonl``: from the start of the epoch to the end of the last
 worker's last step (every worker waits at a barrier before its clock stops, so fill and drain are

@@ -9,7 +9,7 @@ A step is forward + backward on one batch (no optimizer update): BP runs the pri
 BP and AugLocal steps are interleaved (BP, AugLocal, BP, AugLocal, ...) after one warm-up each,
 so that load from other processes hits both alike; the table shows medians.
 FLOPs: forward FLOPs of one image counted by fvcore's FlopCountAnalysis through
-:func:`auglocal_fx.flops.count_flops` (one fused multiply-add counted as one FLOP); the FLOPs
+``auglocal_fx.flops.count_flops`` (one fused multiply-add counted as one FLOP); the FLOPs
 ratio is (primary + all auxiliary networks) / primary. Target (issue 3): time ratio <= 1.1 x
 FLOPs ratio. The ``+recompute`` column is ``train_step`` with ``aux_checkpoint=True`` (auxiliary
 forwards recomputed in backward), interleaved with the others; "recompute cost" is its time over

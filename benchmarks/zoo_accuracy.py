@@ -1,6 +1,6 @@
 """Accuracy across model families: BP, AugLocal d=2, AugLocal d=4 and DGL on one recipe.
 
-Every run goes through :func:`auglocal_fx.train`, as a user calls it, on real Fashion-MNIST (the
+Every run goes through ``auglocal_fx.train``, as a user calls it, on real Fashion-MNIST (the
 Debian package ``dataset-fashion-mnist``) at 32 px: a fixed training subset, a fixed test
 subset, the paper's crop + flip augmentation, batch 128, one thread per run. Each family is
 trained the way its users train it:
@@ -17,7 +17,7 @@ method alike (they are options of ``train``).
 
 Per run it reports the test top-1 of the primary network, the mean time per training step (the
 training loop's seconds over its steps), and the training memory of one step at batch 128
-measured by :func:`auglocal_fx.memory.measure_memory`: the peak of bytes saved for backward
+measured by ``auglocal_fx.memory.measure_memory``: the peak of bytes saved for backward
 (saved_tensors_hooks) and the growth of the process's peak RSS (a fresh subprocess). The gap is
 BP's mean minus the method's mean, in points. Where a gap is below one point after the first
 seed, ``--confirm-seeds`` more seeds of that method and of BP run, so a close call rests on two

@@ -1,4 +1,4 @@
-"""``auglocal-fx analyze``: a thin click wrapper around :func:`auglocal_fx.analysis.compare`."""
+"""``auglocal-fx analyze``: a thin click wrapper around ``auglocal_fx.analysis.compare``."""
 
 import json
 

@@ -48,7 +48,8 @@ def convert(spec: str, d: Optional[int], tau, no_pyramid, selection, rule, aux_h
     parameters) and the totals. FLOPs follow fvcore: 1 multiply-add = 1 FLOP, one example.
     """
     from auglocal_fx import to_local
-    from auglocal_fx.flops import count_flops, solve_budget
+    from auglocal_fx.budget import solve_budget
+    from auglocal_fx.flops import count_flops
     from auglocal_fx.tables import flops_table
 
     options = conversion_from_flags(tau, no_pyramid, selection, input_size, num_classes, aux_head,

@@ -127,7 +127,7 @@ class RegistryChoice(click.Choice):
 
 
 def rule_option(fn):
-    """``--rule NAME``: a registered local learning rule (:mod:`auglocal_fx.rules`)."""
+    """``--rule NAME``: a registered local learning rule (``auglocal_fx.rules``)."""
     return click.option(
         "--rule", type=RegistryChoice(rule_names), default="auglocal", show_default=True,
         help="Local learning rule: AugLocal, or the paper's comparison systems (they train every "
@@ -177,7 +177,7 @@ def aux_init_option(fn):
 def conversion_from_flags(tau: Optional[float], no_pyramid: bool, selection: str, input_size,
                           num_classes: Optional[int], aux_head: str = "auto", rule: str = "auglocal",
                           model_kwargs: Optional[dict] = None, **more) -> ConversionOptions:
-    """The :class:`~auglocal_fx.ConversionOptions` the shared flags stand for; ``more``: the
+    """The ``ConversionOptions`` the shared flags stand for; ``more``: the
     command's own (``d``, ``aux_init``, ``aux_checkpoint``; ``None`` for not given).
 
     Raises:

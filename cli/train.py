@@ -1,4 +1,4 @@
-"""``auglocal-fx train``: a thin click wrapper around :func:`auglocal_fx.training.train`."""
+"""``auglocal-fx train``: a thin click wrapper around ``auglocal_fx.training.train``."""
 
 import os
 

@@ -61,7 +61,7 @@ class FailingCNN(TinyCNN):
 
 
 def tiny_failing(num_classes: int = 10) -> FailingCNN:
-    """:func:`tiny_cnn` whose last block fails in the worker named by ``$AUGLOCAL_TEST_FAIL_RANK``."""
+    """``tiny_cnn`` whose last block fails in the worker named by ``$AUGLOCAL_TEST_FAIL_RANK``."""
     return FailingCNN(num_classes)
 
 
@@ -87,7 +87,7 @@ class SlowCNN(TinyCNN):
 
 
 def tiny_slow(num_classes: int = 10) -> SlowCNN:
-    """:func:`tiny_cnn` whose last block sleeps in the worker named by ``$AUGLOCAL_TEST_SLOW_RANK``."""
+    """``tiny_cnn`` whose last block sleeps in the worker named by ``$AUGLOCAL_TEST_SLOW_RANK``."""
     return SlowCNN(num_classes)
 
 

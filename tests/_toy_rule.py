@@ -1,7 +1,7 @@
 """A toy local learning rule, all in this one file: importing it registers ``rule="toy"``.
 
-What a plug-in rule needs: a :class:`~auglocal_fx.rules.LocalRule` subclass with a name and a
-label, an auxiliary network per locally trained block, and :func:`register_rule`.
+What a plug-in rule needs: a ``LocalRule`` subclass with a name and a
+label, an auxiliary network per locally trained block, and ``register_rule``.
 """
 
 from torch import nn

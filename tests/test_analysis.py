@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from click.testing import CliRunner
 
 from auglocal_fx import AugLocalError, block_cka, linear_probe, to_local
-from auglocal_fx.analysis import _gram, analysis_data, compare, hsic_unbiased, linear_cka, load_trained
+from auglocal_fx.analysis import analysis_data, compare, hsic_unbiased, linear_cka, load_trained
+from auglocal_fx.cka import _gram
 from auglocal_fx.training import train
 
 from ._tiny_models import TinyCNN

@@ -124,6 +124,15 @@ def test_no_import_of_ours_hides_in_a_function():
     assert not hidden, "imports inside functions (move them to the top):\n" + "\n".join(hidden)
 
 
+def test_the_trainers_private_modules_stay_in_the_trainer():
+    """The analysis reads checkpoints through ``checkpoints``, not the trainer's ``_train_state``."""
+    known = layers()
+    private = {m for m, (_, name) in known.items() if name == "training" and m.startswith("_")}
+    outside = [f"{importer} -> {imported} ({where})" for importer, imported, where, _ in arrows()
+               if imported in private and known[importer][1] != "training"]
+    assert not outside, "the trainer's private modules imported from outside it:\n" + "\n".join(outside)
+
+
 @pytest.mark.parametrize("source, arrow", [
     ("from .tables import format_flops\n", "flops -> tables"),
     ("def f():\n    from .synthesis import choose_aux_head\n", "tables -> synthesis"),

@@ -1,9 +1,9 @@
 """Local learning rules behind one interface: AugLocal and the paper's comparison systems.
 
 A rule decides which blocks are trained locally and builds the auxiliary network of each
-(:class:`~auglocal_fx.rules.base.LocalRule`); a rule with a loss beyond cross-entropy returns a
-:class:`~auglocal_fx.rules.base.RuleAux` whose ``local_loss`` the training step calls. One
-module per rule, registered with :func:`~auglocal_fx.rules.registry.register_rule`; a new rule
+(``LocalRule``); a rule with a loss beyond cross-entropy returns a
+``RuleAux`` whose ``local_loss`` the training step calls. One
+module per rule, registered with ``register_rule``; a new rule
 is one more file (imported here for the built-in ones, by its user otherwise).
 """
 

@@ -41,7 +41,7 @@ class AugLocalInfoProRule(AugLocalRule):
     decoder and loss on every locally trained block (appendix A.9).
 
     Loss weights: cross-entropy 1 everywhere (AugLocal's); reconstruction as InfoPro's ``ixx``
-    for the same number of local modules (:func:`~auglocal_fx.rules.infopro.reconstruction_schedule`:
+    for the same number of local modules (``reconstruction_schedule``:
     5 at the first local module to 0.2 (ResNet-32's) or 0.5 (ResNet-110's) at the last).
     """
 

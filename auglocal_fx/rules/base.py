@@ -50,7 +50,7 @@ class RuleContext:
 class LocalRule:
     """A local learning rule: which blocks learn locally, and with which auxiliary network.
 
-    Register a subclass with :func:`~auglocal_fx.rules.registry.register_rule`; the class
+    Register a subclass with ``register_rule``; the class
     attributes are what the conversion, the reports and the CLI read.
 
     Attributes:
@@ -59,7 +59,7 @@ class LocalRule:
             ``uses_depth``).
         uses_depth: ``True`` where ``d``, ``tau``, ``pyramid`` and ``selection`` shape the
             auxiliary networks (AugLocal); the baselines train every block but the last locally.
-        second_loss: ``True`` where the auxiliary network is a :class:`RuleAux` with a loss
+        second_loss: ``True`` where the auxiliary network is a ``RuleAux`` with a loss
             beyond cross-entropy (its decoder is not in the FLOPs of Table 7).
         order: where the rule is listed (choices, error messages); ties keep registration order.
     """
@@ -121,7 +121,7 @@ class RuleAux(nn.Module):
     reconstruction).
 
     ``forward(h)`` gives the classifier's logits (what Table 7 counts and what the auxiliary
-    accuracy uses); :meth:`local_loss` gives ``ixx * decoder loss + ixy * classification loss``.
+    accuracy uses); ``local_loss`` gives ``ixx * decoder loss + ixy * classification loss``.
 
     Args:
         classifier: block output -> logits.
@@ -150,7 +150,7 @@ class RuleAux(nn.Module):
         """The local loss of this module on block output ``h`` for images ``image``.
 
         ``normalization``: the images' ``(mean, std)``, for the reconstruction target (see
-        :func:`reconstruction_target`).
+        ``reconstruction_target``).
         """
         ixx, ixy = self.weights
         decoded = self.decoder(h)
@@ -217,5 +217,5 @@ def reconstruction_target(image: torch.Tensor,
 
 def reconstruction_loss(decoded: torch.Tensor, image: torch.Tensor,
                         normalization: Optional[Normalization] = None) -> torch.Tensor:
-    """InfoPro's binary cross-entropy between the reconstruction and :func:`reconstruction_target`."""
+    """InfoPro's binary cross-entropy between the reconstruction and ``reconstruction_target``."""
     return F.binary_cross_entropy(decoded.float(), reconstruction_target(image, normalization).float())

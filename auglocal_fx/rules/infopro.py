@@ -8,7 +8,7 @@ the classifier. Decoder (``Decoder_InfoPro``, ``'2c'``): bilinear upsampling to 
 ``3x3`` conv to 12 + BN + ReLU, ``3x3`` conv to the image channels, sigmoid; binary cross-entropy
 against the image before normalisation. Weights ``(reconstruction, cross-entropy)`` go linearly
 from the first local module to the last, as the authors' ``run.sh`` sets them per network
-(:func:`reconstruction_schedule`).
+(``reconstruction_schedule``).
 """
 
 from __future__ import annotations

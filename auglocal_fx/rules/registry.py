@@ -1,8 +1,8 @@
 """The registry of local learning rules: each rule registers itself with what others read.
 
-A rule is a :class:`~auglocal_fx.rules.base.LocalRule` subclass whose class attributes say what
+A rule is a ``LocalRule`` subclass whose class attributes say what
 the conversion, the reports and the CLI need (``name``, ``label``, ``uses_depth``,
-``second_loss``, ``order``); decorating it with :func:`register_rule` makes it a value of
+``second_loss``, ``order``); decorating it with ``register_rule`` makes it a value of
 ``to_local(rule=)``, ``report --rules`` and ``train --rule``. Adding a rule is one new file.
 """
 
