@@ -3,7 +3,7 @@
 The choices are the ones that change memory and time but not the weights: ``aux_checkpoint``
 (recompute the auxiliary forwards; exact gradients) and ``step_each_module`` (bit-identical
 updates). Each is measured on this run's network, per-process batch and device with
-:func:`auglocal_fx.measure_memory` (the whole count: parameters, optimizer state, gradients and
+``auglocal_fx.measure_memory`` (the whole count: parameters, optimizer state, gradients and
 saved activations at the step's peak); the fastest that fits is timed, never guessed.
 """
 
@@ -26,7 +26,7 @@ __all__ = ["MemoryChoice", "choose_memory_options", "parse_memory"]
 
 @dataclass(frozen=True)
 class MemoryChoice:
-    """What :func:`choose_memory_options` picked, and why (``reason``, one line)."""
+    """What ``choose_memory_options`` picked, and why (``reason``, one line)."""
 
     aux_checkpoint: bool
     step_each_module: bool

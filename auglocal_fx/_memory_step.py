@@ -1,7 +1,7 @@
 """One measured training step: the whole count (parameters, optimizer state, saved bytes and
 ``.grad`` tensors at their joint peak) and the lower bound of local learning.
 
-See :mod:`auglocal_fx.memory` for the report these make up.
+See ``auglocal_fx.memory`` for the report these make up.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ class _SavedAndGrads:
 
 def measure_in_process(local, method: str, batch_size: int, device: torch.device, seed: int,
                        optimizer: Union[str, OptimizerFactory] = "sgd", step_each_module: bool = False) -> Dict[str, int]:
-    """The figures of one measured step: the fields of a :class:`auglocal_fx.memory.MemoryRow`."""
+    """The figures of one measured step: the fields of a ``auglocal_fx.memory.MemoryRow``."""
     local.to(device).train()
     state = {k: v.detach().clone() for k, v in local.state_dict().items()}
     trained = _trained_parameters(local, method)

@@ -1,6 +1,6 @@
 """Bytes held for backward: counted with ``saved_tensors_hooks``, each storage once.
 
-See :mod:`auglocal_fx.memory` for how the counts make up its report.
+See ``auglocal_fx.memory`` for how the counts make up its report.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class _Held:
 
 @dataclass(frozen=True)
 class StepMemory:
-    """What :func:`measure_step` returns: the peak and how it was measured."""
+    """What ``measure_step`` returns: the peak and how it was measured."""
 
     peak_bytes: int
     how: str
@@ -109,7 +109,7 @@ def measure_step(step: Callable[[], Any], device: Union[str, torch.device] = "cp
     """Measure one call of ``step`` (a zero-argument function running forward + backward).
 
     On CUDA: ``torch.cuda.max_memory_allocated`` during the call minus the bytes allocated
-    before it. Elsewhere: the peak of bytes held for backward (see :class:`SavedBytesCounter`;
+    before it. Elsewhere: the peak of bytes held for backward (see ``SavedBytesCounter``;
     pass the parameters as ``exclude``).
     """
     device = resolve_device(device)

@@ -82,11 +82,11 @@ class TrainConfig:
             activations (``method="auglocal"``; same gradients, less memory, more time).
         step_each_module: step each local module as soon as its loss is back-propagated and drop
             its gradients, so at most one module's gradients exist at a time (same weights as one
-            step at the end; see :mod:`auglocal_fx._updates`); ``False`` steps once at the end of
+            step at the end; see ``auglocal_fx._updates``); ``False`` steps once at the end of
             the training step; default (``None``) on for the optimizers where it is exact
             (PyTorch's own: ``sgd``, ``momentum``, ``adamw``, ...), off for the others.
         max_memory: bytes (or ``"8GB"``, ``"512MiB"``) the training step may hold at its peak
-            (the whole count of :func:`auglocal_fx.measure_memory`): the trainer measures each
+            (the whole count of ``auglocal_fx.measure_memory``): the trainer measures each
             combination of method (BP, AugLocal) and ``aux_checkpoint`` on this run's batch and
             takes the fastest that fits, or says it cannot. ``None``: no limit, no measurement.
         seed: seeds the weights, the data order and the augmentations.

@@ -323,7 +323,7 @@ class Run:
 
     def _train_modules(self, h: torch.Tensor, y: torch.Tensor, start: int = 0, stop: Optional[int] = None,
                        image: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Local modules ``start .. stop-1`` (:meth:`LocalNet.train_modules`), each stepped as soon as
+        """Local modules ``start .. stop-1`` (``LocalNet.train_modules``), each stepped as soon as
         its loss is back-propagated when ``step_each_module``: the losses and the last output."""
         losses, out = [], h
         for i, (loss, out) in enumerate(self.net.module_losses(h, y, start, stop, image=image, loss_fn=self.loss_fn,

@@ -66,7 +66,7 @@ class GradientUpdates:
         optimizer: the process's optimizer over every module's parameters.
         modules: each local module's parameters, in the order their losses are back-propagated;
             each is clipped on its own.
-        each_module: step each module as soon as :meth:`module_done` is called for it.
+        each_module: step each module as soon as ``module_done`` is called for it.
         scaler: AMP's ``GradScaler`` (``None`` without gradient scaling).
         grad_clip: the largest gradient norm of a module (``None``: no clipping).
         dp_world: data-parallel replicas whose gradients are averaged.

@@ -131,14 +131,9 @@ def _time(step: Callable[[], None], device: torch.device, repeats: int) -> float
     return statistics.median(times)
 
 
-<<<<<<< HEAD
 def _train_step(local, method: str, x: torch.Tensor, y: torch.Tensor,
                 step_each_module: bool = False) -> Callable[[], None]:
-    """One training step as :mod:`auglocal_fx.memory` runs it (gradients, no update)."""
-=======
-def _train_step(local, method: str, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
     """One training step as ``auglocal_fx.memory`` runs it (gradients, no update)."""
->>>>>>> main
     def step():
         local.zero_grad(set_to_none=True)
         run_method_step(local, method, x, y, step_each_module)

@@ -14,7 +14,7 @@ network on the same batch and device:
 What is measured (nothing here is an estimate):
 
 * *saved bytes* (any device): the peak of bytes held for backward, counted with
-  :class:`torch.autograd.graph.saved_tensors_hooks`. Each storage counts once however many
+  ``torch.autograd.graph.saved_tensors_hooks``. Each storage counts once however many
   tensors view it; a storage stops counting when autograd releases the last saved tensor
   that refers to it (after that node's backward ran). Parameter storages are excluded.
 * *whole count* (any device): what the step holds at its peak: parameters + optimizer state
@@ -108,7 +108,7 @@ class MemoryRow:
 
 @dataclass
 class MemoryReport:
-    """The result of :func:`measure_memory`; ``str()`` gives the table and how it was measured."""
+    """The result of ``measure_memory``; ``str()`` gives the table and how it was measured."""
 
     model: str
     device: str
@@ -196,7 +196,7 @@ def measure_memory(model_or_spec: Union[str, nn.Module], methods: Sequence[str] 
         num_classes: classes of the random labels; defaults to the model's.
         rss: on CPU, also measure the peak RSS in a fresh subprocess per method (slower).
         seed: seed of the random batch.
-        to_local_kwargs: further keyword arguments for :func:`auglocal_fx.to_local`
+        to_local_kwargs: further keyword arguments for ``auglocal_fx.to_local``
             (``tau``, ``pyramid``, ``selection``, ``leaf_modules`` ...).
         mmap_threshold: if set, the RSS subprocesses run with glibc's
             ``MALLOC_MMAP_THRESHOLD_`` fixed to this many bytes, so every larger block is
@@ -208,8 +208,8 @@ def measure_memory(model_or_spec: Union[str, nn.Module], methods: Sequence[str] 
             momentum, one buffer per parameter), ``"adamw"`` (two buffers per parameter), or a
             function ``params -> torch.optim.Optimizer``. Its state is measured after a real step.
         aux_checkpoint: recompute the auxiliary forwards in backward (see
-            :func:`auglocal_fx.to_local`); ``(False, True)`` gives an ``auglocal`` row for each.
-        options: the :class:`~auglocal_fx.ConversionOptions` of the networks (``d`` and
+            ``auglocal_fx.to_local``); ``(False, True)`` gives an ``auglocal`` row for each.
+        options: the ``auglocal_fx.ConversionOptions`` of the networks (``d`` and
             ``aux_checkpoint`` above, and ``to_local_kwargs``, take precedence).
         step_each_module: drop each local module's gradients as soon as its loss is
             back-propagated, as the trainer's ``step_each_module`` does after stepping it (so
@@ -217,7 +217,7 @@ def measure_memory(model_or_spec: Union[str, nn.Module], methods: Sequence[str] 
             ``auglocal`` row for each.
 
     Returns:
-        A :class:`MemoryReport`; ``print(report)`` shows the table.
+        A ``MemoryReport``; ``print(report)`` shows the table.
 
     Raises:
         AugLocalError: for an unknown method or device, or anything ``to_local`` rejects.
