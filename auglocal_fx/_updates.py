@@ -34,10 +34,11 @@ def steps_each_module_exactly(optimizer: torch.optim.Optimizer) -> bool:
     """Whether stepping ``optimizer`` once per local module gives the weights of one step at the end.
 
     PyTorch's own optimizers keep their state per parameter and skip parameters without a
-    gradient. Others may not: timm's LAMB counts steps per parameter group and clips by the norm
-    of every gradient together, Lookahead counts steps per group.
+    gradient, all but L-BFGS (one flat state over every parameter). Others may not: timm's LAMB
+    counts steps per parameter group and clips by the norm of every gradient together, Lookahead
+    counts steps per group.
     """
-    return type(optimizer).__module__.startswith("torch.optim.")
+    return type(optimizer).__module__.startswith("torch.optim.") and not isinstance(optimizer, torch.optim.LBFGS)
 
 
 class _ModuleOptimizer:
