@@ -47,12 +47,16 @@ def main() -> None:
     parser.add_argument("--trainer-steps", type=int, default=0, metavar="N",
                         help="also time N trainer steps (optimizer update included) with step_each_module off and on, "
                              "alternating, after one warm-up each")
+    parser.add_argument("--trainer-steps-only", action="store_true", help="time the trainer steps only (no memory)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     for spec in args.models:
         start = time.perf_counter()
+        if args.trainer_steps_only:
+            _trainer_step_times(spec, args)
+            continue
         report = measure_memory(spec, d=tuple(args.depths), batch_size=args.batch_size, device=args.device,
                                 input_size=(3, args.input_size, args.input_size), rss=not args.no_rss,
                                 mmap_threshold=args.mmap_threshold, optimizer=args.optimizer,
