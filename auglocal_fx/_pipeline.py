@@ -287,9 +287,8 @@ class PipelineRun(Run):
     def stage_step(self, h: torch.Tensor, y: torch.Tensor,
                    image: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """This stage's modules on ``h``: one optimizer step; the losses and the output to send."""
-        self.optimizer.zero_grad(set_to_none=True)
-        losses, out = self.net.train_modules(h, y, self.first, self.stop, image=image, loss_fn=self.loss_fn,
-                                             scaler=self.scaler, autocast_dtype=self.amp_dtype)
+        self._begin_step()
+        losses, out = self._train_modules(h, y, self.first, self.stop, image=image)
         self._apply_gradients()
         return losses, out
 

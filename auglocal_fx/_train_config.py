@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 from torch import nn
 
+from ._memory_choice import parse_memory
 from .data import DEFAULT_FASHION_MNIST_DIR
 from .errors import AugLocalError
 from .options import ConversionOptions
@@ -81,7 +82,16 @@ class TrainConfig:
             activations (``method="auglocal"``; same gradients, less memory, more time).
         aux_follow, aux_follow_adapted, aux_freeze: AugLocal's copies follow their source
             blocks by an EMA; auxiliary layers freeze top first (see
-            :class:`~auglocal_fx.ConversionOptions`; not with ``pipeline > 1``).
+            ``ConversionOptions``; not with ``pipeline > 1``).
+        step_each_module: step each local module as soon as its loss is back-propagated and drop
+            its gradients, so at most one module's gradients exist at a time (same weights as one
+            step at the end; see ``auglocal_fx._updates``); ``False`` steps once at the end of
+            the training step; default (``None``) on for the optimizers where it is exact
+            (PyTorch's own: ``sgd``, ``momentum``, ``adamw``, ...), off for the others.
+        max_memory: bytes (or ``"8GB"``, ``"512MiB"``) the training step may hold at its peak
+            (the whole count of ``auglocal_fx.measure_memory``): the trainer measures each
+            combination of method (BP, AugLocal) and ``aux_checkpoint`` on this run's batch and
+            takes the fastest that fits, or says it cannot. ``None``: no limit, no measurement.
         seed: seeds the weights, the data order and the augmentations.
         device: ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda[:N]"``.
         amp: ``"none"``, ``"bf16"`` (CPU or CUDA) or ``"fp16"`` (CUDA, with gradient scaling).
@@ -156,6 +166,8 @@ class TrainConfig:
     aux_follow: Optional[float] = None
     aux_follow_adapted: str = "own"
     aux_freeze: Optional[float] = None
+    step_each_module: Optional[bool] = None
+    max_memory: Union[None, int, str] = None
     seed: int = 0
     device: str = "auto"
     amp: str = "none"
@@ -259,6 +271,13 @@ def _check_config(config: Optional[TrainConfig], overrides: Dict[str, Any]) -> T
                             "the run's progress live on other workers); drop them or --pipeline")
     if cfg.aux_checkpoint and cfg.method != "auglocal":
         raise AugLocalError("aux_checkpoint recomputes auxiliary networks: it needs method 'auglocal'")
+    if cfg.step_each_module is not None and not isinstance(cfg.step_each_module, bool):
+        raise AugLocalError(f"step_each_module must be True, False or None, got {cfg.step_each_module!r}")
+    if cfg.max_memory is not None:
+        cfg.max_memory = parse_memory(cfg.max_memory)
+        if cfg.pipeline > 1:
+            raise AugLocalError("max_memory chooses for one process holding the whole network; with --pipeline, "
+                                "each worker holds part of it: drop one of them")
     if cfg.pipeline_balance not in PIPELINE_BALANCES:
         raise AugLocalError(f"unknown pipeline_balance {cfg.pipeline_balance!r}; choose from {', '.join(PIPELINE_BALANCES)}")
     for name in ("batch_size", "max_steps", "train_subset", "test_subset", "threads") + (

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm.auto import tqdm
 
 from ._device import resolve_device
-from ._distributed import average_gradients, broadcast_buffers
+from ._distributed import broadcast_buffers
 from ._io import atomic_save, atomic_write_text
 from ._train_state import CKPT_FORMAT, CKPT_VERSION, RESUME_KEYS, load_checkpoint, resume_view, rng_state, saved_view, set_rng_state
 from .data import build_datasets, dataset_normalization
@@ -28,6 +28,8 @@ from .recipe import default_recipe
 from .regularization import build_ema, build_loss, build_mixup
 from .specs import resolve_model
 from ._train_config import TrainConfig, TrainResult
+from ._memory_choice import MemoryChoice, choose_memory_options, parse_memory
+from ._updates import GradientUpdates, steps_each_module_exactly
 
 __all__ = ["Run", "GlobalBatchSampler", "subset", "wants_cuda"]
 
@@ -105,6 +107,7 @@ class Run:
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every process
         self.net, self.primary = self._build_model()
+        self.memory_choice = self._choose_memory() if cfg.max_memory is not None else None
         self.net.to(self.device)
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
@@ -126,6 +129,13 @@ class Run:
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+        # BP is one module: its step after its one loss is the step at the end.
+        each = cfg.step_each_module if cfg.step_each_module is not None else steps_each_module_exactly(self.optimizer)
+        if self.memory_choice is not None:
+            each = self.memory_choice.step_each_module
+        self.step_each_module = cfg.method == "auglocal" and each
+        self.updates = GradientUpdates(self.optimizer, self._clip_groups(), self.step_each_module, self.scaler,
+                                       cfg.grad_clip, self.dp_world, self.dp_group)
         self.mixup = build_mixup(cfg, self.num_classes)
         if self.mixup is not None and (self.batch_size // self.dp_world) % 2:
             raise AugLocalError(f"mixup pairs the images of a batch: {self.batch_size // self.dp_world} per process "
@@ -157,6 +167,33 @@ class Run:
         model = resolve_model(cfg.model, num_classes=self.num_classes, input_size=self.input_size,
                               **self._model_options()).model
         return model, model
+
+    def _choose_memory(self) -> MemoryChoice:
+        """``max_memory``: rank 0 measures and picks, every process takes its choice (the same collectives)."""
+        cfg, choice = self.cfg, [None]
+        if self.rank == 0:
+            try:
+                choice = [self._measure_choice()]
+            except AugLocalError as err:
+                choice = [str(err)]  # every process stops with rank 0's reason
+        if self.world > 1:
+            dist.broadcast_object_list(choice, src=0)
+        if isinstance(choice[0], str):
+            raise AugLocalError(choice[0])
+        if self.main:
+            self._log(choice[0].reason)
+        if cfg.method == "auglocal":
+            self.net.aux_checkpoint = choice[0].aux_checkpoint
+        return choice[0]
+
+    def _measure_choice(self) -> MemoryChoice:
+        cfg = self.cfg
+        exempt = no_weight_decay_parameters(self.primary)
+        exact = steps_each_module_exactly(build_optimizer(cfg, self.net, self.lr, exempt=exempt))
+        each = (cfg.step_each_module,) if cfg.step_each_module is not None else (False, True) if exact else (False,)
+        return choose_memory_options(self.net, cfg.method, parse_memory(cfg.max_memory), self.batch_size // self.dp_world,
+                                     self.device, lambda params: build_optimizer(cfg, nn.ParameterList(params), self.lr),
+                                     each_module=each, input_size=self.input_size)
 
     def _model_options(self) -> Dict[str, Any]:
         """How a spec's model is created: builder arguments and starting weights."""
@@ -268,10 +305,9 @@ class Run:
         return self.mixup(x, y) if self.mixup is not None else (x, y)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        self.optimizer.zero_grad(set_to_none=True)
+        self._begin_step()
         if self.cfg.method == "auglocal":
-            losses = self.net.train_step(x, y, loss_fn=self.loss_fn, scaler=self.scaler,
-                                         autocast_dtype=self.amp_dtype)
+            losses, _ = self._train_modules(x, y)
         else:
             with self._autocast():
                 loss = self.loss_fn(self.net(x), y)
@@ -282,21 +318,28 @@ class Run:
             self.net.after_optimizer_step((self.global_step + 1) / self.total_steps)
         return losses.float()
 
-    def _apply_gradients(self) -> None:
-        """Average over the replicas, unscale, clip, step (at the schedule's rate), update the EMA."""
+    def _begin_step(self) -> None:
+        """No gradients, and the schedule's rate for this update (set before any module steps)."""
+        self.optimizer.zero_grad(set_to_none=True)
         self.schedule.before_update(self.global_step)
-        if self.dp_world > 1:
-            average_gradients(self.params, self.dp_world, group=self.dp_group)
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        if self.cfg.grad_clip is not None:
-            for group in self._clip_groups():
-                nn.utils.clip_grad_norm_(group, self.cfg.grad_clip)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+
+    def _train_modules(self, h: torch.Tensor, y: torch.Tensor, start: int = 0, stop: Optional[int] = None,
+                       image: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Local modules ``start .. stop-1`` (``LocalNet.train_modules``), each stepped as soon as
+        its loss is back-propagated when ``step_each_module``: the losses and the last output."""
+        losses, out = [], h
+        for i, (loss, out) in enumerate(self.net.module_losses(h, y, start, stop, image=image, loss_fn=self.loss_fn,
+                                                               autocast_dtype=self.amp_dtype)):
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            losses.append(loss.detach())
+            del loss  # module i's graph goes before its update runs
+            self.updates.module_done(i)
+        return torch.stack([v.float() for v in losses]), out
+
+    def _apply_gradients(self) -> None:
+        """Average over the replicas, unscale, clip, step (what ``step_each_module`` did not step yet),
+        update the scale and the EMA."""
+        self.updates.finish()
         if self.ema is not None:
             self.ema.update(self.primary)
 
@@ -392,7 +435,8 @@ class Run:
                       "local_losses": mean[:-1] if self.cfg.method == "auglocal" else [],
                       "test_acc": test_acc, "aux_acc": aux_acc, "test_acc_ema": test_acc_ema,
                       "train_seconds": round(train_seconds, 3),
-                      "epoch_seconds": round(time.perf_counter() - start, 3), **self._record_extra(train_seconds)}
+                      "epoch_seconds": round(time.perf_counter() - start, 3), **self._record_extra(train_seconds),
+                      **({"max_memory": self.memory_choice.reason} if self.memory_choice is not None else {})}
             self.history.append(record)
             if finished_epoch:
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0

@@ -50,6 +50,8 @@ class CostRow:
         whole: the whole count at the step's peak: parameters + optimizer state + saved bytes
             and ``.grad`` tensors (see ``auglocal_fx.memory``; ``None`` when not measured).
         aux_checkpoint: whether the auxiliary forwards are recomputed in backward.
+        step_each_module: whether each local module's gradients go as soon as its loss is
+            back-propagated (the trainer's ``step_each_module``: it steps the module then).
         rss: growth of the process's peak RSS over one step (CPU, ``rss=True`` only).
         step_time: seconds per training step at the report's batch size (``None`` if not timed).
         second_loss: the rule has a loss beyond cross-entropy (its decoder's FLOPs not counted).
@@ -66,12 +68,13 @@ class CostRow:
     whole: Optional[int] = None
     aux_checkpoint: bool = False
     second_loss: bool = False
+    step_each_module: bool = False
 
     def as_dict(self) -> dict:
         """A JSON-ready row."""
         return {"method": self.method, "rule": self.rule, "d": self.d, "flops": int(self.flops),
                 "params": int(self.params), "memory": self.memory, "whole": self.whole,
-                "aux_checkpoint": self.aux_checkpoint, "rss": self.rss,
+                "aux_checkpoint": self.aux_checkpoint, "step_each_module": self.step_each_module, "rss": self.rss,
                 "step_time": None if self.step_time is None else round(self.step_time, 6)}
 
 
@@ -128,11 +131,12 @@ def _time(step: Callable[[], None], device: torch.device, repeats: int) -> float
     return statistics.median(times)
 
 
-def _train_step(local, method: str, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+def _train_step(local, method: str, x: torch.Tensor, y: torch.Tensor,
+                step_each_module: bool = False) -> Callable[[], None]:
     """One training step as ``auglocal_fx.memory`` runs it (gradients, no update)."""
     def step():
         local.zero_grad(set_to_none=True)
-        run_method_step(local, method, x, y)
+        run_method_step(local, method, x, y, step_each_module)
     return step
 
 
@@ -158,6 +162,7 @@ def cost_report(
     aux_checkpoint: Union[bool, Sequence[bool]] = False,
     optimizer: str = "sgd",
     options: Optional[ConversionOptions] = None,
+    step_each_module: Union[bool, Sequence[bool]] = False,
 ) -> CostReport:
     """Forward FLOPs, parameters, measured memory and step time for BP, GC and AugLocal.
 
@@ -191,6 +196,9 @@ def cost_report(
         optimizer: whose state the whole count holds (``"sgd"``, the paper's, or ``"adamw"``).
         options: the ``ConversionOptions`` of every local row (``tau`` ...
             above override its fields; ``d``, ``rule`` and ``aux_checkpoint`` are the rows').
+        step_each_module: drop each local module's gradients as soon as its loss is
+            back-propagated (the trainer's ``step_each_module``); ``(False, True)`` gives each
+            local row both ways (the ``+step each`` rows).
 
     Returns:
         A ``CostReport``.
@@ -229,25 +237,26 @@ def cost_report(
         opts = opts.replace(input_size=tuple(input_size))
 
     flags = aux_checkpoint_flags(aux_checkpoint)
-    entries = _rule_entries(rules, depths, flags)
-    nets = []  # (row label, rule, d, LocalNet); the model has its classes
-    for label, rule, d, flag in entries:
-        if rule in BASELINES:
-            continue
-        nets.append((label, rule, d, to_local(model, d=d if d is not None else min(depths),
-                                              rule=rule, aux_checkpoint=flag, options=opts)))
-    base = nets[0][3] if nets else to_local(model, d=2, rule="auglocal", options=opts)
+    entries = _rule_entries(rules, depths, flags, aux_checkpoint_flags(step_each_module, "step_each_module"))
+    nets = {}  # (rule, d, aux_checkpoint) -> LocalNet; the model has its classes
+    for label, rule, d, flag, _ in entries:
+        if rule not in BASELINES and (rule, d, flag) not in nets:
+            nets[rule, d, flag] = to_local(model, d=d if d is not None else min(depths), rule=rule,
+                                           aux_checkpoint=flag, options=opts)
+    base = next(iter(nets.values())) if nets else to_local(model, d=2, rule="auglocal", options=opts)
     first = count_flops(base)
     bp_flops, bp_params = first.primary, first.params_primary
-    by_label = {label: (rule, d, local) for label, rule, d, local in nets}
+    by_label = {label: nets[rule, d, flag] for label, rule, d, flag, _ in entries if rule not in BASELINES}
+    flops_of = {key: count_flops(local) for key, local in nets.items()}
     rows = []
-    for label, rule, d, flag in entries:
+    for label, rule, d, flag, each in entries:
         if rule in BASELINES:
             rows.append(CostRow(label, None, bp_flops, bp_params))
         else:
-            f = count_flops(by_label[label][2])
+            f = flops_of[rule, d, flag]
             rows.append(CostRow(label, d, f.total, f.params_primary + f.params_aux, rule=rule,
-                                aux_checkpoint=flag, second_loss=get_rule(rule).second_loss))
+                                aux_checkpoint=flag, second_loss=get_rule(rule).second_loss,
+                                step_each_module=each))
 
     size = tuple(base.input_size)
     profile = [{"index": b.index, "flops": b.flops,
@@ -265,16 +274,16 @@ def cost_report(
         gen = torch.Generator().manual_seed(0)
         x = random_input(size, batch_size, dev, generator=gen)
         y = torch.randint(0, int(base.num_classes), (batch_size,), generator=gen).to(dev)
-        runs = [(base, {"bp": "bp", "gc": "checkpoint"}[rule]) if rule in BASELINES
-                else (by_label[label][2], "auglocal") for label, rule, _, _ in entries]
+        runs = [(base, {"bp": "bp", "gc": "checkpoint"}[rule], False) if rule in BASELINES
+                else (by_label[label], "auglocal", each) for label, rule, _, _, each in entries]
         default_threads = torch.get_num_threads()
         used = threads or default_threads
         torch.set_num_threads(used)
         try:
-            for row, (local, method) in zip(rows, runs):
+            for row, (local, method, each) in zip(rows, runs):
                 state = {k: v.detach().clone() for k, v in local.state_dict().items()}
                 local.to(dev).train()
-                row.step_time = _time(_train_step(local, method, x, y), dev, repeats)
+                row.step_time = _time(_train_step(local, method, x, y, each), dev, repeats)
                 local.zero_grad(set_to_none=True)
                 local.load_state_dict(state)  # BatchNorm running statistics as they were
         finally:
@@ -290,10 +299,11 @@ def report_rules() -> Tuple[str, ...]:
     return (*BASELINES, *rule_names())
 
 
-def _rule_entries(rules: Sequence[str], depths: Sequence[int],
-                  flags: Sequence[bool] = (False,)) -> List[Tuple[str, str, Optional[int], bool]]:
-    """``(row label, rule, d, aux_checkpoint)`` per report row: a rule with depths gets one row per
-    ``d``, and every local rule one row per ``aux_checkpoint`` flag."""
+def _rule_entries(rules: Sequence[str], depths: Sequence[int], flags: Sequence[bool] = (False,),
+                  each_flags: Sequence[bool] = (False,)) -> List[Tuple[str, str, Optional[int], bool, bool]]:
+    """``(row label, rule, d, aux_checkpoint, step_each_module)`` per report row: a rule with depths
+    gets one row per ``d``, and every local rule one row per ``aux_checkpoint`` and
+    ``step_each_module`` flag."""
     entries = []
     for rule in rules:
         if rule not in report_rules():
@@ -301,12 +311,13 @@ def _rule_entries(rules: Sequence[str], depths: Sequence[int],
                 f"unknown rule {rule!r} for the report: choose from {', '.join(report_rules())} "
                 "(gc = gradient checkpointing)")
         if rule in BASELINES:
-            entries.append((BASELINES[rule], rule, None, False))
+            entries.append((BASELINES[rule], rule, None, False, False))
             continue
         local_rule = get_rule(rule)
         for d in (depths if local_rule.uses_depth else (None,)):
             label = local_rule.label + ("" if d is None else f" d={d}")
-            entries += [(label + (" +recompute" if flag else ""), rule, d, flag) for flag in flags]
+            entries += [(label + (" +recompute" if flag else "") + (" +step each" if each else ""), rule, d, flag, each)
+                        for flag in flags for each in each_flags]
     return entries
 
 
@@ -325,7 +336,7 @@ def _add_memory(report: CostReport, model_or_spec, entries, device, rss: bool,
     notes: List[str] = []
     try:
         baseline = None
-        for _, rule, d, flag in entries:
+        for _, rule, d, flag, each in entries:
             if rule in BASELINES:
                 if baseline is None:
                     baseline = _memory.measure_memory(model_or_spec, methods=("bp", "checkpoint"), d=2,
@@ -336,7 +347,7 @@ def _add_memory(report: CostReport, model_or_spec, entries, device, rss: bool,
                 measured = _memory.measure_memory(model_or_spec, methods=("auglocal",),
                                           d=d if d is not None else 2,
                                           options=options.replace(rule=rule),
-                                          aux_checkpoint=flag, **common)
+                                          aux_checkpoint=flag, step_each_module=each, **common)
                 notes = notes or measured.notes
                 found.append(measured.rows[0])
     except _MEASUREMENT_FAILURES as exc:  # never make numbers up: drop the columns and say why

@@ -14,7 +14,7 @@ network on the same batch and device:
 What is measured (nothing here is an estimate):
 
 * *saved bytes* (any device): the peak of bytes held for backward, counted with
-  :class:`torch.autograd.graph.saved_tensors_hooks`. Each storage counts once however many
+  ``torch.autograd.graph.saved_tensors_hooks``. Each storage counts once however many
   tensors view it; a storage stops counting when autograd releases the last saved tensor
   that refers to it (after that node's backward ran). Parameter storages are excluded.
 * *whole count* (any device): what the step holds at its peak: parameters + optimizer state
@@ -37,143 +37,27 @@ What is measured (nothing here is an estimate):
 
 from __future__ import annotations
 
-import copy
-import gc
-import json
 import os
-import subprocess
-import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ._device import resolve_device
+from ._memory_rss import rss_in_subprocess, rss_source
+from ._memory_step import (OPTIMIZERS, OptimizerFactory, build_local, lower_bound, measure_in_process,
+                           optimizer_name, run_method_step)
+from ._saved_bytes import SavedBytesCounter, StepMemory, measure_step
 from .errors import AugLocalError
-from .local import LocalNet, to_local
+from .local import LocalNet
 from .options import ConversionOptions
 
 __all__ = ["METHODS", "OPTIMIZERS", "MemoryReport", "MemoryRow", "SavedBytesCounter", "StepMemory", "measure_memory",
-           "measure_step", "run_method_step"]
+           "measure_step", "run_method_step", "aux_checkpoint_flags"]
 
 METHODS = ("bp", "checkpoint", "auglocal")
 _MIB = float(2 ** 20)
-
-
-class SavedBytesCounter:
-    """Live and peak bytes of the storages autograd holds for backward.
-
-    Use as a context manager around the forward *and* backward passes to be counted::
-
-        with SavedBytesCounter() as counter:
-            model(x).sum().backward()
-        counter.peak  # bytes
-
-    Args:
-        exclude: tensors whose storages are not counted (typically the parameters).
-        on_grow: called with no argument each time the live bytes grow (after the update).
-    """
-
-    def __init__(self, exclude: Sequence[torch.Tensor] = (), on_grow: Optional[Callable[[], None]] = None):
-        self.live = 0
-        self.peak = 0
-        self._on_grow = on_grow
-        self._entries: Dict[Tuple[str, int], List[int]] = {}  # key -> [references, nbytes]
-        self._exclude = {self._key(t) for t in exclude}
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-
-    @staticmethod
-    def _key(t: torch.Tensor) -> Tuple[str, int]:
-        return (str(t.device), t.untyped_storage().data_ptr())
-
-    def _pack(self, t: torch.Tensor):
-        try:
-            nbytes = t.untyped_storage().nbytes()
-            key = self._key(t)
-        except (RuntimeError, NotImplementedError):  # sparse, nested or other storage-less tensors
-            return t
-        if nbytes == 0 or key in self._exclude:
-            return t
-        entry = self._entries.get(key)
-        if entry is None:
-            self._entries[key] = [1, nbytes]
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-            if self._on_grow is not None:
-                self._on_grow()
-        else:
-            entry[0] += 1
-        # Hold a detached alias (same storage and version counter): holding ``t`` itself would,
-        # for a node's own output, make node -> saved -> t -> node a cycle that only backward
-        # breaks, so a graph dropped without backward would never be freed.
-        return _Held(t.detach(), self, key)
-
-    @staticmethod
-    def _unpack(packed):
-        return packed.tensor if isinstance(packed, _Held) else packed
-
-    def _release(self, key: Tuple[str, int]) -> None:
-        entry = self._entries[key]
-        entry[0] -= 1
-        if entry[0] == 0:
-            self.live -= entry[1]
-            del self._entries[key]
-
-    def __enter__(self) -> "SavedBytesCounter":
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._hooks.__exit__(*exc)
-
-
-class _Held:
-    """A saved tensor as autograd stores it; tells the counter when autograd lets go of it."""
-
-    __slots__ = ("tensor", "counter", "key")
-
-    def __init__(self, tensor: torch.Tensor, counter: SavedBytesCounter, key: Tuple[str, int]):
-        self.tensor = tensor
-        self.counter = counter
-        self.key = key
-
-    def __del__(self):
-        self.counter._release(self.key)
-
-
-@dataclass(frozen=True)
-class StepMemory:
-    """What :func:`measure_step` returns: the peak and how it was measured."""
-
-    peak_bytes: int
-    how: str
-
-
-def measure_step(step: Callable[[], Any], device: Union[str, torch.device] = "cpu",
-                 exclude: Sequence[torch.Tensor] = ()) -> StepMemory:
-    """Measure one call of ``step`` (a zero-argument function running forward + backward).
-
-    On CUDA: ``torch.cuda.max_memory_allocated`` during the call minus the bytes allocated
-    before it. Elsewhere: the peak of bytes held for backward (see :class:`SavedBytesCounter`;
-    pass the parameters as ``exclude``).
-    """
-    device = resolve_device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        step()
-        torch.cuda.synchronize(device)
-        return StepMemory(torch.cuda.max_memory_allocated(device) - base,
-                          "CUDA max_memory_allocated during the step minus allocated before it")
-    with SavedBytesCounter(exclude=exclude) as counter:
-        step()
-    return StepMemory(counter.peak, "peak bytes held for backward (saved_tensors_hooks, each storage once)")
-
 
 @dataclass
 class MemoryRow:
@@ -211,18 +95,20 @@ class MemoryRow:
     cuda_max_allocated: Optional[int] = None
     lower_bound: Optional[int] = None
     lower_bound_module: Optional[str] = None
+    step_each_module: Optional[bool] = None
 
     @property
     def label(self) -> str:
         """``"bp"``, ``"checkpoint"``, ``"auglocal d=2"``, ``"auglocal d=2 +recompute"``."""
         if self.method != "auglocal":
             return self.method
-        return f"auglocal d={self.d}" + (" +recompute" if self.aux_checkpoint else "")
+        return (f"auglocal d={self.d}" + (" +recompute" if self.aux_checkpoint else "")
+                + (" +step each" if self.step_each_module else ""))
 
 
 @dataclass
 class MemoryReport:
-    """The result of :func:`measure_memory`; ``str()`` gives the table and how it was measured."""
+    """The result of ``measure_memory``; ``str()`` gives the table and how it was measured."""
 
     model: str
     device: str
@@ -232,11 +118,13 @@ class MemoryReport:
     notes: List[str] = field(default_factory=list)
     optimizer: str = "sgd"
 
-    def row(self, method: str, d: Optional[int] = None, aux_checkpoint: Optional[bool] = None) -> MemoryRow:
-        """The row of ``method`` (and depth ``d`` and ``aux_checkpoint`` for ``auglocal``)."""
+    def row(self, method: str, d: Optional[int] = None, aux_checkpoint: Optional[bool] = None,
+            step_each_module: Optional[bool] = None) -> MemoryRow:
+        """The row of ``method`` (and depth ``d``, ``aux_checkpoint`` and ``step_each_module`` for ``auglocal``)."""
         for r in self.rows:
             if r.method == method and (d is None or r.d == d) and \
-                    (aux_checkpoint is None or bool(r.aux_checkpoint) == aux_checkpoint):
+                    (aux_checkpoint is None or bool(r.aux_checkpoint) == aux_checkpoint) and \
+                    (step_each_module is None or bool(r.step_each_module) == step_each_module):
                 return r
         raise AugLocalError(f"no {method} row (d={d}, aux_checkpoint={aux_checkpoint}) in this report; "
                             f"measure it with methods=({method!r},)")
@@ -293,7 +181,8 @@ def measure_memory(model_or_spec: Union[str, nn.Module], methods: Sequence[str] 
                    to_local_kwargs: Optional[Dict[str, Any]] = None,
                    mmap_threshold: Optional[int] = None, optimizer: Union[str, OptimizerFactory] = "sgd",
                    aux_checkpoint: Union[bool, Sequence[bool]] = False,
-                   options: Optional[ConversionOptions] = None) -> MemoryReport:
+                   options: Optional[ConversionOptions] = None,
+                   step_each_module: Union[bool, Sequence[bool]] = False) -> MemoryReport:
     """Measure one training step of BP, gradient checkpointing and AugLocal side by side.
 
     Args:
@@ -307,7 +196,7 @@ def measure_memory(model_or_spec: Union[str, nn.Module], methods: Sequence[str] 
         num_classes: classes of the random labels; defaults to the model's.
         rss: on CPU, also measure the peak RSS in a fresh subprocess per method (slower).
         seed: seed of the random batch.
-        to_local_kwargs: further keyword arguments for :func:`auglocal_fx.to_local`
+        to_local_kwargs: further keyword arguments for ``auglocal_fx.to_local``
             (``tau``, ``pyramid``, ``selection``, ``leaf_modules`` ...).
         mmap_threshold: if set, the RSS subprocesses run with glibc's
             ``MALLOC_MMAP_THRESHOLD_`` fixed to this many bytes, so every larger block is
@@ -319,12 +208,16 @@ def measure_memory(model_or_spec: Union[str, nn.Module], methods: Sequence[str] 
             momentum, one buffer per parameter), ``"adamw"`` (two buffers per parameter), or a
             function ``params -> torch.optim.Optimizer``. Its state is measured after a real step.
         aux_checkpoint: recompute the auxiliary forwards in backward (see
-            :func:`auglocal_fx.to_local`); ``(False, True)`` gives an ``auglocal`` row for each.
-        options: the :class:`~auglocal_fx.ConversionOptions` of the networks (``d`` and
+            ``auglocal_fx.to_local``); ``(False, True)`` gives an ``auglocal`` row for each.
+        options: the ``auglocal_fx.ConversionOptions`` of the networks (``d`` and
             ``aux_checkpoint`` above, and ``to_local_kwargs``, take precedence).
+        step_each_module: drop each local module's gradients as soon as its loss is
+            back-propagated, as the trainer's ``step_each_module`` does after stepping it (so
+            the whole count holds one module's gradients at a time); ``(False, True)`` gives an
+            ``auglocal`` row for each.
 
     Returns:
-        A :class:`MemoryReport`; ``print(report)`` shows the table.
+        A ``MemoryReport``; ``print(report)`` shows the table.
 
     Raises:
         AugLocalError: for an unknown method or device, or anything ``to_local`` rejects.
@@ -339,7 +232,8 @@ def measure_memory(model_or_spec: Union[str, nn.Module], methods: Sequence[str] 
     if not depths:
         raise AugLocalError("d must be an int or a non-empty sequence of ints, e.g. d=(2, 4)")
     flags = aux_checkpoint_flags(aux_checkpoint)
-    _optimizer_name(optimizer)  # an unknown name fails before anything is built
+    each_flags = aux_checkpoint_flags(step_each_module, "step_each_module")
+    optimizer_name(optimizer)  # an unknown name fails before anything is built
     device = resolve_device(device)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise AugLocalError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -353,49 +247,52 @@ def measure_memory(model_or_spec: Union[str, nn.Module], methods: Sequence[str] 
 
     locals_by_d = {}
     for depth in depths if "auglocal" in methods else depths[:1]:
-        locals_by_d[depth] = _build_local(model_or_spec, depth, kwargs)
+        locals_by_d[depth] = build_local(model_or_spec, depth, kwargs)
     first = locals_by_d[depths[0]]
     name = model_or_spec if isinstance(model_or_spec, str) else (first.spec or type(model_or_spec).__name__)
     report = MemoryReport(str(name), str(device), batch_size, tuple(first.input_size), [],
-                          _notes(device, rss, mmap_threshold), optimizer=_optimizer_name(optimizer))
-    rss_source = _rss_source(model_or_spec, first) if (rss and device.type == "cpu") else None
-    if rss and device.type == "cpu" and rss_source is None:
+                          _notes(device, rss, mmap_threshold), optimizer=optimizer_name(optimizer))
+    source = rss_source(model_or_spec, first) if (rss and device.type == "cpu") else None
+    if rss and device.type == "cpu" and source is None:
         report.notes.append("RSS not measured: the model is neither a spec string nor picklable; pass a spec")
 
-    runs = [(method, depth, flag) for method in methods
+    # BP and checkpointing are one module: stepping it after its one loss is the step at the end.
+    runs = [(method, depth, flag, each) for method in methods
             for depth in (depths if method == "auglocal" else depths[:1])
-            for flag in (flags if method == "auglocal" else (False,))]
+            for flag in (flags if method == "auglocal" else (False,))
+            for each in (each_flags if method == "auglocal" else (False,))]
     try:
-        for method, depth, flag in runs:
+        for method, depth, flag, each in runs:
             local = locals_by_d[depth]
             before = local.aux_checkpoint
             local.aux_checkpoint = flag
             try:
-                row = _measure_in_process(local, method, batch_size, device, seed, optimizer)
+                row = MemoryRow(method, None, **measure_in_process(local, method, batch_size, device, seed,
+                                                                   optimizer, each))
                 if method == "auglocal":
-                    row.d, row.aux_checkpoint = depth, flag
-                    row.lower_bound, row.lower_bound_module = _lower_bound(local, batch_size, device, seed)
+                    row.d, row.aux_checkpoint, row.step_each_module = depth, flag, each
+                    row.lower_bound, row.lower_bound_module = lower_bound(local, batch_size, device, seed)
             finally:
                 local.aux_checkpoint = before
                 if device.type == "cuda":
                     local.to("cpu")  # the next network's CUDA figures hold only its own tensors
-            if rss_source is not None:
-                row.rss_peak = _rss_in_subprocess(rss_source, method, depth, batch_size, kwargs, seed,
-                                                  mmap_threshold, flag)
+            if source is not None:
+                row.rss_peak = rss_in_subprocess(source, method, depth, batch_size, kwargs, seed,
+                                                 mmap_threshold, flag, each)
             report.rows.append(row)
     finally:
-        if rss_source is not None and rss_source.get("tmp"):
-            os.unlink(rss_source["path"])
+        if source is not None and source.get("tmp"):
+            os.unlink(source["path"])
     return report
 
 
-def aux_checkpoint_flags(aux_checkpoint: Union[bool, Sequence[bool]]) -> Tuple[bool, ...]:
+def aux_checkpoint_flags(aux_checkpoint: Union[bool, Sequence[bool]], name: str = "aux_checkpoint") -> Tuple[bool, ...]:
     """``True`` -> ``(True,)``, ``(False, True)`` -> itself; anything else is an AugLocalError."""
     if isinstance(aux_checkpoint, bool):
         return (aux_checkpoint,)
     flags = tuple(aux_checkpoint) if isinstance(aux_checkpoint, (tuple, list)) else ()
     if not flags or not all(isinstance(f, bool) for f in flags):
-        raise AugLocalError(f"aux_checkpoint must be True, False or a sequence of them, got {aux_checkpoint!r}")
+        raise AugLocalError(f"{name} must be True, False or a sequence of them, got {aux_checkpoint!r}")
     return flags
 
 
@@ -405,7 +302,9 @@ def _notes(device: torch.device, rss: bool, mmap_threshold: Optional[int]) -> Li
              "whole MiB: parameters + optimizer state + the peak over the step of (saved bytes live + "
              ".grad tensors existing), all counted exactly from the tensors (each storage once); "
              "grads = the .grad bytes at that peak (gradients are set to None before the step and held "
-             "until the single optimizer step after it, as the trainer does); optim = the optimizer's "
+             "until the single optimizer step after it, as the trainer's step_each_module=False does; "
+             "+step each: each local module's gradients dropped as soon as its loss is back-propagated, "
+             "as the trainer does after stepping the module); optim = the optimizer's "
              "state after a real step; bp/checkpoint train the primary network's parameters only; "
              "transient buffers (unsaved outputs, gradients flowing between layers) are not counted",
              "lower bd: the largest saved-bytes peak of one local module alone (block j + aux j, or the "
@@ -423,250 +322,3 @@ def _notes(device: torch.device, rss: bool, mmap_threshold: Optional[int]) -> Li
                  "recomputed in backward); one step each, same batch, the optimizer step not counted")
     return notes
 
-
-def _build_local(model_or_spec, d: int, kwargs: Dict[str, Any]):
-    if isinstance(model_or_spec, LocalNet):
-        return model_or_spec
-    if isinstance(model_or_spec, nn.Module):
-        model_or_spec = copy.deepcopy(model_or_spec)  # to_local shares weights with the model it gets
-    return to_local(model_or_spec, d=d, **kwargs)
-
-
-def _batch(local, batch_size: int, device: torch.device, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn((batch_size,) + tuple(local.input_size), generator=g).to(device)
-    y = torch.randint(0, local.num_classes, (batch_size,), generator=g).to(device)
-    return x, y
-
-
-def run_method_step(local, method: str, x: torch.Tensor, y: torch.Tensor) -> None:
-    """One training step of ``method`` (``bp``, ``checkpoint`` or ``auglocal``), no update."""
-    if method == "auglocal":
-        local.train_step(x, y)
-        return
-    if method == "checkpoint":
-        h = x.detach().requires_grad_(True)  # so block 0's checkpoint has an input needing grad
-        for block in local.blocks:
-            h = checkpoint(block, h, use_reentrant=True)
-        logits = local.head(h)
-    else:
-        logits = local.primary_forward(x)
-    F.cross_entropy(logits, y).backward()
-
-
-OptimizerFactory = Callable[[List[nn.Parameter]], torch.optim.Optimizer]
-OPTIMIZERS = ("sgd", "adamw")
-
-
-def _optimizer_name(optimizer: Union[str, OptimizerFactory]) -> str:
-    if callable(optimizer):
-        return getattr(optimizer, "__name__", type(optimizer).__name__)
-    if optimizer not in OPTIMIZERS:
-        raise AugLocalError(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)} "
-                            "or pass a function params -> torch.optim.Optimizer")
-    return optimizer
-
-
-def _make_optimizer(optimizer: Union[str, OptimizerFactory], params: List[nn.Parameter]) -> torch.optim.Optimizer:
-    if callable(optimizer):
-        made = optimizer(params)
-        if not isinstance(made, torch.optim.Optimizer):
-            raise AugLocalError(f"the optimizer function returned {type(made).__name__}, not a torch.optim.Optimizer")
-        return made
-    if optimizer == "sgd":  # the paper's recipe
-        return torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
-    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
-
-
-def _storage_bytes(tensors) -> int:
-    """Bytes of the distinct storages of ``tensors`` (a storage viewed twice counts once)."""
-    seen = {}
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and t.numel():
-            seen[SavedBytesCounter._key(t)] = t.untyped_storage().nbytes()
-    return sum(seen.values())
-
-
-def _optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
-    return _storage_bytes(v for state in opt.state.values() for v in state.values())
-
-
-def _trained_parameters(local, method: str) -> List[nn.Parameter]:
-    if method == "auglocal":
-        return list(local.parameters())
-    return list(local.blocks.parameters()) + list(local.head.parameters())  # BP has no aux nets
-
-
-class _SavedAndGrads:
-    """Peak over one step of saved bytes live plus ``.grad`` bytes existing, as they appear."""
-
-    def __init__(self, params: List[nn.Parameter]):
-        self.peak = 0
-        self.grads_at_peak = 0
-        self._grads = {SavedBytesCounter._key(p.grad): p.grad.untyped_storage().nbytes()
-                       for p in params if p.grad is not None}
-        self.grads = sum(self._grads.values())
-        self.counter = SavedBytesCounter(exclude=params, on_grow=self._check)
-        self._handles = [p.register_post_accumulate_grad_hook(self._grad_ready) for p in params
-                         if p.requires_grad]
-
-    def _grad_ready(self, p: nn.Parameter) -> None:
-        key = SavedBytesCounter._key(p.grad)
-        if key not in self._grads:
-            self._grads[key] = p.grad.untyped_storage().nbytes()
-            self.grads += self._grads[key]
-            self._check()
-
-    def _check(self) -> None:
-        if self.counter.live + self.grads > self.peak:
-            self.peak = self.counter.live + self.grads
-            self.grads_at_peak = self.grads
-
-    def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-
-
-def _measure_in_process(local, method: str, batch_size: int, device: torch.device, seed: int,
-                        optimizer: Union[str, OptimizerFactory] = "sgd") -> MemoryRow:
-    local.to(device).train()
-    state = {k: v.detach().clone() for k, v in local.state_dict().items()}
-    trained = _trained_parameters(local, method)
-    opt = _make_optimizer(optimizer, trained)
-    try:
-        run_method_step(local, method, *_batch(local, 2, device, seed))  # warm-up: inits kernels
-        opt.step()  # creates the optimizer state
-        local.zero_grad(set_to_none=True)  # as the trainer does before every step
-        x, y = _batch(local, batch_size, device, seed)
-        gc.collect()
-        cuda_base = None
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            cuda_base = torch.cuda.memory_allocated(device)
-        whole = _SavedAndGrads(list(local.parameters()))
-        try:
-            with whole.counter:
-                run_method_step(local, method, x, y)
-        finally:
-            whole.close()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        param_bytes, opt_bytes = _storage_bytes(trained), _optimizer_state_bytes(opt)
-        row = MemoryRow(method, None, whole.counter.peak, param_bytes=param_bytes, grad_bytes=whole.grads_at_peak,
-                        optimizer_bytes=opt_bytes, whole_peak=param_bytes + opt_bytes + whole.peak)
-        if cuda_base is not None:
-            row.cuda_max_allocated = torch.cuda.max_memory_allocated(device)
-            row.cuda_peak = row.cuda_max_allocated - cuda_base
-    finally:
-        del opt
-        local.zero_grad(set_to_none=True)
-        local.load_state_dict(state)
-    return row
-
-
-def _lower_bound(local, batch_size: int, device: torch.device, seed: int) -> Tuple[int, str]:
-    """The largest saved-bytes peak of one local module's forward, run on its own."""
-    x, y = _batch(local, batch_size, device, seed)
-    state = {k: v.detach().clone() for k, v in local.state_dict().items()}
-    params = list(local.parameters())
-    best, where = 0, ""
-    last = len(local.aux)  # blocks last .. L-1 and the head form the output module
-    losses = local.local_losses(x, y)
-    for j in range(last + 1):
-        with SavedBytesCounter(exclude=params) as counter:
-            loss = next(losses)  # runs local module j alone (on a detached input)
-        if counter.peak > best:
-            best = counter.peak
-            where = (f"block {j} + aux {j}" if j < last else
-                     f"output module (blocks {last}..{len(local.blocks) - 1} + head)")
-        del loss, counter  # free module j's graph before module j + 1 runs
-    local.load_state_dict(state)
-    return best, where
-
-
-def _rss_source(model_or_spec, local) -> Optional[Dict[str, Any]]:
-    if isinstance(model_or_spec, str):
-        return {"spec": model_or_spec}
-    target = model_or_spec
-    if isinstance(model_or_spec, LocalNet):
-        if local.spec:
-            return {"spec": local.spec, "options": local.conversion.to_dict()}
-        target = local
-    fd, path = tempfile.mkstemp(suffix=".pt", prefix="auglocal-mem-")
-    os.close(fd)
-    try:
-        torch.save(target, path)
-    except Exception:  # noqa: BLE001 - anything unpicklable: local classes, lambdas, ...
-        os.unlink(path)
-        return None
-    return {"path": path, "tmp": True, "is_local": isinstance(model_or_spec, LocalNet)}
-
-
-def _rss_in_subprocess(source: Dict[str, Any], method: str, d: int, batch_size: int,
-                       kwargs: Dict[str, Any], seed: int, mmap_threshold: Optional[int] = None,
-                       aux_checkpoint: bool = False) -> Optional[int]:
-    payload = {"source": {k: v for k, v in source.items() if k != "tmp"}, "method": method, "d": d,
-               "batch_size": batch_size, "kwargs": _jsonable(kwargs), "seed": seed,
-               "options": kwargs["options"].to_dict() if "options" in kwargs else None,
-               "aux_checkpoint": aux_checkpoint}
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    if mmap_threshold:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(int(mmap_threshold))
-    code = "from auglocal_fx.memory import _rss_main; _rss_main()"
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(payload)], capture_output=True, text=True,
-                          env=env)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise AugLocalError(f"RSS measurement subprocess for {method} failed ({last}); rerun with rss=False")
-    return int(json.loads(proc.stdout.strip().splitlines()[-1])["rss_peak"])
-
-
-def _jsonable(kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    out = {}
-    for k, v in kwargs.items():
-        try:
-            json.dumps(v)
-        except TypeError:
-            continue  # leaf_modules given as classes etc. travel only with a pickled model
-        out[k] = v
-    return out
-
-
-def _read_status(field_name: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1]) * 1024
-    raise AugLocalError(f"/proc/self/status has no {field_name}; RSS can only be measured on Linux")
-
-
-def _rss_main() -> None:
-    """Subprocess entry point: one step of one method, prints the RSS growth as JSON."""
-    payload = json.loads(sys.argv[-1])
-    source, kwargs = payload["source"], payload["kwargs"]
-    if "input_size" in kwargs:
-        kwargs["input_size"] = tuple(kwargs["input_size"])
-    options = source.get("options") or payload.get("options")
-    if options is not None:
-        kwargs["options"] = ConversionOptions.from_dict(options)
-    if "spec" in source:
-        model_or_spec = source["spec"]
-    else:
-        model_or_spec = torch.load(source["path"], weights_only=False)
-    local = _build_local(model_or_spec, payload["d"], kwargs)
-    local.aux_checkpoint = bool(payload.get("aux_checkpoint", False))
-    local.train()
-    run_method_step(local, payload["method"], *_batch(local, 2, torch.device("cpu"), payload["seed"]))
-    x, y = _batch(local, payload["batch_size"], torch.device("cpu"), payload["seed"])
-    gc.collect()
-    before = _read_status("VmRSS")
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-    except OSError:
-        before = _read_status("VmHWM")  # cannot reset: growth of the high-water mark instead
-    run_method_step(local, payload["method"], x, y)
-    peak = _read_status("VmHWM")
-    print(json.dumps({"rss_peak": max(0, peak - before)}))

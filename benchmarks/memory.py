@@ -4,6 +4,7 @@
     python benchmarks/memory.py --models paper:resnet110 --depths 2 6 --no-rss
     python benchmarks/memory.py --models timm:vit_small_patch16_224 --input-size 224 --batch-size 32 --depths 2 4 --no-rss
     python benchmarks/memory.py --models paper:resnet110 --batch-size 64 --depths 2 --no-rss --recompute   # issue 22
+    python benchmarks/memory.py --models paper:resnet110 --batch-size 64 --depths 2 --step-each-module --threads 1
 
 Every figure is measured in this run by ``auglocal_fx.measure_memory`` (see its docstring):
 the peak of bytes held for backward (saved_tensors_hooks), the growth of peak RSS over one step
@@ -13,10 +14,14 @@ module's own saved bytes), and the whole count (parameters + optimizer state + s
 within 10% of the lower bound. Issue 22 (``--recompute`` adds the rows with recomputed auxiliary
 networks): whole count of AugLocal d=2 <= 0.5 x gradient checkpointing's on ResNet-110 batch 64
 and <= 0.8 x on ViT-S/16 batch 32; ViT-S/16 d=2 +recompute saved bytes <= 0.10 x BP's.
+``--step-each-module`` adds the rows where each local module's gradients go as soon as its loss
+is back-propagated (the trainer's ``step_each_module``) and prints their whole count before/after.
 """
 
 import argparse
 import time
+
+import torch
 
 from auglocal_fx.memory import OPTIMIZERS, measure_memory
 
@@ -36,14 +41,27 @@ def main() -> None:
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="whose state the whole count holds")
     parser.add_argument("--recompute", action="store_true",
                         help="also measure AugLocal with recomputed auxiliary networks (aux_checkpoint)")
+    parser.add_argument("--step-each-module", action="store_true",
+                        help="also measure AugLocal with each module's gradients dropped after its backward")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: PyTorch's)")
+    parser.add_argument("--trainer-steps", type=int, default=0, metavar="N",
+                        help="also time N trainer steps (optimizer update included) with step_each_module off and on, "
+                             "alternating, after one warm-up each")
+    parser.add_argument("--trainer-steps-only", action="store_true", help="time the trainer steps only (no memory)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     for spec in args.models:
         start = time.perf_counter()
+        if args.trainer_steps_only:
+            _trainer_step_times(spec, args)
+            continue
         report = measure_memory(spec, d=tuple(args.depths), batch_size=args.batch_size, device=args.device,
                                 input_size=(3, args.input_size, args.input_size), rss=not args.no_rss,
                                 mmap_threshold=args.mmap_threshold, optimizer=args.optimizer,
-                                aux_checkpoint=(False, True) if args.recompute else False)
+                                aux_checkpoint=(False, True) if args.recompute else False,
+                                step_each_module=(False, True) if args.step_each_module else False)
         print(report)
         bp = report.row("bp")
         target = "resnet110" in spec  # the issue's targets are set for ResNet-110
@@ -68,7 +86,48 @@ def main() -> None:
             met = "" if not (whole_target and row.d == 2) else f" -> {'met' if to_gc <= whole_target else 'not met'}"
             print(f"  {row.label}: whole {to_gc:.2f} x GC{met}; saved {row.saved_peak / bp.saved_peak:.2f} x BP, "
                   f"GC saved {gc_row.saved_peak / bp.saved_peak:.2f} x BP")
+        if args.step_each_module:
+            print("step_each_module: whole MiB before (gradients kept to the end) -> after (one module's at a time)")
+            for row in report.rows:
+                if row.method == "auglocal" and not row.step_each_module:
+                    after = report.row("auglocal", row.d, row.aux_checkpoint, True)
+                    gc_part = f", x GC {row.whole_peak / gc_row.whole_peak:.2f} -> " \
+                              f"{after.whole_peak / gc_row.whole_peak:.2f}" if gc_row else ""
+                    print(f"  {row.label}: {row.whole_peak / 2 ** 20:.1f} -> {after.whole_peak / 2 ** 20:.1f} MiB "
+                          f"(grads at the peak {row.grad_bytes / 2 ** 20:.1f} -> {after.grad_bytes / 2 ** 20:.1f})"
+                          + gc_part)
+        if args.trainer_steps:
+            _trainer_step_times(spec, args)
         print(f"({spec} measured in {time.perf_counter() - start:.0f} s)\n")
+
+
+def _trainer_step_times(spec: str, args) -> None:
+    """The trainer's whole step (forward, backward, SGD update) with each module stepped at once or at the end."""
+    from auglocal_fx._train_config import _check_config
+    from auglocal_fx._train_loop import Run
+    from auglocal_fx.training import TrainConfig
+
+    size, batch = args.input_size, args.batch_size
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(batch, 3, size, size, generator=g), torch.randint(0, 10, (batch,), generator=g)
+    runs = {}
+    for each in (False, True):
+        cfg = _check_config(TrainConfig(model=spec, dataset="synthetic", input_size=size, batch_size=batch,
+                                        train_subset=batch, test_subset=batch, epochs=1, d=args.depths[0],
+                                        out="/tmp/unused", progress=False, device=args.device,
+                                        step_each_module=each), {})
+        runs[each] = Run(cfg, 0, 1, 0)
+    times = {False: [], True: []}
+    for i in range(args.trainer_steps + 1):
+        for each, run in runs.items():  # alternating: the same machine load for both
+            start = time.perf_counter()
+            run.train_step(x, y)
+            if i:
+                times[each].append(time.perf_counter() - start)
+    med = {each: sorted(t)[len(t) // 2] for each, t in times.items()}
+    print(f"trainer step, d={args.depths[0]}, batch {batch}, median of {args.trainer_steps} after 1 warm-up "
+          f"(SGD update included): at the end {med[False]:.3f} s -> each module {med[True]:.3f} s "
+          f"({med[True] / med[False]:.2f}x)")
 
 
 if __name__ == "__main__":

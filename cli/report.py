@@ -38,6 +38,11 @@ _AUX_CHECKPOINT = {"off": (False,), "on": (True,), "both": (False, True)}
               help="Local rows with auxiliary forwards kept (off), recomputed in backward (on, the "
                    "'+recompute' rows) or both, to compare peak memory and step time. FLOPs-only "
                    "reports show 'off' only: recomputation does not change the forward FLOPs.")
+@click.option("--step-each-module", "step_each", type=click.Choice(["off", "on", "both"]), default="both",
+              show_default=True,
+              help="Local rows with every gradient kept to the end of the step (off), each local module's "
+                   "dropped after its backward as the trainer's --step-each-module does (on, the '+step each' "
+                   "rows) or both. FLOPs-only reports show 'off' only.")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="sgd", show_default=True,
               help="Whose state the whole peak holds: SGD momentum (the paper's) or AdamW.")
 @click.option("--flops-only", "--no-memory", "flops_only", is_flag=True,
@@ -52,7 +57,7 @@ _AUX_CHECKPOINT = {"off": (False,), "on": (True,), "both": (False, True)}
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
               help="Draw FLOPs and memory per method and the per-block profile (.png/.svg).")
 def report(spec, depths, batch_size, device, tau, no_pyramid, selection, rule, aux_head,
-           input_size, num_classes, model_kwargs, rules, aux_checkpoint, optimizer, flops_only, rss, repeats, threads, as_json,
+           input_size, num_classes, model_kwargs, rules, aux_checkpoint, step_each, optimizer, flops_only, rss, repeats, threads, as_json,
            plot) -> None:
     """Compare BP, gradient checkpointing and AugLocal at each d for SPEC.
 
@@ -81,7 +86,8 @@ def report(spec, depths, batch_size, device, tau, no_pyramid, selection, rule, a
                              repeats=repeats, threads=threads,
                              rules=tuple(rules) or ("bp", "gc", "auglocal"),
                              aux_checkpoint=_AUX_CHECKPOINT["off" if flops_only else aux_checkpoint],
-                             optimizer=optimizer, options=options)
+                             optimizer=optimizer, options=options,
+                             step_each_module=_AUX_CHECKPOINT["off" if flops_only else step_each])
         if plot is not None:
             from auglocal_fx.plots import plot_report
             plot_report(result, plot)

@@ -72,6 +72,13 @@ from .options import MultiValueCommand, aux_init_option, model_kwargs_option, we
               help="Re-fitted copy layers keep their own weights or follow the source's slice [default: own].")
 @click.option("--aux-freeze", type=float, default=None,
               help="Freeze auxiliary layers top first, all frozen by this fraction of the run (e.g. 0.3).")
+@click.option("--step-each-module/--step-at-end", default=None,
+              help="Step each local module as soon as its loss is back-propagated and drop its gradients "
+                   "(at most one module's exist at a time; the same weights), or step once at the end "
+                   "[default: each module where that is exact (PyTorch's optimizers: sgd, adamw, ...)].")
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="Peak memory a training step may hold, e.g. 8GB or 7.5GiB: measure each way of "
+                   "training (aux checkpointing, stepping each module) and take the fastest that fits.")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/auglocal", show_default=True,
               help="Output folder: metrics.jsonl, curves.png, last.pt, model.pt.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt.")
@@ -103,7 +110,7 @@ from .options import MultiValueCommand, aux_init_option, model_kwargs_option, we
 def train(spec, model_kwargs, weights, aux_init, dataset, data_dir, method, epochs, batch_size, lr, warmup_epochs, momentum, weight_decay,
           opt, opt_eps, opt_betas, sched, warmup_lr, min_lr, sched_on_updates, decay_epochs, decay_rate,
           mixup, cutmix, mixup_prob, mixup_switch_prob, model_ema, model_ema_decay, d, tau, no_pyramid,
-          selection, aux_head, rule, aux_checkpoint, aux_follow, aux_follow_adapted, aux_freeze, out, resume, seed, device, amp, grad_clip, label_smoothing, channels_last, input_size,
+          selection, aux_head, rule, aux_checkpoint, aux_follow, aux_follow_adapted, aux_freeze, step_each_module, max_memory, out, resume, seed, device, amp, grad_clip, label_smoothing, channels_last, input_size,
           max_steps, train_subset, test_subset, no_augment, workers, nproc, pipeline, pipeline_balance, threads, quiet):
     """Train SPEC (e.g. paper:resnet32, timm:resnet18) with AugLocal or backprop.
 
@@ -131,10 +138,12 @@ def train(spec, model_kwargs, weights, aux_init, dataset, data_dir, method, epoc
             sched_on_updates=sched_on_updates, decay_epochs=decay_epochs, decay_rate=decay_rate,
             mixup=mixup, cutmix=cutmix, mixup_prob=mixup_prob, mixup_switch_prob=mixup_switch_prob,
             model_ema=model_ema, model_ema_decay=model_ema_decay,
-            model_kwargs=model_kwargs, weights=weights)
+            model_kwargs=model_kwargs, weights=weights, step_each_module=step_each_module, max_memory=max_memory)
         result = run_training(config)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun, rank 0 reports
+    if result.history and result.history[-1].get("max_memory"):
+        click.echo(f"chosen for {result.history[-1]['max_memory']}")
     aux = ""
     if result.aux_acc:
         aux = f"; auxiliary nets {min(result.aux_acc):.2f}..{max(result.aux_acc):.2f}%"

@@ -221,7 +221,11 @@ def test_report_measures_time_and_memory(run, tmp_path):
     assert all(isinstance(r["memory"], int) and r["memory"] > 0 for r in data["rows"]), data["memory_note"]
     assert data["memory_how"]
     # Every combination by default; the whole peak holds the weights besides the saved bytes.
-    assert [r["method"] for r in data["rows"]] == ["BP", "GC", "AugLocal d=2", "AugLocal d=2 +recompute"]
+    assert [r["method"] for r in data["rows"]] == ["BP", "GC", "AugLocal d=2", "AugLocal d=2 +step each",
+                                                   "AugLocal d=2 +recompute", "AugLocal d=2 +recompute +step each"]
+    whole = {r["method"]: r["whole"] for r in data["rows"]}
+    assert whole["AugLocal d=2 +step each"] <= whole["AugLocal d=2"]  # (a tiny peak may come before any gradient)
+    assert whole["AugLocal d=2 +recompute +step each"] <= whole["AugLocal d=2 +recompute"]
     assert all(r["whole"] > r["memory"] for r in data["rows"])
     assert any(h.startswith("whole peak:") for h in data["memory_how"])
 

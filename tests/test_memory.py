@@ -172,3 +172,25 @@ def test_aux_checkpoint_and_optimizer_errors_are_ours():
         measure_memory(TinyCNN(), aux_checkpoint=1, input_size=SIZE)
     with pytest.raises(AugLocalError, match="aux_checkpoint must be"):
         to_local(TinyCNN(), aux_checkpoint="yes", input_size=SIZE)
+
+
+def test_step_each_module_holds_one_modules_gradients_at_the_peak():
+    torch.manual_seed(0)
+    model = TinyCNN(depth=4, downsample=False)
+    local = to_local(copy.deepcopy(model), d=2, input_size=SIZE)
+    k = local.num_local
+    modules = [list(local.block_parameters(j)) for j in range(k - 1)] + [list(local.output_module_parameters())]
+    largest = max(_nbytes(m) for m in modules)  # counted by hand from the modules' parameters
+    report = measure_memory(model, methods=("auglocal",), d=2, batch_size=2, input_size=SIZE, rss=False,
+                            step_each_module=(False, True))
+    at_end, each = report.row("auglocal", step_each_module=False), report.row("auglocal", step_each_module=True)
+    assert each.label == "auglocal d=2 +step each" and at_end.label == "auglocal d=2"
+    assert each.grad_bytes <= largest < at_end.grad_bytes
+    # The same step otherwise: saved bytes, parameters and optimizer state are equal.
+    assert (each.saved_peak, each.param_bytes, each.optimizer_bytes) == \
+        (at_end.saved_peak, at_end.param_bytes, at_end.optimizer_bytes)
+    assert each.whole_peak < at_end.whole_peak
+    # The output module runs with no earlier module's gradients left: its own saved bytes plus
+    # at most its own gradients.
+    base = each.param_bytes + each.optimizer_bytes
+    assert each.whole_peak <= base + each.saved_peak + largest

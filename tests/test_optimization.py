@@ -86,7 +86,8 @@ def test_default_warmup_is_a_small_share_of_the_run():
 
 def test_adamw_first_step_is_the_formula_and_skips_norms_and_biases(tmp_path):
     lr, wd, eps = 1e-3, 0.05, 1e-8
-    run = Run(_config(tmp_path, opt="adamw", lr=lr, weight_decay=wd, sched="cosine", opt_eps=eps), 0, 1, 0)
+    run = Run(_config(tmp_path, opt="adamw", lr=lr, weight_decay=wd, sched="cosine", opt_eps=eps,
+                      step_each_module=False), 0, 1, 0)  # the gradients stay for the formula
     run.schedule.start_epoch(0)
     before = {n: p.detach().clone() for n, p in run.net.named_parameters()}
     run.train_step(*_batch())
@@ -122,11 +123,13 @@ def test_timm_cosine_per_update_rates_are_the_formula(tmp_path):
     total, warm = 8, 4  # 4 updates per epoch
     expected = [warmup_lr + n * (base - warmup_lr) / warm if n < warm
                 else min_lr + 0.5 * (base - min_lr) * (1 + math.cos(math.pi * n / total)) for n in range(total)]
-    assert rates == pytest.approx(expected, rel=1e-12)
+    assert run.step_each_module  # each local module steps on its own, at the update's rate
+    assert rates == pytest.approx([r for r in expected for _ in range(run.net.num_local)], rel=1e-12)
 
 
 def test_timm_step_schedule_per_epoch(tmp_path):
-    cfg = _config(tmp_path, epochs=4, lr=0.1, sched="step", decay_epochs=2, decay_rate=0.5, opt="momentum")
+    cfg = _config(tmp_path, epochs=4, lr=0.1, sched="step", decay_epochs=2, decay_rate=0.5, opt="momentum",
+                  step_each_module=False)  # one optimizer.step per update
     run = Run(cfg, 0, 1, 0)
     rates = _record_rates(run)
     run.fit()

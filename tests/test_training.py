@@ -53,7 +53,8 @@ def test_bf16_amp_writes_all_outputs_with_the_per_epoch_schedule(tmp_path):
 
 @pytest.mark.parametrize("method", ["auglocal", "bp"])
 def test_gradient_clipping_and_label_smoothing_act(tmp_path, method):
-    cfg = _config(tmp_path, method=method, grad_clip=1e-3, label_smoothing=0.2)
+    cfg = _config(tmp_path, method=method, grad_clip=1e-3, label_smoothing=0.2,
+                  step_each_module=False)  # the gradients stay after the step, to be read
     run = Run(cfg, 0, 1, 0)
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
     with torch.no_grad():
@@ -300,3 +301,194 @@ def test_aux_checkpoint_trains_the_same_weights_with_recomputed_aux(tmp_path, mo
     assert kept.keys() == recomputed.keys() and all(torch.equal(kept[k], recomputed[k]) for k in kept)
     with pytest.raises(AugLocalError, match="needs method 'auglocal'"):
         train(_config(tmp_path / "bp", method="bp", aux_checkpoint=True))
+
+
+# -- stepping each local module as soon as its loss is back-propagated (issue 22)
+
+
+def _batches(n, seed=0, size=8):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 3, 16, 16, generator=g), torch.randint(0, 10, (size,), generator=g))
+            for _ in range(n)]
+
+
+def _run_steps(tmp_path, each, batches, scaler=None, **kw):
+    """A Run's weights (and optimizer state) after ``train_step`` on ``batches``."""
+    run = Run(_config(tmp_path / str(each), step_each_module=each, batch_size=8, **kw), 0, 1, 0)
+    if scaler is not None:  # AMP's scaler on CPU: fp32 gradients, the same scale/unscale/inf check
+        run.scaler = run.updates.scaler = scaler()
+    assert run.step_each_module is each
+    for x, y in batches:
+        run.train_step(x, y)
+    return run
+
+
+def _assert_equal_states(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("recipe", [
+    dict(),  # the paper's: Nesterov SGD, weight decay on every parameter
+    dict(opt="adamw", lr=3e-3, weight_decay=0.05, sched="cosine", sched_on_updates=True, warmup_epochs=1),
+    dict(grad_clip=1e-2, lr=0.5, warmup_epochs=1),
+    dict(opt="momentum", nesterov=False, weight_decay=1e-3, grad_clip=0.05, label_smoothing=0.1),
+])
+def test_stepping_each_module_gives_bit_identical_weights(tmp_path, recipe):
+    batches = _batches(4)
+    at_end = _run_steps(tmp_path, False, batches, **recipe)
+    each = _run_steps(tmp_path, True, batches, **recipe)
+    _assert_equal_states(at_end.net.state_dict(), each.net.state_dict())
+    moved = _run_steps(tmp_path / "one", False, batches[:1], **recipe).net.state_dict()
+    assert any(not torch.equal(moved[k], v) for k, v in each.net.state_dict().items())
+    assert at_end.optimizer.state_dict()["state"].keys() == each.optimizer.state_dict()["state"].keys()
+    for i, state in at_end.optimizer.state_dict()["state"].items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(each.optimizer.state_dict()["state"][i][name]))
+
+
+def test_grad_scaler_steps_each_module_exactly_and_skips_only_an_overflowing_one(tmp_path):
+    scaler = lambda: torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=2)  # noqa: E731
+    batches = _batches(4)
+    at_end = _run_steps(tmp_path, False, batches, scaler=scaler, grad_clip=0.1)
+    each = _run_steps(tmp_path, True, batches, scaler=scaler, grad_clip=0.1)
+    _assert_equal_states(at_end.net.state_dict(), each.net.state_dict())
+    assert at_end.scaler.get_scale() == each.scaler.get_scale() == 2.0 ** 12  # grew twice: no overflow
+    # An overflow in module 1 only: it skips its step, the others take theirs, the scale halves.
+    run = _run_steps(tmp_path / "inf", True, [], scaler=scaler)
+    before = {n: p.detach().clone() for n, p in run.net.named_parameters()}
+    groups = run._clip_groups()
+    poisoned = groups[1][0]
+    handle = poisoned.register_hook(lambda g: torch.full_like(g, float("inf")))
+    run.train_step(*batches[0])
+    handle.remove()
+    names = {id(p): n for n, p in run.net.named_parameters()}
+    for j, group in enumerate(groups):
+        unchanged = all(torch.equal(p.detach(), before[names[id(p)]]) for p in group)
+        assert unchanged == (j == 1), j
+    assert run.scaler.get_scale() == 2.0 ** 9
+
+
+def test_at_most_one_modules_gradients_exist_at_a_time(tmp_path):
+    for each, most in ((True, 1), (False, 3)):  # tiny_cnn at d=2: 3 local modules
+        run = Run(_config(tmp_path / str(each), step_each_module=each), 0, 1, 0)
+        groups = run._clip_groups()
+        seen = []
+
+        def count(_):
+            seen.append(sum(any(p.grad is not None for p in g) for g in groups))
+
+        handles = [p.register_post_accumulate_grad_hook(count) for g in groups for p in g]
+        run.train_step(*_batches(1, size=4)[0])
+        for h in handles:
+            h.remove()
+        assert max(seen) == most
+        assert all(p.grad is None for g in groups for p in g) == each
+
+
+def test_step_each_module_defaults_to_the_optimizers_where_it_is_exact(tmp_path):
+    assert Run(_config(tmp_path, opt="adamw", sched="cosine"), 0, 1, 0).step_each_module
+    assert not Run(_config(tmp_path, opt="lamb", sched="cosine"), 0, 1, 0).step_each_module  # global norm
+    assert not Run(_config(tmp_path, method="bp"), 0, 1, 0).step_each_module  # one module
+    with pytest.raises(AugLocalError, match="Lamb keeps state across parameters.*--step-at-end"):
+        Run(_config(tmp_path, opt="lamb", sched="cosine", step_each_module=True), 0, 1, 0)
+    with pytest.raises(AugLocalError, match="step_each_module must be True, False or None"):
+        train(_config(tmp_path, step_each_module="yes"))
+
+
+def test_step_each_module_with_two_gloo_processes_and_pipeline_workers_is_bit_identical(tmp_path):
+    common = dict(model=TINY_NOBN, augment=False, max_steps=3, batch_size=8, train_subset=32, device="cpu", d=3,
+                  warmup_epochs=1, grad_clip=0.5, threads=1)
+    runs = {}
+    for name, extra in (("end", dict(step_each_module=False, nproc=2)), ("each", dict(step_each_module=True, nproc=2)),
+                        ("pipe", dict(step_each_module=True, pipeline=2)), ("seq", dict(step_each_module=False))):
+        train(_config(tmp_path / name, **common, **extra))
+        # last.pt: the auxiliary networks too (a pipeline's is a manifest; its workers send model.pt's weights)
+        runs[name] = _weights(tmp_path / name / ("model.pt" if name in ("pipe", "seq") else "last.pt"))
+    _assert_equal_states(runs["end"]["model"], runs["each"]["model"])  # averaged per module = once at the end
+    _assert_equal_states(runs["pipe"], runs["seq"])  # workers stepping each module = one step at the end
+
+
+def test_a_run_resumes_mid_epoch_with_the_other_stepping(tmp_path):
+    common = dict(epochs=2, warmup_epochs=1, opt="adamw", sched="cosine", sched_on_updates=True, lr=3e-3)
+    straight = train(_config(tmp_path / "straight", step_each_module=True, **common))
+    train(_config(tmp_path / "split", step_each_module=False, max_steps=6, **common))  # epoch 2, step 2 of 4
+    assert _weights(tmp_path / "split" / "last.pt")["step_in_epoch"] == 2
+    resumed = train(_config(tmp_path / "split", step_each_module=True, resume=True, **common))
+    _assert_equal_states(_weights(straight.model_path), _weights(resumed.model_path))
+    a, b = (_weights(tmp_path / n / "last.pt") for n in ("straight", "split"))
+    _assert_equal_states(a["model"], b["model"])  # the auxiliary networks too
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+
+
+# -- max_memory: the fastest combination whose measured whole peak fits (issue 22)
+
+
+def test_max_memory_sizes_are_parsed_or_refused(tmp_path):
+    from auglocal_fx._memory_choice import parse_memory
+
+    assert parse_memory("8GB") == 8 * 10 ** 9 and parse_memory("7.5 GiB") == int(7.5 * 2 ** 30)
+    assert parse_memory("512MiB") == 512 * 2 ** 20 and parse_memory(4096) == 4096
+    for bad in ("8 apples", "-1GB", "GB", 0, True, 1.5):
+        with pytest.raises(AugLocalError, match="is not a size; give bytes or a number with a unit"):
+            parse_memory(bad)
+    with pytest.raises(AugLocalError, match="max_memory chooses for one process"):
+        train(_config(tmp_path, max_memory="1GB", pipeline=2))
+
+
+def test_max_memory_takes_what_fits_and_says_the_smallest_peak_otherwise(tmp_path):
+    from auglocal_fx.memory import measure_memory
+    from auglocal_fx.units import format_bytes
+
+    plain = Run(_config(tmp_path / "plain"), 0, 1, 0)
+    report = measure_memory(plain.net, methods=("auglocal",), batch_size=4, rss=False, aux_checkpoint=(False, True),
+                            step_each_module=(False, True))
+    peaks = {(r.aux_checkpoint, r.step_each_module): r.whole_peak for r in report.rows}
+    assert len(set(peaks.values())) > 1
+    smallest = min(peaks, key=peaks.get)
+    run = Run(_config(tmp_path / "tight", max_memory=peaks[smallest]), 0, 1, 0)  # only the smallest fits
+    assert peaks[run.net.aux_checkpoint, run.step_each_module] == peaks[smallest]  # (or one of equal peaks)
+    assert run.memory_choice.whole_peak == peaks[smallest]
+    assert f"whole peak {format_bytes(peaks[smallest])}" in run.memory_choice.reason
+    with pytest.raises(AugLocalError, match=f"the smallest whole peak is {format_bytes(peaks[smallest])} .*"
+                                            "smaller --batch-size or --d"):
+        Run(_config(tmp_path / "none", max_memory=peaks[smallest] - 1), 0, 1, 0)
+    roomy = Run(_config(tmp_path / "roomy", max_memory="64GB"), 0, 1, 0)
+    assert "the fastest of 4 that fit" in roomy.memory_choice.reason
+
+
+def test_max_memory_leaves_the_trained_weights_as_they_would_be(tmp_path):
+    from auglocal_fx.units import format_bytes
+
+    common = dict(max_steps=2, warmup_epochs=1)
+    chosen = train(_config(tmp_path / "chosen", max_memory="64GB", **common))
+    plain = train(_config(tmp_path / "plain", **common))
+    assert chosen.history[-1]["max_memory"].startswith(f"max_memory {format_bytes(64 * 10 ** 9)}: AugLocal d=2")
+    _assert_equal_states(_weights(tmp_path / "chosen" / "last.pt")["model"], _weights(tmp_path / "plain" / "last.pt")["model"])
+    assert "max_memory" not in plain.history[-1]
+
+
+def test_train_command_passes_the_stepping_and_memory_options(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import auglocal_fx.training
+    from cli.main import cli
+
+    seen = {}
+
+    def fake_train(config):
+        seen["config"] = config
+        raise AugLocalError("stop here")
+
+    monkeypatch.setattr(auglocal_fx.training, "train", fake_train)
+    result = CliRunner().invoke(cli, ["train", TINY, "--step-at-end", "--max-memory", "7.5GiB", "--out", str(tmp_path)])
+    assert result.exit_code != 0 and "stop here" in result.output
+    assert seen["config"].step_each_module is False and seen["config"].max_memory == "7.5GiB"
+    result = CliRunner().invoke(cli, ["train", TINY, "--step-each-module", "--out", str(tmp_path)])
+    assert seen["config"].step_each_module is True and seen["config"].max_memory is None
+    monkeypatch.undo()  # the real trainer checks the size before it builds anything
+    result = CliRunner().invoke(cli, ["train", TINY, "--max-memory", "lots", "--out", str(tmp_path),
+                                      "--dataset", "synthetic"])
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert "max_memory 'lots' is not a size" in result.output and "Traceback" not in result.output

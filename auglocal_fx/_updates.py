@@ -1,0 +1,116 @@
+"""How one process applies its gradients: one optimizer step at the end of the training step,
+or each local module's step as soon as its loss is back-propagated.
+
+No parameter is shared between local modules and no gradient crosses a block, so a module's
+gradients are final once its own loss is back-propagated. Stepping it then and dropping its
+gradients (``set_to_none``) means that at most one local module's gradients exist at a time;
+the weights are bit-identical to one step at the end for any optimizer whose state is per
+parameter and which leaves parameters without a gradient alone (PyTorch's own optimizers):
+the one optimizer (its state, its param groups, the rates the schedule sets in them) is
+stepped once per module, and only that module's parameters have gradients when it is.
+
+Per module, in order: average over the data-parallel replicas, unscale (AMP), clip its norm,
+step. With a ``GradScaler`` the inf/NaN check is per module, not per training step: a module
+whose own gradients overflowed skips its step while the others take theirs (they are
+independent problems; one step at the end would skip every module), and the scale is lowered
+after the step if any module overflowed. Without an overflow the weights are those of one step
+at the end.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ._distributed import average_gradients
+from .errors import AugLocalError
+
+__all__ = ["GradientUpdates", "steps_each_module_exactly"]
+
+
+def steps_each_module_exactly(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether stepping ``optimizer`` once per local module gives the weights of one step at the end.
+
+    PyTorch's own optimizers keep their state per parameter and skip parameters without a
+    gradient, all but L-BFGS (one flat state over every parameter). Others may not: timm's LAMB
+    counts steps per parameter group and clips by the norm of every gradient together, Lookahead
+    counts steps per group.
+    """
+    return type(optimizer).__module__.startswith("torch.optim.") and not isinstance(optimizer, torch.optim.LBFGS)
+
+
+class _ModuleOptimizer:
+    """``optimizer`` as a ``GradScaler`` sees one local module's step.
+
+    The scaler unscales and checks each optimizer object once per update, so every module needs
+    its own object; stepping it steps the one optimizer, whose parameters have no gradient
+    except this module's.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+
+    @property
+    def param_groups(self) -> List[dict]:
+        return self.optimizer.param_groups
+
+    def step(self, *args: Any, **kwargs: Any) -> Any:
+        return self.optimizer.step(*args, **kwargs)
+
+
+class GradientUpdates:
+    """Average, unscale, clip and step: per local module (``each_module``) or once per step.
+
+    Args:
+        optimizer: the process's optimizer over every module's parameters.
+        modules: each local module's parameters, in the order their losses are back-propagated;
+            each is clipped on its own.
+        each_module: step each module as soon as ``module_done`` is called for it.
+        scaler: AMP's ``GradScaler`` (``None`` without gradient scaling).
+        grad_clip: the largest gradient norm of a module (``None``: no clipping).
+        dp_world: data-parallel replicas whose gradients are averaged.
+        dp_group: their process group (``None``: the default group).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, modules: Sequence[Sequence[nn.Parameter]],
+                 each_module: bool, scaler: Optional[Any] = None, grad_clip: Optional[float] = None,
+                 dp_world: int = 1, dp_group: Optional[Any] = None):
+        if each_module and not steps_each_module_exactly(optimizer):
+            raise AugLocalError(f"{type(optimizer).__name__} keeps state across parameters, so stepping each "
+                                "local module on its own would change the updates; use step_each_module=False "
+                                "(--step-at-end)")
+        self.optimizer, self.modules = optimizer, [list(m) for m in modules]
+        self.each_module, self.scaler, self.grad_clip = each_module, scaler, grad_clip
+        self.dp_world, self.dp_group = dp_world, dp_group
+        self._views = [_ModuleOptimizer(optimizer) for _ in self.modules] if each_module else []
+
+    def module_done(self, index: int) -> None:
+        """Module ``index``'s loss is back-propagated: step it now and free its gradients (if ``each_module``)."""
+        if not self.each_module:
+            return
+        params = self.modules[index]
+        self._update(self._views[index], params, [params])
+        for p in params:
+            p.grad = None
+
+    def finish(self) -> None:
+        """The training step's losses are all back-propagated: step (once per step), update the scale."""
+        if not self.each_module:
+            self._update(self.optimizer, [p for m in self.modules for p in m], self.modules)
+        if self.scaler is not None:
+            self.scaler.update()
+
+    def _update(self, optimizer: Any, params: List[nn.Parameter], clip_groups: Sequence[List[nn.Parameter]]) -> None:
+        if self.dp_world > 1:
+            average_gradients(params, self.dp_world, group=self.dp_group)
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+        if self.grad_clip is not None:
+            for group in clip_groups:
+                nn.utils.clip_grad_norm_(group, self.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+        else:
+            optimizer.step()
