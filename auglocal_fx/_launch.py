@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from ._distributed import check_same_settings, init_distributed, spawn
 from ._pipeline import PipelineRun
-from ._train_config import TrainConfig, TrainResult
+from .train_config import TrainConfig, TrainResult
 from ._train_loop import Run, wants_cuda
 from ._train_state import resume_view
 from .errors import AugLocalError, first_line

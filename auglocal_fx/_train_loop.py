@@ -27,7 +27,7 @@ from .plots import plot_training_curves
 from .recipe import default_recipe
 from .regularization import build_ema, build_loss, build_mixup
 from .specs import resolve_model
-from ._train_config import TrainConfig, TrainResult
+from .train_config import TrainConfig, TrainResult
 from ._memory_choice import MemoryChoice, choose_memory_options, parse_memory
 from ._updates import GradientUpdates, steps_each_module_exactly
 

@@ -1,6 +1,6 @@
 """Training with AugLocal (default) or end-to-end backprop: the options and the entry point.
 
-The options live in ``_train_config.py`` (re-exported here), which process runs what in
+The options live in ``train_config.py`` (re-exported here), which process runs what in
 ``_launch.py``, the loop in ``_train_loop.py`` (the pipeline's in ``_pipeline.py``), process
 groups in ``_distributed.py``, the checkpoint format in ``_train_state.py``, the recipe in
 ``recipe.py``.
@@ -47,7 +47,7 @@ from typing import Any, Optional
 
 from ._distributed import launched_by_torchrun
 from ._launch import run, run_spawned
-from ._train_config import (AMP_MODES, DEFAULT_EPOCHS, METHODS, PIPELINE_BALANCES, TrainConfig, TrainResult,
+from .train_config import (AMP_MODES, DEFAULT_EPOCHS, METHODS, PIPELINE_BALANCES, TrainConfig, TrainResult,
                             _check_config, default_dataset, default_recipe)
 
 __all__ = ["METHODS", "AMP_MODES", "PIPELINE_BALANCES", "DEFAULT_EPOCHS", "TrainConfig", "TrainResult", "default_dataset",

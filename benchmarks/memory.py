@@ -103,7 +103,7 @@ def main() -> None:
 
 def _trainer_step_times(spec: str, args) -> None:
     """The trainer's whole step (forward, backward, SGD update) with each module stepped at once or at the end."""
-    from auglocal_fx._train_config import _check_config
+    from auglocal_fx.train_config import _check_config
     from auglocal_fx._train_loop import Run
     from auglocal_fx.training import TrainConfig
 

@@ -4,7 +4,7 @@ import os
 
 import click
 
-from auglocal_fx._train_config import AMP_MODES, DEFAULT_EPOCHS, METHODS, PIPELINE_BALANCES
+from auglocal_fx.train_config import AMP_MODES, DEFAULT_EPOCHS, METHODS, PIPELINE_BALANCES
 
 from .options import (aux_head_option, rule_option, conversion_from_flags, depth_option, input_size_option, pyramid_options,
                       selection_option, spec_argument, user_errors)
