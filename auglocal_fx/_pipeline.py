@@ -26,17 +26,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ._device import synchronize
 from ._distributed import broadcast_buffers
 from ._io import atomic_save
 from ._train_loop import Run
 from ._train_state import CKPT_VERSION, load_checkpoint
+from .checkpoints import PIPELINE_PART
 from .errors import AugLocalError, first_line
 from .flops import count_flops
 
 __all__ = ["balance_stages", "flop_costs", "measure_module_times", "PipelineRun", "BALANCE_MODES"]
 
 BALANCE_MODES = ("time", "flops")
-PART_FORMAT = "auglocal-fx-pipeline-part"
+PART_FORMAT = PIPELINE_PART.format
 
 
 def balance_stages(costs: Sequence[float], stages: int) -> List[Tuple[int, int]]:
@@ -86,11 +88,6 @@ def flop_costs(net: nn.Module) -> List[float]:
     return costs
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure_module_times(net: nn.Module, batch: int, num_classes: int, device: torch.device,
                          repeats: int = 1, autocast_dtype: Optional[torch.dtype] = None,
                          warmup: Optional[bool] = None) -> List[float]:
@@ -111,11 +108,11 @@ def measure_module_times(net: nn.Module, batch: int, num_classes: int, device: t
         for repeat in range(repeats + 1 if warmup else repeats):
             losses = net.module_losses(x, y, autocast_dtype=autocast_dtype)
             for j in range(net.num_local):
-                _sync(device)
+                synchronize(device)
                 start = time.perf_counter()
                 loss, _ = next(losses)
                 loss.backward()
-                _sync(device)
+                synchronize(device)
                 if repeat or not warmup:
                     times[j].append(time.perf_counter() - start)
                 del loss
@@ -313,10 +310,10 @@ class PipelineRun(Run):
             else:
                 h, y, *rest = self._receive(2 + extra)
                 image = rest[0] if rest else None
-            _sync(self.device)
+            synchronize(self.device)
             start = time.perf_counter()
             losses, out = self.stage_step(h, y, image)
-            _sync(self.device)
+            synchronize(self.device)
             self.busy_seconds += time.perf_counter() - start
             if self.next is not None:
                 self.next.send([out, y] + ([image] if extra else []))

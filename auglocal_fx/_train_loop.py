@@ -1,35 +1,35 @@
-"""One process's training run: data order, steps, evaluation, checkpoints, results."""
+"""One process's training run: steps, evaluation, results (data order in ``_sampling``, checkpoints
+in ``_run_checkpoints``)."""
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ._device import resolve_device
 from ._distributed import broadcast_buffers
-from ._io import atomic_save, atomic_write_text
-from ._train_state import CKPT_FORMAT, CKPT_VERSION, RESUME_KEYS, load_checkpoint, resume_view, rng_state, saved_view, set_rng_state
-from .data import build_datasets, dataset_normalization
-from .errors import AugLocalError, first_line
+from ._io import atomic_save
+from ._memory_choice import MemoryChoice, choose_memory_options, parse_memory
+from ._run_checkpoints import Checkpointing
+from ._sampling import GlobalBatchSampler
+from ._updates import GradientUpdates, steps_each_module_exactly
+from .data import build_datasets, dataset_normalization, subset
+from .errors import AugLocalError
 from .local import to_local
 from .optimization import LearningRateSchedule, build_optimizer, no_weight_decay_parameters
-from .plots import plot_training_curves
 from .recipe import default_recipe
 from .regularization import build_ema, build_loss, build_mixup
 from .specs import resolve_model
 from .train_config import TrainConfig, TrainResult
-from ._memory_choice import MemoryChoice, choose_memory_options, parse_memory
-from ._updates import GradientUpdates, steps_each_module_exactly
 
 __all__ = ["Run", "GlobalBatchSampler", "subset", "wants_cuda"]
 
@@ -47,43 +47,7 @@ def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
     return device
 
 
-class GlobalBatchSampler(Sampler[List[int]]):
-    """This process's slice of each global batch of a seeded per-epoch permutation."""
-
-    def __init__(self, size: int, batch_size: int, rank: int, world: int, seed: int):
-        self.size, self.batch_size, self.rank, self.world, self.seed = size, batch_size, rank, world, seed
-        self.epoch, self.start = 0, 0
-
-    @property
-    def steps(self) -> int:
-        """Optimizer steps per epoch (an incomplete last batch is dropped if there is a full one)."""
-        return max(1, self.size // self.batch_size)
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
-    def __len__(self) -> int:
-        return self.steps - self.start
-
-    def __iter__(self) -> Iterator[List[int]]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        perm = torch.randperm(self.size, generator=g).tolist()
-        per_rank = self.batch_size // self.world
-        for step in range(self.start, self.steps):
-            batch = perm[step * self.batch_size:(step + 1) * self.batch_size]
-            if len(batch) < self.batch_size:  # dataset smaller than one batch
-                batch = (batch * (self.batch_size // max(1, len(batch)) + 1))[:self.batch_size]
-            yield batch[self.rank * per_rank:(self.rank + 1) * per_rank]
-
-
-def subset(dataset: Dataset, n: Optional[int], seed: int) -> Dataset:
-    if n is None or n >= len(dataset):
-        return dataset
-    g = torch.Generator().manual_seed(seed)
-    return Subset(dataset, torch.randperm(len(dataset), generator=g)[:n].tolist())
-
-
-class Run:
+class Run(Checkpointing):
     """One process's training run."""
 
     def __init__(self, cfg: TrainConfig, rank: int, world: int, local_rank: int):
@@ -200,93 +164,6 @@ class Run:
         if not isinstance(self.cfg.model, str):
             return {}
         return {"model_kwargs": self.cfg.model_kwargs, "weights": self.cfg.weights}
-
-    # -- checkpoints
-
-    def _gather_rng(self, size: int, group: Optional[Any] = None) -> List[Any]:
-        """The RNG states of the ``size`` processes of ``group`` (default all), in rank order."""
-        rng = rng_state()
-        if size == 1:
-            return [rng]
-        states: List[Any] = [None] * size
-        dist.all_gather_object(states, rng, group=group)
-        return states
-
-    def _progress_state(self) -> Dict[str, Any]:
-        """What ``last.pt`` holds besides the weights: config, position, history."""
-        return {"format": CKPT_FORMAT, "version": CKPT_VERSION, "config": resume_view(self.cfg),
-                "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                "total_steps": self.total_steps, "world_size": self.world, "history": self.history}
-
-    def _trainer_state(self, model: Dict[str, torch.Tensor], rng: List[Any]) -> Dict[str, Any]:
-        return {"model": model, "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None, "rng": rng,
-                "ema": self.ema.module.state_dict() if self.ema is not None else None}
-
-    def _write_progress(self, state: Dict[str, Any]) -> None:
-        """Rank 0: ``last.pt``, ``metrics.jsonl`` and the curves."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic_save(state, self.out / "last.pt")
-        atomic_write_text("".join(json.dumps(h) + "\n" for h in self.history), self.out / "metrics.jsonl")
-        plot_training_curves(self.history, self.out / "curves.png")
-
-    def save(self) -> None:
-        rng = self._gather_rng(self.world)  # every process takes part
-        if self.main:
-            self._write_progress({**self._progress_state(), **self._trainer_state(self.net.state_dict(), rng)})
-        if self.world > 1:
-            dist.barrier()
-
-    def _read_resumable(self) -> Optional[Dict[str, Any]]:
-        """``last.pt`` if it exists and belongs to this run's options, else ``None``."""
-        path = self.out / "last.pt"
-        if not path.exists():
-            if self.main:
-                self._log(f"no {path} to resume from; starting a new run")
-            return None
-        ckpt = load_checkpoint(path)
-        mine, theirs = resume_view(self.cfg), saved_view(ckpt.get("config", {}))
-        diff = [k for k in RESUME_KEYS if theirs.get(k) != mine[k]]
-        if diff:
-            k = diff[0]
-            raise AugLocalError(f"{path} belongs to a different run ({k}={theirs.get(k)!r}, now {mine[k]!r}); "
-                                "use the same options or another --out")
-        stages = (ckpt.get("pipeline") or {}).get("stages", 1)
-        if stages != self.cfg.pipeline:
-            raise AugLocalError(f"{path} was written by a run with --pipeline {stages}; resume it with "
-                                f"--pipeline {stages} or use another --out")
-        return ckpt
-
-    def _load_trainer_state(self, state: Dict[str, Any], path: Path, rank_in_rng: int, strict: bool = True):
-        """Weights, optimizer, scaler and this process's RNG (``rank_in_rng < 0``: keep the RNG)."""
-        try:
-            loaded = self.net.load_state_dict(state["model"], strict=strict)
-            self.optimizer.load_state_dict(state["optimizer"])
-            if self.scaler is not None and state["scaler"] is not None:
-                self.scaler.load_state_dict(state["scaler"])
-            if self.ema is not None:
-                self.ema.module.load_state_dict(state["ema"])
-        except (KeyError, RuntimeError, ValueError) as err:
-            reason = first_line(err, limit=120)
-            raise AugLocalError(f"{path} does not match this model ({reason}); delete it or use another --out") from None
-        if 0 <= rank_in_rng < len(state["rng"]):
-            set_rng_state(state["rng"][rank_in_rng])
-        return loaded
-
-    def _restore_progress(self, ckpt: Dict[str, Any]) -> None:
-        self.epoch, self.step_in_epoch = ckpt["epoch"], ckpt["step_in_epoch"]
-        self.global_step, self.history = ckpt["global_step"], list(ckpt["history"])
-        if self.main:
-            self._log(f"resumed from {self.out / 'last.pt'} at epoch {self.epoch}, step {self.global_step}")
-
-    def restore(self) -> bool:
-        ckpt = self._read_resumable()
-        if ckpt is None:
-            return False
-        # RNG states are per process: restored only when the number of processes is the same.
-        self._load_trainer_state(ckpt, self.out / "last.pt", self.rank if ckpt["world_size"] == self.world else -1)
-        self._restore_progress(ckpt)
-        return True
 
     # -- steps
 

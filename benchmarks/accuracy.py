@@ -110,7 +110,7 @@ def _theirs(args: argparse.Namespace) -> List[float]:
 
     from auglocal_fx.data import build_datasets
     from auglocal_fx.recipe import learning_rate
-    from auglocal_fx._train_loop import subset
+    from auglocal_fx.data import subset
 
     sys.path.insert(0, args.reference)
     import networks.resnet as reference  # the authors' code, from --reference
