@@ -291,8 +291,8 @@ def test_aux_checkpoint_trains_the_same_weights_with_recomputed_aux(tmp_path, mo
     import auglocal_fx.local
 
     calls = []
-    real = auglocal_fx.local.checkpoint
-    monkeypatch.setattr(auglocal_fx.local, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = auglocal_fx.local_net.checkpoint
+    monkeypatch.setattr(auglocal_fx.local_net, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     train(_config(tmp_path / "kept", max_steps=2))
     assert not calls
     train(_config(tmp_path / "recomputed", max_steps=2, aux_checkpoint=True))
