@@ -288,7 +288,7 @@ def test_model_options_are_checked(tmp_path):
 
 
 def test_aux_checkpoint_trains_the_same_weights_with_recomputed_aux(tmp_path, monkeypatch):
-    import auglocal_fx.local
+    import auglocal_fx.local_net
 
     calls = []
     real = auglocal_fx.local_net.checkpoint
