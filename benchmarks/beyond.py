@@ -9,7 +9,8 @@ Two tables, side by side with plain AugLocal and BP:
    folder is ``OUT/<variant>-s<seed>``), so an interrupted sweep resumes. Only runs that finished
    ``--epochs`` count. Accuracy is the mean over seeds with its sample standard deviation and the
    per-seed values; the gap to BP, and a second table of each change against plain AugLocal of the
-   same depth, are paired by seed (a seed also fixes the training and test subsets).
+   same depth, are paired by seed (a seed also fixes the training and test subsets), and so is the
+   step-time change against plain AugLocal ("vs plain": mean over seeds of the per-seed ratio).
 2. ``--step-time``: one training step (``LocalNet.train_step``, batch 128, one thread) with every
    auxiliary layer training and with every auxiliary layer frozen, measured alternately on the
    same network so that load on a shared machine hits both alike; medians.
@@ -120,9 +121,9 @@ def _runs_table(args: argparse.Namespace) -> None:
             result = _read(_run(args, variant, seed), args.epochs)
             if result is not None:
                 rows.setdefault(variant, {})[seed] = result
-    base = {d: statistics.mean(r["s_per_step"] for r in rows[f"d{d}"].values()) for d in (2, 4) if f"d{d}" in rows}
     # Gaps are paired by seed: a seed fixes the training and test subsets, so pairing removes their
     # share of the spread, and a variant missing a seed is not compared with another set of seeds.
+    # Times are paired too: runs of one seed ran one after another, so under more similar load.
     print(f"{'variant':22} {'runs':>4} {'test acc %':>10} {'sd':>5} {'gap to BP':>9} {'s/step':>7} {'vs plain':>8}"
           "  per seed")
     for variant in args.variants:
@@ -131,10 +132,12 @@ def _runs_table(args: argparse.Namespace) -> None:
             continue
         accs = [r["acc"] for r in rows[variant].values()]
         speed = statistics.mean(r["s_per_step"] for r in rows[variant].values())
-        plain = base.get(VARIANTS[variant][1]) if VARIANTS[variant][0] == "auglocal" else None
+        other = _plain(variant)
+        ratios = [r["s_per_step"] / rows[other][s]["s_per_step"] - 1 for s, r in rows[variant].items()
+                  if s in rows.get(other, {})] if other else []
         gaps = list(_paired(rows, variant, "bp").values())
         gap = f"{statistics.mean(gaps):+.2f}" if gaps else "-"
-        ratio = f"{speed / plain - 1:+.0%}" if plain else "-"
+        ratio = f"{statistics.mean(ratios):+.0%}" if ratios else "-"
         seeds = " ".join(f"s{s}:{r['acc']:.1f}" for s, r in sorted(rows[variant].items()))
         print(f"{LABELS[variant]:22} {len(accs):>4} {statistics.mean(accs):>10.2f} {_spread(accs):>5} {gap:>9}"
               f" {speed:>7.2f} {ratio:>8}  {seeds}")
