@@ -6,7 +6,11 @@ Two tables, side by side with plain AugLocal and BP:
    (``paper:resnet32``) on Fashion-MNIST, each run ``auglocal_fx.train`` in its own process on
    one thread, one at a time (SGD Nesterov 0.9, lr 0.1, batch 128, weight decay 1e-4, the
    paper's cosine with one warmup epoch). Finished runs are read back from ``--out`` (a run
-   folder is ``OUT/<variant>-s<seed>``), so an interrupted sweep resumes.
+   folder is ``OUT/<variant>-s<seed>``), so an interrupted sweep resumes. Only runs that finished
+   ``--epochs`` count. Accuracy is the mean over seeds with its sample standard deviation and the
+   per-seed values; the gap to BP, and a second table of each change against plain AugLocal of the
+   same depth, are paired by seed (a seed also fixes the training and test subsets), and so is the
+   step-time change against plain AugLocal ("vs plain": mean over seeds of the per-seed ratio).
 2. ``--step-time``: one training step (``LocalNet.train_step``, batch 128, one thread) with every
    auxiliary layer training and with every auxiliary layer frozen, measured alternately on the
    same network so that load on a shared machine hits both alike; medians.
@@ -80,40 +84,73 @@ def _run(args: argparse.Namespace, variant: str, seed: int) -> Path:
     return folder
 
 
-def _read(folder: Path) -> Optional[dict]:
-    """Final accuracy and training seconds per step of a finished run, or None."""
+def _read(folder: Path, epochs: int) -> Optional[dict]:
+    """Final accuracy and training seconds per step of a run that finished ``epochs``, or None."""
     path = folder / "metrics.jsonl"
     if not path.exists():
         return None
     history = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if not history:
+    # A run still going (or stopped) has fewer epochs: its accuracy is not the recipe's.
+    if not history or history[-1]["epoch"] < epochs or history[-1].get("partial"):
         return None
     steps = history[-1]["step"]
     return {"acc": history[-1]["test_acc"], "epochs": len(history),
             "s_per_step": sum(h["train_seconds"] for h in history) / max(1, steps)}
 
 
+def _plain(variant: str) -> Optional[str]:
+    """The plain AugLocal variant of the same depth that ``variant`` changes, or None."""
+    method, d, extra = VARIANTS[variant]
+    return f"d{d}" if method == "auglocal" and extra else None
+
+
+def _paired(rows: Dict[str, Dict[int, dict]], variant: str, other: str) -> Dict[int, float]:
+    """Per seed, ``variant``'s accuracy minus ``other``'s, over the seeds both have run."""
+    return {s: rows[variant][s]["acc"] - rows[other][s]["acc"] for s in rows[variant] if s in rows.get(other, {})}
+
+
+def _spread(values: List[float]) -> str:
+    """Sample standard deviation, or '-' for a single value."""
+    return f"{statistics.stdev(values):.2f}" if len(values) > 1 else "-"
+
+
 def _runs_table(args: argparse.Namespace) -> None:
-    rows = {}
+    rows: Dict[str, Dict[int, dict]] = {}
     for variant in args.variants:
         for seed in args.seeds:
-            result = _read(_run(args, variant, seed))
+            result = _read(_run(args, variant, seed), args.epochs)
             if result is not None:
-                rows.setdefault(variant, []).append(result)
-    bp = statistics.mean(r["acc"] for r in rows["bp"]) if "bp" in rows else None
-    base = {d: statistics.mean(r["s_per_step"] for r in rows[f"d{d}"]) for d in (2, 4) if f"d{d}" in rows}
-    print(f"{'variant':22} {'runs':>4} {'test acc %':>10} {'gap to BP':>9} {'s/step':>7} {'vs plain':>8}")
+                rows.setdefault(variant, {})[seed] = result
+    # Gaps are paired by seed: a seed fixes the training and test subsets, so pairing removes their
+    # share of the spread, and a variant missing a seed is not compared with another set of seeds.
+    # Times are paired too: runs of one seed ran one after another, so under more similar load.
+    print(f"{'variant':22} {'runs':>4} {'test acc %':>10} {'sd':>5} {'gap to BP':>9} {'s/step':>7} {'vs plain':>8}"
+          "  per seed")
     for variant in args.variants:
         if variant not in rows:
             print(f"{LABELS[variant]:22} {0:>4}  (not run)")
             continue
-        accs = [r["acc"] for r in rows[variant]]
-        speed = statistics.mean(r["s_per_step"] for r in rows[variant])
-        d = VARIANTS[variant][1]
-        plain = base.get(d) if VARIANTS[variant][0] == "auglocal" else None
-        gap = f"{statistics.mean(accs) - bp:+.2f}" if bp is not None else "-"
-        ratio = f"{speed / plain - 1:+.0%}" if plain else "-"
-        print(f"{LABELS[variant]:22} {len(accs):>4} {statistics.mean(accs):>10.2f} {gap:>9} {speed:>7.2f} {ratio:>8}")
+        accs = [r["acc"] for r in rows[variant].values()]
+        speed = statistics.mean(r["s_per_step"] for r in rows[variant].values())
+        other = _plain(variant)
+        ratios = [r["s_per_step"] / rows[other][s]["s_per_step"] - 1 for s, r in rows[variant].items()
+                  if s in rows.get(other, {})] if other else []
+        gaps = list(_paired(rows, variant, "bp").values())
+        gap = f"{statistics.mean(gaps):+.2f}" if gaps else "-"
+        ratio = f"{statistics.mean(ratios):+.0%}" if ratios else "-"
+        seeds = " ".join(f"s{s}:{r['acc']:.1f}" for s, r in sorted(rows[variant].items()))
+        print(f"{LABELS[variant]:22} {len(accs):>4} {statistics.mean(accs):>10.2f} {_spread(accs):>5} {gap:>9}"
+              f" {speed:>7.2f} {ratio:>8}  {seeds}")
+    print("\npaired by seed: accuracy minus that of plain AugLocal of the same d and seed")
+    print(f"{'variant':22} {'seeds':>5} {'mean':>6} {'sd':>5}  per seed")
+    for variant in args.variants:
+        other = _plain(variant)
+        diffs = _paired(rows, variant, other) if other and variant in rows else {}
+        if diffs:
+            values = list(diffs.values())
+            seeds = " ".join(f"s{s}:{v:+.1f}" for s, v in sorted(diffs.items()))
+            mean = statistics.mean(values)
+            print(f"{LABELS[variant]:22} {len(values):>5} {mean:>+6.2f} {_spread(values):>5}  {seeds}")
 
 
 def _step_table(args: argparse.Namespace) -> None:
