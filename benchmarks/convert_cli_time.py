@@ -118,6 +118,8 @@ def main() -> None:
     cmd = [exe, "convert", args.spec, "--d", str(args.d), "-o", os.path.join(work, "x.pt")]
     walls = []
     for _ in range(args.repeats):
+        if os.path.exists(cmd[-1]):  # convert refuses to overwrite its output without --force
+            os.remove(cmd[-1])
         t = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
         walls.append(time.perf_counter() - t)
