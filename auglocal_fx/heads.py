@@ -10,7 +10,7 @@ pooling (SqueezeNet); a final norm and a conv-MLP written before the pooling joi
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Set
 
 import torch
 import torch.nn.functional as F
@@ -123,7 +123,9 @@ def head_start(gm: fx.GraphModule, cuts: List[fx.Node], order: List[fx.Node]) ->
     """Index into ``cuts`` of the cut point whose output is the head's input.
 
     The head begins at the first cut point fed to a global pooling; failing that, to a flatten
-    (VGG's classifier on a 7x7 map); a convolutional classifier before it moves it earlier.
+    (VGG's classifier on a 7x7 map); failing that, at the last cut point before a token
+    selection that the classifier reads (VOLO, CoaT); a convolutional classifier before it
+    moves it earlier.
     """
     output = next(n for n in gm.graph.nodes if n.op == "output")
     final = output.args[0]
@@ -145,10 +147,7 @@ def head_start(gm: fx.GraphModule, cuts: List[fx.Node], order: List[fx.Node]) ->
             start = found[0]
             break
     if start is None:
-        raise AugLocalError(
-            "no classifier head found: no global pooling or flatten before the output; "
-            "auglocal-fx needs a network that ends in pooling + classifier"
-        )
+        start = _selection_start(gm, cuts, order, final)
     index = {n: i for i, n in enumerate(order)}
     weights = [n for n in order if has_weight_layer(gm, [n])]
     if not weights:
@@ -164,6 +163,74 @@ def head_start(gm: fx.GraphModule, cuts: List[fx.Node], order: List[fx.Node]) ->
         )
     start = _absorb_dense_layers(gm, cuts, order, start)
     return _absorb_final_norm(gm, cuts, order, start)
+
+
+def _selection_start(gm: fx.GraphModule, cuts: List[fx.Node], order: List[fx.Node],
+                     final: fx.Node) -> int:
+    """The last cut point before the first token selection that stays reduced to the output.
+
+    Heads that are no cut point themselves: VOLO adds an auxiliary head on every token to
+    the class-token head, CoaT selects the class token of three streams and aggregates them,
+    CrossViT averages two class-token heads. Each starts with reductions (``x[:, 0]``) whose
+    results, down to the logits, never again hold as many values per example as the tensor
+    reduced (an SE module's pooling is multiplied back into its map). The head is everything
+    after the last cut point before the first such reduction.
+    """
+    index = {n: i for i, n in enumerate(order)}
+    feeds_output = _ancestors(final)
+    reductions = [n for n in order if n in feeds_output and _is_global_pool(gm, n)
+                  and _stays_reduced(n, feeds_output)]
+    if not reductions:
+        raise AugLocalError(
+            "no classifier head found: no global pooling, flatten or token selection before "
+            "the output; auglocal-fx needs a network that ends in pooling + classifier"
+        )
+    first = index[reductions[0]]
+    before = [k for k, c in enumerate(cuts) if index[c] < first]
+    if before[-1] == 0:
+        raise AugLocalError(
+            "no classifier head found: several tensors run side by side from the input to the "
+            "classifier's token selection (streams such as CrossViT's), so no single tensor "
+            "can end a block; block boundaries carrying several tensors are not supported"
+        )
+    return before[-1]
+
+
+def _ancestors(node: fx.Node) -> Set[fx.Node]:
+    seen: Set[fx.Node] = {node}
+    stack = [node]
+    while stack:
+        for arg in stack.pop().all_input_nodes:
+            if arg not in seen:
+                seen.add(arg)
+                stack.append(arg)
+    return seen
+
+
+def _per_example(node: fx.Node) -> Optional[int]:
+    shape = node.meta.get(SHAPE_KEY)
+    return None if shape is None or len(shape) == 0 else math.prod(shape[1:])
+
+
+def _stays_reduced(node: fx.Node, feeds_output: Set[fx.Node]) -> bool:
+    """Does every value computed from ``node`` on the way to the output hold fewer values per
+    example than the largest tensor ``node`` reduces?"""
+    sizes = [_per_example(a) for a in node.all_input_nodes]
+    bound = max((v for v in sizes if v is not None), default=None)
+    if bound is None:
+        return False
+    seen: Set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        for user in stack.pop().users:
+            if user in seen or user not in feeds_output:
+                continue
+            seen.add(user)
+            size = _per_example(user)
+            if size is not None and size >= bound:
+                return False
+            stack.append(user)
+    return True
 
 
 def _segment(cuts: List[fx.Node], order: List[fx.Node], index: Dict[fx.Node, int],
