@@ -90,6 +90,8 @@ def _reduces_positions(gm: fx.GraphModule, node: fx.Node) -> bool:
     inputs = [a for a in node.all_input_nodes if a.meta.get(SHAPE_KEY) is not None]
     if len(inputs) != 1 or len(inputs[0].meta[SHAPE_KEY]) < 3:
         return False
+    if inputs[0].meta[SHAPE_KEY][0] != shape[0]:
+        return False  # not per example: a mean over stacked logits (CrossViT's two heads)
     if math.prod(shape) < math.prod(inputs[0].meta[SHAPE_KEY]):
         return True
     # One position left (a 1x1 map, one token): a reduction still, but not a reshape.
