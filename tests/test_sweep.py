@@ -33,6 +33,7 @@ TRANSFORMERS = {
     "pvt_v2_b0": 64, "efficientformer_l1": 224, "maxvit_pico_rw_256": 64,
     "efficientvit_b0": 32, "fastvit_t8": 32, "mixer_s16_224": 32, "poolformer_s12": 32,
     "mobilevit_xxs": 64, "tiny_vit_5m_224": 64, "botnet26t_256": 64,
+    "volo_d1_224": 32,  # a class-token head plus an auxiliary head on every token
 }
 # Families whose blocks take values computed from the input's shape (a grid size, rotary
 # tables, a batch size read once): tiny configurations, each a few seconds (mvitv2 ~14 s).
