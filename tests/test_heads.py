@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from auglocal_fx import AugLocalError, to_local
+from auglocal_fx import AugLocalError, resolve_model, to_local
 from auglocal_fx.partition import partition_blocks
 from auglocal_fx.tracing import trace_model
 
@@ -195,3 +195,26 @@ def test_shared_parameters_get_one_loss():
     owners = [{id(p) for p in block.parameters()} for block in local.blocks] \
         + [{id(p) for p in local.head.parameters()}]
     assert sum(len(o) for o in owners) == len(set().union(*owners))
+
+
+@pytest.mark.sweep
+def test_timm_crossvit_streams_are_refused():
+    resolved = resolve_model("timm:crossvit_tiny_240", num_classes=CLASSES,
+                             input_size=(3, 120, 120), model_kwargs={"img_size": 120})
+    with pytest.raises(AugLocalError, match="several tensors run side by side"):
+        partition_blocks(trace_model(resolved.model, resolved.input_size))
+
+
+@pytest.mark.sweep
+def test_timm_coat_head_is_found_and_shared_encodings_merge_its_blocks():
+    # CoaT's serial blocks of a stage share one position encoding (cpe1, crpe1), and the
+    # parallel blocks reuse those of stages 2-4: stage 2 joins the head, stage 1 is one block.
+    resolved = resolve_model("timm:coat_tiny", num_classes=CLASSES, input_size=(3, 32, 32),
+                             model_kwargs={"embed_dims": (64, 64, 64, 64), "parallel_depth": 2})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        part = partition_blocks(trace_model(resolved.model, resolved.input_size))
+    assert part.block_names == [["patch_embed1", "cpe1", "serial_blocks1", "crpe1"]]
+    assert part.head_names[:2] == ["patch_embed2", "cpe2"] and "aggregate" in part.head_names
+    message = next(str(w.message) for w in caught if "merged" in str(w.message))
+    assert "cpe1.proj" in message and "cpe2.proj" in message
