@@ -1,12 +1,14 @@
 """The primary network's pieces: a traced subgraph, with its train-mode twin, as a module.
 
 :mod:`auglocal_fx.partition` decides where the blocks are; this module cuts a block's nodes out
-of the traced graph (:func:`extract_graph`) and wraps them (:class:`GraphBlock`).
+of the traced graph (:func:`extract_graph`) and wraps them (:class:`GraphBlock`), and merges
+blocks that use the same parameters (:func:`merge_shared`).
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+import warnings
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import fx, nn
@@ -14,7 +16,7 @@ from torch import fx, nn
 from .errors import AugLocalError
 from .shape_values import check_input_size
 
-__all__ = ["GraphBlock", "extract_graph"]
+__all__ = ["GraphBlock", "extract_graph", "merge_shared", "weight_keys"]
 
 
 class GraphBlock(nn.Module):
@@ -87,3 +89,75 @@ def extract_graph(gm: fx.GraphModule, nodes: List[fx.Node], input_node: fx.Node,
         env[node] = graph.node_copy(node, lambda a: env[a])
     graph.output(env[nodes[-1]])
     return fx.GraphModule(gm, graph, name)
+
+
+def weight_keys(gm: fx.GraphModule, nodes: Sequence[fx.Node]) -> Set[str]:
+    """Names of the modules with parameters and the attributes that ``nodes`` use."""
+    keys: Set[str] = set()
+    for node in nodes:
+        if node.op == "call_module" and any(True for _ in gm.get_submodule(node.target).parameters()):
+            keys.add(node.target)
+        for arg in node.all_input_nodes:
+            if arg.op == "get_attr":
+                keys.add(arg.target)
+    return keys
+
+
+def _parameters(gm: fx.GraphModule, nodes: Sequence[fx.Node]) -> Dict[int, str]:
+    """``{id: module or attribute name}`` of the parameters ``nodes`` use."""
+    found: Dict[int, str] = {}
+    for key in weight_keys(gm, nodes):
+        value = _find(gm, key)
+        for tensor in value.parameters() if isinstance(value, nn.Module) else [value]:
+            if isinstance(tensor, nn.Parameter):
+                found.setdefault(id(tensor), key)
+    return found
+
+
+def _find(gm: fx.GraphModule, target: str):
+    value = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def merge_shared(gm: fx.GraphModule, blocks: List[List[fx.Node]], head: List[fx.Node],
+                 head_input: fx.Node, input_node: fx.Node) -> Tuple[List[List[fx.Node]], fx.Node]:
+    """Merge the blocks between two uses of one parameter (CoaT's shared position encodings).
+
+    A parameter is trained by one loss: used by blocks ``i`` and ``k``, it would get
+    gradients from the local losses of both, so blocks ``i .. k`` become one; used by a
+    block and the head, that block and every later one join the head.
+    """
+    uses: Dict[int, List[int]] = {}
+    names: Dict[int, str] = {}
+    for j, nodes in enumerate(blocks + [head]):
+        for key, name in _parameters(gm, nodes).items():
+            uses.setdefault(key, []).append(j)
+            names.setdefault(key, name)
+    spans = sorted((u[0], u[-1], names[k]) for k, u in uses.items() if u[0] != u[-1])
+    if not spans:
+        return blocks, head_input
+    merged: List[List[fx.Node]] = []
+    shared: List[str] = []
+    j = 0
+    while j < len(blocks):
+        end = j
+        grown = True
+        while grown:  # a span that starts inside the group stretches it to its last use
+            grown = False
+            for first, last, name in spans:
+                if j <= first <= end < last:
+                    end, grown = last, True
+        shared += [name for first, last, name in spans if j <= first <= end]
+        if end == len(blocks):  # the group reaches the head: it joins the head
+            head_input = merged[-1][-1] if merged else input_node
+            break
+        merged.append([n for b in blocks[j:end + 1] for n in b])
+        j = end + 1
+    warnings.warn(
+        "auglocal-fx: blocks that use the same parameters were merged, so that each parameter "
+        f"is trained by one loss ({', '.join(dict.fromkeys(shared))})",
+        stacklevel=3,
+    )
+    return merged, head_input

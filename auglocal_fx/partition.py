@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .errors import AugLocalError
-from .graph_blocks import GraphBlock, extract_graph
+from .graph_blocks import GraphBlock, extract_graph, merge_shared, weight_keys
 from .heads import has_weight_layer, head_start, is_norm
 from .layouts import input_layout, layout_of, resolution
 from .tracing import SHAPE_KEY, TracedModel
@@ -112,17 +112,6 @@ def find_cut_points(graph: fx.Graph) -> List[fx.Node]:
             cuts.append(order[i])
         furthest = max(furthest, last_use[i])
     return cuts
-
-
-def _weight_keys(gm: fx.GraphModule, nodes: Sequence[fx.Node]) -> Set[str]:
-    keys: Set[str] = set()
-    for node in nodes:
-        if node.op == "call_module" and any(True for _ in gm.get_submodule(node.target).parameters()):
-            keys.add(node.target)
-        for arg in node.all_input_nodes:
-            if arg.op == "get_attr":
-                keys.add(arg.target)
-    return keys
 
 
 def _split_segments(order_cuts: List[fx.Node], order: List[fx.Node]) -> List[List[fx.Node]]:
@@ -282,7 +271,7 @@ def _partition_graph(gm: fx.GraphModule, boundaries: Optional[Sequence[str]]) ->
                 carry = []
         blocks = merged
     index = {n: i for i, n in enumerate(order)}
-    blocks, head_input = _merge_shared(gm, blocks, order[index[head_input] + 1:], head_input,
+    blocks, head_input = merge_shared(gm, blocks, order[index[head_input] + 1:], head_input,
                                        input_node)
     head = order[index[head_input] + 1:]
     if not blocks:
@@ -290,68 +279,6 @@ def _partition_graph(gm: fx.GraphModule, boundaries: Optional[Sequence[str]]) ->
             "the network has no block before its classifier head: nothing to train locally"
         )
     return _GraphPartition(input_node=input_node, blocks=blocks, head=head, head_input=head_input)
-
-
-def _parameters(gm: fx.GraphModule, nodes: Sequence[fx.Node]) -> Dict[int, str]:
-    """``{id: module or attribute name}`` of the parameters ``nodes`` use."""
-    found: Dict[int, str] = {}
-    for key in _weight_keys(gm, nodes):
-        owner = gm.get_submodule(key) if isinstance(_find(gm, key), nn.Module) else None
-        tensors = list(owner.named_parameters()) if owner is not None \
-            else [("", _find(gm, key))]
-        for _, tensor in tensors:
-            if isinstance(tensor, nn.Parameter):
-                found.setdefault(id(tensor), key)
-    return found
-
-
-def _find(gm: fx.GraphModule, target: str):
-    value = gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
-
-
-def _merge_shared(gm: fx.GraphModule, blocks: List[List[fx.Node]], head: List[fx.Node],
-                  head_input: fx.Node, input_node: fx.Node) -> Tuple[List[List[fx.Node]], fx.Node]:
-    """Merge the blocks between two uses of one parameter (CoaT's shared position encodings).
-
-    A parameter is trained by one loss: used by blocks ``i`` and ``k``, it would get
-    gradients from the local losses of both, so blocks ``i .. k`` become one; used by a
-    block and the head, that block and every later one join the head.
-    """
-    uses: Dict[int, List[int]] = {}
-    names: Dict[int, str] = {}
-    for j, nodes in enumerate(blocks + [head]):
-        for key, name in _parameters(gm, nodes).items():
-            uses.setdefault(key, []).append(j)
-            names.setdefault(key, name)
-    spans = sorted((u[0], u[-1], names[k]) for k, u in uses.items() if u[0] != u[-1])
-    if not spans:
-        return blocks, head_input
-    merged: List[List[fx.Node]] = []
-    shared: List[str] = []
-    j = 0
-    while j < len(blocks):
-        end = j
-        grown = True
-        while grown:  # a span that starts inside the group stretches it to its last use
-            grown = False
-            for first, last, name in spans:
-                if j <= first <= end < last:
-                    end, grown = last, True
-        shared += [name for first, last, name in spans if j <= first <= end]
-        if end == len(blocks):  # the group reaches the head: it joins the head
-            head_input = merged[-1][-1] if merged else input_node
-            break
-        merged.append([n for b in blocks[j:end + 1] for n in b])
-        j = end + 1
-    warnings.warn(
-        "auglocal-fx: blocks that use the same parameters were merged, so that each parameter "
-        f"is trained by one loss ({', '.join(dict.fromkeys(shared))})",
-        stacklevel=3,
-    )
-    return merged, head_input
 
 
 def _module_targets(nodes: Sequence[fx.Node]) -> List[str]:
@@ -440,6 +367,6 @@ def _same_blocks(traced: TracedModel, a: _GraphPartition, b: _GraphPartition) ->
     if len(a.blocks) != len(b.blocks):
         return False
     for nodes_a, nodes_b in zip(a.blocks + [a.head], b.blocks + [b.head]):
-        if _weight_keys(traced.eval_graph, nodes_a) != _weight_keys(traced.train_graph, nodes_b):
+        if weight_keys(traced.eval_graph, nodes_a) != weight_keys(traced.train_graph, nodes_b):
             return False
     return True
