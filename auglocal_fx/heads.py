@@ -3,7 +3,9 @@
 The head is the classifier part: it starts at the last global spatial reduction before the
 classifier (a pooling, token pooling such as ``x[:, 0]``, or a flatten where the classifier
 reads a whole map), or at the classifier itself where it is a convolution applied before
-pooling (SqueezeNet); a final norm and a conv-MLP written before the pooling join it.
+pooling (SqueezeNet); a final norm and a conv-MLP written before the pooling join it. Where no
+pooling is a cut point (VOLO's auxiliary token head, CoaT's aggregated streams), it starts at
+the last cut point before the first token selection that the classifier reads.
 :mod:`auglocal_fx.partition` cuts the rest into blocks.
 """
 
