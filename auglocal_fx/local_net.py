@@ -211,10 +211,16 @@ class LocalNet(nn.Module):
                 loss, out = self._output_loss(out, y, loss_fn)
             yield loss, out.detach()
 
-    def after_optimizer_step(self, progress: Optional[float] = None) -> None:
+    def after_optimizer_step(self, progress: Optional[float] = None, stepped: bool = True) -> None:
         """Call after each optimizer step: copies follow their sources (``aux_follow``) and,
-        given the run's progress (``step / total_steps``), auxiliary layers freeze (``aux_freeze``)."""
-        if self.following is not None:
+        given the run's progress (``step / total_steps``), auxiliary layers freeze (``aux_freeze``).
+
+        Args:
+            progress: ``step / total_steps``; ``None`` leaves the freezing as it is.
+            stepped: ``False`` when AMP's scaler skipped a step (inf/NaN gradients): the copies
+                do not move then, as the weights they follow may not have.
+        """
+        if self.following is not None and stepped:
             self.following.step()
         if self.freezing is not None and progress is not None:
             self.freezing.set_progress(progress)
