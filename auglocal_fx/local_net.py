@@ -22,6 +22,7 @@ from ._io import atomic_save
 from .checkpoints import LOCALNET
 from .errors import AugLocalError
 from .following import Following, Freezing
+from .tying import Tying
 from .options import ConversionOptions
 from .partition import Partition
 from .planning import AuxPlan
@@ -78,6 +79,7 @@ class LocalNet(nn.Module):
         self.following = None if options.aux_follow is None else Following(
             self.aux, self.blocks, self.head, options.aux_follow, options.aux_follow_adapted)
         self.freezing = None if options.aux_freeze is None else Freezing(self.aux, options.aux_freeze)
+        self.tying = Tying(self.aux, self.blocks, self.head) if options.aux_tie else None
         self._original = [model]  # a list keeps it out of the module tree and the state_dict
         self.train(model.training)
 

@@ -16,7 +16,8 @@ Two tables, side by side with plain AugLocal and BP:
    same network so that load on a shared machine hits both alike; medians.
 
 Variants: ``bp``, ``d2``, ``d2f`` (``aux_follow``), ``d2fs`` (``aux_follow`` with
-``aux_follow_adapted="slice"``), ``d2z`` (``aux_freeze``), ``d4``, ``d4f``::
+``aux_follow_adapted="slice"``), ``d2z`` (``aux_freeze``), ``d4``, ``d4f``, ``d2t`` and ``d4t``
+(``aux_tie``: copies read their sources' kernels)::
 
     python benchmarks/beyond.py --variants bp d2 d2f d2z --seeds 0 --epochs 5 --train-subset 1024
     python benchmarks/beyond.py --out runs/beyond --report-only
@@ -39,9 +40,11 @@ ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {"bp": ("bp", 2, {}), "d2": ("auglocal", 2, {}), "d2f": ("auglocal", 2, {"aux_follow": None}),
             "d2fs": ("auglocal", 2, {"aux_follow": None, "aux_follow_adapted": "slice"}),
             "d2z": ("auglocal", 2, {"aux_freeze": None}), "d4": ("auglocal", 4, {}),
-            "d4f": ("auglocal", 4, {"aux_follow": None})}
+            "d4f": ("auglocal", 4, {"aux_follow": None}), "d2t": ("auglocal", 2, {"aux_tie": True}),
+            "d4t": ("auglocal", 4, {"aux_tie": True})}
 LABELS = {"bp": "BP", "d2": "AugLocal d=2", "d2f": "d=2 + follow", "d2fs": "d=2 + follow (slice)",
-          "d2z": "d=2 + freeze", "d4": "AugLocal d=4", "d4f": "d=4 + follow"}
+          "d2z": "d=2 + freeze", "d4": "AugLocal d=4", "d4f": "d=4 + follow",
+          "d2t": "d=2 + tie", "d4t": "d=4 + tie"}
 
 
 def _options(variant: str, args: argparse.Namespace) -> Dict[str, object]:
