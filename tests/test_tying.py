@@ -246,3 +246,20 @@ def test_commands_take_the_beyond_flags():
     assert bad.exit_code != 0 and "choose one" in bad.output and "Traceback" not in bad.output
     convert = runner.invoke(cli, ["convert", TINY, "--d", "2", *size, "--aux-tie"])
     assert convert.exit_code == 0 and "aux_tie=True" in convert.output
+
+
+def test_two_gloo_processes_train_tied_copies_alike_in_both_orders(tmp_path):
+    # Each process reads its own sources, which the start-up broadcast made equal; the averaged
+    # gradients are those of the trained parameters only (the tied kernels are none).
+    common = dict(model=str(Path(__file__).with_name("_tiny_models.py")) + ":tiny_nobn", dataset="synthetic",
+                  input_size=16, batch_size=8, train_subset=32, test_subset=8, epochs=1, max_steps=3,
+                  augment=False, warmup_epochs=1, progress=False, device="cpu", nproc=2, threads=1, aux_tie=True)
+    weights = {}
+    for each in (False, True):
+        train(TrainConfig(out=str(tmp_path / str(each)), step_each_module=each, **common))
+        weights[each] = torch.load(tmp_path / str(each) / "last.pt", map_location="cpu", weights_only=True)["model"]
+    assert weights[True].keys() == weights[False].keys()
+    for key, value in weights[False].items():
+        assert torch.equal(value, weights[True][key]), key
+    # Both auxiliary networks copy block 3 (features.6, a convolution): its kernel is the source's only.
+    assert not any(key.startswith("aux.") and key.endswith("features.6.weight") for key in weights[True])
