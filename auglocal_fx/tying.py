@@ -118,9 +118,5 @@ class Tying:
         """The number of copy parameters that read their source."""
         return self._count
 
-    def sources(self) -> List[torch.Tensor]:
-        """The source parameters the copies read, one per tied parameter."""
-        return [getattr(source, name) for tied in self._modules for _, source, name in tied.entries]
-
     def __repr__(self) -> str:
         return f"Tying(tied={len(self)}, modules={len(self._modules)}, bytes_not_stored={self.tied_bytes})"
