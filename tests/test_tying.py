@@ -242,6 +242,11 @@ def test_commands_take_the_beyond_flags():
     assert params[0]["AugLocal d=2"] < params[1]["AugLocal d=2"]
     for flags in (["--aux-follow", "0.9", "--aux-follow-adapted", "slice"], ["--aux-freeze", "0.5"]):
         assert runner.invoke(cli, ["report", TINY, "--d", "2", *size, "--flops-only", *flags]).exit_code == 0
+    # The values reach ConversionOptions: its checks answer, in one line.
+    for flags, message in ((["--aux-follow", "1.5"], "aux_follow must be an EMA momentum"),
+                           (["--aux-freeze", "0"], "aux_freeze must be the fraction")):
+        out = runner.invoke(cli, ["report", TINY, "--d", "2", *size, "--flops-only", *flags])
+        assert out.exit_code != 0 and message in out.output and len(out.output.strip().splitlines()) == 1, flags
     bad = runner.invoke(cli, ["report", TINY, "--d", "2", *size, "--flops-only", "--aux-tie", "--aux-follow", "0.9"])
     assert bad.exit_code != 0 and "choose one" in bad.output and "Traceback" not in bad.output
     convert = runner.invoke(cli, ["convert", TINY, "--d", "2", *size, "--aux-tie"])
