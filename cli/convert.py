@@ -41,8 +41,8 @@ __all__ = ["convert"]
               help="Pick d and tau to fit a forward-FLOPs budget: a multiple of BP like 2.5x, "
                    "or an absolute figure like 1.1G or 800M (1 multiply-add = 1 FLOP).")
 def convert(spec: str, d: Optional[int], tau, no_pyramid, selection, rule, aux_head, input_size,
-            num_classes, model_kwargs, weights, aux_init, aux_follow, aux_follow_adapted, aux_freeze, aux_tie, output, force, as_json,
-            flops_budget) -> None:
+            num_classes, model_kwargs, weights, aux_init, aux_follow, aux_follow_adapted, aux_freeze, aux_tie,
+            output, force, as_json, flops_budget) -> None:
     """Convert SPEC into an AugLocal network; print it, and save it with -o FILE.
 
     SPEC is timm:NAME, torchvision:NAME, paper:resnet32|resnet110|vgg19 or path/file.py:factory.

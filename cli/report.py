@@ -59,7 +59,8 @@ _AUX_CHECKPOINT = {"off": (False,), "on": (True,), "both": (False, True)}
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
               help="Draw FLOPs and memory per method and the per-block profile (.png/.svg).")
 def report(spec, depths, batch_size, device, tau, no_pyramid, selection, rule, aux_head,
-           input_size, num_classes, model_kwargs, aux_follow, aux_follow_adapted, aux_freeze, aux_tie, rules, aux_checkpoint, step_each, optimizer, flops_only, rss, repeats, threads, as_json,
+           input_size, num_classes, model_kwargs, aux_follow, aux_follow_adapted, aux_freeze, aux_tie,
+           rules, aux_checkpoint, step_each, optimizer, flops_only, rss, repeats, threads, as_json,
            plot) -> None:
     """Compare BP, gradient checkpointing and AugLocal at each d for SPEC.
 
