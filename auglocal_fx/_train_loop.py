@@ -190,9 +190,9 @@ class Run(Checkpointing):
                 loss = self.loss_fn(self.net(x), y)
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             losses = loss.detach().reshape(1)
-        self._apply_gradients()
+        taken = self._apply_gradients()
         if self.cfg.method == "auglocal":
-            self.net.after_optimizer_step((self.global_step + 1) / self.total_steps)
+            self.net.after_optimizer_step((self.global_step + 1) / self.total_steps, stepped=taken)
         return losses.float()
 
     def _begin_step(self) -> None:
@@ -213,12 +213,13 @@ class Run(Checkpointing):
             self.updates.module_done(i)
         return torch.stack([v.float() for v in losses]), out
 
-    def _apply_gradients(self) -> None:
+    def _apply_gradients(self) -> bool:
         """Average over the replicas, unscale, clip, step (what ``step_each_module`` did not step yet),
-        update the scale and the EMA."""
-        self.updates.finish()
+        update the scale and the EMA; whether every step was taken (AMP's scaler skips overflows)."""
+        taken = self.updates.finish()
         if self.ema is not None:
             self.ema.update(self.primary)
+        return taken
 
     def _clip_groups(self) -> List[List[nn.Parameter]]:
         if self.cfg.method == "bp":

@@ -14,7 +14,8 @@ step. With a ``GradScaler`` the inf/NaN check is per module, not per training st
 whose own gradients overflowed skips its step while the others take theirs (they are
 independent problems; one step at the end would skip every module), and the scale is lowered
 after the step if any module overflowed. Without an overflow the weights are those of one step
-at the end.
+at the end. ``finish`` says whether every step was taken, so that what follows an optimizer step
+(copies following their sources by an EMA) is skipped with it.
 """
 
 from __future__ import annotations
@@ -46,17 +47,20 @@ class _ModuleOptimizer:
 
     The scaler unscales and checks each optimizer object once per update, so every module needs
     its own object; stepping it steps the one optimizer, whose parameters have no gradient
-    except this module's.
+    except this module's. ``stepped`` records whether the scaler let the step through (it
+    calls ``step`` only when the gradients are finite).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
+        self.stepped = False
 
     @property
     def param_groups(self) -> List[dict]:
         return self.optimizer.param_groups
 
     def step(self, *args: Any, **kwargs: Any) -> Any:
+        self.stepped = True
         return self.optimizer.step(*args, **kwargs)
 
 
@@ -84,7 +88,9 @@ class GradientUpdates:
         self.optimizer, self.modules = optimizer, [list(m) for m in modules]
         self.each_module, self.scaler, self.grad_clip = each_module, scaler, grad_clip
         self.dp_world, self.dp_group = dp_world, dp_group
-        self._views = [_ModuleOptimizer(optimizer) for _ in self.modules] if each_module else []
+        self._views = [_ModuleOptimizer(optimizer) for _ in self.modules] if each_module else [
+            _ModuleOptimizer(optimizer)]
+        self._skipped = False
 
     def module_done(self, index: int) -> None:
         """Module ``index``'s loss is back-propagated: step it now and free its gradients (if ``each_module``)."""
@@ -95,14 +101,22 @@ class GradientUpdates:
         for p in params:
             p.grad = None
 
-    def finish(self) -> None:
-        """The training step's losses are all back-propagated: step (once per step), update the scale."""
+    def finish(self) -> bool:
+        """The training step's losses are all back-propagated: step (once per step), update the scale.
+
+        Returns:
+            Whether every step was taken: ``False`` when the scaler skipped one (inf/NaN gradients).
+        """
         if not self.each_module:
-            self._update(self.optimizer, [p for m in self.modules for p in m], self.modules)
+            self._update(self._views[0], [p for m in self.modules for p in m], self.modules)
         if self.scaler is not None:
             self.scaler.update()
+        taken, self._skipped = not self._skipped, False
+        return taken
 
-    def _update(self, optimizer: Any, params: List[nn.Parameter], clip_groups: Sequence[List[nn.Parameter]]) -> None:
+    def _update(self, optimizer: _ModuleOptimizer, params: List[nn.Parameter],
+                clip_groups: Sequence[List[nn.Parameter]]) -> None:
+        optimizer.stepped = False
         if self.dp_world > 1:
             average_gradients(params, self.dp_world, group=self.dp_group)
         if self.scaler is not None:
@@ -114,3 +128,4 @@ class GradientUpdates:
             self.scaler.step(optimizer)
         else:
             optimizer.step()
+        self._skipped |= not optimizer.stepped

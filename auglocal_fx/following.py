@@ -32,7 +32,7 @@ them; the gradient still flows through the layer to the block below, which alway
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import fx, nn
@@ -40,7 +40,7 @@ from torch import fx, nn
 from .errors import AugLocalError
 from .synthesis import AuxNet
 
-__all__ = ["FOLLOW_ADAPTED", "Following", "Freezing", "validate_follow", "validate_freeze"]
+__all__ = ["FOLLOW_ADAPTED", "Following", "Freezing", "copied_parameters", "validate_follow", "validate_freeze"]
 
 FOLLOW_ADAPTED = ("own", "slice")
 
@@ -78,25 +78,37 @@ def _leading_slice(copy: torch.Size, source: torch.Size) -> Optional[_Index]:
     return tuple(slice(0, c) for c in copy)
 
 
+def copied_parameters(aux: Sequence[nn.Module], blocks: Sequence[nn.Module], head: nn.Module
+                      ) -> Iterator[Tuple[fx.GraphModule, str, nn.Parameter, nn.Module, nn.Parameter]]:
+    """``(copy layer, name, copy parameter, source graph, source parameter)`` for every parameter
+    of an AugLocal block or head copy whose source has one of that name (shapes may differ:
+    re-fitted layers).
+
+    The copy is the source's traced graph, so names match; parameters the adaptation added
+    (``auglocal_*``) and slim heads (not a copy of the network's head) have no source.
+    """
+    for net in filter(None, map(_aux_net, aux)):
+        sources = [blocks[k] for k in net.plan.selected] + [head]
+        for copy_module, source in zip(net.children(), sources):
+            if not isinstance(copy_module, fx.GraphModule):
+                continue  # a slim head is not a copy of the network's head
+            graph = getattr(source, "eval_graph", source)
+            own = dict(graph.named_parameters())
+            for name, param in copy_module.named_parameters():
+                twin = own.get(name)
+                if twin is not None and not name.startswith("auglocal_"):
+                    yield copy_module, name, param, graph, twin
+
+
 def _pairs(aux: Sequence[nn.Module], blocks: Sequence[nn.Module], head: nn.Module,
            adapted: str) -> List[Tuple[nn.Parameter, nn.Parameter, _Index]]:
     """``(copy parameter, source parameter, source index)`` for every followed parameter."""
     pairs = []
-    for net in filter(None, map(_aux_net, aux)):
-        copies = list(net.children())
-        sources = [blocks[k] for k in net.plan.selected] + [head]
-        for copy_module, source in zip(copies, sources):
-            if not isinstance(copy_module, fx.GraphModule):
-                continue  # a slim head is not a copy of the network's head
-            own = dict(getattr(source, "eval_graph", source).named_parameters())
-            for name, param in copy_module.named_parameters():
-                twin = own.get(name)
-                if twin is None or name.startswith("auglocal_"):
-                    continue
-                index = tuple(slice(None) for _ in twin.shape) if param.shape == twin.shape else (
-                    _leading_slice(param.shape, twin.shape) if adapted == "slice" else None)
-                if index is not None:
-                    pairs.append((param, twin, index))
+    for _, _, param, _, twin in copied_parameters(aux, blocks, head):
+        index = tuple(slice(None) for _ in twin.shape) if param.shape == twin.shape else (
+            _leading_slice(param.shape, twin.shape) if adapted == "slice" else None)
+        if index is not None:
+            pairs.append((param, twin, index))
     return pairs
 
 

@@ -22,6 +22,7 @@ from ._io import atomic_save
 from .checkpoints import LOCALNET
 from .errors import AugLocalError
 from .following import Following, Freezing
+from .tying import Tying
 from .options import ConversionOptions
 from .partition import Partition
 from .planning import AuxPlan
@@ -78,6 +79,7 @@ class LocalNet(nn.Module):
         self.following = None if options.aux_follow is None else Following(
             self.aux, self.blocks, self.head, options.aux_follow, options.aux_follow_adapted)
         self.freezing = None if options.aux_freeze is None else Freezing(self.aux, options.aux_freeze)
+        self.tying = Tying(self.aux, self.blocks, self.head) if options.aux_tie else None
         self._original = [model]  # a list keeps it out of the module tree and the state_dict
         self.train(model.training)
 
@@ -211,10 +213,16 @@ class LocalNet(nn.Module):
                 loss, out = self._output_loss(out, y, loss_fn)
             yield loss, out.detach()
 
-    def after_optimizer_step(self, progress: Optional[float] = None) -> None:
+    def after_optimizer_step(self, progress: Optional[float] = None, stepped: bool = True) -> None:
         """Call after each optimizer step: copies follow their sources (``aux_follow``) and,
-        given the run's progress (``step / total_steps``), auxiliary layers freeze (``aux_freeze``)."""
-        if self.following is not None:
+        given the run's progress (``step / total_steps``), auxiliary layers freeze (``aux_freeze``).
+
+        Args:
+            progress: ``step / total_steps``; ``None`` leaves the freezing as it is.
+            stepped: ``False`` when AMP's scaler skipped a step (inf/NaN gradients): the copies
+                do not move then, as the weights they follow may not have.
+        """
+        if self.following is not None and stepped:
             self.following.step()
         if self.freezing is not None and progress is not None:
             self.freezing.set_progress(progress)

@@ -28,7 +28,8 @@ __all__ = ["ConversionOptions", "conversion_options"]
 # what those checkpoints meant.
 _OLD_DEFAULTS = {"aux_head": "copy", "rule": "auglocal", "normalization": None, "aux_init": "init",
                  "model_kwargs": None, "aux_checkpoint": False, "block_boundaries": None,
-                 "aux_follow": None, "aux_follow_adapted": "own", "aux_freeze": None}
+                 "aux_follow": None, "aux_follow_adapted": "own", "aux_freeze": None,
+                 "aux_tie": False}
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ class ConversionOptions:
             weights (``"own"``) or follow the source's leading slice (``"slice"``).
         aux_freeze: auxiliary layers freeze top first, all frozen by this fraction of the run;
             ``None``: they train to the end.
+        aux_tie: AugLocal's copies store no kernels of their own but read their sources' (detached),
+            training only their 1-D parameters (see :mod:`auglocal_fx.tying`).
     """
 
     d: int = 2
@@ -76,6 +79,7 @@ class ConversionOptions:
     aux_follow: Optional[float] = None
     aux_follow_adapted: str = "own"
     aux_freeze: Optional[float] = None
+    aux_tie: bool = False
 
     def __post_init__(self) -> None:
         validate_options(self.d, self.tau, self.selection)
@@ -84,9 +88,15 @@ class ConversionOptions:
         get_rule(self.rule)
         validate_follow(self.aux_follow, self.aux_follow_adapted)
         validate_freeze(self.aux_freeze)
-        if (self.aux_follow is not None or self.aux_freeze is not None) and not get_rule(self.rule).uses_depth:
-            raise AugLocalError(f"aux_follow and aux_freeze act on AugLocal's block copies; rule {self.rule!r} "
-                                "has none: use rule auglocal or auglocal+infopro, or leave them unset")
+        if not isinstance(self.aux_tie, bool):
+            raise AugLocalError(f"aux_tie must be True or False, got {self.aux_tie!r}")
+        if (self.aux_follow is not None or self.aux_freeze is not None or self.aux_tie) \
+                and not get_rule(self.rule).uses_depth:
+            raise AugLocalError(f"aux_follow, aux_freeze and aux_tie act on AugLocal's block copies; rule "
+                                f"{self.rule!r} has none: use rule auglocal or auglocal+infopro, or leave them unset")
+        if self.aux_tie and self.aux_follow is not None:
+            raise AugLocalError("aux_tie and aux_follow both decide what a copy's weights are (its source's own "
+                                "tensor, or an average of it plus a correction): choose one")
         if not isinstance(self.aux_checkpoint, bool):
             raise AugLocalError(f"aux_checkpoint must be True or False, got {self.aux_checkpoint!r}")
         if not isinstance(self.pyramid, bool):
@@ -150,6 +160,7 @@ class ConversionOptions:
         """The issue-24 options that are set, each as ``form.format(name, value)``."""
         names = ("aux_follow", "aux_follow_adapted") if self.aux_follow is not None else ()
         names += ("aux_freeze",) if self.aux_freeze is not None else ()
+        names += ("aux_tie",) if self.aux_tie else ()
         return "".join(form.format(name, getattr(self, name)) for name in names)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -172,6 +183,8 @@ class ConversionOptions:
             out.update(aux_follow=self.aux_follow, aux_follow_adapted=self.aux_follow_adapted)
         if self.aux_freeze is not None:
             out["aux_freeze"] = self.aux_freeze
+        if self.aux_tie:
+            out["aux_tie"] = True
         return out
 
     @classmethod

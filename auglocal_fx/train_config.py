@@ -83,6 +83,8 @@ class TrainConfig:
         aux_follow, aux_follow_adapted, aux_freeze: AugLocal's copies follow their source
             blocks by an EMA; auxiliary layers freeze top first (see
             ``ConversionOptions``; not with ``pipeline > 1``).
+        aux_tie: AugLocal's copies read their sources' kernels instead of storing their own
+            (see ``auglocal_fx.tying``; not with ``aux_follow`` or ``pipeline > 1``).
         step_each_module: step each local module as soon as its loss is back-propagated and drop
             its gradients, so at most one module's gradients exist at a time (same weights as one
             step at the end; see ``auglocal_fx._updates``); ``False`` steps once at the end of
@@ -166,6 +168,7 @@ class TrainConfig:
     aux_follow: Optional[float] = None
     aux_follow_adapted: str = "own"
     aux_freeze: Optional[float] = None
+    aux_tie: bool = False
     step_each_module: Optional[bool] = None
     max_memory: Union[None, int, str] = None
     seed: int = 0
@@ -199,7 +202,7 @@ class TrainConfig:
 
 # The TrainConfig fields that are conversion options; ``conversion`` sets them.
 _CONVERSION_FIELDS = ("d", "tau", "pyramid", "selection", "aux_head", "rule", "aux_init", "aux_checkpoint",
-                      "aux_follow", "aux_follow_adapted", "aux_freeze")
+                      "aux_follow", "aux_follow_adapted", "aux_freeze", "aux_tie")
 
 
 @dataclass
@@ -269,6 +272,11 @@ def _check_config(config: Optional[TrainConfig], overrides: Dict[str, Any]) -> T
     if cfg.pipeline > 1 and (cfg.aux_follow is not None or cfg.aux_freeze is not None):
         raise AugLocalError("aux_follow and aux_freeze are not supported with pipeline > 1 (a copy's source and "
                             "the run's progress live on other workers); drop them or --pipeline")
+    if cfg.method != "auglocal" and cfg.aux_tie:
+        raise AugLocalError("aux_tie ties auxiliary copies to their sources: it needs method 'auglocal'")
+    if cfg.pipeline > 1 and cfg.aux_tie:
+        raise AugLocalError("aux_tie is not supported with pipeline > 1 (a copy's source may live on another "
+                            "worker); drop aux_tie or --pipeline")
     if cfg.aux_checkpoint and cfg.method != "auglocal":
         raise AugLocalError("aux_checkpoint recomputes auxiliary networks: it needs method 'auglocal'")
     if cfg.step_each_module is not None and not isinstance(cfg.step_each_module, bool):

@@ -16,11 +16,13 @@ Two tables, side by side with plain AugLocal and BP:
    same network so that load on a shared machine hits both alike; medians.
 
 Variants: ``bp``, ``d2``, ``d2f`` (``aux_follow``), ``d2fs`` (``aux_follow`` with
-``aux_follow_adapted="slice"``), ``d2z`` (``aux_freeze``), ``d4``, ``d4f``::
+``aux_follow_adapted="slice"``), ``d2z`` (``aux_freeze``), ``d4``, ``d4f``, ``d2t`` and ``d4t``
+(``aux_tie``: copies read their sources' kernels)::
 
     python benchmarks/beyond.py --variants bp d2 d2f d2z --seeds 0 --epochs 5 --train-subset 1024
     python benchmarks/beyond.py --out runs/beyond --report-only
     python benchmarks/beyond.py --step-time --depths 2 4
+    python benchmarks/beyond.py --tie-step-time --depths 2 4
 """
 
 from __future__ import annotations
@@ -39,9 +41,11 @@ ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {"bp": ("bp", 2, {}), "d2": ("auglocal", 2, {}), "d2f": ("auglocal", 2, {"aux_follow": None}),
             "d2fs": ("auglocal", 2, {"aux_follow": None, "aux_follow_adapted": "slice"}),
             "d2z": ("auglocal", 2, {"aux_freeze": None}), "d4": ("auglocal", 4, {}),
-            "d4f": ("auglocal", 4, {"aux_follow": None})}
+            "d4f": ("auglocal", 4, {"aux_follow": None}), "d2t": ("auglocal", 2, {"aux_tie": True}),
+            "d4t": ("auglocal", 4, {"aux_tie": True})}
 LABELS = {"bp": "BP", "d2": "AugLocal d=2", "d2f": "d=2 + follow", "d2fs": "d=2 + follow (slice)",
-          "d2z": "d=2 + freeze", "d4": "AugLocal d=4", "d4f": "d=4 + follow"}
+          "d2z": "d=2 + freeze", "d4": "AugLocal d=4", "d4f": "d=4 + follow",
+          "d2t": "d=2 + tie", "d4t": "d=4 + tie"}
 
 
 def _options(variant: str, args: argparse.Namespace) -> Dict[str, object]:
@@ -179,6 +183,35 @@ def _step_table(args: argparse.Namespace) -> None:
         print(f"{'ResNet-32 d=' + str(d):18} {on:>14.2f} {off:>12.2f} {off / on - 1:>+7.0%}", flush=True)
 
 
+def _tie_step_table(args: argparse.Namespace) -> None:
+    """Plain and tied copies, one training step each in turn (forward, backward, SGD step)."""
+    import torch
+
+    from auglocal_fx import ConversionOptions, to_local
+
+    torch.set_num_threads(1)
+    print(f"{'network':18} {'plain s':>8} {'tied s':>8} {'change':>7}")
+    size = (3, args.image_size, args.image_size)
+    x, y = torch.randn(128, *size), torch.randint(0, 10, (128,))
+    for d in args.depths:
+        nets, times = {}, {}
+        for tie in (False, True):
+            torch.manual_seed(0)
+            local = to_local("paper:resnet32", input_size=size, options=ConversionOptions(d=d, aux_tie=tie)).train()
+            sgd = torch.optim.SGD(local.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
+            nets[tie], times[tie] = (local, sgd), []
+        for step in range(args.repeats + 1):
+            for tie, (local, sgd) in nets.items():  # alternate, so that the machine's load hits both alike
+                sgd.zero_grad(set_to_none=True)
+                start = time.perf_counter()
+                local.train_step(x, y)
+                sgd.step()
+                if step:  # the first is a warm-up
+                    times[tie].append(time.perf_counter() - start)
+        plain, tied = statistics.median(times[False]), statistics.median(times[True])
+        print(f"{'ResNet-32 d=' + str(d):18} {plain:>8.2f} {tied:>8.2f} {tied / plain - 1:>+7.0%}", flush=True)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["bp", "d2", "d2f", "d2z"])
@@ -192,6 +225,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--out", default="runs/beyond")
     parser.add_argument("--report-only", action="store_true", help="read finished runs, train none")
     parser.add_argument("--step-time", action="store_true", help="the step-time table instead of runs")
+    parser.add_argument("--tie-step-time", action="store_true",
+                        help="the step time of plain and tied copies (aux_tie), alternated, instead of runs")
     parser.add_argument("--depths", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -202,6 +237,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         _worker(args)
     elif args.step_time:
         _step_table(args)
+    elif args.tie_step_time:
+        _tie_step_table(args)
     else:
         _runs_table(args)
 

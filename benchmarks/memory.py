@@ -16,6 +16,10 @@ networks): whole count of AugLocal d=2 <= 0.5 x gradient checkpointing's on ResN
 and <= 0.8 x on ViT-S/16 batch 32; ViT-S/16 d=2 +recompute saved bytes <= 0.10 x BP's.
 ``--step-each-module`` adds the rows where each local module's gradients go as soon as its loss
 is back-propagated (the trainer's ``step_each_module``) and prints their whole count before/after.
+``--tie`` measures the AugLocal rows again with tied copies (``aux_tie``: the copies read their
+sources' kernels) and prints them beside the plain ones, each against gradient checkpointing::
+
+    python benchmarks/memory.py --models timm:vit_small_patch16_224 --input-size 224 --batch-size 32 --depths 2 --no-rss --recompute --step-each-module --tie --threads 1
 """
 
 import argparse
@@ -23,6 +27,7 @@ import time
 
 import torch
 
+from auglocal_fx import ConversionOptions
 from auglocal_fx.memory import OPTIMIZERS, measure_memory
 
 _WHOLE_TARGETS = {"resnet110": 0.5, "vit_small": 0.8}  # issue 22: whole AugLocal d=2 / whole GC
@@ -48,6 +53,7 @@ def main() -> None:
                         help="also time N trainer steps (optimizer update included) with step_each_module off and on, "
                              "alternating, after one warm-up each")
     parser.add_argument("--trainer-steps-only", action="store_true", help="time the trainer steps only (no memory)")
+    parser.add_argument("--tie", action="store_true", help="also measure AugLocal with tied copies (aux_tie)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -96,9 +102,31 @@ def main() -> None:
                     print(f"  {row.label}: {row.whole_peak / 2 ** 20:.1f} -> {after.whole_peak / 2 ** 20:.1f} MiB "
                           f"(grads at the peak {row.grad_bytes / 2 ** 20:.1f} -> {after.grad_bytes / 2 ** 20:.1f})"
                           + gc_part)
+        if args.tie:
+            _tied_rows(spec, args, report)
         if args.trainer_steps:
             _trainer_step_times(spec, args)
         print(f"({spec} measured in {time.perf_counter() - start:.0f} s)\n")
+
+
+def _tied_rows(spec: str, args, report) -> None:
+    """The AugLocal rows again with ``aux_tie``, beside the plain ones (whole counts, MiB)."""
+    tied = measure_memory(spec, methods=("auglocal",), d=tuple(args.depths), batch_size=args.batch_size,
+                          device=args.device, input_size=(3, args.input_size, args.input_size), rss=False,
+                          optimizer=args.optimizer, aux_checkpoint=(False, True) if args.recompute else False,
+                          step_each_module=(False, True) if args.step_each_module else False,
+                          options=ConversionOptions(aux_tie=True))
+    gc_whole = report.row("checkpoint").whole_peak if any(r.method == "checkpoint" for r in report.rows) else None
+    mib = lambda n: f"{n / 2 ** 20:9.1f}"  # noqa: E731
+    print("tied copies (aux_tie) beside plain copies: whole count = params + optimizer state + saved and "
+          "gradient bytes at their joint peak (MiB, bytes counted on the CPU, not a GPU allocator)")
+    print(f"{'row':42} {'params':>9} {'opt':>9} {'saved':>9} {'grads':>9} {'whole':>9} {'x GC':>6}")
+    for row in tied.rows:
+        plain = report.row("auglocal", row.d, row.aux_checkpoint, row.step_each_module)
+        for label, r in ((plain.label, plain), (row.label + " +tie", row)):
+            ratio = f"{r.whole_peak / gc_whole:6.2f}" if gc_whole else "     -"
+            print(f"{label:42} {mib(r.param_bytes)} {mib(r.optimizer_bytes)} {mib(r.saved_peak)} "
+                  f"{mib(r.grad_bytes)} {mib(r.whole_peak)} {ratio}")
 
 
 def _trainer_step_times(spec: str, args) -> None:

@@ -30,6 +30,8 @@ __all__ = [
     "model_kwargs_option",
     "weights_option",
     "aux_init_option",
+    "beyond_options",
+    "aux_tie_option",
     "MultiValueCommand",
     "RegistryChoice",
     "user_errors",
@@ -172,6 +174,29 @@ def aux_init_option(fn):
         help="How auxiliary copies start: drawn afresh by the model's init rule (the paper), or "
              "the copied blocks' weights where the shape allows (fine-tuning with --weights).",
     )(fn)
+
+
+def aux_tie_option(fn):
+    """``--aux-tie``: AugLocal's copies read their source blocks' kernels (issue 24)."""
+    return click.option(
+        "--aux-tie", is_flag=True, default=None,
+        help="AugLocal's copies store no kernels but read their source blocks' (detached), training only "
+             "their biases and norms: almost no auxiliary parameters (docs/method.md, Beyond AugLocal).",
+    )(fn)
+
+
+def beyond_options(fn):
+    """``--aux-follow M``, ``--aux-follow-adapted own|slice``, ``--aux-freeze F``, ``--aux-tie``
+    (docs/method.md, Beyond AugLocal); ``None`` for each not given."""
+    fn = aux_tie_option(fn)
+    fn = click.option("--aux-freeze", type=float, default=None,
+                      help="Freeze auxiliary layers top first, all frozen by this fraction of the run (e.g. 0.3).")(fn)
+    fn = click.option("--aux-follow-adapted", type=click.Choice(["own", "slice"]), default=None,
+                      help="Re-fitted copy layers keep their own weights or follow the source's slice "
+                           "[default: own].")(fn)
+    return click.option("--aux-follow", type=float, default=None,
+                        help="AugLocal's copies follow their source blocks by an EMA of this momentum "
+                             "(e.g. 0.9), plus a learned correction.")(fn)
 
 
 def conversion_from_flags(tau: Optional[float], no_pyramid: bool, selection: str, input_size,

@@ -8,7 +8,7 @@ from auglocal_fx.train_config import AMP_MODES, DEFAULT_EPOCHS, METHODS, PIPELIN
 
 from .options import (aux_head_option, rule_option, conversion_from_flags, depth_option, input_size_option, pyramid_options,
                       selection_option, spec_argument, user_errors)
-from .options import MultiValueCommand, aux_init_option, model_kwargs_option, weights_option
+from .options import MultiValueCommand, aux_init_option, aux_tie_option, model_kwargs_option, weights_option
 
 
 @click.command(cls=MultiValueCommand)
@@ -72,6 +72,7 @@ from .options import MultiValueCommand, aux_init_option, model_kwargs_option, we
               help="Re-fitted copy layers keep their own weights or follow the source's slice [default: own].")
 @click.option("--aux-freeze", type=float, default=None,
               help="Freeze auxiliary layers top first, all frozen by this fraction of the run (e.g. 0.3).")
+@aux_tie_option
 @click.option("--step-each-module/--step-at-end", default=None,
               help="Step each local module as soon as its loss is back-propagated and drop its gradients "
                    "(at most one module's exist at a time; the same weights), or step once at the end "
@@ -110,7 +111,7 @@ from .options import MultiValueCommand, aux_init_option, model_kwargs_option, we
 def train(spec, model_kwargs, weights, aux_init, dataset, data_dir, method, epochs, batch_size, lr, warmup_epochs, momentum, weight_decay,
           opt, opt_eps, opt_betas, sched, warmup_lr, min_lr, sched_on_updates, decay_epochs, decay_rate,
           mixup, cutmix, mixup_prob, mixup_switch_prob, model_ema, model_ema_decay, d, tau, no_pyramid,
-          selection, aux_head, rule, aux_checkpoint, aux_follow, aux_follow_adapted, aux_freeze, step_each_module, max_memory, out, resume, seed, device, amp, grad_clip, label_smoothing, channels_last, input_size,
+          selection, aux_head, rule, aux_checkpoint, aux_follow, aux_follow_adapted, aux_freeze, aux_tie, step_each_module, max_memory, out, resume, seed, device, amp, grad_clip, label_smoothing, channels_last, input_size,
           max_steps, train_subset, test_subset, no_augment, workers, nproc, pipeline, pipeline_balance, threads, quiet):
     """Train SPEC (e.g. paper:resnet32, timm:resnet18) with AugLocal or backprop.
 
@@ -124,7 +125,7 @@ def train(spec, model_kwargs, weights, aux_init, dataset, data_dir, method, epoc
         options = conversion_from_flags(tau, no_pyramid, selection, input_size, None, aux_head, rule,
                                         d=d, aux_init=aux_init, aux_checkpoint=aux_checkpoint,
                                         aux_follow=aux_follow, aux_follow_adapted=aux_follow_adapted,
-                                        aux_freeze=aux_freeze)
+                                        aux_freeze=aux_freeze, aux_tie=aux_tie)
         config = TrainConfig(
             model=spec, dataset=dataset, data_dir=data_dir, out=out, method=method, epochs=epochs,
             batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs, momentum=momentum, weight_decay=weight_decay,

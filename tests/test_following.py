@@ -204,3 +204,28 @@ def test_cli_flags_reach_the_run_and_bad_values_are_one_line(tmp_path):
     assert result.exit_code == 0, result.output
     state = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["model"]
     assert "freezing.progress" in state and any(k.startswith("following.ema") for k in state)
+
+
+@pytest.mark.parametrize("each", [False, True])
+def test_a_step_the_grad_scaler_skips_does_not_move_the_copies(tmp_path, each):
+    from auglocal_fx._train_loop import Run
+
+    cfg = TrainConfig(model=TINY, dataset="synthetic", input_size=16, batch_size=4, train_subset=16, test_subset=8,
+                      epochs=1, out=str(tmp_path), progress=False, aux_follow=0.5, step_each_module=each)
+    run = Run(cfg, 0, 1, 0)
+    # AMP's scaler on CPU: fp32 gradients, the same unscale and inf check as fp16 on CUDA.
+    run.scaler = run.updates.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    x, y = batch(SIZE, n=4, num_classes=10)
+    run.train_step(x, y)  # a step taken: the averages now differ from the sources
+    averages = {k: v.clone() for k, v in run.net.following.state_dict().items()}
+    aux1 = [p.detach().clone() for p in run.net.aux[1].parameters()]
+    poisoned = run._clip_groups()[1][0]  # a parameter of local module 1
+    handle = poisoned.register_hook(lambda g: torch.full_like(g, float("inf")))
+    run.train_step(x, y)
+    handle.remove()
+    assert run.scaler.get_scale() == 2.0 ** 9  # the scaler did skip
+    moved = [k for k, v in run.net.following.state_dict().items() if not torch.equal(v, averages[k])]
+    assert not moved  # the averages stand still ...
+    assert all(torch.equal(p, q) for p, q in zip(run.net.aux[1].parameters(), aux1))  # ... and so do the copies
+    run.train_step(x, y)  # the next step taken moves them again
+    assert any(not torch.equal(v, averages[k]) for k, v in run.net.following.state_dict().items())
