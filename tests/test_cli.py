@@ -96,6 +96,27 @@ def test_convert_refuses_to_overwrite_without_force(run, tmp_path):
     assert load(tmp_path / "r.pt").options["d"] == 2
 
 
+def test_convert_pauses_the_cycle_collector_and_resumes_it(run, monkeypatch):
+    import gc
+
+    import auglocal_fx
+
+    seen = []
+    real = auglocal_fx.to_local
+
+    def converting(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(auglocal_fx, "to_local", converting)
+    assert gc.isenabled()
+    result = run("convert", TINY, *TINY_SIZE, "--d", "2")
+    assert result.exit_code == 0, result.output
+    assert seen == [False] and gc.isenabled()  # paused while converting, on again after
+    assert_user_error(run("convert", TINY, *TINY_SIZE, "--d", "2", "--force"), "-o FILE")
+    assert gc.isenabled()  # also after a user error
+
+
 def test_convert_json(run, tmp_path):
     result = run("convert", "paper:resnet32", "--d", "2", "--json", "-o", "r32.pt")
     assert result.exit_code == 0, result.output
