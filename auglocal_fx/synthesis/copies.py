@@ -13,7 +13,7 @@ import math
 import warnings
 import weakref
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -46,11 +46,11 @@ def _meta_copy(source: fx.GraphModule, name: str) -> fx.GraphModule:
     for module in source.modules():
         for param in module._parameters.values():
             if param is not None and id(param) not in memo:
-                memo[id(param)] = nn.Parameter(torch.empty_like(param, device="meta"),
+                memo[id(param)] = nn.Parameter(_empty_like(param, "meta"),
                                                requires_grad=param.requires_grad)
         for buf in module._buffers.values():
             if buf is not None and id(buf) not in memo:
-                memo[id(buf)] = torch.empty_like(buf, device="meta")
+                memo[id(buf)] = _empty_like(buf, "meta")
     # The source's tracer class goes with the graph: a pickled copy is traced again with it.
     graph = fx.Graph(tracer_cls=source.graph._tracer_cls, tracer_extras=source.graph._tracer_extras)
     graph._codegen = copy.deepcopy(source.graph._codegen)
@@ -63,6 +63,19 @@ def _meta_copy(source: fx.GraphModule, name: str) -> fx.GraphModule:
             attrs[node.target] = (_clone_module(value, memo) if isinstance(value, nn.Module)
                                   else copy.deepcopy(value, memo))
     return fx.GraphModule(attrs, graph, name)
+
+
+def _empty_like(tensor: torch.Tensor, device: Union[str, torch.device]) -> torch.Tensor:
+    """``torch.empty_like(tensor, device=device)``, without PyTorch's Python path for meta inputs.
+
+    From a meta tensor, ``empty_like`` runs a Python reference (100 us against 5 us): copies of
+    templates and materializing meta copies allocate thousands of tensors.
+    """
+    if tensor.is_contiguous() or tensor.is_contiguous(memory_format=torch.channels_last):
+        # dense: empty_like keeps these strides
+        return torch.empty_strided(tensor.size(), tensor.stride(), dtype=tensor.dtype,
+                                   device=device)
+    return torch.empty_like(tensor, device=device)
 
 
 def _clone_module(module: nn.Module, memo: Dict[int, Any]) -> nn.Module:
@@ -156,7 +169,7 @@ def _materialize(gm: fx.GraphModule, source: fx.GraphModule, device: torch.devic
     norm weights and zeros otherwise. With ``copy_weights``, every parameter and buffer whose
     shape the adaptation kept then takes the source's current value (``aux_init="copy"``).
     """
-    gm.to_empty(device=device)
+    gm._apply(lambda t: _empty_like(t, device))  # what gm.to_empty(device) does, faster
     source_modules = dict(source.named_modules())
     twins = dict(source.named_parameters())
     twins.update(dict(source.named_buffers()))
