@@ -8,8 +8,8 @@ instance) are not counted, as in the paper, but they are listed by
 
 The analysis object is thin, lazy and cached, like fvcore's ``FlopCountAnalysis``: nothing runs
 until the first query, and every primary block, the head and every auxiliary network is counted
-once, on a batch-1 input of the shape it sees in the network (the primary runs once to find each
-block's input). Counts are also cached per (module architecture, input shape) across analyses,
+once, on a batch-1 input of the shape it sees in the network (each block's input shape is the
+output shape of the previous block's count: nothing runs besides fvcore's traces). Counts are also cached per (module architecture, input shape) across analyses,
 so sweeping ``d`` or ``tau`` (``auglocal_fx.budget.solve_budget``) never recounts a primary
 block, and identical auxiliary networks (common in ResNets) are traced once. Formatting lives apart, in
 ``auglocal_fx.tables``.
@@ -24,7 +24,7 @@ import math
 import warnings
 from collections import Counter
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -44,7 +44,7 @@ __all__ = [
 Shape = Tuple[int, ...]
 
 _CACHE_LIMIT = 4096
-_CACHE: Dict[Tuple, Tuple[int, Tuple[Tuple[str, int], ...]]] = {}
+_CACHE: Dict[Tuple, "_Count"] = {}
 
 
 @dataclass(frozen=True)
@@ -136,20 +136,25 @@ def _quiet():
     """Silence fvcore's logger and the jit tracer's warnings; we collect what they say."""
     logger = logging.getLogger("fvcore")
     level = logger.level
-    logger.setLevel(logging.ERROR)
+    # setLevel clears the cache of every logger (PyTorch has hundreds): set it once per query,
+    # not once per counted module (nested calls find it set).
+    if level != logging.ERROR:
+        logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        if logger.level != level:
+            logger.setLevel(level)
 
 
 @contextlib.contextmanager
 def _eval_mode(module: nn.Module):
     """Put ``module`` in eval mode (batch-1 BatchNorm needs it) and restore every flag after."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
+    modes = [(m, m.training) for m in module.modules() if m.training]
+    for m, _ in modes:
+        m.training = False
     try:
         yield module
     finally:
@@ -162,6 +167,15 @@ def _example(module: nn.Module, shape: Shape) -> torch.Tensor:
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     return random_input(shape, 1, device, dtype)
+
+
+@dataclass(frozen=True)
+class _Count:
+    """What counting one module on one input shape gives (cached per architecture and shape)."""
+
+    flops: int
+    unsupported: Tuple[Tuple[str, int], ...]
+    output_shape: Optional[Shape]  # without the batch dimension; None: not one tensor
 
 
 def count_module_flops(module: nn.Module, input_shape: Sequence[int]) -> Tuple[int, Counter]:
@@ -179,34 +193,51 @@ def count_module_flops(module: nn.Module, input_shape: Sequence[int]) -> Tuple[i
     Raises:
         AugLocalError: if fvcore cannot trace the module.
     """
-    shape = tuple(int(s) for s in input_shape)
-    if _is_plain_sequential(module) and len(module) > 1:
-        # Count child by child: identical children (block copies in many auxiliary networks)
-        # then hit the cache.
-        total, unsupported = 0, Counter()
-        example = _example(module, shape)
-        with _eval_mode(module), single_thread(), torch.no_grad():
-            for child in module:
-                flops, ops = count_module_flops(child, tuple(example.shape[1:]))
-                total += flops
-                unsupported.update(ops)
-                example = child(example)
-        return total, unsupported
-    return _count_one(module, shape)
+    count = _count_module(module, tuple(int(s) for s in input_shape))
+    return count.flops, Counter(dict(count.unsupported))
+
+
+def _count_module(module: nn.Module, shape: Shape) -> _Count:
+    if not (_is_plain_sequential(module) and len(module) > 1):
+        return _count_one(module, shape)
+    # Count child by child: identical children (block copies in many auxiliary networks) then
+    # hit the cache, and each child's input shape is the previous child's output shape, taken
+    # from its count: no forward pass besides fvcore's own trace of an uncached child.
+    total, unsupported = 0, Counter()
+    with _quiet():
+        for i, child in enumerate(module):
+            count = _count_one(child, _one_tensor(shape, f"{type(module).__name__}[{i - 1}]"))
+            total += count.flops
+            unsupported.update(dict(count.unsupported))
+            shape = count.output_shape
+    return _Count(total, tuple(sorted(unsupported.items())), shape)
+
+
+def _one_tensor(shape: Optional[Shape], what: str) -> Shape:
+    if shape is None:
+        raise AugLocalError(
+            f"cannot count FLOPs past {what}: it returns something other than one tensor; "
+            "count its modules by hand")
+    return shape
 
 
 def _is_plain_sequential(module: nn.Module) -> bool:
     return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
 
 
-def _count_one(module: nn.Module, shape: Shape) -> Tuple[int, Counter]:
-    with _quiet():  # importing fvcore warns that torch.jit.script is deprecated
-        from fvcore.nn import FlopCountAnalysis
-
+def _count_one(module: nn.Module, shape: Shape) -> _Count:
     key = (_arch_key(module), shape)
     hit = _CACHE.get(key)
-    if hit is None:
+    if hit is not None:
+        return hit
+    outputs: List[object] = []
+    # fvcore's trace runs the module once; the hook keeps its output, so the output shape
+    # needs no forward pass of its own (it only stores the tensor: nothing enters the trace).
+    handle = module.register_forward_hook(lambda _m, _i, out: outputs.append(out))
+    try:
         with _quiet(), _eval_mode(module), single_thread(), torch.no_grad():
+            from fvcore.nn import FlopCountAnalysis  # importing it warns: torch.jit.script
+
             analysis = FlopCountAnalysis(module, (_example(module, shape),))
             analysis.unsupported_ops_warnings(False)
             analysis.uncalled_modules_warnings(False)
@@ -220,10 +251,14 @@ def _count_one(module: nn.Module, shape: Shape) -> Tuple[int, Counter]:
                     f"{shape} ({first}); count it by hand or report the model"
                 ) from None
             unsupported = tuple(sorted(analysis.unsupported_ops().items()))
-        if len(_CACHE) >= _CACHE_LIMIT:
-            _CACHE.clear()
-        hit = _CACHE[key] = (total, unsupported)
-    return hit[0], Counter(dict(hit[1]))
+    finally:
+        handle.remove()
+    out = outputs[0] if len(outputs) == 1 else None
+    out_shape = tuple(int(v) for v in out.shape[1:]) if isinstance(out, torch.Tensor) else None
+    if len(_CACHE) >= _CACHE_LIMIT:
+        _CACHE.clear()
+    hit = _CACHE[key] = _Count(total, unsupported, out_shape)
+    return hit
 
 
 def _num_params(modules: Iterable[nn.Module]) -> int:
@@ -259,38 +294,36 @@ class LocalFlops:
     def _primary_costs(self) -> Tuple[List[BlockCost], BlockCost]:
         local = self.local
         names = list(getattr(local, "block_names", [[] for _ in local.blocks]))
-        shape = tuple(local.input_size)
-        inputs: List[Shape] = []
-        outputs: List[Shape] = []
-        with _eval_mode(local), single_thread(), torch.no_grad():
-            h = _example(local, shape)
-            for block in local.blocks:
-                inputs.append(tuple(h.shape[1:]))
-                h = block(h)
-                outputs.append(tuple(h.shape[1:]))
-            head_in = tuple(h.shape[1:])
-            head_out = tuple(local.head(h).shape[1:])
+        shape: Optional[Shape] = tuple(int(v) for v in local.input_size)
         blocks = []
-        for j, block in enumerate(local.blocks):
-            flops, unsupported = count_module_flops(block, inputs[j])
-            self._unsupported.update(unsupported)
-            blocks.append(BlockCost(j, tuple(names[j]) if j < len(names) else (), inputs[j],
-                                    outputs[j], flops, _num_params([block])))
-        flops, unsupported = count_module_flops(local.head, head_in)
-        self._unsupported.update(unsupported)
-        return blocks, BlockCost(-1, ("head",), head_in, head_out, flops, _num_params([local.head]))
+        with _quiet():  # once for every block
+            # Each block's input shape is the previous block's output shape, taken from its
+            # count (fvcore's trace): the primary network is not run besides.
+            for j, block in enumerate(local.blocks):
+                count = _count_module(block, _one_tensor(shape, f"block {j - 1}"))
+                self._unsupported.update(dict(count.unsupported))
+                blocks.append(BlockCost(j, tuple(names[j]) if j < len(names) else (), shape,
+                                        _one_tensor(count.output_shape, f"block {j}"),
+                                        count.flops, _num_params([block])))
+                shape = count.output_shape
+            head_in = _one_tensor(shape, f"block {len(blocks) - 1}")
+            count = _count_module(local.head, head_in)
+        self._unsupported.update(dict(count.unsupported))
+        return blocks, BlockCost(-1, ("head",), head_in, _one_tensor(count.output_shape, "the head"),
+                                 count.flops, _num_params([local.head]))
 
     @functools.cached_property
     def aux(self) -> List[AuxCost]:
         """Per auxiliary network (blocks ``0 .. K-2``): forward FLOPs and parameters."""
         blocks = self.blocks
         aux = []
-        for plan, net in zip(self.local.plan, self.local.aux):
-            j = plan.block
-            flops, unsupported = count_module_flops(net, blocks[j].output_shape)
-            self._unsupported.update(unsupported)
-            aux.append(AuxCost(j, tuple(plan.selected), tuple(plan.strides), len(plan.selected) + 1,
-                               flops, _num_params([net])))
+        with _quiet():  # once for every auxiliary network
+            for plan, net in zip(self.local.plan, self.local.aux):
+                j = plan.block
+                count = _count_module(net, blocks[j].output_shape)
+                self._unsupported.update(dict(count.unsupported))
+                aux.append(AuxCost(j, tuple(plan.selected), tuple(plan.strides),
+                                   len(plan.selected) + 1, count.flops, _num_params([net])))
         return aux
 
     # -- queries ----------------------------------------------------------------------------

@@ -8,7 +8,9 @@ Usage::
 2. Stages: the same work in a fresh process, each stage timed with ``time.perf_counter``:
    imports, resolve (create the model), trace (fx, eval and train graphs, shapes), partition,
    plan, synthesis (the auxiliary networks), assembly (``LocalNet``), FLOPs counting (fvcore),
-   save. Conversion and counting run on one thread, as the CLI does.
+   save. Conversion and counting run on one thread, as the CLI does. The whole process also
+   pays for the interpreter's start and exit and for Python's cycle collections, which the CLI
+   pauses while converting and freezes out of its last collection at exit; the stages do not.
 
 Target: at most 6 s for the whole process (issue 22; 10 s before).
 """

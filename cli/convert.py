@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import click
 
@@ -49,6 +50,7 @@ def convert(spec: str, d: Optional[int], tau, no_pyramid, selection, rule, aux_h
     Prints one row per primary block (its auxiliary network's depth, copied blocks, FLOPs and
     parameters) and the totals. FLOPs follow fvcore: 1 multiply-add = 1 FLOP, one example.
     """
+    click.get_current_context().call_on_close(_pause_collection())
     from auglocal_fx import to_local
     from auglocal_fx.budget import solve_budget
     from auglocal_fx.flops import count_flops
@@ -95,3 +97,16 @@ def convert(spec: str, d: Optional[int], tau, no_pyramid, selection, rule, aux_h
     click.echo(flops_table(flops))
     if output is not None:
         click.echo(f"saved {output}; restore with auglocal_fx.load({output!r})")
+
+
+def _pause_collection() -> Callable[[], None]:
+    """Pause Python's cycle collector for one conversion; returns what resumes it.
+
+    A conversion leaves little cyclic garbage (RegNetX-400MF at d=6: 8 MB more peak memory
+    without collecting), while each full collection re-scans every object torch, timm and fvcore
+    keep alive (about 10^6): an eighth of ``convert timm:regnetx_004 --d 6``.
+    """
+    if not gc.isenabled():
+        return lambda: None
+    gc.disable()
+    return gc.enable

@@ -96,6 +96,40 @@ def test_convert_refuses_to_overwrite_without_force(run, tmp_path):
     assert load(tmp_path / "r.pt").options["d"] == 2
 
 
+def test_convert_pauses_the_cycle_collector_and_resumes_it(run, monkeypatch):
+    import gc
+
+    import auglocal_fx
+
+    seen = []
+    real = auglocal_fx.to_local
+
+    def converting(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(auglocal_fx, "to_local", converting)
+    assert gc.isenabled()
+    result = run("convert", TINY, *TINY_SIZE, "--d", "2")
+    assert result.exit_code == 0, result.output
+    assert seen == [False] and gc.isenabled()  # paused while converting, on again after
+    assert_user_error(run("convert", TINY, *TINY_SIZE, "--d", "2", "--force"), "-o FILE")
+    assert gc.isenabled()  # also after a user error
+
+
+def test_the_command_line_freezes_its_imports_and_what_is_left_at_exit():
+    # After importing the commands the collector is on; at exit everything alive is frozen, so
+    # Python's last collection does not re-scan it.
+    import subprocess
+    import sys
+
+    code = ("import atexit, gc; from auglocal_fx_cli.main import cli; junk = [[] for _ in range(5000)]; "
+            "frozen = gc.get_freeze_count(); atexit._run_exitfuncs(); "
+            "print(gc.isenabled(), frozen > 0, gc.get_freeze_count() - frozen > 1000)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True", "True"], out.stdout + out.stderr
+
+
 def test_convert_json(run, tmp_path):
     result = run("convert", "paper:resnet32", "--d", "2", "--json", "-o", "r32.pt")
     assert result.exit_code == 0, result.output

@@ -74,13 +74,13 @@ def test_count_flops_is_lazy(resnet32_d3, monkeypatch):
     import auglocal_fx.flops as flops_module
 
     counted = []
-    real = flops_module.count_module_flops
+    real = flops_module._count_module
 
     def counting(module, *args, **kwargs):
         counted.append(module)
         return real(module, *args, **kwargs)
 
-    monkeypatch.setattr(flops_module, "count_module_flops", counting)
+    monkeypatch.setattr(flops_module, "_count_module", counting)
     flops = LocalFlops(resnet32_d3)
     assert counted == []  # nothing runs until the first query
     aux = {id(net) for net in resnet32_d3.aux}
@@ -111,6 +111,83 @@ def test_primary_equals_fvcore_on_the_original_model(resnet32_d3):
     assert flops.params_primary == sum(p.numel() for p in original.parameters())
     assert flops.params_aux == sum(p.numel() for p in resnet32_d3.aux.parameters())
     assert flops.unsupported_ops()["aten::add"] > 0  # residual additions: listed, not dropped
+
+
+def test_counting_runs_each_module_once_in_fvcores_trace_only(resnet32_d3, monkeypatch):
+    import auglocal_fx.flops as flops_module
+
+    monkeypatch.setattr(flops_module, "_CACHE", {})
+    calls = {}
+    modules = list(resnet32_d3.blocks) + [resnet32_d3.head] + [m for net in resnet32_d3.aux for m in net]
+    handles = [m.register_forward_hook(lambda m, i, o: calls.__setitem__(id(m), calls.get(id(m), 0) + 1))
+               for m in modules]
+    try:
+        count_flops(resnet32_d3).as_dict()
+    finally:
+        for handle in handles:
+            handle.remove()
+    # an uncached module runs once, inside fvcore's trace; a cached one does not run at all
+    assert calls and max(calls.values()) == 1
+    assert len(calls) < len(modules)  # repeated blocks and copies hit the cache
+
+
+def _fvcore_direct(module, shape):
+    """fvcore on ``module`` itself (eval mode, batch 1): total and operators left uncounted."""
+    from fvcore.nn import FlopCountAnalysis
+
+    training = module.training
+    module.eval()
+    try:
+        analysis = FlopCountAnalysis(module, torch.randn(1, *shape))
+        analysis.unsupported_ops_warnings(False)
+        analysis.uncalled_modules_warnings(False)
+        analysis.tracer_warnings("none")
+        return analysis.total(), dict(analysis.unsupported_ops())
+    finally:
+        module.train(training)
+
+
+@pytest.mark.parametrize("spec, d, size", [
+    ("paper:resnet32", 3, None),
+    ("timm:regnetx_002", 6, (3, 64, 64)),
+    ("timm:mobilenetv2_050", 4, (3, 64, 64)),
+    ("timm:vit_tiny_patch16_224", 2, None),
+])
+def test_every_count_equals_fvcore_run_on_that_module(spec, d, size):
+    # Independent reference: fvcore run directly on each primary block, the head, each whole
+    # auxiliary network and the exported original, at the input shapes a forward pass gives;
+    # our counts chain shapes from the counts and count auxiliary networks child by child.
+    from fvcore.nn import FlopCountAnalysis
+
+    local = to_local(spec, d=d, input_size=size).eval()
+    flops = count_flops(local)
+    with torch.no_grad():
+        h = torch.randn(1, *local.input_size)
+        outputs, unsupported = [], {}
+        for j, block in enumerate(local.blocks):
+            expected, ops = _fvcore_direct(block, tuple(h.shape[1:]))
+            assert flops.blocks[j].flops == expected, f"block {j}"
+            assert flops.blocks[j].input_shape == tuple(h.shape[1:])
+            h = block(h)
+            assert flops.blocks[j].output_shape == tuple(h.shape[1:])
+            outputs.append(tuple(h.shape[1:]))
+            for k, v in ops.items():
+                unsupported[k] = unsupported.get(k, 0) + v
+        assert flops.head.flops == _fvcore_direct(local.head, tuple(h.shape[1:]))[0]
+        assert flops.head.output_shape == tuple(local.head(h).shape[1:])
+        for cost, net in zip(flops.aux, local.aux):
+            expected, ops = _fvcore_direct(net, outputs[cost.block])
+            assert cost.flops == expected, f"auxiliary network {cost.block}"
+            for k, v in ops.items():
+                unsupported[k] = unsupported.get(k, 0) + v
+        for k, v in _fvcore_direct(local.head, tuple(h.shape[1:]))[1].items():
+            unsupported[k] = unsupported.get(k, 0) + v
+    assert dict(flops.unsupported_ops()) == unsupported
+    original = local.export().eval()
+    analysis = FlopCountAnalysis(original, torch.randn(1, *local.input_size))
+    analysis.unsupported_ops_warnings(False)
+    analysis.uncalled_modules_warnings(False)
+    assert flops.primary == analysis.total()
 
 
 def test_as_dict_is_json_with_integer_flops(resnet32_d3):

@@ -211,3 +211,36 @@ def test_copies_share_nothing_with_their_source():
     assert not theirs & {id(t) for t in list(copy_gm.parameters()) + list(copy_gm.buffers())}
     assert not {id(m) for m in source.modules()} & {id(m) for m in copy_gm.modules()}
     assert all(n.graph is copy_gm.graph for n in copy_gm.graph.nodes)
+
+
+@pytest.mark.parametrize("spec, d, size", [
+    ("paper:resnet32", 4, None),
+    ("timm:regnetx_002", 6, (3, 64, 64)),
+    ("timm:dpn68", 2, (3, 32, 32)),  # input adapters (channels)
+    ("timm:swin_tiny_patch4_window7_224", 3, (3, 56, 56)),  # ShapeAdapters: they draw when built
+])
+def test_copies_cloned_from_a_template_equal_copies_adapted_afresh(spec, d, size, monkeypatch):
+    # The same conversion, seed and all, with every copy adapted afresh (no templates): the
+    # same modules in the same order, the same operations and the same drawn weights. (Node
+    # names are not compared: two conversions in one process number them differently anyway.)
+    import warnings
+
+    import auglocal_fx.synthesis.copies as copies
+
+    def convert():
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return to_local(spec, d=d, input_size=size)
+
+    cloned = convert()
+    monkeypatch.setattr(copies, "_adapted", lambda source, *args: copies._adapt(source, *args))
+    fresh = convert()
+    for ours, theirs in zip(cloned.aux, fresh.aux):
+        assert [type(m).__name__ for m in ours] == [type(m).__name__ for m in theirs]
+        assert [[(n.op, str(n.target)) for n in m.graph.nodes] for m in ours if hasattr(m, "graph")] \
+            == [[(n.op, str(n.target)) for n in m.graph.nodes] for m in theirs if hasattr(m, "graph")]
+        assert [n for n, _ in ours.named_modules()] == [n for n, _ in theirs.named_modules()]
+    ours, theirs = cloned.state_dict(), fresh.state_dict()
+    assert list(ours) == list(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
