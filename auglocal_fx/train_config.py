@@ -83,6 +83,8 @@ class TrainConfig:
         aux_follow, aux_follow_adapted, aux_freeze: AugLocal's copies follow their source
             blocks by an EMA; auxiliary layers freeze top first (see
             ``ConversionOptions``; not with ``pipeline > 1``).
+        aux_resolution: ``"paper"`` or ``"source"``: the resolution AugLocal's copies run at
+            (see ``ConversionOptions``).
         step_each_module: step each local module as soon as its loss is back-propagated and drop
             its gradients, so at most one module's gradients exist at a time (same weights as one
             step at the end; see ``auglocal_fx._updates``); ``False`` steps once at the end of
@@ -166,6 +168,7 @@ class TrainConfig:
     aux_follow: Optional[float] = None
     aux_follow_adapted: str = "own"
     aux_freeze: Optional[float] = None
+    aux_resolution: str = "paper"
     step_each_module: Optional[bool] = None
     max_memory: Union[None, int, str] = None
     seed: int = 0
@@ -199,7 +202,7 @@ class TrainConfig:
 
 # The TrainConfig fields that are conversion options; ``conversion`` sets them.
 _CONVERSION_FIELDS = ("d", "tau", "pyramid", "selection", "aux_head", "rule", "aux_init", "aux_checkpoint",
-                      "aux_follow", "aux_follow_adapted", "aux_freeze")
+                      "aux_follow", "aux_follow_adapted", "aux_freeze", "aux_resolution")
 
 
 @dataclass

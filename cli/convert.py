@@ -11,6 +11,7 @@ import click
 from .options import (
     MultiValueCommand,
     aux_init_option,
+    aux_resolution_option,
     conversion_options,
     conversion_from_flags,
     depth_option,
@@ -30,6 +31,7 @@ __all__ = ["convert"]
 @conversion_options
 @weights_option
 @aux_init_option
+@aux_resolution_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Write the converted network to FILE (default: nothing is written); restore "
                    "with auglocal_fx.load.")
@@ -39,7 +41,7 @@ __all__ = ["convert"]
               help="Pick d and tau to fit a forward-FLOPs budget: a multiple of BP like 2.5x, "
                    "or an absolute figure like 1.1G or 800M (1 multiply-add = 1 FLOP).")
 def convert(spec: str, d: Optional[int], tau, no_pyramid, selection, rule, aux_head, input_size,
-            num_classes, model_kwargs, weights, aux_init, output, force, as_json,
+            num_classes, model_kwargs, weights, aux_init, aux_resolution, output, force, as_json,
             flops_budget) -> None:
     """Convert SPEC into an AugLocal network; print it, and save it with -o FILE.
 
@@ -53,7 +55,7 @@ def convert(spec: str, d: Optional[int], tau, no_pyramid, selection, rule, aux_h
     from auglocal_fx.tables import flops_table
 
     options = conversion_from_flags(tau, no_pyramid, selection, input_size, num_classes, aux_head,
-                                    rule, model_kwargs, aux_init=aux_init)
+                                    rule, model_kwargs, aux_init=aux_init, aux_resolution=aux_resolution)
     if d is None and not options.uses_depth:
         d = 2  # the baselines train every block but the last; d does not apply
     if d is None and flops_budget is None:
