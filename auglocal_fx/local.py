@@ -55,7 +55,8 @@ def to_local(
     The conversion options are a :class:`~auglocal_fx.ConversionOptions` (``options=``); the
     keyword arguments of the same names are a convenience that overrides its fields (``None``
     keeps them: ``d=2``, ``tau=0.5``, ``pyramid=True``, ``selection="uniform"``,
-    ``aux_head="auto"``, ``rule="auglocal"``, ``aux_init="init"``, ``aux_checkpoint=False``, ``aux_resolution="paper"``).
+    ``aux_head="auto"``, ``rule="auglocal"``, ``aux_init="init"``, ``aux_checkpoint=False``,
+    ``aux_resolution="paper"``).
 
     Args:
         model: an ``nn.Module`` (shared, not copied: training the LocalNet trains it), or a
