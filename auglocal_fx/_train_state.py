@@ -25,9 +25,9 @@ RESUME_KEYS = ("model", "dataset", "method", "d", "tau", "pyramid", "selection",
                "batch_size",
                "epochs", "warmup_epochs", "seed", "input_size", "train_subset", "augment",
                "opt", "sched", "sched_on_updates", "model_ema",
-               "model_kwargs", "weights", "aux_init")
+               "model_kwargs", "weights", "aux_init", "aux_resolution")
 # What runs did before a key existed, for checkpoints written without it.
-RESUME_DEFAULTS = {"aux_init": "init"}
+RESUME_DEFAULTS = {"aux_init": "init", "aux_resolution": "paper"}
 
 
 def resume_view(cfg: Any) -> Dict[str, Any]:

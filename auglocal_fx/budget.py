@@ -162,7 +162,8 @@ def solve_budget(
     def aux_flops(plan) -> int:
         if plan not in aux_cache:
             with single_thread():
-                net = synthesize_aux_net(partition, plan, aux_head=base.conversion.resolved_aux_head)
+                net = synthesize_aux_net(partition, plan, aux_head=base.conversion.resolved_aux_head,
+                                         aux_resolution=base.conversion.aux_resolution)
             aux_cache[plan] = count_module_flops(net, base.block_shapes[plan.block])[0]
         return aux_cache[plan]
 

@@ -48,13 +48,15 @@ def to_local(
     aux_init: Optional[str] = None,
     aux_checkpoint: Optional[bool] = None,
     options: Optional[ConversionOptions] = None,
+    aux_resolution: Optional[str] = None,
 ) -> LocalNet:
     """Convert a ConvNet into an AugLocal :class:`LocalNet`.
 
     The conversion options are a :class:`~auglocal_fx.ConversionOptions` (``options=``); the
     keyword arguments of the same names are a convenience that overrides its fields (``None``
     keeps them: ``d=2``, ``tau=0.5``, ``pyramid=True``, ``selection="uniform"``,
-    ``aux_head="auto"``, ``rule="auglocal"``, ``aux_init="init"``, ``aux_checkpoint=False``).
+    ``aux_head="auto"``, ``rule="auglocal"``, ``aux_init="init"``, ``aux_checkpoint=False``,
+    ``aux_resolution="paper"``).
 
     Args:
         model: an ``nn.Module`` (shared, not copied: training the LocalNet trains it), or a
@@ -102,6 +104,10 @@ def to_local(
             are recomputed likewise. The gradients, dropout masks and BatchNorm statistics are
             exactly those without it; the cost is one more auxiliary forward per step. Settable
             later as ``local.aux_checkpoint``.
+        aux_resolution: where AugLocal's copies run: ``"paper"`` (the planned strides, at most
+            one 2x reduction per copy, as the authors' code) or ``"source"`` (each copy's input
+            average-pooled to its source block's resolution first; see
+            :mod:`auglocal_fx.synthesis`).
         options: the conversion options as one record; ``leaf_modules``,
             ``autowrap_functions`` and ``weights`` are not in it (a checkpoint cannot carry
             classes and functions; the weights are the checkpoint's own).
@@ -114,7 +120,7 @@ def to_local(
         options, d=d, tau=tau, pyramid=pyramid, selection=selection, input_size=input_size,
         num_classes=num_classes, block_boundaries=block_boundaries, aux_head=aux_head, rule=rule,
         normalization=normalization, model_kwargs=model_kwargs, aux_init=aux_init,
-        aux_checkpoint=aux_checkpoint)
+        aux_checkpoint=aux_checkpoint, aux_resolution=aux_resolution)
     local_rule = get_rule(opts.rule)
     input_size, num_classes, model_kwargs = opts.input_size, opts.num_classes, opts.model_kwargs
     spec = None
@@ -153,7 +159,7 @@ def to_local(
         init = InitReference.from_model(model, initial)
         notes: List[Tuple[str, str, str]] = []
         context = RuleContext(partition, opts.num_classes, opts.input_size, len(plans) + 1, init,
-                              opts.resolved_aux_head, notes, opts.aux_init)
+                              opts.resolved_aux_head, notes, opts.aux_init, opts.aux_resolution)
         aux = [local_rule.build(p, context) for p in plans]
     warn_adapters(notes)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))

@@ -20,7 +20,7 @@ from .errors import AugLocalError
 from .following import validate_follow, validate_freeze
 from .planning import validate_options
 from .rules import get_rule
-from .synthesis import validate_aux_head, validate_aux_init
+from .synthesis import validate_aux_head, validate_aux_init, validate_aux_resolution
 
 __all__ = ["ConversionOptions", "conversion_options"]
 
@@ -29,7 +29,7 @@ __all__ = ["ConversionOptions", "conversion_options"]
 _OLD_DEFAULTS = {"aux_head": "copy", "rule": "auglocal", "normalization": None, "aux_init": "init",
                  "model_kwargs": None, "aux_checkpoint": False, "block_boundaries": None,
                  "aux_follow": None, "aux_follow_adapted": "own", "aux_freeze": None,
-                 "aux_tie": False}
+                 "aux_tie": False, "aux_resolution": "paper"}
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,8 @@ class ConversionOptions:
             ``None``: they train to the end.
         aux_tie: AugLocal's copies store no kernels of their own but read their sources' (detached),
             training only their 1-D parameters (see :mod:`auglocal_fx.tying`).
+        aux_resolution: ``"paper"`` (at most one 2x reduction per copy, the authors') or
+            ``"source"`` (each copy pooled to its source block's resolution first).
     """
 
     d: int = 2
@@ -80,11 +82,13 @@ class ConversionOptions:
     aux_follow_adapted: str = "own"
     aux_freeze: Optional[float] = None
     aux_tie: bool = False
+    aux_resolution: str = "paper"
 
     def __post_init__(self) -> None:
         validate_options(self.d, self.tau, self.selection)
         validate_aux_head(self.aux_head)
         validate_aux_init(self.aux_init)
+        validate_aux_resolution(self.aux_resolution)
         get_rule(self.rule)
         validate_follow(self.aux_follow, self.aux_follow_adapted)
         validate_freeze(self.aux_freeze)
@@ -157,10 +161,11 @@ class ConversionOptions:
         return text + self._beyond(", {}={}")
 
     def _beyond(self, form: str) -> str:
-        """The issue-24 options that are set, each as ``form.format(name, value)``."""
+        """The options beyond the paper's that are set, each as ``form.format(name, value)``."""
         names = ("aux_follow", "aux_follow_adapted") if self.aux_follow is not None else ()
         names += ("aux_freeze",) if self.aux_freeze is not None else ()
         names += ("aux_tie",) if self.aux_tie else ()
+        names += ("aux_resolution",) if self.aux_resolution != "paper" else ()
         return "".join(form.format(name, getattr(self, name)) for name in names)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -185,6 +190,8 @@ class ConversionOptions:
             out["aux_freeze"] = self.aux_freeze
         if self.aux_tie:
             out["aux_tie"] = True
+        if self.aux_resolution != "paper":
+            out["aux_resolution"] = self.aux_resolution
         return out
 
     @classmethod

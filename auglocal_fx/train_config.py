@@ -85,6 +85,8 @@ class TrainConfig:
             ``ConversionOptions``; not with ``pipeline > 1``).
         aux_tie: AugLocal's copies read their sources' kernels instead of storing their own
             (see ``auglocal_fx.tying``; not with ``aux_follow`` or ``pipeline > 1``).
+        aux_resolution: ``"paper"`` or ``"source"``: the resolution AugLocal's copies run at
+            (see ``ConversionOptions``).
         step_each_module: step each local module as soon as its loss is back-propagated and drop
             its gradients, so at most one module's gradients exist at a time (same weights as one
             step at the end; see ``auglocal_fx._updates``); ``False`` steps once at the end of
@@ -169,6 +171,7 @@ class TrainConfig:
     aux_follow_adapted: str = "own"
     aux_freeze: Optional[float] = None
     aux_tie: bool = False
+    aux_resolution: str = "paper"
     step_each_module: Optional[bool] = None
     max_memory: Union[None, int, str] = None
     seed: int = 0
@@ -202,7 +205,7 @@ class TrainConfig:
 
 # The TrainConfig fields that are conversion options; ``conversion`` sets them.
 _CONVERSION_FIELDS = ("d", "tau", "pyramid", "selection", "aux_head", "rule", "aux_init", "aux_checkpoint",
-                      "aux_follow", "aux_follow_adapted", "aux_freeze", "aux_tie")
+                      "aux_follow", "aux_follow_adapted", "aux_freeze", "aux_tie", "aux_resolution")
 
 
 @dataclass

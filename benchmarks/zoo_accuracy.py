@@ -15,7 +15,7 @@ trained the way its users train it:
 No mixup, cutmix or EMA: at a few epochs on a few thousand images they cost accuracy for every
 method alike (they are options of ``train``).
 
-Per run it reports the test top-1 of the primary network, the mean time per training step (the
+Per run it reports the test top-1 of the primary network (and its gap to BP after each epoch), the mean time per training step (the
 training loop's seconds over its steps), and the training memory of one step at batch 128
 measured by ``auglocal_fx.memory.measure_memory``: the peak of bytes saved for backward
 (saved_tensors_hooks) and the growth of the process's peak RSS (a fresh subprocess). The gap is
@@ -239,6 +239,22 @@ def _table(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def _epoch_gaps(results: List[dict], families: List[str], methods: List[str]) -> List[str]:
+    """Per family and local method, BP's mean test top-1 minus the method's after each epoch
+    (the runs' ``history``): whether a gap closes with training, not only where it ends."""
+    out = []
+    for family in families:
+        bp = [r["history"] for r in results if r["family"] == family and r["method"] == "bp"]
+        for method in methods:
+            runs = [r["history"] for r in results if r["family"] == family and r["method"] == method]
+            if method == "bp" or not bp or not runs:
+                continue
+            epochs = min(len(h) for h in bp + runs)
+            gaps = [statistics.fmean(h[e] for h in bp) - statistics.fmean(h[e] for h in runs) for e in range(epochs)]
+            out.append(f"{family} {LABELS[method]}: " + " ".join(f"{g:+.2f}" for g in gaps))
+    return out
+
+
 def _verdicts(rows: List[dict], families: List[str]) -> List[str]:
     """Each target of the benchmark, met or not, per family."""
     out = []
@@ -336,6 +352,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows = _rows(results, args.families, args.methods)
     recipe = _recipe(args)
     print("\n" + _table(rows))
+    print("\nGap to BP after each epoch (points):\n"
+          + "\n".join(f"  {g}" for g in _epoch_gaps(results, args.families, args.methods)))
     print("\nTargets:\n" + "\n".join(f"  {v}" for v in _verdicts(rows, args.families)))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"recipe": recipe, "recipes": RECIPES, "rows": rows,

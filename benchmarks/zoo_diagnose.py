@@ -1,6 +1,6 @@
 """Why a family trails BP in ``zoo_accuracy.py``: diagnostic runs and what the trained nets hold.
 
-Two subcommands, both on the zoo's recipe (Fashion-MNIST 32 px, 4096 / 2000 images, batch 128,
+Three subcommands, on the zoo's recipe (Fashion-MNIST 32 px, 4096 / 2000 images, batch 128,
 one thread, the family's optimizer from ``zoo_accuracy.RECIPES``):
 
 ``train FAMILY METHOD SEED [--variant V] [--epochs N]`` trains one run through ``train(...)`` into
@@ -21,7 +21,12 @@ process only (they are experiments, not options of the tool):
 the primary network (and, for AugLocal, of each auxiliary copy), ``|branch| / |shortcut|`` at
 the residual sum over 256 test images: about 0 means the block is still the identity.
 
+``memory FAMILY [FAMILY ...] [--d D] [--options KEY=VALUE ...]`` measures the bytes one training
+step saves for backward (``measure_memory``, batch 128 at 32 px, no RSS) of BP, AugLocal ``d``
+as converted by default, and AugLocal ``d`` with the conversion options given, side by side.
+
     python benchmarks/zoo_diagnose.py train regnet d2 0
+    python benchmarks/zoo_diagnose.py memory regnet mobilenetv3 --options aux_resolution=source
     python benchmarks/zoo_diagnose.py branches regnet-bp-base-s0 regnet-d2-base-s0
 """
 
@@ -47,9 +52,9 @@ METHODS = {"bp": {"method": "bp"}, "d2": {"method": "auglocal", "d": 2}, "d4": {
 
 
 def _patch_avgdown() -> None:
-    from auglocal_fx import synthesis
+    from auglocal_fx.synthesis import repair
 
-    plain = synthesis._projection
+    plain = repair._projection
 
     def projection(in_channels: int, out_channels: int, stride: int, dims: int) -> nn.Module:
         if dims == 2 or stride == 1:
@@ -57,7 +62,7 @@ def _patch_avgdown() -> None:
         return nn.Sequential(nn.AvgPool2d(stride, ceil_mode=True, count_include_pad=False),
                              nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels))
 
-    synthesis._projection = projection
+    repair._projection = projection  # where the repair builds projection shortcuts
 
 
 def _patch_scale(value: float) -> None:
@@ -81,9 +86,10 @@ def _patch_scale(value: float) -> None:
 
 def _apply(variant: str) -> None:
     """Patch the library for ``variant`` (the plain library first: one process may load several)."""
-    from auglocal_fx import initialization, synthesis
+    from auglocal_fx import initialization
+    from auglocal_fx.synthesis import repair
 
-    synthesis._projection, initialization.InitReference.initialise_ = _PLAIN
+    repair._projection, initialization.InitReference.initialise_ = _PLAIN
     for part in variant.split("+"):
         if part == "avgdown":
             _patch_avgdown()
@@ -189,6 +195,27 @@ def branches(runs: List[str]) -> None:
         print(f"{run}: " + " ".join(ratios), flush=True)
 
 
+def memory(families: List[str], d: int, options: Dict[str, object], batch: int) -> None:
+    """Saved bytes of BP, AugLocal ``d`` and AugLocal ``d`` with ``options``, one row per family."""
+    from auglocal_fx.memory import measure_memory
+
+    torch.set_num_threads(1)
+    variant = " ".join(f"{k}={v}" for k, v in options.items())
+    print(f"| family | BP MiB | AugLocal d={d} MiB (x BP) | d={d} {variant} MiB (x BP) |")
+    print("|---|---|---|---|")
+    for family in families:
+        spec, model_kwargs, _ = FAMILIES[family]
+        saved = []
+        for methods, extra in ((("bp",), {}), (("auglocal",), {}), (("auglocal",), options)):
+            report = measure_memory(spec, methods=methods, d=d, batch_size=batch, input_size=(3, 32, 32),
+                                    num_classes=10, rss=False,
+                                    to_local_kwargs={**extra, "model_kwargs": model_kwargs})
+            saved.append(report.rows[0].saved_peak)
+        mib = [s / 2 ** 20 for s in saved]
+        print(f"| {family} | {mib[0]:.1f} | {mib[1]:.1f} ({saved[1] / saved[0]:.2f}x) | "
+              f"{mib[2]:.1f} ({saved[2] / saved[0]:.2f}x) |", flush=True)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -200,13 +227,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     one.add_argument("--epochs", type=int, default=5)
     look = sub.add_parser("branches")
     look.add_argument("runs", nargs="+")
+    mem = sub.add_parser("memory")
+    mem.add_argument("families", nargs="+", choices=list(FAMILIES))
+    mem.add_argument("--d", type=int, default=2)
+    mem.add_argument("--batch", type=int, default=128)
+    mem.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     global _PLAIN
-    from auglocal_fx import initialization, synthesis
+    from auglocal_fx import initialization
+    from auglocal_fx.synthesis import repair
 
-    _PLAIN = (synthesis._projection, initialization.InitReference.initialise_)
+    _PLAIN = (repair._projection, initialization.InitReference.initialise_)
     if args.command == "train":
         print(json.dumps(train_one(args.family, args.method, args.seed, args.variant, args.epochs)))
+    elif args.command == "memory":
+        from auglocal_fx.specs import parse_model_kwargs
+
+        memory(args.families, args.d, parse_model_kwargs(args.options) or {}, args.batch)
     else:
         branches(args.runs)
     return 0

@@ -12,6 +12,7 @@ import click
 from .options import (
     MultiValueCommand,
     aux_init_option,
+    aux_resolution_option,
     beyond_options,
     conversion_options,
     conversion_from_flags,
@@ -33,6 +34,7 @@ __all__ = ["convert"]
 @weights_option
 @aux_init_option
 @beyond_options
+@aux_resolution_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Write the converted network to FILE (default: nothing is written); restore "
                    "with auglocal_fx.load.")
@@ -43,7 +45,7 @@ __all__ = ["convert"]
                    "or an absolute figure like 1.1G or 800M (1 multiply-add = 1 FLOP).")
 def convert(spec: str, d: Optional[int], tau, no_pyramid, selection, rule, aux_head, input_size,
             num_classes, model_kwargs, weights, aux_init, aux_follow, aux_follow_adapted, aux_freeze, aux_tie,
-            output, force, as_json, flops_budget) -> None:
+            aux_resolution, output, force, as_json, flops_budget) -> None:
     """Convert SPEC into an AugLocal network; print it, and save it with -o FILE.
 
     SPEC is timm:NAME, torchvision:NAME, paper:resnet32|resnet110|vgg19 or path/file.py:factory.
@@ -58,7 +60,8 @@ def convert(spec: str, d: Optional[int], tau, no_pyramid, selection, rule, aux_h
 
     options = conversion_from_flags(tau, no_pyramid, selection, input_size, num_classes, aux_head,
                                     rule, model_kwargs, aux_init=aux_init, aux_follow=aux_follow,
-                                    aux_follow_adapted=aux_follow_adapted, aux_freeze=aux_freeze, aux_tie=aux_tie)
+                                    aux_follow_adapted=aux_follow_adapted, aux_freeze=aux_freeze, aux_tie=aux_tie,
+                                    aux_resolution=aux_resolution)
     if d is None and not options.uses_depth:
         d = 2  # the baselines train every block but the last; d does not apply
     if d is None and flops_budget is None:

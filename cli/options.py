@@ -14,7 +14,7 @@ from auglocal_fx.options import ConversionOptions
 from auglocal_fx.options import conversion_options as build_options  # the name below is the decorator
 from auglocal_fx.planning import SELECTIONS
 from auglocal_fx.rules import rule_names
-from auglocal_fx.synthesis import AUX_HEADS, AUX_INITS
+from auglocal_fx.synthesis import AUX_HEADS, AUX_INITS, AUX_RESOLUTIONS
 
 __all__ = [
     "conversion_options",
@@ -32,6 +32,7 @@ __all__ = [
     "aux_init_option",
     "beyond_options",
     "aux_tie_option",
+    "aux_resolution_option",
     "MultiValueCommand",
     "RegistryChoice",
     "user_errors",
@@ -199,11 +200,21 @@ def beyond_options(fn):
                              "(e.g. 0.9), plus a learned correction.")(fn)
 
 
+def aux_resolution_option(fn):
+    """``--aux-resolution paper|source``."""
+    return click.option(
+        "--aux-resolution", type=click.Choice(AUX_RESOLUTIONS), default="paper", show_default=True,
+        help="Where auxiliary copies run: at most one 2x reduction per copy (the paper), or "
+             "pooled to their source block's resolution first (less memory on deep pyramids).",
+    )(fn)
+
+
 def conversion_from_flags(tau: Optional[float], no_pyramid: bool, selection: str, input_size,
                           num_classes: Optional[int], aux_head: str = "auto", rule: str = "auglocal",
                           model_kwargs: Optional[dict] = None, **more) -> ConversionOptions:
     """The ``ConversionOptions`` the shared flags stand for; ``more``: the
-    command's own (``d``, ``aux_init``, ``aux_checkpoint``; ``None`` for not given).
+    command's own (``d``, ``aux_init``, ``aux_resolution``, ``aux_checkpoint``; ``None`` for not
+    given).
 
     Raises:
         click.ClickException: for both ``--tau`` and ``--no-pyramid``, or what the library rejects.

@@ -8,7 +8,8 @@ from auglocal_fx.train_config import AMP_MODES, DEFAULT_EPOCHS, METHODS, PIPELIN
 
 from .options import (aux_head_option, rule_option, conversion_from_flags, depth_option, input_size_option, pyramid_options,
                       selection_option, spec_argument, user_errors)
-from .options import MultiValueCommand, aux_init_option, aux_tie_option, model_kwargs_option, weights_option
+from .options import (MultiValueCommand, aux_init_option, aux_resolution_option, aux_tie_option,
+                      model_kwargs_option, weights_option)
 
 
 @click.command(cls=MultiValueCommand)
@@ -16,6 +17,7 @@ from .options import MultiValueCommand, aux_init_option, aux_tie_option, model_k
 @model_kwargs_option
 @weights_option
 @aux_init_option
+@aux_resolution_option
 @click.option("--dataset", default=None,
               help="cifar10, svhn, stl10, fashion-mnist, digits, imagefolder:PATH or synthetic "
                    "[default: fashion-mnist when its Debian package is installed, else digits].")
@@ -108,7 +110,7 @@ from .options import MultiValueCommand, aux_init_option, aux_tie_option, model_k
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads per process [default: the cores, shared by spawned processes].")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-epoch lines.")
-def train(spec, model_kwargs, weights, aux_init, dataset, data_dir, method, epochs, batch_size, lr, warmup_epochs, momentum, weight_decay,
+def train(spec, model_kwargs, weights, aux_init, aux_resolution, dataset, data_dir, method, epochs, batch_size, lr, warmup_epochs, momentum, weight_decay,
           opt, opt_eps, opt_betas, sched, warmup_lr, min_lr, sched_on_updates, decay_epochs, decay_rate,
           mixup, cutmix, mixup_prob, mixup_switch_prob, model_ema, model_ema_decay, d, tau, no_pyramid,
           selection, aux_head, rule, aux_checkpoint, aux_follow, aux_follow_adapted, aux_freeze, aux_tie, step_each_module, max_memory, out, resume, seed, device, amp, grad_clip, label_smoothing, channels_last, input_size,
@@ -123,7 +125,8 @@ def train(spec, model_kwargs, weights, aux_init, dataset, data_dir, method, epoc
 
     with user_errors():
         options = conversion_from_flags(tau, no_pyramid, selection, input_size, None, aux_head, rule,
-                                        d=d, aux_init=aux_init, aux_checkpoint=aux_checkpoint,
+                                        d=d, aux_init=aux_init, aux_resolution=aux_resolution,
+                                        aux_checkpoint=aux_checkpoint,
                                         aux_follow=aux_follow, aux_follow_adapted=aux_follow_adapted,
                                         aux_freeze=aux_freeze, aux_tie=aux_tie)
         config = TrainConfig(

@@ -180,3 +180,21 @@ def test_zoo_options_make_a_variant_of_the_local_methods_only(monkeypatch, tmp_p
     # BP is shared by the variant; the local method trains again with the option
     assert calls == [("bp", {}), ("auglocal2", {}), ("auglocal2", {"aux_head": "slim"})]
     assert "| resnet18 (sgd) | AugLocal d=2 aux_head=slim | 1 | 61.00 | +9.00 |" in capsys.readouterr().out
+
+
+def test_zoo_prints_the_gap_after_each_epoch(monkeypatch, tmp_path, capsys):
+    import zoo_accuracy
+
+    histories = {"bp": [50.0, 70.0, 75.0], "auglocal2": [30.0, 66.0, 74.5]}
+
+    def fake(args, family, method, seed, workdir):
+        h = histories[method]
+        return {"family": family, "spec": "s", "model_kwargs": {}, "recipe_name": "sgd", "method": method,
+                "seed": seed, "test_acc": h[-1], "history": h, "aux_acc": [], "steps": 1, "step_seconds": 1.0,
+                "seconds": 0.0, "saved_bytes": 1, "rss_bytes": None, "recipe": {}, "options": {}}
+
+    monkeypatch.setattr(zoo_accuracy, "_train_in_subprocess", fake)
+    assert zoo_accuracy.main(["--families", "regnet", "--methods", "bp", "auglocal2", "--confirm-seeds",
+                              "--jobs", "1", "--out", str(tmp_path / "runs"), "--json", str(tmp_path / "z.json"),
+                              "--plot", ""]) == 0
+    assert "regnet AugLocal d=2: +20.00 +4.00 +0.50" in capsys.readouterr().out

@@ -35,6 +35,8 @@ class RuleContext:
         aux_head: the ``aux_head`` option (AugLocal's head: copy, slim or auto).
         aux_init: the ``aux_init`` option (AugLocal's copies: ``"init"`` or ``"copy"``).
         notes: collects input adapters of AugLocal's copies (one warning per conversion).
+        aux_resolution: the ``aux_resolution`` option (AugLocal's copies: ``"paper"`` or
+            ``"source"``).
     """
 
     partition: Partition
@@ -45,6 +47,7 @@ class RuleContext:
     aux_head: str = "auto"
     notes: Optional[List[Tuple[str, str, str]]] = None
     aux_init: str = "init"
+    aux_resolution: str = "paper"
 
 
 class LocalRule:

@@ -21,6 +21,13 @@ the head. Each copy is the block's traced subgraph, adapted to what actually rea
   its own, keeps its strides and widths and takes its original input shape through a
   :class:`~auglocal_fx.layouts.ShapeAdapter` (rule 11).
 
+Resolution (``aux_resolution``): ``"paper"`` (the default) runs each copy at the planned
+resolution, at most one 2x reduction per copy, as the authors' code does for ResNets;
+``"source"`` first average-pools each channels-first copy's input to the resolution its source
+block's input has in the primary network and keeps the source's strides (pooling rather than
+larger strides keeps the copy's structure), so a copy of a late block runs at that block's
+resolution and its activations shrink as the primary network's do.
+
 The head is a fresh copy of the network's head, or the authors' slim MLP head where the head
 holds most of the parameters (``aux_head``, rule 12).
 
@@ -41,16 +48,18 @@ from typing import List, Optional, Sequence, Tuple
 from torch import nn
 
 from ..initialization import InitReference
-from ..layouts import resolution
+from ..layouts import NCHW, resolution
 from ..partition import Partition
 from ..planning import AuxPlan
 from .copies import adapt_copy, warn_adapters
+from .strides import AUX_RESOLUTIONS, source_pooling, validate_aux_resolution
 # Re-exported: the rest of the package imports these names from here (SLIM_WIDTH: the tests).
 from .heads import (AUX_HEADS, AUX_INITS, SLIM_WIDTH, _insert_norm_before_classifier,  # noqa: F401
                     _num_classes, choose_aux_head, slim_head, validate_aux_head, validate_aux_init)
 
-__all__ = ["AUX_HEADS", "AUX_INITS", "AuxNet", "synthesize_aux_net", "adapt_copy", "warn_adapters",
-           "slim_head", "choose_aux_head", "validate_aux_head", "validate_aux_init"]
+__all__ = ["AUX_HEADS", "AUX_INITS", "AUX_RESOLUTIONS", "AuxNet", "synthesize_aux_net", "adapt_copy", "warn_adapters",
+           "slim_head", "choose_aux_head", "validate_aux_head", "validate_aux_init",
+           "validate_aux_resolution"]
 
 
 class AuxNet(nn.Sequential):
@@ -73,7 +82,8 @@ def _module_list(names: Sequence[str], most: int = 3) -> str:
 def synthesize_aux_net(partition: Partition, plan: AuxPlan,
                        init: Optional[InitReference] = None,
                        notes: Optional[List[Tuple[str, str, str]]] = None,
-                       aux_head: str = "auto", aux_init: str = "init") -> AuxNet:
+                       aux_head: str = "auto", aux_init: str = "init",
+                       aux_resolution: str = "paper") -> AuxNet:
     """Build the auxiliary network of block ``plan.block`` (docs/method.md, rules 5 and 10).
 
     Args:
@@ -86,6 +96,10 @@ def synthesize_aux_net(partition: Partition, plan: AuxPlan,
             :func:`slim_head`) or ``"auto"`` (see :func:`choose_aux_head`).
         aux_init: ``"init"`` (every copy drawn afresh) or ``"copy"`` (copies start from the
             source's weights where the shape was kept; see the module docstring).
+        aux_resolution: ``"paper"`` (the planned strides: at most one 2x reduction per copy,
+            as the authors' code) or ``"source"`` (each channels-first copy's input is first
+            average-pooled to its source block's input resolution and the copy keeps its
+            source's strides, so its activations shrink as the primary network's do).
 
     Returns:
         An :class:`AuxNet` mapping block ``j``'s output to ``(N, num_classes)`` logits. With one
@@ -93,6 +107,7 @@ def synthesize_aux_net(partition: Partition, plan: AuxPlan,
         authors' code builds it.
     """
     validate_aux_init(aux_init)
+    validate_aux_resolution(aux_resolution)
     copy_weights = aux_init == "copy"
     shape = partition.block_shapes[plan.block]
     layout = partition.output_layout(plan.block)
@@ -106,10 +121,14 @@ def synthesize_aux_net(partition: Partition, plan: AuxPlan,
             # input is finer than the original block's output.
             target = partition.resolutions[k]
             stride = 2 if current > 0 and target > 0 and round(math.log2(current / target)) >= 1 else 1
+        pool_to = None
+        if aux_resolution == "source":
+            pool_to, stride = source_pooling(partition.blocks[k].eval_graph, shape, layout == NCHW, stride)
         copy_gm, shape = adapt_copy(partition.blocks[k].eval_graph, shape, stride,
                                     f"Aux{plan.block}CopyOfBlock{k}", init, label, layout, notes,
-                                    copy_weights)
-        planned = math.ceil(planned / stride)
+                                    copy_weights, pool_to)
+        # Under "source" the plan no longer says where the copies are: follow what they give.
+        planned = resolution(shape, partition.output_layout(k)) if stride is None else math.ceil(planned / stride)
         layout = partition.output_layout(k)
         modules.append(copy_gm)
     if choose_aux_head(partition, aux_head) == "slim":

@@ -117,15 +117,16 @@ _TEMPLATES: "weakref.WeakKeyDictionary[fx.GraphModule, Dict[Tuple, Any]]" = weak
 
 
 def _adapted(source: fx.GraphModule, in_shape: Tuple[int, ...], stride: Optional[int],
-             adapter: Optional[str], in_layout: str, name: str) -> Tuple[fx.GraphModule, torch.Tensor]:
+             adapter: Optional[str], in_layout: str, name: str,
+             pool_to: Optional[Tuple[int, int]] = None) -> Tuple[fx.GraphModule, torch.Tensor]:
     """``_adapt``, cloned from the template where the same adaptation was done before."""
-    key = (in_shape, stride, adapter, in_layout)
+    key = (in_shape, stride, adapter, in_layout, pool_to)
     templates = _TEMPLATES.setdefault(source, {})
     done = templates.get(key)
     if done is None:
         rng = torch.random.get_rng_state()
         try:
-            done = _adapt(source, in_shape, stride, adapter, in_layout, name)
+            done = _adapt(source, in_shape, stride, adapter, in_layout, name, pool_to)
         except _ADAPTATION_ERRORS as exc:
             done = exc
         if not torch.equal(rng, torch.random.get_rng_state()):
@@ -223,13 +224,24 @@ def _insert_input_adapter(gm: fx.GraphModule, adapter: nn.Module, want: torch.Si
     node.meta["auglocal_original_shape"] = want
 
 
+def _insert_source_pool(gm: fx.GraphModule, size: Tuple[int, int]) -> None:
+    """Average-pool the copy's input to ``size`` first (``aux_resolution="source"``)."""
+    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    gm.add_submodule("auglocal_source_pool", nn.AdaptiveAvgPool2d(size))
+    with gm.graph.inserting_after(placeholder):
+        node = gm.graph.call_module("auglocal_source_pool", (placeholder,))
+    placeholder.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
+
+
 def _adapt(source: fx.GraphModule, in_shape: Tuple[int, ...], stride: Optional[int],
-           adapter: Optional[str], in_layout: str, name: str) -> Tuple[fx.GraphModule, torch.Tensor]:
+           adapter: Optional[str], in_layout: str, name: str,
+           pool_to: Optional[Tuple[int, int]] = None) -> Tuple[fx.GraphModule, torch.Tensor]:
     """Adapt a meta copy of ``source``, named ``name``, to ``in_shape``.
 
     ``adapter``: ``None`` (layer by layer), ``"channels"`` (a 1x1 conv + BN restores the input
     width, strides still adapted) or ``"shape"`` (a :class:`ShapeAdapter` restores the whole
-    input shape; the copy keeps its own strides).
+    input shape; the copy keeps its own strides). ``pool_to``: average-pool the input to this
+    ``(H, W)`` before anything else (not with ``"shape"``, which pools to the copy's own size).
     """
     gm = _meta_copy(source, name)
     placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
@@ -243,6 +255,8 @@ def _adapt(source: fx.GraphModule, in_shape: Tuple[int, ...], stride: Optional[i
         _adapt_stride(gm, stride)
     if adapter == "channels" and want is not None and len(want) == 4 and int(want[1]) != in_shape[0]:
         _insert_input_adapter(gm, _projection(in_shape[0], int(want[1]), 1, 4), want)
+    if pool_to is not None and adapter != "shape":
+        _insert_source_pool(gm, pool_to)  # inserted last, so it runs first: adapters see less
     out = _Repairer(gm, in_shape).run()  # runs node by node: no code generation needed yet
     if stride is not None and out.dim() == 4 and len(in_shape) == 3:
         expected = tuple(math.ceil(v / stride) for v in in_shape[1:])
@@ -269,6 +283,7 @@ def adapt_copy(source: fx.GraphModule, in_shape: Sequence[int], stride: Optional
                in_layout: Optional[str] = None,
                notes: Optional[List[Tuple[str, str, str]]] = None,
                copy_weights: bool = False,
+               pool_to: Optional[Tuple[int, int]] = None,
                ) -> Tuple[fx.GraphModule, Tuple[int, ...]]:
     """A fresh copy of ``source`` that takes ``in_shape`` and reduces by ``stride``.
 
@@ -294,6 +309,8 @@ def adapt_copy(source: fx.GraphModule, in_shape: Sequence[int], stride: Optional
             instead of warned about (:func:`warn_adapters` says it once per conversion).
         copy_weights: start from ``source``'s current weights where the shape was kept
             (``aux_init="copy"``, see the module docstring); the rest is drawn by ``init``.
+        pool_to: average-pool the input to this ``(H, W)`` first (``aux_resolution="source"``;
+            ``stride`` is then ``None``, the copy keeps its source's strides).
 
     Returns:
         The adapted copy (training mode, fresh weights) and its output shape without batch.
@@ -313,7 +330,7 @@ def adapt_copy(source: fx.GraphModule, in_shape: Sequence[int], stride: Optional
     errors: List[BaseException] = []
     for adapter in attempts:
         try:
-            gm, out = _adapted(source, shape, stride, adapter, layout, name)
+            gm, out = _adapted(source, shape, stride, adapter, layout, name, pool_to)
             break
         except _ADAPTATION_ERRORS as exc:
             errors.append(exc)

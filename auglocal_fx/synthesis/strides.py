@@ -4,12 +4,16 @@ Strides of the original's reducing convolutions and poolings are lowered (a remo
 becomes nothing), or the first spatial operation on each path from the input gets stride 2; a copy
 with no spatial operation (only 1x1 convolutions) gets a 2x2 average pooling of its input instead
 (see :mod:`auglocal_fx.synthesis`).
+
+``aux_resolution="source"`` replaces that plan for channels-first copies: each copy's input is
+first average-pooled to the resolution its source block's input has in the primary network,
+and the copy keeps its source's own strides, so it sees its source's shapes (``source_pooling``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import List
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +23,8 @@ from ..errors import AugLocalError
 from ..tracing import SHAPE_KEY, describe_node
 from .nodes import _activation_inputs, _dependent, _resolution, _tensor_inputs
 
+
+AUX_RESOLUTIONS = ("paper", "source")
 
 _POOL_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, torch.max_pool2d}
 _POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d)
@@ -153,3 +159,34 @@ def _add_first_strides(gm: fx.GraphModule, placeholder: fx.Node) -> None:
     # Nothing to stride otherwise (a leaf module): the copy is pooled to the planned size afterwards.
     for node in marked:
         _set_stride(gm, node, 2)
+
+
+def validate_aux_resolution(aux_resolution: str) -> None:
+    """Raises AugLocalError for an unknown ``aux_resolution``."""
+    if aux_resolution not in AUX_RESOLUTIONS:
+        raise AugLocalError(
+            f"unknown auxiliary resolution {aux_resolution!r}: choose one of "
+            f"{', '.join(AUX_RESOLUTIONS)} (source: each copy runs at its source block's "
+            "resolution; paper: at most one 2x reduction per copy)"
+        )
+
+
+def source_pooling(source: fx.GraphModule, in_shape: Sequence[int], channels_first: bool,
+                   planned: Optional[int]) -> Tuple[Optional[Tuple[int, int]], Optional[int]]:
+    """How a copy of ``source`` meets ``in_shape`` under ``aux_resolution="source"``.
+
+    Returns ``(pool_to, stride)``: the ``(H, W)`` to average-pool the input to first (``None``:
+    no pooling) and the stride for :func:`_adapt_stride` (``None``: the copy keeps its source's
+    strides). A channels-first input at least as fine as the source's own input is pooled to
+    it (where coarser) and the copy keeps its strides, so it sees its source's shapes; any other
+    input (a coarser one, other layouts, whose copies take their own input shape through a
+    ``ShapeAdapter`` anyway) keeps the ``planned`` stride.
+    """
+    own = next(n for n in source.graph.nodes if n.op == "placeholder").meta.get(SHAPE_KEY)
+    if not channels_first or own is None or len(own) != 4 or len(in_shape) != 3:
+        return None, planned
+    target = (int(own[2]), int(own[3]))
+    size = (int(in_shape[1]), int(in_shape[2]))
+    if size[0] < target[0] or size[1] < target[1]:
+        return None, planned
+    return (target if size != target else None), None
