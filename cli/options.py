@@ -10,6 +10,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import click
 
 from auglocal_fx.errors import AugLocalError
+from auglocal_fx.following import FOLLOW_ADAPTED
 from auglocal_fx.options import ConversionOptions
 from auglocal_fx.options import conversion_options as build_options  # the name below is the decorator
 from auglocal_fx.planning import SELECTIONS
@@ -31,7 +32,6 @@ __all__ = [
     "weights_option",
     "aux_init_option",
     "beyond_options",
-    "aux_tie_option",
     "aux_resolution_option",
     "MultiValueCommand",
     "RegistryChoice",
@@ -177,7 +177,7 @@ def aux_init_option(fn):
     )(fn)
 
 
-def aux_tie_option(fn):
+def _aux_tie_option(fn):
     """``--aux-tie``: AugLocal's copies read their source blocks' kernels (issue 24)."""
     return click.option(
         "--aux-tie", is_flag=True, default=None,
@@ -189,10 +189,10 @@ def aux_tie_option(fn):
 def beyond_options(fn):
     """``--aux-follow M``, ``--aux-follow-adapted own|slice``, ``--aux-freeze F``, ``--aux-tie``
     (docs/method.md, Beyond AugLocal); ``None`` for each not given."""
-    fn = aux_tie_option(fn)
+    fn = _aux_tie_option(fn)
     fn = click.option("--aux-freeze", type=float, default=None,
                       help="Freeze auxiliary layers top first, all frozen by this fraction of the run (e.g. 0.3).")(fn)
-    fn = click.option("--aux-follow-adapted", type=click.Choice(["own", "slice"]), default=None,
+    fn = click.option("--aux-follow-adapted", type=click.Choice(FOLLOW_ADAPTED), default=None,
                       help="Re-fitted copy layers keep their own weights or follow the source's slice "
                            "[default: own].")(fn)
     return click.option("--aux-follow", type=float, default=None,

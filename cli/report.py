@@ -9,6 +9,7 @@ import click
 from .options import (
     conversion_options,
     MultiValueCommand,
+    aux_resolution_option,
     beyond_options,
     RegistryChoice,
     conversion_from_flags,
@@ -33,6 +34,7 @@ _AUX_CHECKPOINT = {"off": (False,), "on": (True,), "both": (False, True)}
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @conversion_options
 @beyond_options
+@aux_resolution_option
 @click.option("--rules", type=RegistryChoice(report_rules), multiple=True, metavar="RULE...",
               help="Rows to compare, e.g. --rules bp gc dgl predsim infopro auglocal (gc = gradient "
                    "checkpointing; rules with a depth get a row per --d) [default: bp gc auglocal].")
@@ -60,7 +62,7 @@ _AUX_CHECKPOINT = {"off": (False,), "on": (True,), "both": (False, True)}
               help="Draw FLOPs and memory per method and the per-block profile (.png/.svg).")
 def report(spec, depths, batch_size, device, tau, no_pyramid, selection, rule, aux_head,
            input_size, num_classes, model_kwargs, aux_follow, aux_follow_adapted, aux_freeze, aux_tie,
-           rules, aux_checkpoint, step_each, optimizer, flops_only, rss, repeats, threads, as_json,
+           aux_resolution, rules, aux_checkpoint, step_each, optimizer, flops_only, rss, repeats, threads, as_json,
            plot) -> None:
     """Compare BP, gradient checkpointing and AugLocal at each d for SPEC.
 
@@ -75,7 +77,8 @@ def report(spec, depths, batch_size, device, tau, no_pyramid, selection, rule, a
     # The report's rows are --rules; --rule only stands for BP, GC and that rule.
     options = conversion_from_flags(tau, no_pyramid, selection, input_size, num_classes, aux_head,
                                     model_kwargs=model_kwargs, aux_follow=aux_follow,
-                                    aux_follow_adapted=aux_follow_adapted, aux_freeze=aux_freeze, aux_tie=aux_tie)
+                                    aux_follow_adapted=aux_follow_adapted, aux_freeze=aux_freeze, aux_tie=aux_tie,
+                                    aux_resolution=aux_resolution)
     if rules and click.get_current_context().get_parameter_source("rule") \
             is not click.core.ParameterSource.DEFAULT:
         raise click.ClickException("give --rule or --rules, not both: --rules lists every row")

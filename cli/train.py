@@ -8,7 +8,7 @@ from auglocal_fx.train_config import AMP_MODES, DEFAULT_EPOCHS, METHODS, PIPELIN
 
 from .options import (aux_head_option, rule_option, conversion_from_flags, depth_option, input_size_option, pyramid_options,
                       selection_option, spec_argument, user_errors)
-from .options import (MultiValueCommand, aux_init_option, aux_resolution_option, aux_tie_option,
+from .options import (MultiValueCommand, aux_init_option, aux_resolution_option, beyond_options,
                       model_kwargs_option, weights_option)
 
 
@@ -67,14 +67,7 @@ from .options import (MultiValueCommand, aux_init_option, aux_resolution_option,
 @click.option("--aux-checkpoint", is_flag=True,
               help="Recompute the auxiliary networks' forwards in backward instead of keeping their "
                    "activations: same gradients, less memory, one more auxiliary forward per step.")
-@click.option("--aux-follow", type=float, default=None,
-              help="AugLocal's copies follow their source blocks by an EMA of this momentum (e.g. 0.9), "
-                   "plus a learned correction (docs/method.md, Beyond AugLocal).")
-@click.option("--aux-follow-adapted", type=click.Choice(["own", "slice"]), default=None,
-              help="Re-fitted copy layers keep their own weights or follow the source's slice [default: own].")
-@click.option("--aux-freeze", type=float, default=None,
-              help="Freeze auxiliary layers top first, all frozen by this fraction of the run (e.g. 0.3).")
-@aux_tie_option
+@beyond_options
 @click.option("--step-each-module/--step-at-end", default=None,
               help="Step each local module as soon as its loss is back-propagated and drop its gradients "
                    "(at most one module's exist at a time; the same weights), or step once at the end "

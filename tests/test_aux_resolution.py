@@ -130,3 +130,19 @@ def test_train_config_and_cli_take_it(tmp_path, monkeypatch):
     assert load("net.pt").conversion.aux_resolution == "source"
     bad = runner.invoke(main, ["convert", "paper:resnet32", "--d", "2", "--aux-resolution", "fine"])
     assert bad.exit_code != 0 and "'fine' is not one of 'paper', 'source'" in bad.output
+
+
+def test_report_takes_it():
+    import json
+
+    from click.testing import CliRunner
+
+    from auglocal_fx_cli.main import cli as main
+
+    def aug_flops(*flags):
+        result = CliRunner().invoke(main, ["report", "paper:resnet32", "--d", "2", "--flops-only", "--json", *flags])
+        assert result.exit_code == 0, result.output
+        return next(r["flops"] for r in json.loads(result.output)["rows"] if r["method"] == "AugLocal d=2")
+
+    # Pooled copies run at coarser resolutions: a flag that does not reach the conversion gives equal counts.
+    assert aug_flops("--aux-resolution", "source") < aug_flops()
