@@ -8,7 +8,7 @@ blocks that use the same parameters (:func:`merge_shared`).
 from __future__ import annotations
 
 import warnings
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import fx, nn
@@ -16,7 +16,23 @@ from torch import fx, nn
 from .errors import AugLocalError
 from .shape_values import check_input_size
 
-__all__ = ["GraphBlock", "extract_graph", "merge_shared", "weight_keys"]
+__all__ = ["GraphBlock", "Boundary", "detach", "as_tuple", "extract_graph", "merge_shared",
+           "parameter_ids", "weight_keys"]
+
+# What crosses a block boundary: one tensor, or a fixed tuple of them (several streams).
+Boundary = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
+
+
+def as_tuple(h: Boundary) -> Tuple[torch.Tensor, ...]:
+    """The elements of a boundary value (one tensor is a tuple of one)."""
+    return h if isinstance(h, tuple) else (h,)
+
+
+def detach(h: Boundary) -> Boundary:
+    """``h`` cut from its graph: every element detached, so no gradient crosses the boundary."""
+    if isinstance(h, tuple):
+        return tuple(t.detach() for t in h)
+    return h.detach()
 
 
 class GraphBlock(nn.Module):
@@ -26,7 +42,8 @@ class GraphBlock(nn.Module):
     mode has different code outside leaf modules), so each block behaves like the original in
     both modes. Both graphs share the original model's modules and parameters. A first block
     given ``input_size`` refuses inputs of another size (its network holds values computed for
-    that size, see :mod:`auglocal_fx.shape_values`).
+    that size, see :mod:`auglocal_fx.shape_values`). A block taking several tensors (a boundary
+    carrying a tuple) is called ``block(*h)``, or ``block(h)`` with the tuple.
     """
 
     def __init__(self, eval_graph: fx.GraphModule, train_graph: Optional[fx.GraphModule] = None,
@@ -39,11 +56,18 @@ class GraphBlock(nn.Module):
             self._register_state_dict_hook(_drop_shared_train_keys)
             self._register_load_state_dict_pre_hook(_restore_shared_train_keys)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, *x: Boundary) -> Boundary:
+        if len(x) == 1 and isinstance(x[0], tuple):
+            x = x[0]
         if self.input_size is not None:
-            check_input_size(x, self.input_size)
+            check_input_size(x[0], self.input_size)
         graph = self.train_graph if (self.training and self.train_graph is not None) else self.eval_graph
-        return graph(x)
+        return graph(*x)
+
+    @property
+    def arity(self) -> int:
+        """How many tensors the block takes."""
+        return sum(1 for n in self.eval_graph.graph.nodes if n.op == "placeholder")
 
 
 def _drop_shared_train_keys(module, state_dict, prefix, local_metadata):
@@ -65,14 +89,21 @@ def _restore_shared_train_keys(state_dict, prefix, local_metadata, strict, missi
                 state_dict[twin] = state_dict[key]
 
 
-def extract_graph(gm: fx.GraphModule, nodes: List[fx.Node], input_node: fx.Node,
-             name: str) -> fx.GraphModule:
-    """A GraphModule computing ``nodes`` from ``input_node``; free values are copied in."""
+def extract_graph(gm: fx.GraphModule, nodes: List[fx.Node],
+                  input_node: Union[fx.Node, Sequence[fx.Node]], name: str,
+                  outputs: Optional[Sequence[fx.Node]] = None) -> fx.GraphModule:
+    """A GraphModule computing ``nodes`` from ``input_node``; free values are copied in.
+
+    ``input_node`` may be several nodes (one placeholder each, in order); ``outputs``, given
+    more than one node, makes the module return their tuple (default: the last node's value).
+    """
     graph = fx.Graph()
     env: Dict[fx.Node, fx.Node] = {}
-    placeholder = graph.placeholder("x")
-    placeholder.meta = dict(input_node.meta)
-    env[input_node] = placeholder
+    inputs = [input_node] if isinstance(input_node, fx.Node) else list(input_node)
+    for k, node in enumerate(inputs):
+        placeholder = graph.placeholder("x" if len(inputs) == 1 else f"x{k}")
+        placeholder.meta = dict(node.meta)
+        env[node] = placeholder
     member = set(nodes)
 
     def copy_free(node: fx.Node) -> fx.Node:
@@ -87,7 +118,10 @@ def extract_graph(gm: fx.GraphModule, nodes: List[fx.Node], input_node: fx.Node,
             if arg not in env:
                 copy_free(arg)
         env[node] = graph.node_copy(node, lambda a: env[a])
-    graph.output(env[nodes[-1]])
+    if outputs is None or len(outputs) == 1:
+        graph.output(env[nodes[-1] if outputs is None else outputs[0]])
+    else:
+        graph.output(tuple(env[n] for n in outputs))
     return fx.GraphModule(gm, graph, name)
 
 
@@ -101,6 +135,17 @@ def weight_keys(gm: fx.GraphModule, nodes: Sequence[fx.Node]) -> Set[str]:
             if arg.op == "get_attr":
                 keys.add(arg.target)
     return keys
+
+
+def parameter_ids(gm: fx.GraphModule, nodes: Sequence[fx.Node]) -> Dict[int, int]:
+    """``{id: number of values}`` of the parameters ``nodes`` use."""
+    found: Dict[int, int] = {}
+    for key in weight_keys(gm, nodes):
+        value = _find(gm, key)
+        for tensor in value.parameters() if isinstance(value, nn.Module) else [value]:
+            if isinstance(tensor, nn.Parameter):
+                found[id(tensor)] = tensor.numel()
+    return found
 
 
 def _parameters(gm: fx.GraphModule, nodes: Sequence[fx.Node]) -> Dict[int, str]:

@@ -20,7 +20,7 @@ from .errors import AugLocalError
 from .tracing import SHAPE_KEY
 
 __all__ = ["NCHW", "NHWC", "TOKENS", "FLAT", "layout_of", "input_layout", "grid_size",
-           "resolution", "ShapeAdapter"]
+           "resolution", "main_placeholder", "ShapeAdapter"]
 
 NCHW, NHWC, TOKENS, FLAT = "NCHW", "NHWC", "tokens", "flat"
 
@@ -41,9 +41,14 @@ def layout_of(shape: Sequence[int]) -> str:
     return NCHW
 
 
+def main_placeholder(gm: fx.GraphModule) -> fx.Node:
+    """The input a graph's layout is read from: its last placeholder (a tuple's newest stream)."""
+    return [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+
+
 def _first_layer(gm: fx.GraphModule) -> Optional[nn.Module]:
     """The first conv, linear or norm module the input reaches through shape-only operations."""
-    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    placeholder = main_placeholder(gm)
     frontier = list(placeholder.users)
     seen = set()
     while frontier:
@@ -69,7 +74,7 @@ def input_layout(gm: fx.GraphModule) -> str:
     reaches settles it: a convolution or BatchNorm2d reads channels first, a LayerNorm or Linear
     over the last size reads channels last.
     """
-    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    placeholder = main_placeholder(gm)
     shape = tuple(placeholder.meta[SHAPE_KEY][1:])
     guess = layout_of(shape)
     if len(shape) != 3:

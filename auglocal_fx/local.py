@@ -19,7 +19,8 @@ from .errors import AugLocalError, first_line
 from .initialization import InitReference
 from .local_net import CHECKPOINT_FORMAT, LocalNet
 from .options import ConversionOptions, conversion_options
-from .partition import partition_blocks
+from .partition import Partition, partition_blocks
+from .planning import match_arity
 from .specs import missing_input_size, model_input_size, resolve_model, spec_file
 from .rules import RuleContext, get_rule
 from .rules.base import Normalization
@@ -155,6 +156,7 @@ def to_local(
                             num_classes=_output_classes(traced), model_kwargs=model_kwargs)
         partition = partition_blocks(traced, opts.block_boundaries)
         plans = local_rule.plan(partition.resolutions, opts.d, opts.tau, opts.pyramid, opts.selection)
+        plans = _tuple_plans(partition, plans, local_rule, opts)
         opts = opts.replace(resolved_aux_head=choose_aux_head(partition, opts.aux_head))
         init = InitReference.from_model(model, initial)
         notes: List[Tuple[str, str, str]] = []
@@ -165,6 +167,26 @@ def to_local(
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     local = LocalNet(model, partition, aux, plans, opts, spec)
     return local.to(device)
+
+
+def _tuple_plans(partition: Partition, plans, local_rule, opts: ConversionOptions):
+    """The plans where boundaries carry tuples: copies only of blocks of the arity that reaches them."""
+    arities = [partition.output_arity(j) for j in range(len(partition.blocks))]
+    if max(arities) == 1:
+        return plans
+    first = next(j for j, a in enumerate(arities) if a > 1)
+    where = f"block {first} ({', '.join(partition.block_names[first][:3])}) returns {arities[first]} tensors"
+    if not local_rule.takes_tuples:
+        raise AugLocalError(
+            f"rule {local_rule.name!r} cannot train a network whose block boundaries carry several "
+            f"tensors ({where}); use rule 'auglocal', or give block_boundaries= that end on one tensor"
+        )
+    if opts.aux_follow is not None or opts.aux_tie:
+        raise AugLocalError(
+            f"aux_follow and aux_tie need each copy to mirror one block, and {where}; convert "
+            "without them, or give block_boundaries= that end on one tensor"
+        )
+    return [match_arity(p, arities, partition.resolutions) for p in plans]
 
 
 def _output_classes(traced) -> int:

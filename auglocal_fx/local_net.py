@@ -22,6 +22,7 @@ from ._io import atomic_save
 from .checkpoints import LOCALNET
 from .errors import AugLocalError
 from .following import Following, Freezing
+from .graph_blocks import Boundary, as_tuple, detach
 from .tying import Tying
 from .options import ConversionOptions
 from .partition import Partition
@@ -69,6 +70,7 @@ class LocalNet(nn.Module):
         self.block_shapes = partition.block_shapes
         self.block_input_shapes = partition.block_input_shapes
         self.input_layouts = partition.input_layouts
+        self.output_shapes = partition.output_shapes
         if not isinstance(options, ConversionOptions):
             options = ConversionOptions.from_dict(options)
         self.conversion = options
@@ -105,7 +107,7 @@ class LocalNet(nn.Module):
         aux_logits = []
         for j, block in enumerate(self.blocks):
             if 0 < j < self.num_local:
-                x = x.detach()  # no gradient crosses a local module's boundary
+                x = detach(x)  # no gradient crosses a local module's boundary (every element)
             x = block(x)
             if j < self.num_local - 1:
                 aux_logits.append(self.aux[j](x))
@@ -135,7 +137,7 @@ class LocalNet(nn.Module):
 
     def train_modules(
         self,
-        h: torch.Tensor,
+        h: Boundary,
         y: torch.Tensor,
         start: int = 0,
         stop: Optional[int] = None,
@@ -143,7 +145,7 @@ class LocalNet(nn.Module):
         loss_fn: Optional[LossFn] = None,
         scaler: Optional["torch.amp.GradScaler"] = None,
         autocast_dtype: Optional[torch.dtype] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    ) -> Tuple[torch.Tensor, Boundary]:
         """:meth:`train_step` for local modules ``start .. stop-1`` only (a pipeline worker's share).
 
         Args are those of :meth:`module_losses` and :meth:`train_step`.
@@ -169,9 +171,9 @@ class LocalNet(nn.Module):
         for loss, _ in self.module_losses(x, y, loss_fn=loss_fn, autocast_dtype=autocast_dtype):
             yield loss
 
-    def module_losses(self, h: torch.Tensor, y: torch.Tensor, start: int = 0, stop: Optional[int] = None,
+    def module_losses(self, h: Boundary, y: torch.Tensor, start: int = 0, stop: Optional[int] = None,
                       image: Optional[torch.Tensor] = None, loss_fn: Optional[LossFn] = None,
-                      autocast_dtype: Optional[torch.dtype] = None) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+                      autocast_dtype: Optional[torch.dtype] = None) -> Iterator[Tuple[torch.Tensor, Boundary]]:
         """Local modules ``start .. stop-1`` on ``h``: ``(loss, detached output)`` for each.
 
         Local module ``j < K-1`` is block ``j`` with auxiliary network ``j``; module ``K-1`` (the
@@ -195,21 +197,22 @@ class LocalNet(nn.Module):
             image = h
         loss_fn = loss_fn or F.cross_entropy
         if autocast_dtype is not None:
-            autocast = lambda: torch.autocast(device_type=h.device.type, dtype=autocast_dtype)  # noqa: E731
+            device_type = as_tuple(h)[0].device.type
+            autocast = lambda: torch.autocast(device_type=device_type, dtype=autocast_dtype)  # noqa: E731
         else:
             autocast = contextlib.nullcontext
         for j in range(start, min(stop, self.num_local - 1)):
             with autocast():
-                out = self.blocks[j](h.detach())
+                out = self.blocks[j](detach(h))
                 loss = self._aux_loss(j, out, image, y, loss_fn)
             # Only the detached output survives: block j's graph goes with its loss.
-            h = out.detach()
+            h = detach(out)
             del out
             yield loss, h
             del loss
         if stop == self.num_local:
             with autocast():
-                out = self.blocks[self.num_local - 1](h.detach())
+                out = self.blocks[self.num_local - 1](detach(h))
                 loss, out = self._output_loss(out, y, loss_fn)
             yield loss, out.detach()
 
@@ -236,25 +239,26 @@ class LocalNet(nn.Module):
     def aux_checkpoint(self, value: bool) -> None:
         self.conversion = self.conversion.replace(aux_checkpoint=bool(value))
 
-    def _aux_loss(self, j: int, out: torch.Tensor, image: Optional[torch.Tensor], y: torch.Tensor,
+    def _aux_loss(self, j: int, out: Boundary, image: Optional[torch.Tensor], y: torch.Tensor,
                   loss_fn: LossFn) -> torch.Tensor:
         """Local loss ``j`` of block ``j``'s output; with ``aux_checkpoint``, only ``out`` is kept."""
         aux = self.aux[j]
 
-        def run(o: torch.Tensor) -> torch.Tensor:
+        def run(*elements: torch.Tensor) -> torch.Tensor:
+            o = elements if isinstance(out, tuple) else elements[0]
             if hasattr(aux, "local_loss"):  # a rule with a second loss (PredSim, InfoPro)
                 return aux.local_loss(o, image, y, loss_fn, self.normalization)
             return loss_fn(aux(o), y)
 
         if not self.aux_checkpoint or not torch.is_grad_enabled():
-            return run(out)
+            return run(*as_tuple(out))
         # Non-reentrant checkpoint replays the RNG (dropout) and autocast state; the buffers
         # the recomputation changes (BatchNorm running statistics, counted twice otherwise)
         # are put back as the first forward left them.
-        return checkpoint(run, out, use_reentrant=False,
+        return checkpoint(run, *as_tuple(out), use_reentrant=False,
                           context_fn=lambda: (contextlib.nullcontext(), _KeepBuffers([aux])))
 
-    def _output_loss(self, out: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _output_loss(self, out: Boundary, y: torch.Tensor, loss_fn: LossFn) -> Tuple[torch.Tensor, torch.Tensor]:
         """The output loss of block ``K-1``'s output, and the last block's output.
 
         Blocks ``K .. L-1`` and the head serve block ``K-1`` as an auxiliary network serves the
@@ -262,14 +266,15 @@ class LocalNet(nn.Module):
         """
         later = [*self.blocks[self.num_local:], self.head]
 
-        def run(o: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        def run(*elements: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+            o = elements if isinstance(out, tuple) else elements[0]
             for block in later[:-1]:
                 o = block(o)
             return loss_fn(self.head(o), y), o
 
         if not self.aux_checkpoint or not torch.is_grad_enabled():
-            return run(out)
-        return checkpoint(run, out, use_reentrant=False,
+            return run(*as_tuple(out))
+        return checkpoint(run, *as_tuple(out), use_reentrant=False,
                           context_fn=lambda: (contextlib.nullcontext(), _KeepBuffers(later)))
 
     @property
@@ -297,7 +302,8 @@ class LocalNet(nn.Module):
                          block_shapes=list(self.block_shapes),
                          block_input_shapes=list(self.block_input_shapes),
                          block_names=list(self.block_names), head_names=list(self.head_names),
-                         input_layouts=list(self.input_layouts))
+                         input_layouts=list(self.input_layouts),
+                         output_shapes=list(self.output_shapes))
 
     def block_parameters(self, j: int) -> Iterator[nn.Parameter]:
         """Parameters updated by local loss ``j``: block ``j`` and auxiliary network ``j``."""

@@ -23,6 +23,7 @@ from .graph_blocks import GraphBlock, extract_graph, merge_shared, weight_keys
 from .heads import has_weight_layer, head_start, is_norm
 from .layouts import input_layout, layout_of, resolution
 from .tracing import SHAPE_KEY, TracedModel
+from .tuple_cuts import boundary_values, split_large_blocks
 
 __all__ = ["GraphBlock", "Partition", "partition_blocks", "find_cut_points"]
 
@@ -35,6 +36,7 @@ class _GraphPartition:
     blocks: List[List[fx.Node]]
     head: List[fx.Node]
     head_input: fx.Node
+    inputs: List[Tuple[fx.Node, ...]] = field(default_factory=list)  # each block's input values
 
 
 @dataclass
@@ -44,8 +46,9 @@ class Partition:
     Attributes:
         blocks: ``L`` primary blocks, in order.
         head: global pooling + classifier.
-        block_shapes: output shape ``(C, H, W)`` (or ``(C,)``) of each block for one example.
-        block_input_shapes: input shape of each block.
+        block_shapes: output shape ``(C, H, W)`` (or ``(C,)``) of each block for one example;
+            of the last element where the block returns a tuple (the newest stream).
+        block_input_shapes: input shape of each block (of its last element).
         block_names: the module names each block covers.
         head_names: the module names of the head.
     """
@@ -57,6 +60,15 @@ class Partition:
     block_names: List[List[str]]
     head_names: List[str] = field(default_factory=list)
     input_layouts: List[str] = field(default_factory=list)
+    output_shapes: List[Tuple[Tuple[int, ...], ...]] = field(default_factory=list)
+
+    def output_arity(self, j: int) -> int:
+        """How many tensors block ``j`` returns (1 unless its boundary carries a tuple)."""
+        return len(self.output_shapes[j]) if self.output_shapes else 1
+
+    def input_arity(self, j: int) -> int:
+        """How many tensors block ``j`` takes."""
+        return 1 if j == 0 else self.output_arity(j - 1)
 
     def output_layout(self, j: int) -> str:
         """The layout of block ``j``'s output (see :mod:`auglocal_fx.layouts`)."""
@@ -269,7 +281,8 @@ def _partition_graph(gm: fx.GraphModule, boundaries: Optional[Sequence[str]]) ->
             else:
                 merged.append(carry + nodes)
                 carry = []
-        blocks = merged
+        # Several streams: a block over a third of the parameters is cut where a tuple is live.
+        blocks = split_large_blocks(gm, merged, order)
     index = {n: i for i, n in enumerate(order)}
     blocks, head_input = merge_shared(gm, blocks, order[index[head_input] + 1:], head_input,
                                        input_node)
@@ -278,7 +291,14 @@ def _partition_graph(gm: fx.GraphModule, boundaries: Optional[Sequence[str]]) ->
         raise AugLocalError(
             "the network has no block before its classifier head: nothing to train locally"
         )
-    return _GraphPartition(input_node=input_node, blocks=blocks, head=head, head_input=head_input)
+    inputs = boundary_values(order, blocks + [head], input_node)
+    if inputs[-1] != (head_input,):
+        raise AugLocalError(
+            "the classifier head would take several tensors (blocks sharing parameters joined it); "
+            "give block boundaries (block_boundaries=) that end on one tensor"
+        )
+    return _GraphPartition(input_node=input_node, blocks=blocks, head=head, head_input=head_input,
+                           inputs=inputs[:-1])
 
 
 def _module_targets(nodes: Sequence[fx.Node]) -> List[str]:
@@ -332,13 +352,14 @@ def partition_blocks(traced: TracedModel, block_boundaries: Optional[Sequence[st
                 stacklevel=2,
             )
     blocks = []
+    e_outs = eval_part.inputs[1:] + [(eval_part.head_input,)]
+    t_outs = [] if train_part is None else train_part.inputs[1:] + [(train_part.head_input,)]
     for j, nodes in enumerate(eval_part.blocks):
-        inp = eval_part.input_node if j == 0 else eval_part.blocks[j - 1][-1]
-        eval_gm = extract_graph(traced.eval_graph, nodes, inp, f"Block{j}")
+        eval_gm = extract_graph(traced.eval_graph, nodes, eval_part.inputs[j], f"Block{j}", e_outs[j])
         train_gm = None
         if train_part is not None:
-            t_inp = train_part.input_node if j == 0 else train_part.blocks[j - 1][-1]
-            train_gm = extract_graph(traced.train_graph, train_part.blocks[j], t_inp, f"Block{j}Train")
+            train_gm = extract_graph(traced.train_graph, train_part.blocks[j], train_part.inputs[j],
+                                     f"Block{j}Train", t_outs[j])
             if train_gm.code == eval_gm.code:
                 train_gm = None
         fixed = traced.input_size if j == 0 and traced.frozen else None
@@ -349,7 +370,8 @@ def partition_blocks(traced: TracedModel, block_boundaries: Optional[Sequence[st
         head_train = extract_graph(traced.train_graph, train_part.head, train_part.head_input, "HeadTrain")
         if head_train.code == head_eval.code:
             head_train = None
-    shapes = [tuple(nodes[-1].meta[SHAPE_KEY][1:]) for nodes in eval_part.blocks]
+    output_shapes = [tuple(tuple(n.meta[SHAPE_KEY][1:]) for n in out) for out in e_outs]
+    shapes = [out[-1] for out in output_shapes]
     in_shapes = [tuple(eval_part.input_node.meta[SHAPE_KEY][1:])] + shapes[:-1]
     head = GraphBlock(head_eval, head_train)
     return Partition(
@@ -360,11 +382,12 @@ def partition_blocks(traced: TracedModel, block_boundaries: Optional[Sequence[st
         block_names=_block_names([_module_targets(n) for n in eval_part.blocks + [eval_part.head]])[:-1],
         head_names=_block_names([_module_targets(n) for n in eval_part.blocks + [eval_part.head]])[-1],
         input_layouts=[input_layout(b.eval_graph) for b in blocks + [head]],
+        output_shapes=output_shapes,
     )
 
 
 def _same_blocks(traced: TracedModel, a: _GraphPartition, b: _GraphPartition) -> bool:
-    if len(a.blocks) != len(b.blocks):
+    if len(a.blocks) != len(b.blocks) or [len(v) for v in a.inputs] != [len(v) for v in b.inputs]:
         return False
     for nodes_a, nodes_b in zip(a.blocks + [a.head], b.blocks + [b.head]):
         if weight_keys(traced.eval_graph, nodes_a) != weight_keys(traced.train_graph, nodes_b):

@@ -25,6 +25,7 @@ __all__ = [
     "select_blocks",
     "stride_plan",
     "plan_aux_nets",
+    "match_arity",
     "validate_options",
 ]
 
@@ -197,3 +198,27 @@ def plan_aux_nets(
         strides = stride_plan(resolutions[j], [resolutions[k] for k in selected])
         plans.append(AuxPlan(block=j, selected=tuple(selected), strides=tuple(strides)))
     return plans
+
+
+def match_arity(plan: AuxPlan, arities: Sequence[int], resolutions: Sequence[int]) -> AuxPlan:
+    """``plan`` with each selected block that cannot take what reaches it replaced.
+
+    Where block boundaries carry tuples (several streams), a copy of block ``k`` takes the
+    tuple block ``k`` takes (``arities[k - 1]`` tensors; ``arities[k]``: how many it returns),
+    so it can follow only block ``j`` or a copy returning as many. A block that cannot is
+    replaced by the nearest one that can, later first, then earlier (after the previous
+    choice); none left, it is dropped. The strides are planned again (rule 5).
+    """
+    current = arities[plan.block]
+    kept: List[int] = []
+    for k in plan.selected:
+        after = kept[-1] if kept else plan.block
+        candidates = list(range(k, len(arities))) + list(range(k - 1, after, -1))
+        found = next((c for c in candidates if c not in kept and arities[c - 1] == current), None)
+        if found is not None:
+            kept.append(found)
+            current = arities[found]
+    if tuple(kept) == plan.selected:
+        return plan
+    strides = stride_plan(resolutions[plan.block], [resolutions[k] for k in kept])
+    return AuxPlan(block=plan.block, selected=tuple(kept), strides=tuple(strides))

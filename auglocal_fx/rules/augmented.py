@@ -25,6 +25,7 @@ class AugLocalRule(LocalRule):
     label = "AugLocal"
     uses_depth = True
     order = 0
+    takes_tuples = True
 
     def plan(self, resolutions: Sequence[int], d: int, tau: float, pyramid: bool,
              selection: str) -> List[AuxPlan]:
@@ -49,6 +50,7 @@ class AugLocalInfoProRule(AugLocalRule):
     label = "AugLocal+InfoPro"
     second_loss = True
     order = 4
+    takes_tuples = False  # the reconstruction decoder reads one tensor
 
     def build(self, plan: AuxPlan, context: RuleContext) -> nn.Module:
         classifier = super().build(plan, context)

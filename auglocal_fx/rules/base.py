@@ -65,6 +65,8 @@ class LocalRule:
         second_loss: ``True`` where the auxiliary network is a ``RuleAux`` with a loss
             beyond cross-entropy (its decoder is not in the FLOPs of Table 7).
         order: where the rule is listed (choices, error messages); ties keep registration order.
+        takes_tuples: ``True`` where its auxiliary networks take a block boundary carrying a
+            tuple of tensors (several streams); other rules refuse such a network.
     """
 
     name = ""
@@ -72,6 +74,7 @@ class LocalRule:
     uses_depth = False
     second_loss = False
     order = 100
+    takes_tuples = False
 
     def plan(self, resolutions: Sequence[int], d: int, tau: float, pyramid: bool,
              selection: str) -> List[AuxPlan]:

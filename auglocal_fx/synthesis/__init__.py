@@ -45,6 +45,7 @@ from __future__ import annotations
 import math
 from typing import List, Optional, Sequence, Tuple
 
+import torch
 from torch import nn
 
 from ..initialization import InitReference
@@ -53,6 +54,7 @@ from ..partition import Partition
 from ..planning import AuxPlan
 from .copies import adapt_copy, warn_adapters
 from .strides import AUX_RESOLUTIONS, source_pooling, validate_aux_resolution
+from .tuples import adapt_tuple_copy, element_layouts, tuple_head
 # Re-exported: the rest of the package imports these names from here (SLIM_WIDTH: the tests).
 from .heads import (AUX_HEADS, AUX_INITS, SLIM_WIDTH, _insert_norm_before_classifier,  # noqa: F401
                     _num_classes, choose_aux_head, slim_head, validate_aux_head, validate_aux_init)
@@ -72,6 +74,13 @@ class AuxNet(nn.Sequential):
     def __init__(self, modules: Sequence[nn.Module], plan: AuxPlan):
         super().__init__(*modules)
         self.plan = plan
+
+    def forward(self, *x: torch.Tensor) -> torch.Tensor:
+        # A boundary carrying a tuple: each copy takes its elements as arguments.
+        h = x if len(x) > 1 else x[0]
+        for module in self:
+            h = module(*h) if isinstance(h, tuple) else module(h)
+        return h
 
 
 def _module_list(names: Sequence[str], most: int = 3) -> str:
@@ -109,6 +118,8 @@ def synthesize_aux_net(partition: Partition, plan: AuxPlan,
     validate_aux_init(aux_init)
     validate_aux_resolution(aux_resolution)
     copy_weights = aux_init == "copy"
+    if any(partition.output_arity(k) > 1 for k in (plan.block, *plan.selected)):
+        return _synthesize_tuple(partition, plan, init, notes, aux_head, copy_weights)
     shape = partition.block_shapes[plan.block]
     layout = partition.output_layout(plan.block)
     planned = resolution(shape, layout)
@@ -138,6 +149,46 @@ def synthesize_aux_net(partition: Partition, plan: AuxPlan,
     else:
         head, _ = adapt_copy(partition.head.eval_graph, shape, None, f"Aux{plan.block}Head", init,
                              f"the head ({_module_list(partition.head_names)})", layout, notes,
+                             copy_weights)
+        if len(plan.selected) == 1:
+            _insert_norm_before_classifier(head)
+    modules.append(head)
+    return AuxNet(modules, plan)
+
+
+def _synthesize_tuple(partition: Partition, plan: AuxPlan, init: Optional[InitReference],
+                      notes: Optional[List[Tuple[str, str, str]]], aux_head: str,
+                      copy_weights: bool) -> AuxNet:
+    """:func:`synthesize_aux_net` where a boundary on the way carries a tuple (see ``tuples``)."""
+    shapes = partition.output_shapes[plan.block]
+    layouts = element_layouts(shapes, partition.output_layout(plan.block))
+    modules: List[nn.Module] = []
+    for k in plan.selected:
+        source = partition.blocks[k].eval_graph
+        own = partition.output_shapes[k - 1]
+        own_layouts = element_layouts(own, partition.input_layouts[k])
+        label = f"block {k} ({_module_list(partition.block_names[k])})"
+        copy_gm, out, adapted = adapt_tuple_copy(source, shapes, layouts, own_layouts,
+                                                 f"Aux{plan.block}CopyOfBlock{k}", init, copy_weights)
+        if adapted:
+            note = (label, "shape", f"input {adapted[0]} has shape {shapes[adapted[0]]}, "
+                    f"it takes {own[adapted[0]]}")
+            if notes is None:
+                warn_adapters([note], stacklevel=3)
+            else:
+                notes.append(note)
+        modules.append(copy_gm)
+        shapes, layouts = out, element_layouts(out, partition.output_layout(k))
+    slim = choose_aux_head(partition, aux_head) == "slim"
+    reference = next(partition.head.eval_graph.parameters())
+    if len(shapes) > 1:
+        head: nn.Module = tuple_head(shapes, layouts, _num_classes(partition), slim,
+                                     reference.device, reference.dtype, init)
+    elif slim:
+        head = slim_head(_num_classes(partition), reference.device, reference.dtype, init)
+    else:
+        head, _ = adapt_copy(partition.head.eval_graph, shapes[0], None, f"Aux{plan.block}Head", init,
+                             f"the head ({_module_list(partition.head_names)})", layouts[0], notes,
                              copy_weights)
         if len(plan.selected) == 1:
             _insert_norm_before_classifier(head)

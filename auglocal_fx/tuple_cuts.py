@@ -1,0 +1,166 @@
+"""Block boundaries that carry a small tuple of tensors (several streams, cells, trees).
+
+A single-tensor cut point (:func:`auglocal_fx.partition.find_cut_points`) is a gap between two
+nodes where one value is live. NASNet's cells read the two previous cells, TNT carries pixel and
+patch embeddings, DLA's trees keep their earlier outputs: such networks have few single cuts,
+and one block holds most of the parameters. This module finds the gaps where at most
+:data:`MAX_ARITY` tensors are live and splits an over-large block there, so a boundary carries
+that tuple (docs/models.md, "Several streams").
+
+Single cuts stay preferred: only a block holding over a third of the parameters is split, at
+the gaps of the shallowest module level first (between cells before inside them), and a piece
+that is still over a third is split one level deeper.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from torch import fx
+
+from .errors import AugLocalError
+from .graph_blocks import parameter_ids
+from .heads import has_weight_layer
+from .tracing import SHAPE_KEY
+
+__all__ = ["MAX_ARITY", "boundary_values", "live_values", "split_large_blocks"]
+
+MAX_ARITY = 3
+
+# A block over this share of the parameters is split at tuple gaps.
+_LARGEST_SHARE = 1 / 3
+
+
+def live_values(order: Sequence[fx.Node]) -> List[Optional[Tuple[fx.Node, ...]]]:
+    """Per position ``i`` of ``order``, the values live across the gap after it, in graph order.
+
+    A value is live when computed at or before ``i`` and used after it (the output node counts
+    as a use after every position). ``None`` where more than :data:`MAX_ARITY` values are live,
+    or one of them is no tensor (a size computed from the features).
+    """
+    index = {n: i for i, n in enumerate(order)}
+    end = len(order)
+    last_use = [max((index.get(u, end) for u in n.users), default=i) for i, n in enumerate(order)]
+    ending: Dict[int, List[fx.Node]] = {}
+    for node, last in zip(order, last_use):
+        ending.setdefault(last, []).append(node)
+    live: Dict[fx.Node, None] = {}  # insertion order is graph order
+    result: List[Optional[Tuple[fx.Node, ...]]] = []
+    for i, node in enumerate(order):
+        if last_use[i] > i:
+            live[node] = None
+        for done in ending.get(i, ()):
+            live.pop(done, None)
+        if len(live) <= MAX_ARITY and all(n.meta.get(SHAPE_KEY) is not None for n in live):
+            result.append(tuple(live))
+        else:
+            result.append(None)
+    return result
+
+
+def _module_path(node: fx.Node) -> List[str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    return [v[0] if isinstance(v, tuple) else str(k) for k, v in stack.items()]
+
+
+def _gap_depth(before: fx.Node, after: fx.Node) -> int:
+    """How deep in the module tree a gap lies: the module levels the two nodes share.
+
+    A ``call_module`` node counts as inside the module it calls, so the gap after a cell's last
+    module call and before the next cell's first lies at the level of the cells' parent.
+    """
+    a, b = _module_path(before), _module_path(after)
+    if before.op == "call_module":
+        a = a + [str(before.target)]
+    if after.op == "call_module":
+        b = b + [str(after.target)]
+    depth = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        depth += 1
+    return depth
+
+
+def _parameter_count(gm: fx.GraphModule, nodes: Sequence[fx.Node]) -> int:
+    return sum(numel for numel in parameter_ids(gm, nodes).values())
+
+
+def _split(gm: fx.GraphModule, nodes: List[fx.Node], gaps: Dict[fx.Node, int],
+           limit: float) -> List[List[fx.Node]]:
+    """Split ``nodes`` at its tuple gaps of the shallowest level, then deeper where still large."""
+    inside = [(k, gaps[n]) for k, n in enumerate(nodes[:-1]) if n in gaps]
+    if not inside or _parameter_count(gm, nodes) <= limit:
+        return [nodes]
+    shallowest = min(depth for _, depth in inside)
+    pieces: List[List[fx.Node]] = []
+    start = 0
+    for k, depth in inside:
+        if depth == shallowest:
+            pieces.append(nodes[start:k + 1])
+            start = k + 1
+    pieces.append(nodes[start:])
+    # A piece without a weight layer (an activation, a concatenation) joins the one before it.
+    joined: List[List[fx.Node]] = []
+    for piece in pieces:
+        if joined and not has_weight_layer(gm, piece):
+            joined[-1] = joined[-1] + piece
+        elif joined and not has_weight_layer(gm, joined[-1]):
+            joined[-1] = joined[-1] + piece
+        else:
+            joined.append(piece)
+    if len(joined) == 1:
+        # Every gap of this level was inside a weightless piece: try the next level down.
+        deeper = {n: d for n, d in gaps.items() if d > shallowest}
+        return _split(gm, nodes, deeper, limit) if deeper != gaps else [nodes]
+    result: List[List[fx.Node]] = []
+    for piece in joined:
+        deeper = {n: d for n, d in gaps.items() if d > shallowest}
+        result.extend(_split(gm, piece, deeper, limit) if deeper else [piece])
+    return result
+
+
+def split_large_blocks(gm: fx.GraphModule, blocks: List[List[fx.Node]],
+                       order: Sequence[fx.Node]) -> List[List[fx.Node]]:
+    """Split each block holding over a third of ``gm``'s parameters at its tuple gaps.
+
+    Args:
+        gm: the traced network.
+        blocks: the blocks found at single cuts, as node lists in graph order.
+        order: the nodes computed from the input, in graph order.
+
+    Returns:
+        The blocks, the large ones split where at most :data:`MAX_ARITY` tensors are live.
+    """
+    total = sum(p.numel() for p in gm.parameters())
+    limit = total * _LARGEST_SHARE
+    if not any(_parameter_count(gm, b) > limit for b in blocks):
+        return blocks
+    live = live_values(order)
+    gaps: Dict[fx.Node, int] = {}
+    for i, values in enumerate(live[:-1]):
+        if values and len(values) > 1:
+            gaps[order[i]] = _gap_depth(order[i], order[i + 1])
+    result: List[List[fx.Node]] = []
+    for nodes in blocks:
+        result.extend(_split(gm, nodes, gaps, limit))
+    return result
+
+
+def boundary_values(order: Sequence[fx.Node], blocks: Sequence[Sequence[fx.Node]],
+                    input_node: fx.Node) -> List[Tuple[fx.Node, ...]]:
+    """The values each block takes: the input, then the values live after each block.
+
+    Raises:
+        AugLocalError: a gap between blocks carries more than :data:`MAX_ARITY` values (internal).
+    """
+    live = live_values(order)
+    index: Dict[fx.Node, int] = {n: i for i, n in enumerate(order)}
+    inputs: List[Tuple[fx.Node, ...]] = [(input_node,)]
+    for nodes in blocks[:-1]:
+        values = live[index[nodes[-1]]]
+        if not values:
+            raise AugLocalError(f"internal: the gap after {nodes[-1].name} carries more than {MAX_ARITY} values")
+        inputs.append(values)
+    return inputs
+
