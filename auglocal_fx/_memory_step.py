@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ._saved_bytes import SavedBytesCounter, storage_bytes
 from .errors import AugLocalError
+from .graph_blocks import as_tuple
 from .local import LocalNet, to_local
 
 __all__ = ["OPTIMIZERS", "OptimizerFactory", "build_local", "random_batch", "run_method_step",
@@ -63,7 +64,7 @@ def run_method_step(local, method: str, x: torch.Tensor, y: torch.Tensor, step_e
     if method == "checkpoint":
         h = x.detach().requires_grad_(True)  # so block 0's checkpoint has an input needing grad
         for block in local.blocks:
-            h = checkpoint(block, h, use_reentrant=True)
+            h = checkpoint(block, *as_tuple(h), use_reentrant=True)  # a tuple: one argument each
         logits = local.head(h)
     else:
         logits = local.primary_forward(x)

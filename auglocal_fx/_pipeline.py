@@ -241,6 +241,9 @@ class PipelineRun(Run):
         if self.cfg.method != "auglocal":
             raise AugLocalError("--pipeline needs local learning (--method auglocal); backprop's blocks wait "
                                 "for each other's gradients")
+        if any(len(shapes) > 1 for shapes in self.net.output_shapes):
+            raise AugLocalError("--pipeline cannot send block boundaries that carry several tensors (this "
+                                "network's streams); train with --pipeline 1")
         if self.stages > self.net.num_local:
             raise AugLocalError(f"--pipeline {self.stages} is more than the {self.net.num_local} local modules "
                                 f"of this network; use at most {self.net.num_local}")

@@ -18,7 +18,7 @@ from .errors import AugLocalError
 from .flops import count_flops, count_module_flops
 from .local import to_local
 from .options import ConversionOptions
-from .planning import plan_aux_nets
+from .planning import match_arity, plan_aux_nets
 from .rules import get_rule, rule_names
 from .synthesis import synthesize_aux_net
 from .units import format_flops
@@ -164,11 +164,14 @@ def solve_budget(
             with single_thread():
                 net = synthesize_aux_net(partition, plan, aux_head=base.conversion.resolved_aux_head,
                                          aux_resolution=base.conversion.aux_resolution)
-            aux_cache[plan] = count_module_flops(net, base.block_shapes[plan.block])[0]
+            j = plan.block
+            shape = partition.output_shapes[j] if partition.output_arity(j) > 1 else base.block_shapes[j]
+            aux_cache[plan] = count_module_flops(net, shape)[0]
         return aux_cache[plan]
 
     limit = int(value * bp) if kind == "ratio" else int(value)
     resolutions = partition.resolutions
+    arities = [partition.output_arity(j) for j in range(len(partition.blocks))]
     top_l = len(base.blocks) - 1
     top = min(max_d, top_l)
     taus = _tau_grid(tau_step) if pyramid else [0.0]
@@ -180,7 +183,8 @@ def solve_budget(
         # Every tau is tried: fewer copied blocks are not always cheaper (a second copy that
         # halves the resolution can make the head's input, and so the whole, cheaper).
         for tau in taus:
-            plans = tuple(plan_aux_nets(resolutions, d, tau, pyramid, selection))
+            plans = tuple(match_arity(p, arities, resolutions)
+                          for p in plan_aux_nets(resolutions, d, tau, pyramid, selection))
             if plans in seen:
                 continue
             seen.add(plans)

@@ -32,6 +32,7 @@ from torch import nn
 from ._device import random_input
 from ._threads import single_thread
 from .errors import AugLocalError, first_line
+from .synthesis import AuxNet
 
 __all__ = [
     "BlockCost",
@@ -162,11 +163,27 @@ def _eval_mode(module: nn.Module):
             m.training = mode
 
 
-def _example(module: nn.Module, shape: Shape) -> torch.Tensor:
+def _is_tuple_shape(shape) -> bool:
+    """Whether ``shape`` is the shapes of a tuple of tensors (a boundary carrying several)."""
+    return bool(shape) and isinstance(shape[0], tuple)
+
+
+def _example(module: nn.Module, shape) -> Tuple[torch.Tensor, ...]:
+    """The batch-1 inputs of ``module``: one tensor, or one per element of a tuple shape."""
     param = next(iter(module.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    return random_input(shape, 1, device, dtype)
+    shapes = shape if _is_tuple_shape(shape) else (shape,)
+    return tuple(random_input(s, 1, device, dtype) for s in shapes)
+
+
+def _shape_of(out) -> Optional[Shape]:
+    """The shape (no batch) of a module's output; a tuple of them for a tuple of tensors."""
+    if isinstance(out, torch.Tensor):
+        return tuple(int(v) for v in out.shape[1:])
+    if isinstance(out, tuple) and len(out) > 1 and all(isinstance(t, torch.Tensor) for t in out):
+        return tuple(tuple(int(v) for v in t.shape[1:]) for t in out)
+    return None
 
 
 @dataclass(frozen=True)
@@ -175,15 +192,17 @@ class _Count:
 
     flops: int
     unsupported: Tuple[Tuple[str, int], ...]
-    output_shape: Optional[Shape]  # without the batch dimension; None: not one tensor
+    output_shape: Optional[Shape]  # without the batch dimension (one per element of a tuple); None: neither
 
 
 def count_module_flops(module: nn.Module, input_shape: Sequence[int]) -> Tuple[int, Counter]:
     """Count one module's forward FLOPs on a batch-1 input with fvcore.
 
     Args:
-        module: any module taking one tensor.
-        input_shape: the input shape without the batch dimension, e.g. ``(3, 32, 32)``.
+        module: any module taking one tensor (or a tuple of tensors: a block or auxiliary
+            network where a boundary carries several).
+        input_shape: the input shape without the batch dimension, e.g. ``(3, 32, 32)``; for a
+            tuple, one shape per element.
 
     Returns:
         ``(flops, unsupported)``: FLOPs of one example (one multiply-add = one FLOP), and a
@@ -193,12 +212,15 @@ def count_module_flops(module: nn.Module, input_shape: Sequence[int]) -> Tuple[i
     Raises:
         AugLocalError: if fvcore cannot trace the module.
     """
-    count = _count_module(module, tuple(int(s) for s in input_shape))
+    if _is_tuple_shape(input_shape):
+        count = _count_module(module, tuple(tuple(int(v) for v in s) for s in input_shape))
+    else:
+        count = _count_module(module, tuple(int(s) for s in input_shape))
     return count.flops, Counter(dict(count.unsupported))
 
 
-def _count_module(module: nn.Module, shape: Shape) -> _Count:
-    if not (_is_plain_sequential(module) and len(module) > 1):
+def _count_module(module: nn.Module, shape) -> _Count:
+    if not (_chains_children(module) and len(module) > 1):
         return _count_one(module, shape)
     # Count child by child: identical children (block copies in many auxiliary networks) then
     # hit the cache, and each child's input shape is the previous child's output shape, taken
@@ -216,13 +238,15 @@ def _count_module(module: nn.Module, shape: Shape) -> _Count:
 def _one_tensor(shape: Optional[Shape], what: str) -> Shape:
     if shape is None:
         raise AugLocalError(
-            f"cannot count FLOPs past {what}: it returns something other than one tensor; "
+            f"cannot count FLOPs past {what}: it returns something other than tensors; "
             "count its modules by hand")
     return shape
 
 
-def _is_plain_sequential(module: nn.Module) -> bool:
-    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+def _chains_children(module: nn.Module) -> bool:
+    """A Sequential feeding each child's output to the next (an auxiliary network's copies too)."""
+    return isinstance(module, AuxNet) or (
+        isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward)
 
 
 def _count_one(module: nn.Module, shape: Shape) -> _Count:
@@ -238,7 +262,7 @@ def _count_one(module: nn.Module, shape: Shape) -> _Count:
         with _quiet(), _eval_mode(module), single_thread(), torch.no_grad():
             from fvcore.nn import FlopCountAnalysis  # importing it warns: torch.jit.script
 
-            analysis = FlopCountAnalysis(module, (_example(module, shape),))
+            analysis = FlopCountAnalysis(module, _example(module, shape))
             analysis.unsupported_ops_warnings(False)
             analysis.uncalled_modules_warnings(False)
             analysis.tracer_warnings("none")
@@ -253,8 +277,7 @@ def _count_one(module: nn.Module, shape: Shape) -> _Count:
             unsupported = tuple(sorted(analysis.unsupported_ops().items()))
     finally:
         handle.remove()
-    out = outputs[0] if len(outputs) == 1 else None
-    out_shape = tuple(int(v) for v in out.shape[1:]) if isinstance(out, torch.Tensor) else None
+    out_shape = _shape_of(outputs[0]) if len(outputs) == 1 else None
     if len(_CACHE) >= _CACHE_LIMIT:
         _CACHE.clear()
     hit = _CACHE[key] = _Count(total, unsupported, out_shape)
