@@ -1,0 +1,203 @@
+"""Block boundaries that carry a tuple of tensors: NASNet-like cells reading the two cells before.
+
+The network is :class:`tests._cell_models.CellNet`; its blocks and arities are written out by
+hand from its ``forward``. References are the original model (outputs, fvcore's count of it)
+and hand-written expectations, never numbers of the code under test.
+"""
+
+import pytest
+import torch
+from torch import fx
+
+from auglocal_fx import AugLocalError, count_flops, to_local
+from auglocal_fx.partition import partition_blocks
+from auglocal_fx.planning import AuxPlan, match_arity
+from auglocal_fx.tracing import SHAPE_KEY, trace_model
+from auglocal_fx.tuple_cuts import live_values
+
+from ._cell_models import CLASSES, SIZE, CellNet
+from .test_sweep import batch, check_local
+
+# From CellNet.forward: stem+stem2 -> (s0, s1); cell0 -> (s1, c0); cell1 -> (c0, c1);
+# cell2 (reduction) -> c2 alone; transition -> (c2, t); cell3 -> (t, c3); cell4 -> c4.
+BLOCKS = [["stem", "stem2"], ["cell0"], ["cell1"], ["cell2"], ["transition"], ["cell3"], ["cell4"]]
+ARITIES = [2, 2, 2, 1, 2, 2, 1]
+
+
+def _quiet_local(model, **kwargs):
+    with pytest.warns(UserWarning, match="input adapter|average pooling"):
+        return to_local(model, input_size=SIZE, **kwargs)
+
+
+def test_live_values_of_a_small_graph():
+    def f(x):
+        a = torch.relu(x)
+        b = torch.sigmoid(x)
+        return a * b + a
+
+    gm = fx.symbolic_trace(f)
+    for node in gm.graph.nodes:
+        node.meta[SHAPE_KEY] = torch.Size([1, 2])
+    order = [n for n in gm.graph.nodes if n.op != "output"]
+    names = [None if v is None else [n.name for n in v] for v in live_values(order)]
+    # x is live until sigmoid reads it; a until the last add
+    assert names == [["x"], ["x", "relu"], ["relu", "sigmoid"], ["relu", "mul"], ["add"]]
+
+
+def test_cells_are_cut_where_two_tensors_are_live():
+    part = partition_blocks(trace_model(CellNet().eval(), SIZE))
+    assert part.block_names == BLOCKS
+    assert part.head_names == ["fc"]
+    assert [part.output_arity(j) for j in range(len(BLOCKS))] == ARITIES
+    assert part.output_shapes[0] == ((8, 16, 16), (8, 16, 16))
+    assert part.output_shapes[3] == ((16, 8, 8),)
+    assert [b.arity for b in part.blocks] == [1] + ARITIES[:-1]
+
+
+def test_selection_keeps_blocks_of_the_arity_that_reaches_them():
+    resolutions = [16, 16, 16, 8, 8, 8, 8]
+    # block 0 returns a pair; block 3 takes one (cell1's pair) and returns c2 alone, which
+    # block 6 (a pair-taking cell) cannot follow: the nearest block taking one tensor is 4
+    plan = match_arity(AuxPlan(0, (3, 6), (2, 1)), ARITIES, resolutions)
+    assert plan.selected == (3, 4)
+    assert plan.strides == (2, 1)
+    # block 3 returns one tensor: block 6 takes a pair, block 4 takes one
+    assert match_arity(AuxPlan(3, (6,), (1,)), ARITIES, resolutions).selected == (4,)
+    # nothing to change
+    same = AuxPlan(1, (6,), (2,))
+    assert match_arity(same, ARITIES, resolutions) is same
+
+
+@pytest.mark.parametrize("d", [2, 3, 4])
+def test_cell_network_keeps_every_guarantee(d):
+    torch.manual_seed(0)
+    model = CellNet()
+    local = _quiet_local(model, d=d)
+    assert local.block_names == BLOCKS
+    check_local(model, local, SIZE, CLASSES, CellNet)
+
+
+def test_eval_and_train_outputs_equal_the_original():
+    torch.manual_seed(0)
+    model = CellNet()
+    local = _quiet_local(model, d=2)
+    x = torch.randn(3, *SIZE)
+    model.eval()
+    local.eval()
+    with torch.no_grad():
+        assert torch.equal(local(x), model(x))
+    model.train()
+    local.train()
+    torch.manual_seed(5)
+    expected = model(x)
+    torch.manual_seed(5)
+    assert torch.equal(local.head(_run_blocks(local, x)), expected)
+
+
+def _run_blocks(local, x):
+    h = x
+    for block in local.blocks:
+        h = block(*h) if isinstance(h, tuple) else block(h)
+    return h
+
+
+def test_no_element_carries_a_gradient_into_an_earlier_block():
+    torch.manual_seed(0)
+    model = CellNet()
+    local = _quiet_local(model, d=2)
+    local.train()
+    outputs = []
+    hooks = [b.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for b in local.blocks]
+    x, _ = batch(SIZE, num_classes=CLASSES)
+    logits, aux_logits = local(x)
+    for hook in hooks:
+        hook.remove()
+    losses = [a.sum() for a in aux_logits] + [logits.sum()]
+    K = local.num_local
+    checked = 0
+    for j in range(K - 1):
+        elements = outputs[j] if isinstance(outputs[j], tuple) else (outputs[j],)
+        assert len(elements) == ARITIES[j]
+        for e, element in enumerate(elements):
+            if not element.requires_grad:
+                continue  # an element passed through from an earlier, already detached boundary
+            for later in losses[j + 1:]:
+                (grad,) = torch.autograd.grad(later, element, retain_graph=True, allow_unused=True)
+                assert grad is None or not grad.any(), f"block {j} element {e}"
+                checked += 1
+    assert checked >= K - 1
+
+
+def test_copies_take_the_elements_their_source_takes():
+    torch.manual_seed(0)
+    model = CellNet()
+    # sequential d=2: aux j copies block j+1, which takes exactly block j's output; with the
+    # source's weights the copy is block j+1 itself
+    local = to_local(model, d=2, selection="sequential", aux_init="copy", input_size=SIZE)
+    local.eval()
+    x = torch.randn(2, *SIZE)
+    with torch.no_grad():
+        h = x
+        for j, aux in enumerate(local.aux):
+            h = local.blocks[j](h)
+            copy = aux[0]
+            got = copy(*h) if isinstance(h, tuple) else copy(h)
+            want = local.blocks[j + 1](h)
+            for g, w in zip(got if isinstance(got, tuple) else (got,),
+                            want if isinstance(want, tuple) else (want,)):
+                assert torch.equal(g, w), f"aux {j}"
+
+
+def test_heads_of_tuples_pool_each_element():
+    torch.manual_seed(0)
+    local = _quiet_local(CellNet(), d=2)
+    # uniform d=2: aux 0 copies block 6 (cell4), which returns one tensor: a copy of the head;
+    # sequential d=2: aux 0 copies block 1 (cell0), which returns a pair: the pooled head
+    seq = to_local(CellNet(), d=2, selection="sequential", input_size=SIZE)
+    head = seq.aux[0][-1]
+    assert type(head).__name__ == "TupleHead"
+    # pooled widths: cell0 returns (s1, c0) of 8 and 16 channels
+    assert head.tail[0].num_features == 8 + 16
+    x = torch.randn(2, *SIZE)
+    seq.eval()
+    with torch.no_grad():
+        assert seq.aux[0](seq.blocks[0](x)).shape == (2, CLASSES)
+    assert local.aux[0][-1].fc.out_features == CLASSES
+
+
+def test_aux_checkpoint_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = CellNet()
+    local = _quiet_local(model, d=3)
+    x, y = batch(SIZE, num_classes=CLASSES)
+    grads = []
+    for recompute in (False, True):
+        local.aux_checkpoint = recompute
+        local.zero_grad(set_to_none=True)
+        state = {k: v.clone() for k, v in local.state_dict().items()}
+        torch.manual_seed(3)
+        local.train_step(x, y)
+        grads.append([p.grad.clone() for p in local.parameters()])
+        local.load_state_dict(state)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_flops_of_the_primary_equal_fvcore_on_the_original():
+    from fvcore.nn import FlopCountAnalysis
+
+    model = CellNet().eval()
+    local = _quiet_local(model, d=3)
+    analysis = FlopCountAnalysis(model, torch.randn(1, *SIZE))
+    analysis.unsupported_ops_warnings(False)
+    flops = count_flops(local)
+    assert flops.primary == analysis.total()
+    assert flops.aux_total > 0
+    assert flops.blocks[0].output_shape == ((8, 16, 16), (8, 16, 16))
+
+
+@pytest.mark.parametrize("rule", ["dgl", "predsim", "infopro", "auglocal+infopro"])
+def test_other_rules_refuse_tuple_boundaries_in_one_line(rule):
+    with pytest.raises(AugLocalError, match="several tensors") as error:
+        to_local(CellNet(), d=2, rule=rule, input_size=SIZE)
+    assert "\n" not in str(error.value)
