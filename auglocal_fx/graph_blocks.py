@@ -17,7 +17,9 @@ from .errors import AugLocalError
 from .shape_values import check_input_size
 
 __all__ = ["GraphBlock", "Boundary", "detach", "as_tuple", "extract_graph", "merge_shared",
-           "parameter_ids", "weight_keys"]
+           "parameter_ids", "weight_keys", "repeated_classes", "inside_unit", "module_path"]
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 # What crosses a block boundary: one tensor, or a fixed tuple of them (several streams).
 Boundary = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
@@ -68,6 +70,55 @@ class GraphBlock(nn.Module):
     def arity(self) -> int:
         """How many tensors the block takes."""
         return sum(1 for n in self.eval_graph.graph.nodes if n.op == "placeholder")
+
+
+def _owner(node: fx.Node) -> Tuple[str, Optional[type]]:
+    """The module whose own ``forward`` code runs ``node`` (``""`` for the model's)."""
+    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    entries = [v if isinstance(v, tuple) else (str(v), None) for v in stack]
+    if node.op == "call_module" and entries:
+        entries = entries[:-1]  # the called module itself
+    return entries[-1] if entries else ("", None)
+
+
+def _inside(name: str, owner: str) -> bool:
+    return name == owner or name.startswith(owner + ".")
+
+
+def module_path(node: fx.Node) -> List[str]:
+    """The names of the modules ``node`` runs in, outermost first (a called module included)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    path = [v[0] if isinstance(v, tuple) else str(k) for k, v in stack.items()]
+    if node.op == "call_module" and (not path or path[-1] != str(node.target)):
+        path.append(str(node.target))
+    return path
+
+
+def repeated_classes(order: Sequence[fx.Node]) -> Dict[type, Set[str]]:
+    """Per module class the nodes run in, the names of its instances."""
+    instances: Dict[type, Set[str]] = {}
+    for node in order:
+        for value in (node.meta.get("nn_module_stack") or {}).values():
+            if isinstance(value, tuple) and isinstance(value[1], type):
+                instances.setdefault(value[1], set()).add(value[0])
+    return instances
+
+
+def inside_unit(node: fx.Node, order: Sequence[fx.Node], position: int,
+                instances: Dict[type, Set[str]]) -> bool:
+    """Does the gap after ``order[position]`` (``node``) lie inside one module's own code?
+
+    Only modules of a class the network repeats count (the units its author wrote, such as
+    residual blocks); a gap made by a container, by the model's own forward, or one that ends
+    a module, does not (docs/method.md, rule 1).
+    """
+    owner, kind = _owner(node)
+    if position + 1 >= len(order) or not owner or kind is None \
+            or issubclass(kind, _CONTAINERS) or len(instances.get(kind, ())) <= 1:
+        return False
+    following = order[position + 1]
+    where = str(following.target) if following.op == "call_module" else _owner(following)[0]
+    return _inside(where, owner)
 
 
 def _drop_shared_train_keys(module, state_dict, prefix, local_metadata):

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .errors import AugLocalError
-from .graph_blocks import GraphBlock, extract_graph, merge_shared, weight_keys
+from .graph_blocks import (GraphBlock, extract_graph, inside_unit, merge_shared, repeated_classes,
+                           weight_keys)
 from .heads import has_weight_layer, head_start, is_norm
 from .layouts import input_layout, layout_of, resolution
 from .tracing import SHAPE_KEY, TracedModel
@@ -165,8 +166,6 @@ def _module_stack(node: fx.Node) -> List[str]:
     return names
 
 
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-
 # Operations that keep a function linear in its input (with the weight layers and norms).
 _LINEAR_MODULES = (nn.modules.conv._ConvNd, nn.Linear, nn.Identity, nn.Dropout, nn.Flatten,
                    nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
@@ -199,19 +198,6 @@ def _has_nonlinearity(gm: fx.GraphModule, nodes: Sequence[fx.Node]) -> bool:
     return False
 
 
-def _owner(node: fx.Node) -> Tuple[str, Optional[type]]:
-    """The module whose own ``forward`` code runs ``node`` (``""`` for the model's)."""
-    stack = list((node.meta.get("nn_module_stack") or {}).values())
-    entries = [v if isinstance(v, tuple) else (str(v), None) for v in stack]
-    if node.op == "call_module" and entries:
-        entries = entries[:-1]  # the called module itself
-    return entries[-1] if entries else ("", None)
-
-
-def _inside(name: str, owner: str) -> bool:
-    return name == owner or name.startswith(owner + ".")
-
-
 def _module_cuts(cuts: List[fx.Node], order: List[fx.Node]) -> List[fx.Node]:
     """Drop cut points inside one module's own code (docs/method.md, rule 1).
 
@@ -222,24 +208,9 @@ def _module_cuts(cuts: List[fx.Node], order: List[fx.Node]) -> List[fx.Node]:
     forward, or one that ends a module, is kept.
     """
     index = {n: i for i, n in enumerate(order)}
-    instances: Dict[type, Set[str]] = {}
-    for node in order:
-        for value in (node.meta.get("nn_module_stack") or {}).values():
-            if isinstance(value, tuple) and isinstance(value[1], type):
-                instances.setdefault(value[1], set()).add(value[0])
-    kept = [cuts[0]]
-    for cut in cuts[1:]:
-        position = index[cut]
-        owner, kind = _owner(cut)
-        # Only repeated units: a model wrapped in another module keeps the cuts its forward makes.
-        if position + 1 < len(order) and owner and kind is not None \
-                and not issubclass(kind, _CONTAINERS) and len(instances.get(kind, ())) > 1:
-            following = order[position + 1]
-            where = str(following.target) if following.op == "call_module" else _owner(following)[0]
-            if _inside(where, owner):
-                continue
-        kept.append(cut)
-    return kept
+    repeated = repeated_classes(order)
+    return [cuts[0]] + [cut for cut in cuts[1:]
+                        if not inside_unit(cut, order, index[cut], repeated)]
 
 
 def _partition_graph(gm: fx.GraphModule, boundaries: Optional[Sequence[str]]) -> _GraphPartition:

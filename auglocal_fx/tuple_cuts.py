@@ -9,7 +9,10 @@ that tuple (docs/models.md, "Several streams").
 
 Single cuts stay preferred: only a block holding over a third of the parameters is split, at
 the gaps of the shallowest module level first (between cells before inside them), and a piece
-that is still over a third is split one level deeper.
+that is still over a third is split one level deeper. A gap qualifies only where the values
+crossing it are handed down to later modules (the next cell, the next block of a stage) and
+it lies inside no repeated unit's own code, so a residual block, which merges its shortcut in
+its own ``forward``, is never cut.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from torch import fx
 
 from .errors import AugLocalError
-from .graph_blocks import parameter_ids
+from .graph_blocks import inside_unit, module_path, parameter_ids, repeated_classes
 from .heads import has_weight_layer
 from .tracing import SHAPE_KEY
 
@@ -58,28 +61,32 @@ def live_values(order: Sequence[fx.Node]) -> List[Optional[Tuple[fx.Node, ...]]]
     return result
 
 
-def _module_path(node: fx.Node) -> List[str]:
-    stack = node.meta.get("nn_module_stack") or {}
-    return [v[0] if isinstance(v, tuple) else str(k) for k, v in stack.items()]
+def _common_depth(before: fx.Node, after: fx.Node) -> int:
+    """How deep in the module tree the gap between two nodes lies: the levels they share.
 
-
-def _gap_depth(before: fx.Node, after: fx.Node) -> int:
-    """How deep in the module tree a gap lies: the module levels the two nodes share.
-
-    A ``call_module`` node counts as inside the module it calls, so the gap after a cell's last
-    module call and before the next cell's first lies at the level of the cells' parent.
+    A called module counts as a level, so the gap after a cell's last module call and before
+    the next cell's first lies at the level of the cells' parent.
     """
-    a, b = _module_path(before), _module_path(after)
-    if before.op == "call_module":
-        a = a + [str(before.target)]
-    if after.op == "call_module":
-        b = b + [str(after.target)]
     depth = 0
-    for x, y in zip(a, b):
+    for x, y in zip(module_path(before), module_path(after)):
         if x != y:
             break
         depth += 1
     return depth
+
+
+def _handed_down(values: Sequence[fx.Node], position: int, index: Dict[fx.Node, int],
+                 depth: int) -> bool:
+    """Are the values live across a gap used after it only inside modules below the gap's level?
+
+    Cells, trees and stages hand the values to their children (the next cell, the next block);
+    a residual block merges its shortcut in its own code: a gap there is no boundary.
+    """
+    for value in values:
+        for user in value.users:
+            if index.get(user, len(index)) > position and len(module_path(user)) <= depth:
+                return False
+    return True
 
 
 def _parameter_count(gm: fx.GraphModule, nodes: Sequence[fx.Node]) -> int:
@@ -137,10 +144,15 @@ def split_large_blocks(gm: fx.GraphModule, blocks: List[List[fx.Node]],
     if not any(_parameter_count(gm, b) > limit for b in blocks):
         return blocks
     live = live_values(order)
+    index = {n: i for i, n in enumerate(order)}
+    repeated = repeated_classes(order)
     gaps: Dict[fx.Node, int] = {}
     for i, values in enumerate(live[:-1]):
-        if values and len(values) > 1:
-            gaps[order[i]] = _gap_depth(order[i], order[i + 1])
+        if not values or len(values) < 2 or inside_unit(order[i], order, i, repeated):
+            continue
+        depth = _common_depth(order[i], order[i + 1])
+        if _handed_down(values, i, index, depth):
+            gaps[order[i]] = depth
     result: List[List[fx.Node]] = []
     for nodes in blocks:
         result.extend(_split(gm, nodes, gaps, limit))
