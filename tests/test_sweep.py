@@ -47,11 +47,22 @@ SHAPE_VALUE_MODELS = {
     "deepseek_vit_412m": (28, {"depth": 4, "embed_dim": 64, "num_heads": 2}),
 }
 TRANSFORMER_SWEEP = [f"timm:{m}" for m in TRANSFORMERS] + [f"timm:{m}" for m in SHAPE_VALUE_MODELS]
+# Families whose block boundaries carry a tuple (cells reading the two cells before, pixel and
+# patch streams, a stage's global query, trees): small configurations (pnasnet ~40 s).
+TUPLE_MODELS = {
+    "nasnetalarge": (64, {"num_features": 480, "stem_size": 32}),
+    "pnasnet5large": (32, {}),
+    "tnt_s_legacy_patch16_224": (32, {"depth": 4}),
+    "gcvit_xxtiny": (64, {}),
+    "dla46x_c": (32, {}),
+}
 _MODEL_KWARGS = {f"timm:{m}": kwargs for m, (_, kwargs) in SHAPE_VALUE_MODELS.items()}
+_MODEL_KWARGS.update({f"timm:{m}": kwargs for m, (_, kwargs) in TUPLE_MODELS.items() if kwargs})
 
 # Small inputs keep the sweep fast; a few models need more than 32 px.
 _INPUT_SIZE = {"timm:inception_v3": 75, **{f"timm:{m}": s for m, s in TRANSFORMERS.items()},
-               **{f"timm:{m}": s for m, (s, _) in SHAPE_VALUE_MODELS.items()}}
+               **{f"timm:{m}": s for m, (s, _) in SHAPE_VALUE_MODELS.items()},
+               **{f"timm:{m}": s for m, (s, _) in TUPLE_MODELS.items()}}
 NUM_CLASSES = 7
 
 
@@ -61,6 +72,14 @@ def _make(spec, d, convert=True):
                              model_kwargs=_MODEL_KWARGS.get(spec))
     local = to_local(resolved.model, d=d, input_size=resolved.input_size) if convert else None
     return resolved, local
+
+
+@pytest.mark.sweep
+@pytest.mark.parametrize("spec", [f"timm:{m}" for m in TUPLE_MODELS])
+def test_convert_tuple_boundaries(spec):
+    resolved, local = _make(spec, d=3)
+    assert max(len(shapes) for shapes in local.output_shapes) > 1  # a boundary carries a tuple
+    check_local(resolved.model, local, resolved.input_size, NUM_CLASSES, resolved.create)
 
 
 def _block_grads(local, j):
