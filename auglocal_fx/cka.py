@@ -36,6 +36,7 @@ from ._analysis_inputs import DataLike, Frozen, NetLike, as_local, batches, bloc
     input_size_of, loader_of
 from ._device import resolve_device
 from .errors import AugLocalError
+from .graph_blocks import as_tuple
 
 __all__ = ["BlockCKA", "block_cka", "linear_cka", "hsic_unbiased"]
 
@@ -214,8 +215,9 @@ def block_cka(model_a: NetLike, model_b: NetLike, data: DataLike, batch_size: in
     with Frozen([a, b], device), torch.no_grad():
         images = (x for x, _ in batches(loader, device, "CKA", progress))
         for x in _equal_batches(images, batch_size):
-            outs_a = list(a.block_outputs(x))
-            outs_b = outs_a if b is a else list(b.block_outputs(x))
+            # a boundary carrying a tuple: its newest stream, the one block_shapes describes
+            outs_a = [as_tuple(h)[-1] for h in a.block_outputs(x)]
+            outs_b = outs_a if b is a else [as_tuple(h)[-1] for h in b.block_outputs(x)]
             for acc, fa, fb in zip(sums, outs_a, outs_b):
                 acc.add(fa, fb)
             examples += len(x)

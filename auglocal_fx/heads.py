@@ -195,7 +195,7 @@ def _selection_start(gm: fx.GraphModule, cuts: List[fx.Node], order: List[fx.Nod
         raise AugLocalError(
             "no classifier head found: several tensors run side by side from the input to the "
             "classifier's token selection (streams such as CrossViT's), so no single tensor "
-            "can end a block; block boundaries carrying several tensors are not supported"
+            "starts the head; a head taking several tensors is not supported"
         )
     return before[-1]
 

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from ._analysis_inputs import DataLike, Frozen, NetLike, as_local, batches, block_names, input_size_of, loader_of
 from ._device import resolve_device
 from .errors import AugLocalError
+from .graph_blocks import as_tuple
 from .layouts import FLAT, NCHW, NHWC, TOKENS, layout_of
 from .local import LocalNet
 
@@ -65,7 +66,8 @@ def _pooled_features(local: LocalNet, loader: DataLoader, device: torch.device, 
     labels = []
     for x, y in batches(loader, device, desc, progress):
         for j, h in enumerate(local.block_outputs(x)):
-            feats[j].append(_pool(h, layouts[j]).float())
+            # a boundary carrying a tuple: its newest stream, the one block_shapes describes
+            feats[j].append(_pool(as_tuple(h)[-1], layouts[j]).float())
         labels.append(y)
     if not labels:
         return [torch.empty(0, 0) for _ in feats], torch.empty(0, dtype=torch.long)

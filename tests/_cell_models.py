@@ -44,7 +44,7 @@ class CellNet(nn.Module):
     the rest, so the transition takes one tensor and returns two, the cells take two.
     """
 
-    def __init__(self):
+    def __init__(self, num_classes: int = CLASSES):
         super().__init__()
         self.stem = _conv_bn(3, WIDTH, 3)
         self.stem2 = _conv_bn(WIDTH, WIDTH, 3)
@@ -55,7 +55,7 @@ class CellNet(nn.Module):
         self.transition = _conv_bn(c, c, 3)
         self.cell3 = Cell(c, c)
         self.cell4 = Cell(c, c)
-        self.fc = nn.Linear(c, CLASSES)
+        self.fc = nn.Linear(c, num_classes)
 
     def forward(self, x):
         s0 = self.stem(x)
@@ -67,3 +67,8 @@ class CellNet(nn.Module):
         c3 = self.cell3(t, c2)
         c4 = self.cell4(c3, t)
         return self.fc(F.relu(c4).mean((2, 3)))
+
+
+def cell_net(num_classes: int = CLASSES) -> CellNet:
+    """The factory a spec ``tests/_cell_models.py:cell_net`` names."""
+    return CellNet(num_classes)

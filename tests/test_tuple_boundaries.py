@@ -201,3 +201,31 @@ def test_other_rules_refuse_tuple_boundaries_in_one_line(rule):
     with pytest.raises(AugLocalError, match="several tensors") as error:
         to_local(CellNet(), d=2, rule=rule, input_size=SIZE)
     assert "\n" not in str(error.value)
+
+
+def test_cka_and_probes_read_the_newest_stream():
+    from auglocal_fx.cka import block_cka
+
+    torch.manual_seed(0)
+    local = _quiet_local(CellNet(), d=2)
+    x = torch.randn(8, *SIZE)
+    y = torch.randint(0, CLASSES, (8,))
+    data = torch.utils.data.TensorDataset(x, y)
+    result = block_cka(local, local, torch.utils.data.DataLoader(data, batch_size=8))
+    # a network compared with itself: CKA 1 at every block, tuples included
+    for value in result.values:
+        assert value == pytest.approx(1.0, abs=1e-5)
+
+
+def test_the_pipeline_refuses_tuple_boundaries_in_one_line(tmp_path):
+    from pathlib import Path
+
+    from auglocal_fx.training import TrainConfig, train
+
+    spec = str(Path(__file__).with_name("_cell_models.py")) + ":cell_net"
+    config = TrainConfig(model=spec, dataset="synthetic", input_size=16, batch_size=8,
+                         train_subset=16, test_subset=8, epochs=1, d=2, device="cpu", threads=1,
+                         progress=False, pipeline=2, out=str(tmp_path))
+    with pytest.raises(AugLocalError, match="several tensors") as error:
+        train(config)
+    assert "\n" not in str(error.value)
