@@ -94,10 +94,13 @@ def _parameter_count(gm: fx.GraphModule, nodes: Sequence[fx.Node]) -> int:
 
 
 def _split(gm: fx.GraphModule, nodes: List[fx.Node], gaps: Dict[fx.Node, int],
-           limit: float) -> List[List[fx.Node]]:
-    """Split ``nodes`` at its tuple gaps of the shallowest level, then deeper where still large."""
+           limit: float, force: bool = False) -> List[List[fx.Node]]:
+    """Split ``nodes`` at its tuple gaps of the shallowest level, then deeper where still large.
+
+    ``force``: split even when not over ``limit`` (the network's only block).
+    """
     inside = [(k, gaps[n]) for k, n in enumerate(nodes[:-1]) if n in gaps]
-    if not inside or _parameter_count(gm, nodes) <= limit:
+    if not inside or (_parameter_count(gm, nodes) <= limit and not force):
         return [nodes]
     shallowest = min(depth for _, depth in inside)
     pieces: List[List[fx.Node]] = []
@@ -119,7 +122,7 @@ def _split(gm: fx.GraphModule, nodes: List[fx.Node], gaps: Dict[fx.Node, int],
     if len(joined) == 1:
         # Every gap of this level was inside a weightless piece: try the next level down.
         deeper = {n: d for n, d in gaps.items() if d > shallowest}
-        return _split(gm, nodes, deeper, limit) if deeper != gaps else [nodes]
+        return _split(gm, nodes, deeper, limit, force) if deeper != gaps else [nodes]
     result: List[List[fx.Node]] = []
     for piece in joined:
         deeper = {n: d for n, d in gaps.items() if d > shallowest}
@@ -131,6 +134,8 @@ def split_large_blocks(gm: fx.GraphModule, blocks: List[List[fx.Node]],
                        order: Sequence[fx.Node]) -> List[List[fx.Node]]:
     """Split each block holding over a third of ``gm``'s parameters at its tuple gaps.
 
+    A network without any single cut (one block) is split however its parameters lie.
+
     Args:
         gm: the traced network.
         blocks: the blocks found at single cuts, as node lists in graph order.
@@ -141,7 +146,8 @@ def split_large_blocks(gm: fx.GraphModule, blocks: List[List[fx.Node]],
     """
     total = sum(p.numel() for p in gm.parameters())
     limit = total * _LARGEST_SHARE
-    if not any(_parameter_count(gm, b) > limit for b in blocks):
+    alone = len(blocks) == 1
+    if not alone and not any(_parameter_count(gm, b) > limit for b in blocks):
         return blocks
     live = live_values(order)
     index = {n: i for i, n in enumerate(order)}
@@ -155,7 +161,7 @@ def split_large_blocks(gm: fx.GraphModule, blocks: List[List[fx.Node]],
             gaps[order[i]] = depth
     result: List[List[fx.Node]] = []
     for nodes in blocks:
-        result.extend(_split(gm, nodes, gaps, limit))
+        result.extend(_split(gm, nodes, gaps, limit, force=alone))
     return result
 
 

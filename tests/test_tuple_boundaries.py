@@ -15,7 +15,7 @@ from auglocal_fx.planning import AuxPlan, match_arity
 from auglocal_fx.tracing import SHAPE_KEY, trace_model
 from auglocal_fx.tuple_cuts import live_values
 
-from ._cell_models import CLASSES, SIZE, CellNet
+from ._cell_models import CLASSES, SIZE, Cell, CellNet
 from .test_sweep import batch, check_local
 
 # From CellNet.forward: stem+stem2 -> (s0, s1); cell0 -> (s1, c0); cell1 -> (c0, c1);
@@ -229,3 +229,35 @@ def test_the_pipeline_refuses_tuple_boundaries_in_one_line(tmp_path):
     with pytest.raises(AugLocalError, match="several tensors") as error:
         train(config)
     assert "\n" not in str(error.value)
+
+
+class _NoSingleCut(torch.nn.Module):
+    """Two cells reading the image and a convolution of it; a classifier of most parameters.
+
+    Only the input and the last cell's output carry everything, and the one block between
+    them holds far less than a third of the parameters: it is split all the same.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.cell0 = Cell(8, 3)
+        self.cell1 = Cell(16, 8)
+        self.fc = torch.nn.Sequential(torch.nn.Linear(16, 4096), torch.nn.Linear(4096, CLASSES))
+
+    def forward(self, x):
+        a = self.conv(x)
+        c0 = self.cell0(a, x)
+        c1 = self.cell1(c0, a)
+        return self.fc(torch.relu(c1).mean((2, 3)))
+
+
+def test_a_network_without_single_cuts_is_split_however_small_its_body():
+    model = _NoSingleCut().eval()
+    body = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("fc"))
+    assert body < sum(p.numel() for p in model.parameters()) / 3
+    part = partition_blocks(trace_model(model, SIZE))
+    assert part.block_names == [["conv"], ["cell0"], ["cell1"]]
+    assert [part.output_arity(j) for j in range(3)] == [2, 2, 1]
+    local = to_local(model, d=2, input_size=SIZE)
+    check_local(model, local, SIZE, CLASSES, _NoSingleCut)
