@@ -261,3 +261,41 @@ def test_a_network_without_single_cuts_is_split_however_small_its_body():
     assert [part.output_arity(j) for j in range(3)] == [2, 2, 1]
     local = to_local(model, d=2, input_size=SIZE)
     check_local(model, local, SIZE, CLASSES, _NoSingleCut)
+
+
+class _Add(torch.nn.Module):
+    def forward(self, a, b):
+        return a + b
+
+
+class _Pair(torch.nn.Module):
+    """Two convolutions of one input, added by a child module: the unit's own code merges nothing,
+    but it is still one unit."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.m1 = torch.nn.Conv2d(width, width, 3, padding=1)
+        self.m2 = torch.nn.Conv2d(width, width, 3, padding=1)
+        self.add = _Add()
+
+    def forward(self, x):
+        a = torch.relu(self.m1(x))
+        return self.add(a, self.m2(x))
+
+
+class _Pairs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU())
+        self.pairs = torch.nn.Sequential(_Pair(), _Pair())
+        self.fc = torch.nn.Linear(16, CLASSES)
+
+    def forward(self, x):
+        return self.fc(self.pairs(self.stem(x)).mean((2, 3)))
+
+
+def test_a_repeated_unit_is_not_cut_inside_its_own_code():
+    part = partition_blocks(trace_model(_Pairs().eval(), SIZE))
+    # each pair holds ~49% of the parameters, yet no gap inside a pair's own forward is a cut
+    assert part.block_names == [["stem"], ["pairs.0"], ["pairs.1"]]
+    assert [part.output_arity(j) for j in range(3)] == [1, 1, 1]
