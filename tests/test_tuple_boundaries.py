@@ -299,3 +299,13 @@ def test_a_repeated_unit_is_not_cut_inside_its_own_code():
     # each pair holds ~49% of the parameters, yet no gap inside a pair's own forward is a cut
     assert part.block_names == [["stem"], ["pairs.0"], ["pairs.1"]]
     assert [part.output_arity(j) for j in range(3)] == [1, 1, 1]
+
+
+def test_the_budget_plans_copies_by_arity_as_the_conversion_does():
+    from auglocal_fx.budget import solve_budget
+
+    with pytest.warns(UserWarning):
+        choice = solve_budget(CellNet(), "100x", max_d=4, tau_step=0.5, input_size=SIZE)
+        local = to_local(CellNet(), d=choice.d, tau=choice.tau, input_size=SIZE)
+    assert choice.d == 4
+    assert choice.flops == count_flops(local).total
