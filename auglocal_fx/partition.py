@@ -213,6 +213,24 @@ def _module_cuts(cuts: List[fx.Node], order: List[fx.Node]) -> List[fx.Node]:
                         if not inside_unit(cut, order, index[cut], repeated)]
 
 
+def _join_linear(gm: fx.GraphModule, blocks: List[List[fx.Node]]) -> List[List[fx.Node]]:
+    """A linear piece joins the block after it.
+
+    A ViT's patch embedding, Swin's patch merging, a linear bottleneck's projection: trained
+    alone it would be a linear map under a classifier; with the next block it is that block's
+    downsampling or input projection.
+    """
+    merged: List[List[fx.Node]] = []
+    carry: List[fx.Node] = []
+    for k, nodes in enumerate(blocks):
+        if k < len(blocks) - 1 and not _has_nonlinearity(gm, nodes):
+            carry += nodes
+        else:
+            merged.append(carry + nodes)
+            carry = []
+    return merged
+
+
 def _partition_graph(gm: fx.GraphModule, boundaries: Optional[Sequence[str]]) -> _GraphPartition:
     graph = gm.graph
     input_node = _single_input(graph)
@@ -241,19 +259,9 @@ def _partition_graph(gm: fx.GraphModule, boundaries: Optional[Sequence[str]]) ->
                 pending.extend(segment)  # weightless prefix (input scaling): joins block 0
         if pending:
             raise AugLocalError("the network has no weight layer before its head")
-        # A linear piece (a ViT's patch embedding, Swin's patch merging, a linear bottleneck's
-        # projection) joins the block after it: trained alone it would be a linear map under a
-        # classifier; with the next block it is that block's downsampling or input projection.
-        merged: List[List[fx.Node]] = []
-        carry: List[fx.Node] = []
-        for k, nodes in enumerate(blocks):
-            if k < len(blocks) - 1 and not _has_nonlinearity(gm, nodes):
-                carry += nodes
-            else:
-                merged.append(carry + nodes)
-                carry = []
-        # Several streams: a block over a third of the parameters is cut where a tuple is live.
-        blocks = split_large_blocks(gm, merged, order)
+        # Several streams: a block over a third of the parameters is cut where a tuple is live
+        # (the pieces of a cut block join as the blocks do).
+        blocks = _join_linear(gm, split_large_blocks(gm, _join_linear(gm, blocks), order))
     index = {n: i for i, n in enumerate(order)}
     blocks, head_input = merge_shared(gm, blocks, order[index[head_input] + 1:], head_input,
                                        input_node)

@@ -47,7 +47,7 @@ class CellNet(nn.Module):
     def __init__(self, num_classes: int = CLASSES):
         super().__init__()
         self.stem = _conv_bn(3, WIDTH, 3)
-        self.stem2 = _conv_bn(WIDTH, WIDTH, 3)
+        self.stem2 = nn.Sequential(_conv_bn(WIDTH, WIDTH, 3), nn.ReLU())  # not linear: its own block
         c = 2 * WIDTH
         self.cell0 = Cell(WIDTH, WIDTH)
         self.cell1 = Cell(c, WIDTH)

@@ -240,7 +240,7 @@ class _NoSingleCut(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU())
         self.cell0 = Cell(8, 3)
         self.cell1 = Cell(16, 8)
         self.fc = torch.nn.Sequential(torch.nn.Linear(16, 4096), torch.nn.Linear(4096, CLASSES))
@@ -309,3 +309,10 @@ def test_the_budget_plans_copies_by_arity_as_the_conversion_does():
         local = to_local(CellNet(), d=choice.d, tau=choice.tau, input_size=SIZE)
     assert choice.d == 4
     assert choice.flops == count_flops(local).total
+
+
+def test_a_linear_piece_of_a_split_block_joins_the_next():
+    model = _NoSingleCut().eval()
+    model.conv = torch.nn.Conv2d(3, 8, 3, padding=1)  # no activation: a linear map
+    part = partition_blocks(trace_model(model, SIZE))
+    assert part.block_names == [["conv", "cell0"], ["cell1"]]
