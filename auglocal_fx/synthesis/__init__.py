@@ -51,14 +51,14 @@ from ..initialization import InitReference
 from ..layouts import NCHW, resolution
 from ..partition import Partition
 from ..planning import AuxPlan
-from .copies import adapt_copy, warn_adapters
+from .copies import CopyTemplates, adapt_copy, warn_adapters
 from .strides import AUX_RESOLUTIONS, source_pooling, validate_aux_resolution
 # Re-exported: the rest of the package imports these names from here (SLIM_WIDTH: the tests).
 from .heads import (AUX_HEADS, AUX_INITS, SLIM_WIDTH, _insert_norm_before_classifier,  # noqa: F401
                     _num_classes, choose_aux_head, slim_head, validate_aux_head, validate_aux_init)
 
-__all__ = ["AUX_HEADS", "AUX_INITS", "AUX_RESOLUTIONS", "AuxNet", "synthesize_aux_net", "adapt_copy", "warn_adapters",
-           "slim_head", "choose_aux_head", "validate_aux_head", "validate_aux_init",
+__all__ = ["AUX_HEADS", "AUX_INITS", "AUX_RESOLUTIONS", "AuxNet", "CopyTemplates", "synthesize_aux_net",
+           "adapt_copy", "warn_adapters", "slim_head", "choose_aux_head", "validate_aux_head", "validate_aux_init",
            "validate_aux_resolution"]
 
 
@@ -83,7 +83,8 @@ def synthesize_aux_net(partition: Partition, plan: AuxPlan,
                        init: Optional[InitReference] = None,
                        notes: Optional[List[Tuple[str, str, str]]] = None,
                        aux_head: str = "auto", aux_init: str = "init",
-                       aux_resolution: str = "paper") -> AuxNet:
+                       aux_resolution: str = "paper",
+                       templates: Optional[CopyTemplates] = None) -> AuxNet:
     """Build the auxiliary network of block ``plan.block`` (docs/method.md, rules 5 and 10).
 
     Args:
@@ -100,6 +101,9 @@ def synthesize_aux_net(partition: Partition, plan: AuxPlan,
             as the authors' code) or ``"source"`` (each channels-first copy's input is first
             average-pooled to its source block's input resolution and the copy keeps its
             source's strides, so its activations shrink as the primary network's do).
+        templates: the conversion's adaptations so far (:class:`CopyTemplates`), which this
+            call adds to; give every call of one conversion the same one. ``None``: a new one
+            for this network alone.
 
     Returns:
         An :class:`AuxNet` mapping block ``j``'s output to ``(N, num_classes)`` logits. With one
@@ -109,6 +113,7 @@ def synthesize_aux_net(partition: Partition, plan: AuxPlan,
     validate_aux_init(aux_init)
     validate_aux_resolution(aux_resolution)
     copy_weights = aux_init == "copy"
+    templates = templates if templates is not None else CopyTemplates()
     shape = partition.block_shapes[plan.block]
     layout = partition.output_layout(plan.block)
     planned = resolution(shape, layout)
@@ -126,7 +131,7 @@ def synthesize_aux_net(partition: Partition, plan: AuxPlan,
             pool_to, stride = source_pooling(partition.blocks[k].eval_graph, shape, layout == NCHW, stride)
         copy_gm, shape = adapt_copy(partition.blocks[k].eval_graph, shape, stride,
                                     f"Aux{plan.block}CopyOfBlock{k}", init, label, layout, notes,
-                                    copy_weights, pool_to)
+                                    copy_weights, pool_to, templates)
         # Under "source" the plan no longer says where the copies are: follow what they give.
         planned = resolution(shape, partition.output_layout(k)) if stride is None else math.ceil(planned / stride)
         layout = partition.output_layout(k)
@@ -138,7 +143,7 @@ def synthesize_aux_net(partition: Partition, plan: AuxPlan,
     else:
         head, _ = adapt_copy(partition.head.eval_graph, shape, None, f"Aux{plan.block}Head", init,
                              f"the head ({_module_list(partition.head_names)})", layout, notes,
-                             copy_weights)
+                             copy_weights, templates=templates)
         if len(plan.selected) == 1:
             _insert_norm_before_classifier(head)
     modules.append(head)
