@@ -74,10 +74,12 @@ class AuxCost:
     Attributes:
         block: index ``j`` of the primary block it is attached to.
         selected: primary blocks whose architectures it copies, in order.
-        strides: reduction (1 or 2) applied by each copy.
+        strides: the plan's stride (1 or 2) of each copy.
         depth: the paper's ``d`` of this auxiliary network (copies + classifier).
         flops: forward FLOPs of one example (one multiply-add = one FLOP).
         params: number of parameters.
+        reductions: the factor by which each copy, as built, divides the height of its input
+            (pooling and strides; ``AuxNet.reductions``): what the tables and plots show.
     """
 
     block: int
@@ -86,6 +88,7 @@ class AuxCost:
     depth: int
     flops: int
     params: int
+    reductions: Tuple[int, ...] = ()
 
 
 def _arch_key(module: nn.Module) -> Tuple:
@@ -340,8 +343,11 @@ class LocalFlops:
                 j = plan.block
                 count = _count_module(net, blocks[j].output_shape, self._cache)
                 self._unsupported.update(dict(count.unsupported))
+                # A rule's own auxiliary network that records no reductions: the plan's strides.
+                reductions = getattr(net, "reductions", None)
                 aux.append(AuxCost(j, tuple(plan.selected), tuple(plan.strides),
-                                   len(plan.selected) + 1, count.flops, _num_params([net])))
+                                   len(plan.selected) + 1, count.flops, _num_params([net]),
+                                   tuple(plan.strides if reductions is None else reductions)))
         return aux
 
     # -- queries ----------------------------------------------------------------------------
@@ -413,7 +419,7 @@ class LocalFlops:
             "num_local": getattr(local, "num_local", None),
             "aux_nets": [
                 {"block": a.block, "selected": list(a.selected), "strides": list(a.strides),
-                 "depth": a.depth, "flops": a.flops, "params": a.params}
+                 "reductions": list(a.reductions), "depth": a.depth, "flops": a.flops, "params": a.params}
                 for a in self.aux
             ],
             "flops": {"primary": self.primary, "aux": self.aux_total, "total": self.total,

@@ -148,6 +148,11 @@ class RuleAux(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.classifier(h)
 
+    @property
+    def reductions(self) -> Tuple[int, ...]:
+        """The classifier's copies' reductions (see :class:`~auglocal_fx.synthesis.AuxNet`)."""
+        return tuple(getattr(self.classifier, "reductions", ()))
+
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, weights(ixx, ixy)={self.weights}"
 

@@ -67,11 +67,22 @@ class AuxNet(nn.Sequential):
 
     Attributes:
         plan: the :class:`~auglocal_fx.planning.AuxPlan` it was built from.
+        reductions: per copied block, the factor by which the copy divides the height of its
+            input, pooling and strides together (``round(input height / output height)``: a
+            stride 2 on 7 px gives 4 px, a reduction of 2). Under ``aux_resolution="paper"``
+            these are the plan's strides unless a copy had to keep its own; under ``"source"``
+            they include the pooling to the source block's resolution.
     """
 
-    def __init__(self, modules: Sequence[nn.Module], plan: AuxPlan):
+    def __init__(self, modules: Sequence[nn.Module], plan: AuxPlan, reductions: Sequence[int]):
         super().__init__(*modules)
         self.plan = plan
+        self.reductions: Tuple[int, ...] = tuple(int(r) for r in reductions)
+
+
+def _reduction(before: int, after: int) -> int:
+    """The factor a copy divides the height by (at least 1; flat features have height 1)."""
+    return max(1, round(before / after)) if after > 0 else 1
 
 
 def _module_list(names: Sequence[str], most: int = 3) -> str:
@@ -118,6 +129,7 @@ def synthesize_aux_net(partition: Partition, plan: AuxPlan,
     layout = partition.output_layout(plan.block)
     planned = resolution(shape, layout)
     modules: List[nn.Module] = []
+    reductions: List[int] = []
     for k, stride in zip(plan.selected, plan.strides):
         label = f"block {k} ({_module_list(partition.block_names[k])})"
         current = resolution(shape, layout)
@@ -136,6 +148,8 @@ def synthesize_aux_net(partition: Partition, plan: AuxPlan,
         planned = resolution(shape, partition.output_layout(k)) if stride is None else math.ceil(planned / stride)
         layout = partition.output_layout(k)
         modules.append(copy_gm)
+        # What the copy does, read from the shapes it gives, not from the plan it was built to.
+        reductions.append(_reduction(current, resolution(shape, layout)))
     if choose_aux_head(partition, aux_head) == "slim":
         reference = next(partition.head.eval_graph.parameters())
         head: nn.Module = slim_head(_num_classes(partition), reference.device, reference.dtype,
@@ -147,4 +161,4 @@ def synthesize_aux_net(partition: Partition, plan: AuxPlan,
         if len(plan.selected) == 1:
             _insert_norm_before_classifier(head)
     modules.append(head)
-    return AuxNet(modules, plan)
+    return AuxNet(modules, plan, reductions)
