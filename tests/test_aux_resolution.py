@@ -232,3 +232,11 @@ def test_blocks_command_takes_aux_resolution_and_plots_what_runs(tmp_path, monke
     expected = [(-(p.block + 1) * 0.5, k, "/" in mark)
                 for p, marks in zip(local.plan, measured) for k, mark in zip(p.selected, marks.split(","))]
     assert rings == expected
+
+
+def test_rules_with_a_second_loss_report_their_classifiers_reductions():
+    from auglocal_fx.flops import count_flops
+
+    local = to_local("paper:resnet32", d=2, rule="auglocal+infopro", aux_resolution="source")
+    assert local.plan[0].strides == (2,)
+    assert count_flops(local).aux[0].reductions == (4,)  # 32 px pooled to 8 px: the last block's own
