@@ -2,30 +2,38 @@
 
 ``run`` is one process's part (``torchrun`` starts it in every process, ``run_spawned``
 spawns the processes itself); it picks ``Run`` or, for
-``pipeline > 1``, ``PipelineRun``.
+``pipeline > 1``, ``PipelineRun``. ``run_spawned`` converts the model once for its pipeline
+workers and hands each the network (``auglocal_fx._handover``); under ``torchrun`` each
+process converts it itself.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed as dist
 
 from ._distributed import check_same_settings, init_distributed, spawn
+from ._handover import pack_network
 from ._pipeline import PipelineRun
+from .data import build_datasets
 from .train_config import TrainConfig, TrainResult
-from ._train_loop import Run, wants_cuda
+from ._train_loop import Run, build_network, wants_cuda
 from ._train_state import resume_view
 from .errors import AugLocalError, first_line
 
 __all__ = ["run", "run_spawned", "result_from_disk"]
 
 
-def run(cfg: TrainConfig) -> TrainResult:
-    """This process's part of the run: the whole of it, a data-parallel replica or a pipeline worker."""
+def run(cfg: TrainConfig, network: Optional[bytes] = None) -> TrainResult:
+    """This process's part of the run: the whole of it, a data-parallel replica or a pipeline worker.
+
+    ``network``: a pipeline worker's network, converted by the launching process
+    (:func:`run_spawned`); ``None``: the process converts it.
+    """
     rank, world, local_rank = init_distributed(wants_cuda(cfg))
     threads = torch.get_num_threads()  # restored at the end: a run in the caller's process leaves it as it was
     if cfg.threads is not None:
@@ -36,7 +44,7 @@ def run(cfg: TrainConfig) -> TrainResult:
         if cfg.pipeline == 1:
             return Run(cfg, rank, world, local_rank).fit()
         try:
-            return PipelineRun(cfg, rank, world, local_rank).fit()
+            return PipelineRun(cfg, rank, world, local_rank, network).fit()
         except AugLocalError:
             raise
         except Exception as err:  # noqa: BLE001 - the other workers must learn which one failed
@@ -66,5 +74,16 @@ def result_from_disk(cfg: TrainConfig) -> TrainResult:
 
 def run_spawned(cfg: TrainConfig) -> TrainResult:
     """Run ``cfg`` in ``cfg.nproc x cfg.pipeline`` spawned processes; the result is read from rank 0's files."""
-    spawn(cfg.nproc * cfg.pipeline, run, cfg)
+    network = _converted_once(cfg) if cfg.pipeline > 1 and cfg.method == "auglocal" else None
+    spawn(cfg.nproc * cfg.pipeline, run, cfg, network)
     return result_from_disk(cfg)
+
+
+def _converted_once(cfg: TrainConfig) -> bytes:
+    """The network every pipeline worker would convert, converted here once (``Run``'s seed and
+    dataset geometry) and packed; the caller's random state is left as it was."""
+    data = build_datasets(cfg.dataset, cfg.data_dir, cfg.input_size, augment=cfg.augment)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        net, _ = build_network(cfg, data.num_classes, data.input_size)
+    return pack_network(net)

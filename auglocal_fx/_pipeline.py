@@ -198,7 +198,7 @@ class _Link:
 class PipelineRun(Run):
     """One pipeline worker: stage ``rank % K`` of replica ``rank // K``."""
 
-    def __init__(self, cfg, rank: int, world: int, local_rank: int):
+    def __init__(self, cfg, rank: int, world: int, local_rank: int, network: Optional[bytes] = None):
         stages = cfg.pipeline
         if world % stages:
             raise AugLocalError(f"{world} processes do not make whole pipelines of {stages} stages; "
@@ -211,7 +211,7 @@ class PipelineRun(Run):
         self.stage_group = groups[self.stage]
         self.ranges: List[Tuple[int, int]] = []
         self.busy_seconds = 0.0
-        super().__init__(cfg, rank, world, local_rank)  # sets the ranges and this stage's modules
+        super().__init__(cfg, rank, world, local_rank, network)  # sets the ranges and this stage's modules
         self.is_first, self.is_last = self.stage == 0, self.stage == stages - 1
         self.prev = _Link(rank, rank - 1, self.device) if not self.is_first else None
         self.next = _Link(rank, rank + 1, self.device) if not self.is_last else None

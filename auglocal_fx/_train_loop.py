@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ._device import resolve_device
+from ._handover import unpack_network
 from ._distributed import broadcast_buffers
 from ._io import atomic_save
 from ._memory_choice import MemoryChoice, choose_memory_options, parse_memory
@@ -31,7 +32,7 @@ from .regularization import build_ema, build_loss, build_mixup
 from .specs import resolve_model
 from .train_config import TrainConfig, TrainResult
 
-__all__ = ["Run", "GlobalBatchSampler", "subset", "wants_cuda"]
+__all__ = ["Run", "GlobalBatchSampler", "subset", "wants_cuda", "build_network"]
 
 
 def wants_cuda(cfg: TrainConfig) -> bool:
@@ -47,11 +48,38 @@ def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
     return device
 
 
-class Run(Checkpointing):
-    """One process's training run."""
+def build_network(cfg: TrainConfig, num_classes: int, input_size) -> Tuple[nn.Module, nn.Module]:
+    """``(network trained, primary network)`` for ``cfg`` on a dataset of this geometry.
 
-    def __init__(self, cfg: TrainConfig, rank: int, world: int, local_rank: int):
+    Draws from the global RNG: seed it first (the run seeds ``cfg.seed``, so every process
+    starts from the same weights).
+    """
+    options = {"model_kwargs": cfg.model_kwargs, "weights": cfg.weights} if isinstance(cfg.model, str) else {}
+    if cfg.method == "auglocal":
+        # A model object has its own classifier; a spec is created for the dataset's classes.
+        classes = {"num_classes": num_classes} if isinstance(cfg.model, str) else {}
+        local = to_local(cfg.model, input_size=input_size, normalization=dataset_normalization(cfg.dataset),
+                         options=cfg.local_options(), **classes, **options)
+        return local, local.export()
+    if isinstance(cfg.model, nn.Module):
+        return cfg.model, cfg.model
+    model = resolve_model(cfg.model, num_classes=num_classes, input_size=input_size, **options).model
+    return model, model
+
+
+class Run(Checkpointing):
+    """One process's training run.
+
+    Args:
+        network: the converted network as :func:`~auglocal_fx._handover.pack_network` gives it,
+            built by the launching process from the same seed (pipeline workers); ``None``:
+            this process converts the model itself.
+    """
+
+    def __init__(self, cfg: TrainConfig, rank: int, world: int, local_rank: int,
+                 network: Optional[bytes] = None):
         self.cfg, self.rank, self.world = cfg, rank, world
+        self.handed_network = network
         self.main = rank == 0
         self.out = Path(cfg.out)
         self.device = _device(cfg, local_rank)
@@ -118,19 +146,11 @@ class Run(Checkpointing):
         return self.rank, self.world, None
 
     def _build_model(self) -> Tuple[nn.Module, nn.Module]:
-        cfg = self.cfg
-        if cfg.method == "auglocal":
-            # A model object has its own classifier; a spec is created for the dataset's classes.
-            classes = {"num_classes": self.num_classes} if isinstance(cfg.model, str) else {}
-            local = to_local(cfg.model, input_size=self.input_size,
-                             normalization=dataset_normalization(cfg.dataset), options=cfg.local_options(),
-                             **classes, **self._model_options())
+        if self.handed_network is not None:
+            local = unpack_network(self.handed_network)
+            self.handed_network = None  # the bytes are not needed again
             return local, local.export()
-        if isinstance(cfg.model, nn.Module):
-            return cfg.model, cfg.model
-        model = resolve_model(cfg.model, num_classes=self.num_classes, input_size=self.input_size,
-                              **self._model_options()).model
-        return model, model
+        return build_network(self.cfg, self.num_classes, self.input_size)
 
     def _choose_memory(self) -> MemoryChoice:
         """``max_memory``: rank 0 measures and picks, every process takes its choice (the same collectives)."""
@@ -158,12 +178,6 @@ class Run(Checkpointing):
         return choose_memory_options(self.net, cfg.method, parse_memory(cfg.max_memory), self.batch_size // self.dp_world,
                                      self.device, lambda params: build_optimizer(cfg, nn.ParameterList(params), self.lr),
                                      each_module=each, input_size=self.input_size)
-
-    def _model_options(self) -> Dict[str, Any]:
-        """How a spec's model is created: builder arguments and starting weights."""
-        if not isinstance(self.cfg.model, str):
-            return {}
-        return {"model_kwargs": self.cfg.model_kwargs, "weights": self.cfg.weights}
 
     # -- steps
 

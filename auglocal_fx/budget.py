@@ -15,12 +15,12 @@ from typing import Dict, List, Optional, Tuple, Union
 
 from ._threads import single_thread
 from .errors import AugLocalError
-from .flops import count_flops, count_module_flops
+from .flops import FlopCache, count_flops, count_module_flops
 from .local import to_local
 from .options import ConversionOptions
 from .planning import match_arity, plan_aux_nets
 from .rules import get_rule, rule_names
-from .synthesis import synthesize_aux_net
+from .synthesis import CopyTemplates, synthesize_aux_net
 from .units import format_flops
 
 __all__ = ["parse_budget", "BudgetChoice", "solve_budget"]
@@ -107,6 +107,7 @@ def solve_budget(
     pyramid: Optional[bool] = None,
     selection: Optional[str] = None,
     options: Optional[ConversionOptions] = None,
+    cache: Optional[FlopCache] = None,
     **to_local_kwargs,
 ) -> BudgetChoice:
     """Pick the largest ``d``, then the smallest ``tau``, whose total forward FLOPs fit a budget.
@@ -130,6 +131,9 @@ def solve_budget(
         selection: ``"uniform"``, ``"sequential"`` or ``"repetitive"`` (default: the options').
         options: the ``ConversionOptions`` to plan within (``d`` and ``tau``
             are what this chooses).
+        cache: FLOP counts to reuse and add to (:class:`~auglocal_fx.flops.FlopCache`), e.g.
+            to count the chosen network afterwards without tracing its modules again;
+            ``None``: a new one for this search.
         **to_local_kwargs: passed to ``auglocal_fx.to_local`` (``input_size``,
             ``num_classes``, ``leaf_modules``, ...).
 
@@ -155,18 +159,21 @@ def solve_budget(
     base = to_local(model_or_spec, d=min_d, tau=0.5, pyramid=pyramid, selection=selection,
                     options=options, **to_local_kwargs)
     pyramid, selection = base.conversion.pyramid, base.conversion.selection
-    bp = count_flops(base).primary
+    counts = cache if cache is not None else FlopCache()  # each distinct module traced once
+    bp = count_flops(base, counts).primary
     partition = base.partition
     aux_cache: Dict = {}
+    templates = CopyTemplates()  # the networks below copy the same blocks onto the same inputs
 
     def aux_flops(plan) -> int:
         if plan not in aux_cache:
             with single_thread():
                 net = synthesize_aux_net(partition, plan, aux_head=base.conversion.resolved_aux_head,
-                                         aux_resolution=base.conversion.aux_resolution)
+                                         aux_resolution=base.conversion.aux_resolution,
+                                         templates=templates)
             j = plan.block
             shape = partition.output_shapes[j] if partition.output_arity(j) > 1 else base.block_shapes[j]
-            aux_cache[plan] = count_module_flops(net, shape)[0]
+            aux_cache[plan] = count_module_flops(net, shape, counts)[0]
         return aux_cache[plan]
 
     limit = int(value * bp) if kind == "ratio" else int(value)

@@ -22,7 +22,7 @@ import torch
 
 from ._device import random_input, resolve_device, synchronize
 from .errors import AugLocalError, first_line
-from .flops import count_flops
+from .flops import FlopCache, count_flops
 from .local import to_local
 from . import memory as _memory  # looked up at call time: a test replaces measure_memory
 from .memory import aux_checkpoint_flags, run_method_step
@@ -244,10 +244,11 @@ def cost_report(
             nets[rule, d, flag] = to_local(model, d=d if d is not None else min(depths), rule=rule,
                                            aux_checkpoint=flag, options=opts)
     base = next(iter(nets.values())) if nets else to_local(model, d=2, rule="auglocal", options=opts)
-    first = count_flops(base)
+    counts = FlopCache()  # the rows convert one model: its primary blocks are traced once
+    first = count_flops(base, counts)
     bp_flops, bp_params = first.primary, first.params_primary
     by_label = {label: nets[rule, d, flag] for label, rule, d, flag, _ in entries if rule not in BASELINES}
-    flops_of = {key: count_flops(local) for key, local in nets.items()}
+    flops_of = {key: count_flops(local, counts) for key, local in nets.items()}
     rows = []
     for label, rule, d, flag, each in entries:
         if rule in BASELINES:

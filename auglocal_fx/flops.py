@@ -9,10 +9,11 @@ instance) are not counted, as in the paper, but they are listed by
 The analysis object is thin, lazy and cached, like fvcore's ``FlopCountAnalysis``: nothing runs
 until the first query, and every primary block, the head and every auxiliary network is counted
 once, on a batch-1 input of the shape it sees in the network (each block's input shape is the
-output shape of the previous block's count: nothing runs besides fvcore's traces). Counts are also cached per (module architecture, input shape) across analyses,
-so sweeping ``d`` or ``tau`` (``auglocal_fx.budget.solve_budget``) never recounts a primary
-block, and identical auxiliary networks (common in ResNets) are traced once. Formatting lives apart, in
-``auglocal_fx.tables``.
+output shape of the previous block's count: nothing runs besides fvcore's traces). Counts are
+kept per (module architecture, input shape) in a :class:`FlopCache` the analysis owns, so
+identical blocks and auxiliary networks (common in ResNets) are traced once; analyses of one
+model can share one (``auglocal_fx.budget.solve_budget`` sweeping ``d`` and ``tau`` never
+recounts a primary block). Formatting lives apart, in ``auglocal_fx.tables``.
 """
 
 from __future__ import annotations
@@ -37,15 +38,13 @@ from .synthesis import AuxNet
 __all__ = [
     "BlockCost",
     "AuxCost",
+    "FlopCache",
     "LocalFlops",
     "count_flops",
     "count_module_flops",
 ]
 
 Shape = Tuple[int, ...]
-
-_CACHE_LIMIT = 4096
-_CACHE: Dict[Tuple, "_Count"] = {}
 
 
 @dataclass(frozen=True)
@@ -76,10 +75,12 @@ class AuxCost:
     Attributes:
         block: index ``j`` of the primary block it is attached to.
         selected: primary blocks whose architectures it copies, in order.
-        strides: reduction (1 or 2) applied by each copy.
+        strides: the plan's stride (1 or 2) of each copy.
         depth: the paper's ``d`` of this auxiliary network (copies + classifier).
         flops: forward FLOPs of one example (one multiply-add = one FLOP).
         params: number of parameters.
+        reductions: the factor by which each copy, as built, divides the height of its input
+            (pooling and strides; ``AuxNet.reductions``): what the tables and plots show.
     """
 
     block: int
@@ -88,6 +89,7 @@ class AuxCost:
     depth: int
     flops: int
     params: int
+    reductions: Tuple[int, ...] = ()
 
 
 def _arch_key(module: nn.Module) -> Tuple:
@@ -195,7 +197,23 @@ class _Count:
     output_shape: Optional[Shape]  # without the batch dimension (one per element of a tuple); None: neither
 
 
-def count_module_flops(module: nn.Module, input_shape: Sequence[int]) -> Tuple[int, Counter]:
+class FlopCache:
+    """Counts per (module architecture, input shape), kept by the analyses that share it.
+
+    Each :class:`LocalFlops` makes its own and drops it with itself; give several analyses of
+    one model the same one (``count_flops(local, cache=)``, ``count_module_flops(..., cache=)``)
+    to trace each distinct module once across them.
+    """
+
+    def __init__(self) -> None:
+        self._counts: Dict[Tuple, _Count] = {}
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+
+def count_module_flops(module: nn.Module, input_shape: Sequence[int],
+                       cache: Optional[FlopCache] = None) -> Tuple[int, Counter]:
     """Count one module's forward FLOPs on a batch-1 input with fvcore.
 
     Args:
@@ -203,32 +221,34 @@ def count_module_flops(module: nn.Module, input_shape: Sequence[int]) -> Tuple[i
             network where a boundary carries several).
         input_shape: the input shape without the batch dimension, e.g. ``(3, 32, 32)``; for a
             tuple, one shape per element.
+        cache: counts to reuse and add to (per architecture and input shape); ``None``: a
+            new one for this call (identical children of a ``Sequential`` are traced once).
 
     Returns:
         ``(flops, unsupported)``: FLOPs of one example (one multiply-add = one FLOP), and a
-        ``Counter`` of the operators fvcore did not count (name -> occurrences). Results are
-        cached per (architecture, input shape).
+        ``Counter`` of the operators fvcore did not count (name -> occurrences).
 
     Raises:
         AugLocalError: if fvcore cannot trace the module.
     """
     if _is_tuple_shape(input_shape):
-        count = _count_module(module, tuple(tuple(int(v) for v in s) for s in input_shape))
+        shape = tuple(tuple(int(v) for v in s) for s in input_shape)
     else:
-        count = _count_module(module, tuple(int(s) for s in input_shape))
+        shape = tuple(int(s) for s in input_shape)
+    count = _count_module(module, shape, cache if cache is not None else FlopCache())
     return count.flops, Counter(dict(count.unsupported))
 
 
-def _count_module(module: nn.Module, shape) -> _Count:
+def _count_module(module: nn.Module, shape, cache: FlopCache) -> _Count:
     if not (_chains_children(module) and len(module) > 1):
-        return _count_one(module, shape)
+        return _count_one(module, shape, cache)
     # Count child by child: identical children (block copies in many auxiliary networks) then
     # hit the cache, and each child's input shape is the previous child's output shape, taken
     # from its count: no forward pass besides fvcore's own trace of an uncached child.
     total, unsupported = 0, Counter()
     with _quiet():
         for i, child in enumerate(module):
-            count = _count_one(child, _one_tensor(shape, f"{type(module).__name__}[{i - 1}]"))
+            count = _count_one(child, _one_tensor(shape, f"{type(module).__name__}[{i - 1}]"), cache)
             total += count.flops
             unsupported.update(dict(count.unsupported))
             shape = count.output_shape
@@ -249,9 +269,9 @@ def _chains_children(module: nn.Module) -> bool:
         isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward)
 
 
-def _count_one(module: nn.Module, shape: Shape) -> _Count:
+def _count_one(module: nn.Module, shape: Shape, cache: FlopCache) -> _Count:
     key = (_arch_key(module), shape)
-    hit = _CACHE.get(key)
+    hit = cache._counts.get(key)
     if hit is not None:
         return hit
     outputs: List[object] = []
@@ -278,9 +298,7 @@ def _count_one(module: nn.Module, shape: Shape) -> _Count:
     finally:
         handle.remove()
     out_shape = _shape_of(outputs[0]) if len(outputs) == 1 else None
-    if len(_CACHE) >= _CACHE_LIMIT:
-        _CACHE.clear()
-    hit = _CACHE[key] = _Count(total, unsupported, out_shape)
+    hit = cache._counts[key] = _Count(total, unsupported, out_shape)
     return hit
 
 
@@ -306,10 +324,13 @@ class LocalFlops:
 
     Args:
         local: the converted network.
+        cache: counts shared with other analyses of the same model (see :class:`FlopCache`);
+            ``None``: this analysis keeps its own.
     """
 
-    def __init__(self, local: nn.Module):
+    def __init__(self, local: nn.Module, cache: Optional[FlopCache] = None):
         self.local = local
+        self._cache = cache if cache is not None else FlopCache()
         self._unsupported: Counter = Counter()
 
     # -- counting (each runs on its first query, then is cached) -----------------------------
@@ -323,14 +344,14 @@ class LocalFlops:
             # Each block's input shape is the previous block's output shape, taken from its
             # count (fvcore's trace): the primary network is not run besides.
             for j, block in enumerate(local.blocks):
-                count = _count_module(block, _one_tensor(shape, f"block {j - 1}"))
+                count = _count_module(block, _one_tensor(shape, f"block {j - 1}"), self._cache)
                 self._unsupported.update(dict(count.unsupported))
                 blocks.append(BlockCost(j, tuple(names[j]) if j < len(names) else (), shape,
                                         _one_tensor(count.output_shape, f"block {j}"),
                                         count.flops, _num_params([block])))
                 shape = count.output_shape
             head_in = _one_tensor(shape, f"block {len(blocks) - 1}")
-            count = _count_module(local.head, head_in)
+            count = _count_module(local.head, head_in, self._cache)
         self._unsupported.update(dict(count.unsupported))
         return blocks, BlockCost(-1, ("head",), head_in, _one_tensor(count.output_shape, "the head"),
                                  count.flops, _num_params([local.head]))
@@ -343,10 +364,13 @@ class LocalFlops:
         with _quiet():  # once for every auxiliary network
             for plan, net in zip(self.local.plan, self.local.aux):
                 j = plan.block
-                count = _count_module(net, blocks[j].output_shape)
+                count = _count_module(net, blocks[j].output_shape, self._cache)
                 self._unsupported.update(dict(count.unsupported))
+                # A rule's own auxiliary network that records no reductions: the plan's strides.
+                reductions = getattr(net, "reductions", None)
                 aux.append(AuxCost(j, tuple(plan.selected), tuple(plan.strides),
-                                   len(plan.selected) + 1, count.flops, _num_params([net])))
+                                   len(plan.selected) + 1, count.flops, _num_params([net]),
+                                   tuple(plan.strides if reductions is None else reductions)))
         return aux
 
     # -- queries ----------------------------------------------------------------------------
@@ -418,7 +442,7 @@ class LocalFlops:
             "num_local": getattr(local, "num_local", None),
             "aux_nets": [
                 {"block": a.block, "selected": list(a.selected), "strides": list(a.strides),
-                 "depth": a.depth, "flops": a.flops, "params": a.params}
+                 "reductions": list(a.reductions), "depth": a.depth, "flops": a.flops, "params": a.params}
                 for a in self.aux
             ],
             "flops": {"primary": self.primary, "aux": self.aux_total, "total": self.total,
@@ -428,7 +452,7 @@ class LocalFlops:
         }
 
 
-def count_flops(local: nn.Module) -> LocalFlops:
+def count_flops(local: nn.Module, cache: Optional[FlopCache] = None) -> LocalFlops:
     """Forward FLOPs and parameters of a ``LocalNet``, per block and per auxiliary network.
 
     One fused multiply-add counts as one FLOP (fvcore's convention, as in the paper's Table 7),
@@ -437,6 +461,8 @@ def count_flops(local: nn.Module) -> LocalFlops:
 
     Args:
         local: a network returned by ``auglocal_fx.to_local``.
+        cache: counts shared with other analyses of the same model (see :class:`FlopCache`);
+            ``None``: the analysis keeps its own.
 
     Returns:
         A ``LocalFlops`` analysis.
@@ -450,4 +476,4 @@ def count_flops(local: nn.Module) -> LocalFlops:
                 f"count_flops needs a network from auglocal_fx.to_local (no {attr!r} attribute "
                 f"on {type(local).__name__}); convert the model first"
             )
-    return LocalFlops(local)
+    return LocalFlops(local, cache)

@@ -24,7 +24,7 @@ from .planning import match_arity
 from .specs import missing_input_size, model_input_size, resolve_model, spec_file
 from .rules import RuleContext, get_rule
 from .rules.base import Normalization
-from .synthesis import choose_aux_head, warn_adapters
+from .synthesis import CopyTemplates, choose_aux_head, warn_adapters
 from .tracing import SHAPE_KEY, trace_model
 
 __all__ = ["LocalNet", "to_local", "load", "CHECKPOINT_FORMAT"]
@@ -160,8 +160,10 @@ def to_local(
         opts = opts.replace(resolved_aux_head=choose_aux_head(partition, opts.aux_head))
         init = InitReference.from_model(model, initial)
         notes: List[Tuple[str, str, str]] = []
+        # The copy templates live as long as this conversion: another conversion shares nothing.
         context = RuleContext(partition, opts.num_classes, opts.input_size, len(plans) + 1, init,
-                              opts.resolved_aux_head, notes, opts.aux_init, opts.aux_resolution)
+                              opts.resolved_aux_head, notes, opts.aux_init, opts.aux_resolution,
+                              CopyTemplates())
         aux = [local_rule.build(p, context) for p in plans]
     warn_adapters(notes)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))

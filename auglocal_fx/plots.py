@@ -97,7 +97,8 @@ def plot_blocks(flops, path: str) -> None:
 
     Top row: the primary blocks (shaded by output resolution) and the head. Below, one row per
     auxiliary network ``j``: a square on block ``j`` and a dot on each block its auxiliary
-    network copies (a ring where the copy halves the resolution).
+    network copies (a ring where the copy reduces the resolution, as built: ``AuxNet.reductions``;
+    the factor is written beside rings that reduce by more than 2).
 
     Args:
         flops: a ``LocalFlops``.
@@ -124,9 +125,11 @@ def plot_blocks(flops, path: str) -> None:
         xs = [a.block] + list(a.selected)
         ax.plot(xs + [num], [y] * (len(xs) + 1), color="#cccccc", linewidth=0.8, zorder=1)
         ax.scatter([a.block], [y], marker="s", s=18, color="#d62728", zorder=2)
-        for k, s in zip(a.selected, a.strides):
-            ax.scatter([k], [y], s=16, zorder=2, color="white" if s == 2 else "#1f77b4",
+        for k, r in zip(a.selected, a.reductions):
+            ax.scatter([k], [y], s=16, zorder=2, color="white" if r > 1 else "#1f77b4",
                        edgecolors="#1f77b4")
+            if r > 2:
+                ax.text(k + 0.25, y, f"/{r}", ha="left", va="center", fontsize=5, color="#1f77b4")
         ax.scatter([num], [y], marker="s", s=10, color="#999999", zorder=2)
     ax.set_xlim(-1, num + 1)
     ax.set_ylim(-(len(aux) + 1) * 0.5, 1.6)
@@ -138,7 +141,8 @@ def plot_blocks(flops, path: str) -> None:
     desc = flops.local.conversion.describe()
     ax.set_title(f"{getattr(flops.local, 'spec', None) or 'model'}: {num} blocks, "
                  f"{len(aux)} auxiliary networks ({desc})\nred: block the auxiliary network is "
-                 "attached to; blue: copied block; ring: the copy halves the resolution",
+                 "attached to; blue: copied block; ring: the copy reduces the resolution "
+                 "(2x unless written)",
                  fontsize=8)
     for side in ("top", "right", "left"):
         ax.spines[side].set_visible(False)

@@ -70,8 +70,15 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
     return "\n".join(out)
 
 
-def _selected(selected: Sequence[int], strides: Sequence[int]) -> str:
-    return ",".join(f"{k}/2" if s == 2 else str(k) for k, s in zip(selected, strides))
+def _selected(selected: Sequence[int], reductions: Sequence[int]) -> str:
+    return ",".join(f"{k}/{r}" if r > 1 else str(k) for k, r in zip(selected, reductions))
+
+
+def _reduction_note(aux) -> str:
+    """What the ``k/r`` marks mean: halving only, or larger reductions too (pooled copies)."""
+    if all(r <= 2 for a in aux for r in a.reductions):
+        return "'k/2' = the copy of block k halves the resolution"
+    return "'k/r' = the copy of block k divides the resolution by r (pooling and strides)"
 
 
 def flops_table(flops) -> str:
@@ -87,7 +94,7 @@ def flops_table(flops) -> str:
         rows.append([
             b.index, abbreviate_names(b.names), _shape(b.output_shape), format_count(b.params),
             format_flops(b.flops),
-            a.depth if a else "out", _selected(a.selected, a.strides) if a else "-",
+            a.depth if a else "out", _selected(a.selected, a.reductions) if a else "-",
             format_flops(a.flops) if a else "-", format_count(a.params) if a else "-",
         ])
     h = flops.head
@@ -103,7 +110,7 @@ def flops_table(flops) -> str:
         table,
         "",
         f"blocks {len(flops.blocks)}, auxiliary networks {len(flops.aux)} (blocks 0..{k - 2}); "
-        f"'out' = trained by the output loss; 'k/2' = the copy of block k halves the resolution",
+        f"'out' = trained by the output loss; {_reduction_note(flops.aux)}",
         format_table(
             ["", "FLOPs", "params"],
             [["primary (BP forward)", format_flops(flops.primary),
@@ -134,7 +141,7 @@ def blocks_table(flops) -> str:
         a = aux.get(b.index)
         rows.append([b.index, abbreviate_names(b.names, 40),
                      _shape(b.input_shape), _shape(b.output_shape), format_count(b.params),
-                     _selected(a.selected, a.strides) if a else "output module"])
+                     _selected(a.selected, a.reductions) if a else "output module"])
     h = flops.head
     rows.append(["head", "pool+classifier", _shape(h.input_shape), _shape(h.output_shape),
                  format_count(h.params), "output module"])
@@ -143,7 +150,7 @@ def blocks_table(flops) -> str:
     local = flops.local
     desc = local.conversion.describe()
     return (f"{table}\n\n{len(flops.blocks)} blocks + head; {len(flops.aux)} auxiliary networks "
-            f"({desc}); 'k/2' = the copy of block k halves the resolution")
+            f"({desc}); {_reduction_note(flops.aux)}")
 
 
 def cost_table(report) -> str:

@@ -6,6 +6,7 @@ import click
 
 from .options import (
     MultiValueCommand,
+    aux_resolution_option,
     conversion_options,
     conversion_from_flags,
     depth_option,
@@ -21,10 +22,11 @@ __all__ = ["blocks"]
 @spec_argument
 @depth_option(required=False, default=2)
 @conversion_options
+@aux_resolution_option
 @click.option("--svg", "figure", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Also draw the blocks and what each auxiliary network copies (.svg or .png).")
 def blocks(spec, d, tau, no_pyramid, selection, rule, aux_head, input_size, num_classes,
-           model_kwargs, figure) -> None:
+           model_kwargs, aux_resolution, figure) -> None:
     """Show how SPEC is cut into local blocks and what each auxiliary network copies.
 
     SPEC is a model spec (timm:NAME, torchvision:NAME, paper:NAME, path/file.py:factory) or a
@@ -36,12 +38,12 @@ def blocks(spec, d, tau, no_pyramid, selection, rule, aux_head, input_size, num_
     from auglocal_fx.tables import blocks_table
 
     options = conversion_from_flags(tau, no_pyramid, selection, input_size, num_classes, aux_head,
-                                    rule, model_kwargs)
+                                    rule, model_kwargs, aux_resolution=aux_resolution)
     if is_checkpoint(spec):
         ctx = click.get_current_context()
         given = [f"--{name.replace('_', '-')}" for name in
                  ("d", "tau", "no_pyramid", "selection", "rule", "aux_head", "input_size",
-                  "num_classes", "model_kwargs")
+                  "num_classes", "model_kwargs", "aux_resolution")
                  if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
         if given:
             raise click.ClickException(

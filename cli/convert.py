@@ -55,7 +55,7 @@ def convert(spec: str, d: Optional[int], tau, no_pyramid, selection, rule, aux_h
     click.get_current_context().call_on_close(_pause_collection())
     from auglocal_fx import to_local
     from auglocal_fx.budget import solve_budget
-    from auglocal_fx.flops import count_flops
+    from auglocal_fx.flops import FlopCache, count_flops
     from auglocal_fx.tables import flops_table
 
     options = conversion_from_flags(tau, no_pyramid, selection, input_size, num_classes, aux_head,
@@ -76,12 +76,14 @@ def convert(spec: str, d: Optional[int], tau, no_pyramid, selection, rule, aux_h
     if output is not None and os.path.exists(output) and not force:
         raise click.ClickException(f"{output} exists; pass --force to replace it, or choose another -o FILE")
     choice = None
+    counts = FlopCache()  # the budget's counts serve the chosen network's
     with user_errors():
         if flops_budget is not None:
-            choice = solve_budget(spec, flops_budget, max_d=d if d is not None else 6, options=options)
+            choice = solve_budget(spec, flops_budget, max_d=d if d is not None else 6, options=options,
+                                  cache=counts)
             d, options = choice.d, options.replace(tau=choice.tau)
         local = to_local(spec, d=d, weights=weights, options=options)
-        flops = count_flops(local)
+        flops = count_flops(local, counts)
         summary = flops.as_dict()
         if output is not None:
             local.save(output)

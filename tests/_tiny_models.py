@@ -40,6 +40,14 @@ def tiny_nobn(num_classes: int = 10) -> TinyCNN:
     return TinyCNN(num_classes, batch_norm=False)
 
 
+def tiny_logged(num_classes: int = 10) -> TinyCNN:
+    """``tiny_cnn`` that logs each creation (the process's ``RANK``, or ``parent``) to the file
+    ``$AUGLOCAL_TEST_BUILD_LOG``: every conversion of a spec creates its model."""
+    with open(os.environ["AUGLOCAL_TEST_BUILD_LOG"], "a") as log:
+        log.write(os.environ.get("RANK", "parent") + "\n")
+    return TinyCNN(num_classes)
+
+
 @torch.fx.wrap
 def fail_in_worker(x: torch.Tensor) -> torch.Tensor:
     """Raise in the process whose ``RANK`` is ``$AUGLOCAL_TEST_FAIL_RANK``, on its second

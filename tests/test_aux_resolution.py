@@ -146,3 +146,97 @@ def test_report_takes_it():
 
     # Pooled copies run at coarser resolutions: a flag that does not reach the conversion gives equal counts.
     assert aug_flops("--aux-resolution", "source") < aug_flops()
+
+
+def _measured_marks(local):
+    """Per auxiliary network, ``k`` or ``k/r`` for each copy, from a forward pass.
+
+    The reference is the copies themselves running: hooks read the height of what enters and
+    leaves each copy (not the conversion's records, not the plan).
+    """
+    marks = []
+    local.eval()
+    with torch.no_grad():
+        h, outputs = torch.randn(1, *local.input_size), []
+        for block in local.blocks:
+            h = block(h)
+            outputs.append(h)
+        for plan, aux in zip(local.plan, local.aux):
+            seen = []
+            hooks = [copy.register_forward_hook(lambda m, args, out: seen.append((args[0].shape[-2], out.shape[-2])))
+                     for copy in list(aux)[:-1]]
+            aux(outputs[plan.block])
+            for hook in hooks:
+                hook.remove()
+            parts = []
+            for k, (before, after) in zip(plan.selected, seen):
+                assert before % after == 0  # exact on these models: the mark is the ratio itself
+                parts.append(f"{k}/{before // after}" if before > after else str(k))
+            marks.append(",".join(parts))
+    return marks
+
+
+def _planned_marks(local):
+    return [",".join(f"{k}/2" if s == 2 else str(k) for k, s in zip(p.selected, p.strides)) for p in local.plan]
+
+
+@pytest.mark.parametrize("spec, kwargs", [
+    ("timm:regnetx_002", dict(d=3, input_size=(3, 64, 64))),
+    ("paper:resnet32", dict(d=2)),  # at d=3 the source's reductions are the plan's
+])
+def test_printed_reductions_are_the_copies_measured_ones(spec, kwargs):
+    # Under "source" the copies pool before their strides: the tables must say what runs (the
+    # plan's strides say something else), and under "paper" too.
+    from auglocal_fx.flops import count_flops
+    from auglocal_fx.tables import blocks_table, flops_table
+
+    for resolution in ("source", "paper"):
+        local = to_local(spec, aux_resolution=resolution, **kwargs)
+        measured = _measured_marks(local)
+        assert [list(a.reductions) for a in local.aux] == [
+            [int(part.split("/")[1]) if "/" in part else 1 for part in marks.split(",")] for marks in measured]
+        flops = count_flops(local)
+        blocks_rows = [line.split()[-1] for line in blocks_table(flops).splitlines()[2:2 + len(measured)]]
+        assert blocks_rows == measured, resolution
+        convert_rows = [line.split()[6] for line in flops_table(flops).splitlines()[2:2 + len(measured)]]
+        assert convert_rows == measured, resolution
+        if resolution == "source":
+            assert measured != _planned_marks(local)  # the test tells the two apart
+            assert any(int(m.split("/")[1]) > 2 for marks in measured for m in marks.split(",") if "/" in m)
+            assert "'k/r' = the copy of block k divides the resolution by r" in blocks_table(flops)
+
+
+def test_blocks_command_takes_aux_resolution_and_plots_what_runs(tmp_path, monkeypatch):
+    import matplotlib.axes
+    from click.testing import CliRunner
+
+    from auglocal_fx_cli.main import cli as main
+
+    rings = []
+    real = matplotlib.axes.Axes.scatter
+
+    def scatter(self, x, y, *args, **kwargs):
+        if kwargs.get("edgecolors") is not None:  # a copied block: a ring where it reduces
+            rings.append((float(y[0]), int(x[0]), kwargs.get("color") == "white"))
+        return real(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "scatter", scatter)
+    args = ["blocks", "timm:regnetx_002", "--d", "3", "--input-size", "3", "64", "64", "--aux-resolution", "source",
+            "--svg", str(tmp_path / "b.svg")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    local = to_local("timm:regnetx_002", d=3, input_size=(3, 64, 64), aux_resolution="source")
+    measured = _measured_marks(local)
+    printed = [line.split()[-1] for line in result.output.splitlines()[2:2 + len(measured)]]
+    assert printed == measured
+    expected = [(-(p.block + 1) * 0.5, k, "/" in mark)
+                for p, marks in zip(local.plan, measured) for k, mark in zip(p.selected, marks.split(","))]
+    assert rings == expected
+
+
+def test_rules_with_a_second_loss_report_their_classifiers_reductions():
+    from auglocal_fx.flops import count_flops
+
+    local = to_local("paper:resnet32", d=2, rule="auglocal+infopro", aux_resolution="source")
+    assert local.plan[0].strides == (2,)
+    assert count_flops(local).aux[0].reductions == (4,)  # 32 px pooled to 8 px: the last block's own

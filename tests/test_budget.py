@@ -47,6 +47,23 @@ def test_solve_budget_picks_largest_d_then_smallest_tau():
     assert exact == choice.flops
 
 
+def test_solve_budget_traces_each_distinct_module_once(monkeypatch):
+    # One cache for the whole search: no architecture is traced twice on one input shape, and
+    # the chosen network, counted afterwards with the search's cache, traces nothing new.
+    from auglocal_fx.flops import FlopCache, _arch_key
+    from tests.test_flops import _count_traces
+
+    traced = _count_traces(monkeypatch)
+    cache = FlopCache()
+    choice = solve_budget("paper:resnet32", "3x", cache=cache)
+    keys = [(_arch_key(module), shape) for module, shape in traced]
+    assert len(choice.tried) > 1 and len(keys) == len(set(keys))
+    before = len(traced)
+    local = to_local("paper:resnet32", d=choice.d, tau=choice.tau)
+    assert count_flops(local, cache).total == choice.flops
+    assert len(traced) == before
+
+
 def test_solve_budget_large_budget_gives_max_depth_constant():
     choice = solve_budget(TINY, "100x", input_size=(3, 16, 16))
     assert (choice.d, choice.tau) == (3, 0.0)  # 4 blocks: d <= L - 1

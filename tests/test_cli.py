@@ -217,9 +217,15 @@ def test_convert_checkpoint_round_trip(run, tmp_path):
         assert not torch.equal(fresh(x), restored(x))
 
 
-def test_convert_flops_budget(run):
+def test_convert_flops_budget(run, monkeypatch):
+    from auglocal_fx.flops import _arch_key
+    from tests.test_flops import _count_traces
+
+    traced = _count_traces(monkeypatch)
     result = run("convert", "paper:resnet32", "--flops-budget", "3x", "--json", "-o", "b.pt")
     assert result.exit_code == 0, result.output
+    keys = [(_arch_key(module), shape) for module, shape in traced]
+    assert keys and len(keys) == len(set(keys))  # the chosen network reuses the search's counts
     data = json.loads(result.output)
     budget = data["budget"]
     assert data["options"]["d"] == budget["d"] and data["options"]["tau"] == budget["tau"]

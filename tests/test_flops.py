@@ -113,10 +113,7 @@ def test_primary_equals_fvcore_on_the_original_model(resnet32_d3):
     assert flops.unsupported_ops()["aten::add"] > 0  # residual additions: listed, not dropped
 
 
-def test_counting_runs_each_module_once_in_fvcores_trace_only(resnet32_d3, monkeypatch):
-    import auglocal_fx.flops as flops_module
-
-    monkeypatch.setattr(flops_module, "_CACHE", {})
+def test_counting_runs_each_module_once_in_fvcores_trace_only(resnet32_d3):
     calls = {}
     modules = list(resnet32_d3.blocks) + [resnet32_d3.head] + [m for net in resnet32_d3.aux for m in net]
     handles = [m.register_forward_hook(lambda m, i, o: calls.__setitem__(id(m), calls.get(id(m), 0) + 1))
@@ -129,6 +126,39 @@ def test_counting_runs_each_module_once_in_fvcores_trace_only(resnet32_d3, monke
     # an uncached module runs once, inside fvcore's trace; a cached one does not run at all
     assert calls and max(calls.values()) == 1
     assert len(calls) < len(modules)  # repeated blocks and copies hit the cache
+
+
+def _count_traces(monkeypatch):
+    """Record ``(module, input shape)`` of every fvcore analysis made from now on."""
+    import fvcore.nn
+
+    traced = []
+    real = fvcore.nn.FlopCountAnalysis
+
+    def analysis(module, inputs):
+        traced.append((module, tuple(inputs[0].shape[1:])))
+        return real(module, inputs)
+
+    monkeypatch.setattr(fvcore.nn, "FlopCountAnalysis", analysis)
+    return traced
+
+
+def test_each_analysis_counts_with_its_own_cache(resnet32_d3, monkeypatch):
+    # Two analyses of one network share nothing unless given one cache: the second traces as
+    # many modules as the first. Given the first's cache, it traces none.
+    from auglocal_fx.flops import FlopCache
+
+    traced = _count_traces(monkeypatch)
+    first = count_flops(resnet32_d3).as_dict()
+    once = len(traced)
+    assert once > 0
+    assert count_flops(resnet32_d3).as_dict() == first
+    assert len(traced) == 2 * once
+    cache = FlopCache()
+    count_flops(resnet32_d3, cache).total
+    assert len(traced) == 3 * once and len(cache) > 0
+    assert count_flops(resnet32_d3, cache).as_dict() == first
+    assert len(traced) == 3 * once
 
 
 def _fvcore_direct(module, shape):

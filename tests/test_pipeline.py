@@ -16,6 +16,7 @@ TINY = str(Path(__file__).with_name("_tiny_models.py")) + ":tiny_cnn"
 TINY_NOBN = str(Path(__file__).with_name("_tiny_models.py")) + ":tiny_nobn"
 FAILING = str(Path(__file__).with_name("_tiny_models.py")) + ":tiny_failing"
 SLOW = str(Path(__file__).with_name("_tiny_models.py")) + ":tiny_slow"
+LOGGED = str(Path(__file__).with_name("_tiny_models.py")) + ":tiny_logged"
 NUM_LOCAL = 3  # local modules of TINY at d=2 (checked below)
 
 # Batch norm and augmentation: exactness must hold for both (and for a rule with a second loss,
@@ -101,6 +102,18 @@ def test_two_workers_give_the_weights_of_the_sequential_schedule(tmp_path, seque
     _check_pipeline_record(result, 2)
     parts = sorted(p.name for p in tmp_path.glob("last.stage*.pt"))
     assert parts == [f"last.stage{k}-of-2.step8.pt" for k in range(2)]  # older parts deleted
+
+
+def test_the_model_is_converted_once_for_all_workers(tmp_path, monkeypatch, sequential):
+    # The launching process converts; the workers rebuild its network (no conversion creates the
+    # model again), and the weights are still the sequential run's (the same seed drew them).
+    log = tmp_path / "built.txt"
+    monkeypatch.setenv("AUGLOCAL_TEST_BUILD_LOG", str(log))
+    rng = torch.get_rng_state()
+    result = train(TrainConfig(out=str(tmp_path / "run"), pipeline=2, **{**COMMON, "model": LOGGED}))
+    assert log.read_text().splitlines() == ["parent"]
+    assert torch.equal(rng, torch.get_rng_state())  # converting for the workers drew nothing of the caller's
+    _assert_same_weights(sequential.model_path, result.model_path)
 
 
 def test_infopro_images_reach_later_workers(tmp_path):

@@ -234,7 +234,7 @@ def test_copies_cloned_from_a_template_equal_copies_adapted_afresh(spec, d, size
             return to_local(spec, d=d, input_size=size)
 
     cloned = convert()
-    monkeypatch.setattr(copies, "_adapted", lambda source, *args: copies._adapt(source, *args))
+    monkeypatch.setattr(copies.CopyTemplates, "adapted", lambda self, source, *args: copies._adapt(source, *args))
     fresh = convert()
     for ours, theirs in zip(cloned.aux, fresh.aux):
         assert [type(m).__name__ for m in ours] == [type(m).__name__ for m in theirs]
@@ -244,3 +244,47 @@ def test_copies_cloned_from_a_template_equal_copies_adapted_afresh(spec, d, size
     ours, theirs = cloned.state_dict(), fresh.state_dict()
     assert list(ours) == list(theirs)
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def _count_adaptations(monkeypatch):
+    import auglocal_fx.synthesis.copies as copies
+
+    calls = []
+    real = copies._adapt
+    monkeypatch.setattr(copies, "_adapt", lambda *args: calls.append(args[0]) or real(*args))
+    return calls
+
+
+def test_copy_templates_belong_to_one_conversion(monkeypatch):
+    # Each conversion (and each synthesize call not given templates) adapts its copies itself:
+    # nothing is kept between them. Within one, identical copies are cloned from the first.
+    import gc
+    import weakref
+
+    from auglocal_fx.synthesis import CopyTemplates, synthesize_aux_net
+
+    made = []
+    real_init = CopyTemplates.__init__
+
+    def init(self):
+        made.append(weakref.ref(self))
+        real_init(self)
+
+    monkeypatch.setattr(CopyTemplates, "__init__", init)
+    adapted = _count_adaptations(monkeypatch)
+    local = to_local("paper:resnet32", d=4)
+    copies = sum(len(net) for net in local.aux)
+    first = len(adapted)
+    assert 0 < first < copies  # templates within the conversion
+    gc.collect()
+    assert made and all(ref() is None for ref in made)  # dropped with the conversion
+    plan = local.plan[0]
+    synthesize_aux_net(local.partition, plan)
+    once = len(adapted) - first
+    synthesize_aux_net(local.partition, plan)
+    assert once > 0 and len(adapted) - first == 2 * once  # the first call kept nothing
+    shared = CopyTemplates()
+    synthesize_aux_net(local.partition, plan, templates=shared)
+    before = len(adapted)
+    synthesize_aux_net(local.partition, plan, templates=shared)
+    assert len(adapted) == before  # the same templates: cloned, not adapted again

@@ -33,7 +33,8 @@ class AugLocalRule(LocalRule):
 
     def build(self, plan: AuxPlan, context: RuleContext) -> nn.Module:
         return synthesize_aux_net(context.partition, plan, context.init, context.notes,
-                                  context.aux_head, context.aux_init, context.aux_resolution)
+                                  context.aux_head, context.aux_init, context.aux_resolution,
+                                  context.templates)
 
 
 @register_rule

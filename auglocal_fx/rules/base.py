@@ -13,6 +13,7 @@ from ..initialization import InitReference
 from ..layouts import NCHW, ShapeAdapter, channels, grid_size
 from ..partition import Partition
 from ..planning import AuxPlan
+from ..synthesis import CopyTemplates
 
 __all__ = ["LocalRule", "RuleAux", "RuleContext", "interpolate_weights", "to_map",
            "initialise", "Normalization"]
@@ -37,6 +38,8 @@ class RuleContext:
         notes: collects input adapters of AugLocal's copies (one warning per conversion).
         aux_resolution: the ``aux_resolution`` option (AugLocal's copies: ``"paper"`` or
             ``"source"``).
+        templates: the conversion's adapted copies, shared by all its auxiliary networks
+            (``None``: each network adapts its own copies).
     """
 
     partition: Partition
@@ -48,6 +51,7 @@ class RuleContext:
     notes: Optional[List[Tuple[str, str, str]]] = None
     aux_init: str = "init"
     aux_resolution: str = "paper"
+    templates: Optional[CopyTemplates] = None
 
 
 class LocalRule:
@@ -146,6 +150,11 @@ class RuleAux(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.classifier(h)
+
+    @property
+    def reductions(self) -> Tuple[int, ...]:
+        """The classifier's copies' reductions (see :class:`~auglocal_fx.synthesis.AuxNet`)."""
+        return tuple(getattr(self.classifier, "reductions", ()))
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, weights(ixx, ixy)={self.weights}"

@@ -52,15 +52,15 @@ from ..initialization import InitReference
 from ..layouts import NCHW, resolution
 from ..partition import Partition
 from ..planning import AuxPlan
-from .copies import adapt_copy, warn_adapters
+from .copies import CopyTemplates, adapt_copy, warn_adapters
 from .strides import AUX_RESOLUTIONS, source_pooling, validate_aux_resolution
 from .tuples import adapt_tuple_copy, element_layouts, tuple_head
 # Re-exported: the rest of the package imports these names from here (SLIM_WIDTH: the tests).
 from .heads import (AUX_HEADS, AUX_INITS, SLIM_WIDTH, _insert_norm_before_classifier,  # noqa: F401
                     _num_classes, choose_aux_head, slim_head, validate_aux_head, validate_aux_init)
 
-__all__ = ["AUX_HEADS", "AUX_INITS", "AUX_RESOLUTIONS", "AuxNet", "synthesize_aux_net", "adapt_copy", "warn_adapters",
-           "slim_head", "choose_aux_head", "validate_aux_head", "validate_aux_init",
+__all__ = ["AUX_HEADS", "AUX_INITS", "AUX_RESOLUTIONS", "AuxNet", "CopyTemplates", "synthesize_aux_net",
+           "adapt_copy", "warn_adapters", "slim_head", "choose_aux_head", "validate_aux_head", "validate_aux_init",
            "validate_aux_resolution"]
 
 
@@ -69,11 +69,17 @@ class AuxNet(nn.Sequential):
 
     Attributes:
         plan: the :class:`~auglocal_fx.planning.AuxPlan` it was built from.
+        reductions: per copied block, the factor by which the copy divides the height of its
+            input, pooling and strides together (``round(input height / output height)``: a
+            stride 2 on 7 px gives 4 px, a reduction of 2). Under ``aux_resolution="paper"``
+            these are the plan's strides unless a copy had to keep its own; under ``"source"``
+            they include the pooling to the source block's resolution.
     """
 
-    def __init__(self, modules: Sequence[nn.Module], plan: AuxPlan):
+    def __init__(self, modules: Sequence[nn.Module], plan: AuxPlan, reductions: Sequence[int]):
         super().__init__(*modules)
         self.plan = plan
+        self.reductions: Tuple[int, ...] = tuple(int(r) for r in reductions)
 
     def forward(self, *x: torch.Tensor) -> torch.Tensor:
         # A boundary carrying a tuple: each copy takes its elements as arguments.
@@ -81,6 +87,11 @@ class AuxNet(nn.Sequential):
         for module in self:
             h = module(*h) if isinstance(h, tuple) else module(h)
         return h
+
+
+def _reduction(before: int, after: int) -> int:
+    """The factor a copy divides the height by (at least 1; flat features have height 1)."""
+    return max(1, round(before / after)) if after > 0 else 1
 
 
 def _module_list(names: Sequence[str], most: int = 3) -> str:
@@ -92,7 +103,8 @@ def synthesize_aux_net(partition: Partition, plan: AuxPlan,
                        init: Optional[InitReference] = None,
                        notes: Optional[List[Tuple[str, str, str]]] = None,
                        aux_head: str = "auto", aux_init: str = "init",
-                       aux_resolution: str = "paper") -> AuxNet:
+                       aux_resolution: str = "paper",
+                       templates: Optional[CopyTemplates] = None) -> AuxNet:
     """Build the auxiliary network of block ``plan.block`` (docs/method.md, rules 5 and 10).
 
     Args:
@@ -109,6 +121,9 @@ def synthesize_aux_net(partition: Partition, plan: AuxPlan,
             as the authors' code) or ``"source"`` (each channels-first copy's input is first
             average-pooled to its source block's input resolution and the copy keeps its
             source's strides, so its activations shrink as the primary network's do).
+        templates: the conversion's adaptations so far (:class:`CopyTemplates`), which this
+            call adds to; give every call of one conversion the same one. ``None``: a new one
+            for this network alone.
 
     Returns:
         An :class:`AuxNet` mapping block ``j``'s output to ``(N, num_classes)`` logits. With one
@@ -118,12 +133,14 @@ def synthesize_aux_net(partition: Partition, plan: AuxPlan,
     validate_aux_init(aux_init)
     validate_aux_resolution(aux_resolution)
     copy_weights = aux_init == "copy"
+    templates = templates if templates is not None else CopyTemplates()
     if any(partition.output_arity(k) > 1 for k in (plan.block, *plan.selected)):
-        return _synthesize_tuple(partition, plan, init, notes, aux_head, copy_weights)
+        return _synthesize_tuple(partition, plan, init, notes, aux_head, copy_weights, templates)
     shape = partition.block_shapes[plan.block]
     layout = partition.output_layout(plan.block)
     planned = resolution(shape, layout)
     modules: List[nn.Module] = []
+    reductions: List[int] = []
     for k, stride in zip(plan.selected, plan.strides):
         label = f"block {k} ({_module_list(partition.block_names[k])})"
         current = resolution(shape, layout)
@@ -137,11 +154,13 @@ def synthesize_aux_net(partition: Partition, plan: AuxPlan,
             pool_to, stride = source_pooling(partition.blocks[k].eval_graph, shape, layout == NCHW, stride)
         copy_gm, shape = adapt_copy(partition.blocks[k].eval_graph, shape, stride,
                                     f"Aux{plan.block}CopyOfBlock{k}", init, label, layout, notes,
-                                    copy_weights, pool_to)
+                                    copy_weights, pool_to, templates)
         # Under "source" the plan no longer says where the copies are: follow what they give.
         planned = resolution(shape, partition.output_layout(k)) if stride is None else math.ceil(planned / stride)
         layout = partition.output_layout(k)
         modules.append(copy_gm)
+        # What the copy does, read from the shapes it gives, not from the plan it was built to.
+        reductions.append(_reduction(current, resolution(shape, layout)))
     if choose_aux_head(partition, aux_head) == "slim":
         reference = next(partition.head.eval_graph.parameters())
         head: nn.Module = slim_head(_num_classes(partition), reference.device, reference.dtype,
@@ -149,20 +168,21 @@ def synthesize_aux_net(partition: Partition, plan: AuxPlan,
     else:
         head, _ = adapt_copy(partition.head.eval_graph, shape, None, f"Aux{plan.block}Head", init,
                              f"the head ({_module_list(partition.head_names)})", layout, notes,
-                             copy_weights)
+                             copy_weights, templates=templates)
         if len(plan.selected) == 1:
             _insert_norm_before_classifier(head)
     modules.append(head)
-    return AuxNet(modules, plan)
+    return AuxNet(modules, plan, reductions)
 
 
 def _synthesize_tuple(partition: Partition, plan: AuxPlan, init: Optional[InitReference],
                       notes: Optional[List[Tuple[str, str, str]]], aux_head: str,
-                      copy_weights: bool) -> AuxNet:
+                      copy_weights: bool, templates: CopyTemplates) -> AuxNet:
     """:func:`synthesize_aux_net` where a boundary on the way carries a tuple (see ``tuples``)."""
     shapes = partition.output_shapes[plan.block]
     layouts = element_layouts(shapes, partition.output_layout(plan.block))
     modules: List[nn.Module] = []
+    reductions: List[int] = []
     for k in plan.selected:
         source = partition.blocks[k].eval_graph
         own = partition.output_shapes[k - 1]
@@ -178,7 +198,11 @@ def _synthesize_tuple(partition: Partition, plan: AuxPlan, init: Optional[InitRe
             else:
                 notes.append(note)
         modules.append(copy_gm)
+        # The newest stream (the last element) stands for the copy's reduction, as it stands for
+        # the boundary's shape in ``Partition.block_shapes``.
+        before = resolution(shapes[-1], layouts[-1])
         shapes, layouts = out, element_layouts(out, partition.output_layout(k))
+        reductions.append(_reduction(before, resolution(shapes[-1], layouts[-1])))
     slim = choose_aux_head(partition, aux_head) == "slim"
     reference = next(partition.head.eval_graph.parameters())
     if len(shapes) > 1:
@@ -189,8 +213,8 @@ def _synthesize_tuple(partition: Partition, plan: AuxPlan, init: Optional[InitRe
     else:
         head, _ = adapt_copy(partition.head.eval_graph, shapes[0], None, f"Aux{plan.block}Head", init,
                              f"the head ({_module_list(partition.head_names)})", layouts[0], notes,
-                             copy_weights)
+                             copy_weights, templates=templates)
         if len(plan.selected) == 1:
             _insert_norm_before_classifier(head)
     modules.append(head)
-    return AuxNet(modules, plan)
+    return AuxNet(modules, plan, reductions)

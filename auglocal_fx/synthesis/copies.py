@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-import weakref
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -108,38 +107,46 @@ def _clone_module(module: nn.Module, memo: Dict[int, Any]) -> nn.Module:
     return clone
 
 
-# Adapting a copy depends only on its source and on (input shape, stride, adapter, layout), and
-# the auxiliary networks copy the same block onto the same input many times (RegNetX-400MF at
-# d=6: 85 copies, 24 distinct). The first adaptation is kept on the meta device, per source (and
-# dropped with it), as the template the other copies are cloned from; adapting was half of a
-# conversion (the repair runs every node on meta tensors).
-_TEMPLATES: "weakref.WeakKeyDictionary[fx.GraphModule, Dict[Tuple, Any]]" = weakref.WeakKeyDictionary()
+class CopyTemplates:
+    """The adaptations one conversion has made, kept as templates its identical copies clone.
 
+    Adapting a copy depends only on its source and on (input shape, stride, adapter, layout,
+    pooling), and the auxiliary networks copy the same block onto the same input many times
+    (RegNetX-400MF at d=6: 85 copies, 24 distinct); adapting was half of a conversion (the repair
+    runs every node on meta tensors). The first adaptation is kept on the meta device as the
+    template the others are cloned from. One conversion makes one and hands it to every
+    :func:`adapt_copy` it calls, and drops it with the conversion: two conversions share nothing.
+    """
 
-def _adapted(source: fx.GraphModule, in_shape: Tuple[int, ...], stride: Optional[int],
-             adapter: Optional[str], in_layout: str, name: str,
-             pool_to: Optional[Tuple[int, int]] = None) -> Tuple[fx.GraphModule, torch.Tensor]:
-    """``_adapt``, cloned from the template where the same adaptation was done before."""
-    key = (in_shape, stride, adapter, in_layout, pool_to)
-    templates = _TEMPLATES.setdefault(source, {})
-    done = templates.get(key)
-    if done is None:
-        rng = torch.random.get_rng_state()
-        try:
-            done = _adapt(source, in_shape, stride, adapter, in_layout, name, pool_to)
-        except _ADAPTATION_ERRORS as exc:
-            done = exc
-        if not torch.equal(rng, torch.random.get_rng_state()):
-            # A ShapeAdapter draws its projection when built: such copies are adapted each
-            # time, so the random stream, hence every later draw, stays as it was.
-            if isinstance(done, BaseException):
-                raise done
-            return done
-        templates[key] = done
-    if isinstance(done, BaseException):
-        raise done.with_traceback(None)
-    template, out = done
-    return _clone_template(template, name), out
+    def __init__(self) -> None:
+        # per source graph (the key keeps it alive as long as its templates): key -> (template,
+        # output) or the error adapting raised
+        self._done: Dict[fx.GraphModule, Dict[Tuple, Any]] = {}
+
+    def adapted(self, source: fx.GraphModule, in_shape: Tuple[int, ...], stride: Optional[int],
+                adapter: Optional[str], in_layout: str, name: str,
+                pool_to: Optional[Tuple[int, int]] = None) -> Tuple[fx.GraphModule, torch.Tensor]:
+        """``_adapt``, cloned from the template where the same adaptation was done before."""
+        key = (in_shape, stride, adapter, in_layout, pool_to)
+        templates = self._done.setdefault(source, {})
+        done = templates.get(key)
+        if done is None:
+            rng = torch.random.get_rng_state()
+            try:
+                done = _adapt(source, in_shape, stride, adapter, in_layout, name, pool_to)
+            except _ADAPTATION_ERRORS as exc:
+                done = exc
+            if not torch.equal(rng, torch.random.get_rng_state()):
+                # A ShapeAdapter draws its projection when built: such copies are adapted each
+                # time, so the random stream, hence every later draw, stays as it was.
+                if isinstance(done, BaseException):
+                    raise done
+                return done
+            templates[key] = done
+        if isinstance(done, BaseException):
+            raise done.with_traceback(None)
+        template, out = done
+        return _clone_template(template, name), out
 
 
 def _clone_template(template: fx.GraphModule, name: str) -> fx.GraphModule:
@@ -284,6 +291,7 @@ def adapt_copy(source: fx.GraphModule, in_shape: Sequence[int], stride: Optional
                notes: Optional[List[Tuple[str, str, str]]] = None,
                copy_weights: bool = False,
                pool_to: Optional[Tuple[int, int]] = None,
+               templates: Optional[CopyTemplates] = None,
                ) -> Tuple[fx.GraphModule, Tuple[int, ...]]:
     """A fresh copy of ``source`` that takes ``in_shape`` and reduces by ``stride``.
 
@@ -311,6 +319,8 @@ def adapt_copy(source: fx.GraphModule, in_shape: Sequence[int], stride: Optional
             (``aux_init="copy"``, see the module docstring); the rest is drawn by ``init``.
         pool_to: average-pool the input to this ``(H, W)`` first (``aux_resolution="source"``;
             ``stride`` is then ``None``, the copy keeps its source's strides).
+        templates: the conversion's earlier adaptations (see :class:`CopyTemplates`); ``None``:
+            this copy is adapted afresh.
 
     Returns:
         The adapted copy (training mode, fresh weights) and its output shape without batch.
@@ -327,10 +337,11 @@ def adapt_copy(source: fx.GraphModule, in_shape: Sequence[int], stride: Optional
         attempts = [None, "shape"]
     else:
         attempts = ["shape"]
+    templates = templates if templates is not None else CopyTemplates()
     errors: List[BaseException] = []
     for adapter in attempts:
         try:
-            gm, out = _adapted(source, shape, stride, adapter, layout, name, pool_to)
+            gm, out = templates.adapted(source, shape, stride, adapter, layout, name, pool_to)
             break
         except _ADAPTATION_ERRORS as exc:
             errors.append(exc)
