@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from tests._tiny_models import TinyCNN
 from auglocal_fx import AugLocalError, to_local
@@ -34,6 +35,23 @@ def test_counter_excludes_parameters():
     with SavedBytesCounter(exclude=list(lin.parameters())) as counter:
         lin(torch.randn(2, 4, requires_grad=True)).sum().backward()
     assert counter.peak == 2 * 4 * 4  # only the input
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_counter_counts_what_a_checkpoint_recomputes(reentrant):
+    # The non-reentrant checkpoint (aux_checkpoint's) recomputes under its own saved-tensor
+    # hooks; its recomputed tensors are held in backward all the same and must be counted.
+    net = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 8))
+    x = torch.randn(16, 32, requires_grad=True)
+    with SavedBytesCounter(exclude=list(net.parameters())) as counter:
+        y = checkpoint(net, x, use_reentrant=reentrant)
+        after_forward = counter.live
+        y.sum().backward()
+    n = 16 * 4  # rows x bytes per float
+    assert after_forward == n * 32  # the input alone
+    # In backward: the input (saved by linear 1), GELU's input and linear 2's input, at once.
+    assert counter.peak == n * (32 + 48 + 48)
+    assert counter.live == 0
 
 
 def test_auglocal_peak_is_one_local_module_and_bp_is_the_sum():
