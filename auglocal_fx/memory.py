@@ -32,8 +32,8 @@ What is measured (nothing here is an estimate):
   figure is the step's peak RSS minus the RSS before it.
 * *CUDA peak* (CUDA): ``torch.cuda.max_memory_allocated`` during the step minus the bytes
   allocated before it.
-* *lower bound*: the largest saved-bytes peak of a single local module run alone (block j
-  with its auxiliary network, or the output module: the last blocks and the head). Local
+* *lower bound*: the largest saved-bytes peak of a single local module run alone, forward and
+  backward (block j with its auxiliary network, or the output module: the last blocks and the head). Local
   learning cannot hold less than that.
 """
 
