@@ -34,21 +34,22 @@ class _Named(ms._SavedAndGrads):
         self.names, self.depth, self.batch_key = names, depth, SavedBytesCounter._key(batch)
         self.snapshot = ({}, {})
         self.stack = []
-        pack = self.counter._pack
+        count = self.counter._count
 
-        def labelled_pack(t):
+        def labelled_count(t):
+            # Both the saved tensors and what a checkpoint recomputes pass through ``_count``.
             try:
                 key = SavedBytesCounter._key(t)
             except (RuntimeError, NotImplementedError):
-                return pack(t)
+                return count(t)
             if key not in self.counter._entries:  # a new storage (an address can be reused after a free)
                 where = self.stack[-1] if self.stack else "(outside any module)"
                 self.labels[key] = "the batch" if key == self.batch_key else \
                     f"{'.'.join(where.split('.')[:depth])} {tuple(t.shape)} {str(t.dtype)[6:]}"
-            return pack(t)
+            return count(t)
 
-        # The counter's hooks hold its bound ``_pack``: install ours in their place.
-        self.counter._hooks = torch.autograd.graph.saved_tensors_hooks(labelled_pack, self.counter._unpack)
+        self.counter._count = labelled_count
+
         def enter(module, args):
             self.stack.append(module_names.get(id(module), type(module).__name__))
 

@@ -218,3 +218,22 @@ def test_step_each_module_holds_one_modules_gradients_at_the_peak():
     # at most its own gradients.
     base = each.param_bytes + each.optimizer_bytes
     assert each.whole_peak <= base + each.saved_peak + largest
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_the_breakdown_names_every_byte_of_the_peak(recompute):
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from memory_breakdown import breakdown
+
+    torch.manual_seed(0)
+    local = to_local(TinyCNN(depth=4, downsample=False), d=2, input_size=SIZE, aux_checkpoint=recompute)
+    params, opt, whole, x, _ = breakdown(local, "auglocal", 2, True, 9)
+    saved, grads = whole.snapshot
+    # Every storage at the peak has a name (recomputed ones too); they add up to the counted peak.
+    assert "?" not in saved and "the batch" in whole.labels.values()
+    assert sum(v[0] for v in saved.values()) + sum(grads.values()) == whole.peak
+    row = measure_memory(local, methods=("auglocal",), batch_size=2, rss=False, step_each_module=True,
+                         aux_checkpoint=recompute).row("auglocal")
+    assert params + opt + whole.peak == row.whole_peak
