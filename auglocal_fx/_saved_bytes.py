@@ -92,7 +92,11 @@ class SavedBytesCounter:
                 stored = frame.recomputed[gid].get(handle) if handle is not None else None
                 key = self._count(stored) if stored is not None else None
                 if key is not None:
-                    weakref.finalize(stored, self._release, key)
+                    # A fresh alias (same storage and version counter) lives exactly as long as the
+                    # checkpoint holds it and backward uses it; the recomputed tensor itself may be
+                    # a buffer (BatchNorm's running statistics) that outlives the step.
+                    alias = frame.recomputed[gid][handle] = stored.detach()
+                    weakref.finalize(alias, self._release, key)
 
         hook.pack_hook = counted_pack
 

@@ -174,6 +174,7 @@ def test_recomputed_aux_is_held_with_its_block_in_backward():
             after_forward[flag] = counter.live
             loss.backward()
         peaks[flag] = counter.peak
+        assert counter.live == 0  # everything is let go after backward (BatchNorm's buffers too)
     assert block <= after_forward[True] <= block + out_bytes  # the forward keeps the aux input only
     assert after_forward[False] >= block + 2 * out_bytes  # the aux copy's own activations are kept
     assert peaks[True] == peaks[False] == after_forward[False]
