@@ -77,7 +77,7 @@ class SavedBytesCounter:
 
         Its recomputation runs under its own saved-tensor hooks, which hide it from ours, and
         keeps each recomputed tensor in ``frame.recomputed`` until backward unpacks and uses it;
-        each is counted from then until that tensor object is freed.
+        each is counted from its recomputation until backward lets it go.
         """
         pack = hook.pack_hook
 
@@ -112,14 +112,14 @@ class SavedBytesCounter:
             del self._entries[key]
 
     def __enter__(self) -> "SavedBytesCounter":
-        self._hooks.__enter__()
         self._patched = _CountRecomputation(self)
-        self._patched.__enter__()
+        self._patched.__enter__()  # first: if it cannot count recomputation, no hook is left pushed
+        self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._patched.__exit__(*exc)
         self._hooks.__exit__(*exc)
+        self._patched.__exit__(*exc)
 
 
 class _CountRecomputation:
