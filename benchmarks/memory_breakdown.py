@@ -1,14 +1,15 @@
 """What is alive at the whole-count peak of one training step, tensor group by tensor group (issue 22).
 
-    python benchmarks/memory_breakdown.py --model timm:vit_small_patch16_224 --input-size 224 --batch-size 32 --tie --threads 1
+    python benchmarks/memory_breakdown.py --tie --rows gc each recompute+each --label-depth 9   # ViT-S/16, batch 32
+    python benchmarks/memory_breakdown.py --model paper:resnet110 --input-size 32 --batch-size 64 --rows gc each
 
 The step, the optimizer and the counting are ``auglocal_fx.measure_memory``'s (its
 ``_SavedAndGrads``): parameters + optimizer state + the peak over the step of (saved bytes live +
 ``.grad`` bytes existing). At each new peak this script notes which saved storages and which
 gradients make it up. A saved storage is named by the module whose forward saved it first (the
 innermost module running, from global forward hooks) and by its shape; the batch is named as
-such. The tensors the whole count leaves out (the batch, a boundary output, the logits) are
-listed below the table with their sizes, for reference: they are not in the sum.
+such. The tensors the whole count leaves out (the batch, a boundary output) are listed below
+the table with their sizes, for reference: they are not in the sum.
 """
 
 import argparse
@@ -80,6 +81,11 @@ class _Named(ms._SavedAndGrads):
 
 
 def breakdown(local, method, batch_size, each, depth):
+    """One measured step of ``method`` as ``measure_memory`` runs it (SGD, warm-up, fresh gradients).
+
+    Returns:
+        ``(param bytes, optimizer bytes, the _Named counter with its snapshot, x, y)``.
+    """
     local.train()
     params = list(local.parameters())
     trained = ms._trained_parameters(local, method)
@@ -102,6 +108,7 @@ def breakdown(local, method, batch_size, each, depth):
 
 
 def _print(title, param_bytes, opt_bytes, whole, x, boundary):
+    """The snapshot at the peak: saved storages by label, largest first, then gradients by module."""
     saved, grads = whole.snapshot
     total = param_bytes + opt_bytes + whole.peak
     print(f"\n== {title}: whole {total / _MIB:.1f} MiB = params {param_bytes / _MIB:.1f} + momentum "
@@ -132,9 +139,8 @@ def main():
                      options=ConversionOptions(aux_tie=args.tie))
     print(f"{args.model}, batch {args.batch_size}, d={args.d}, {len(local.blocks)} blocks"
           + (", tied copies" if args.tie else ""))
-    boundary = 0
-    for j, shape in enumerate(local.block_shapes[:1]):
-        boundary = args.batch_size * int(torch.tensor(shape).prod()) * 4
+    # Block 0's detached output, as the trainer holds it between modules (float32).
+    boundary = args.batch_size * int(torch.tensor(local.block_shapes[0]).prod()) * 4
     state = {k: v.clone() for k, v in local.state_dict().items()}
     for row in args.rows:
         method = "checkpoint" if row == "gc" else "auglocal"
