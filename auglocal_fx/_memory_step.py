@@ -183,7 +183,8 @@ def measure_in_process(local, method: str, batch_size: int, device: torch.device
 
 
 def lower_bound(local, batch_size: int, device: torch.device, seed: int) -> Tuple[int, str]:
-    """The largest saved-bytes peak of one local module's forward, run on its own."""
+    """The largest saved-bytes peak of one local module's forward and backward, run on its own (with
+    ``aux_checkpoint`` the peak is in backward, where the auxiliary forward is recomputed)."""
     x, y = random_batch(local, batch_size, device, seed)
     state = {k: v.detach().clone() for k, v in local.state_dict().items()}
     params = list(local.parameters())
@@ -193,11 +194,13 @@ def lower_bound(local, batch_size: int, device: torch.device, seed: int) -> Tupl
     for j in range(last + 1):
         with SavedBytesCounter(exclude=params) as counter:
             loss = next(losses)  # runs local module j alone (on a detached input)
+            loss.backward()
         if counter.peak > best:
             best = counter.peak
             where = (f"block {j} + aux {j}" if j < last else
                      f"output module (blocks {last}..{len(local.blocks) - 1} + head)")
-        del loss, counter  # free module j's graph before module j + 1 runs
+        del loss, counter
+    local.zero_grad(set_to_none=True)
     local.load_state_dict(state)
     return best, where
 

@@ -5,10 +5,12 @@ See ``auglocal_fx.memory`` for how the counts make up its report.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.utils.checkpoint
 
 from ._device import resolve_device
 
@@ -42,13 +44,23 @@ class SavedBytesCounter:
         return (str(t.device), t.untyped_storage().data_ptr())
 
     def _pack(self, t: torch.Tensor):
+        key = self._count(t)
+        if key is None:
+            return t
+        # Hold a detached alias (same storage and version counter): holding ``t`` itself would,
+        # for a node's own output, make node -> saved -> t -> node a cycle that only backward
+        # breaks, so a graph dropped without backward would never be freed.
+        return _Held(t.detach(), self, key)
+
+    def _count(self, t: torch.Tensor) -> Optional[Tuple[str, int]]:
+        """Count ``t``'s storage once more; its key, or ``None`` where it is not counted."""
         try:
             nbytes = t.untyped_storage().nbytes()
             key = self._key(t)
         except (RuntimeError, NotImplementedError):  # sparse, nested or other storage-less tensors
-            return t
+            return None
         if nbytes == 0 or key in self._exclude:
-            return t
+            return None
         entry = self._entries.get(key)
         if entry is None:
             self._entries[key] = [1, nbytes]
@@ -58,10 +70,35 @@ class SavedBytesCounter:
                 self._on_grow()
         else:
             entry[0] += 1
-        # Hold a detached alias (same storage and version counter): holding ``t`` itself would,
-        # for a node's own output, make node -> saved -> t -> node a cycle that only backward
-        # breaks, so a graph dropped without backward would never be freed.
-        return _Held(t.detach(), self, key)
+        return key
+
+    def _count_recomputed(self, frame_ref: Any, gid: Any, hook: Any) -> None:
+        """Count what a non-reentrant checkpoint recomputes in backward (``aux_checkpoint``).
+
+        Its recomputation runs under its own saved-tensor hooks, which hide it from ours, and
+        keeps each recomputed tensor in ``frame.recomputed`` until backward unpacks and uses it;
+        each is counted from its recomputation until backward lets it go.
+        """
+        pack = hook.pack_hook
+
+        def counted_pack(x: torch.Tensor):
+            frame = frame_ref()
+            index = frame.recomp_counter[gid]
+            try:
+                return pack(x)
+            finally:  # also when the last needed tensor stops the recomputation (an exception)
+                ref = frame.weak_holders[index]() if index < len(frame.weak_holders) else None
+                handle = ref.handles.get(gid) if ref is not None else None
+                stored = frame.recomputed[gid].get(handle) if handle is not None else None
+                key = self._count(stored) if stored is not None else None
+                if key is not None:
+                    # A fresh alias (same storage and version counter) lives exactly as long as the
+                    # checkpoint holds it and backward uses it; the recomputed tensor itself may be
+                    # a buffer (BatchNorm's running statistics) that outlives the step.
+                    alias = frame.recomputed[gid][handle] = stored.detach()
+                    weakref.finalize(alias, self._release, key)
+
+        hook.pack_hook = counted_pack
 
     @staticmethod
     def _unpack(packed):
@@ -75,11 +112,40 @@ class SavedBytesCounter:
             del self._entries[key]
 
     def __enter__(self) -> "SavedBytesCounter":
+        self._patched = _CountRecomputation(self)
+        self._patched.__enter__()  # first: if it cannot count recomputation, no hook is left pushed
         self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         self._hooks.__exit__(*exc)
+        self._patched.__exit__(*exc)
+
+
+class _CountRecomputation:
+    """While entered, the recomputations of ``torch.utils.checkpoint(use_reentrant=False)`` report
+    to ``counter``: the reentrant variant recomputes under our hooks, this one under its own
+    (``_recomputation_hook``, which it looks up at each backward, so swapping it here suffices)."""
+
+    def __init__(self, counter: SavedBytesCounter):
+        self.counter = counter
+        self.original = getattr(torch.utils.checkpoint, "_recomputation_hook", None)
+
+    def __enter__(self) -> None:
+        if self.original is None:
+            raise RuntimeError("this PyTorch has no torch.utils.checkpoint._recomputation_hook: "
+                               "the saved-bytes counter cannot see non-reentrant recomputation")
+        original, counter = self.original, self.counter
+
+        class Counted(original):
+            def __init__(self, target_frame_ref, gid):
+                super().__init__(target_frame_ref, gid)
+                counter._count_recomputed(target_frame_ref, gid, self)
+
+        torch.utils.checkpoint._recomputation_hook = Counted
+
+    def __exit__(self, *exc) -> None:
+        torch.utils.checkpoint._recomputation_hook = self.original
 
 
 class _Held:

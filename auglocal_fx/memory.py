@@ -16,7 +16,9 @@ What is measured (nothing here is an estimate):
 * *saved bytes* (any device): the peak of bytes held for backward, counted with
   ``torch.autograd.graph.saved_tensors_hooks``. Each storage counts once however many
   tensors view it; a storage stops counting when autograd releases the last saved tensor
-  that refers to it (after that node's backward ran). Parameter storages are excluded.
+  that refers to it (after that node's backward ran). Parameter storages are excluded. What a
+  checkpoint recomputes in backward is counted too, in both variants (the non-reentrant one of
+  ``aux_checkpoint`` recomputes under its own hooks; the counter reaches in to see it).
 * *whole count* (any device): what the step holds at its peak: parameters + optimizer state
   (measured on a real optimizer after a real step) + the peak over the step of (saved bytes
   live + ``.grad`` bytes existing). The gradients are set to ``None`` before the step and each
@@ -30,8 +32,8 @@ What is measured (nothing here is an estimate):
   figure is the step's peak RSS minus the RSS before it.
 * *CUDA peak* (CUDA): ``torch.cuda.max_memory_allocated`` during the step minus the bytes
   allocated before it.
-* *lower bound*: the largest saved-bytes peak of a single local module run alone (block j
-  with its auxiliary network, or the output module: the last blocks and the head). Local
+* *lower bound*: the largest saved-bytes peak of a single local module run alone, forward and
+  backward (block j with its auxiliary network, or the output module: the last blocks and the head). Local
   learning cannot hold less than that.
 """
 

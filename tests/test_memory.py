@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from tests._tiny_models import TinyCNN
 from auglocal_fx import AugLocalError, to_local
@@ -36,6 +37,23 @@ def test_counter_excludes_parameters():
     assert counter.peak == 2 * 4 * 4  # only the input
 
 
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_counter_counts_what_a_checkpoint_recomputes(reentrant):
+    # The non-reentrant checkpoint (aux_checkpoint's) recomputes under its own saved-tensor
+    # hooks; its recomputed tensors are held in backward all the same and must be counted.
+    net = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 8))
+    x = torch.randn(16, 32, requires_grad=True)
+    with SavedBytesCounter(exclude=list(net.parameters())) as counter:
+        y = checkpoint(net, x, use_reentrant=reentrant)
+        after_forward = counter.live
+        y.sum().backward()
+    n = 16 * 4  # rows x bytes per float
+    assert after_forward == n * 32  # the input alone
+    # In backward: the input (saved by linear 1), GELU's input and linear 2's input, at once.
+    assert counter.peak == n * (32 + 48 + 48)
+    assert counter.live == 0
+
+
 def test_auglocal_peak_is_one_local_module_and_bp_is_the_sum():
     torch.manual_seed(0)
     report = measure_memory(TinyCNN(depth=8, downsample=False), d=2, batch_size=2, input_size=SIZE, rss=False)
@@ -58,6 +76,11 @@ def test_auglocal_peak_is_one_local_module_and_bp_is_the_sum():
 
     # AugLocal holds one local module at a time: the lower bound plus at most a small margin.
     assert al.saved_peak <= 1.02 * al.lower_bound + 1024
+    # Recomputation happens in backward, with the block's activations held: the same bound.
+    torch.manual_seed(0)
+    again = measure_memory(TinyCNN(depth=8, downsample=False), methods=("auglocal",), d=2, batch_size=2,
+                           input_size=SIZE, rss=False, aux_checkpoint=True).row("auglocal")
+    assert again.lower_bound == al.lower_bound
     assert al.saved_peak < 0.4 * bp.saved_peak  # 8 equal blocks vs block + aux copy
     assert gc.saved_peak < bp.saved_peak
     assert "saved_tensors_hooks" in str(report) and "lower bd" in str(report)
@@ -133,28 +156,31 @@ def test_adamw_state_is_two_buffers_and_a_step_per_parameter():
         measure_memory(model, optimizer="lion", input_size=SIZE)
 
 
-def test_recomputed_aux_holds_the_block_and_the_aux_input_only():
+def test_recomputed_aux_is_held_with_its_block_in_backward():
+    # aux_checkpoint keeps only block 0's output through the forward, but the auxiliary network's
+    # backward comes first, while block 0's activations are still held: its forward is recomputed
+    # then, all of it at once, so the module's peak is the same storages as without recomputation.
     torch.manual_seed(0)
     local = to_local(TinyCNN(depth=4, downsample=False), d=2, input_size=SIZE)
     params = list(local.parameters())
     x, y = torch.randn(2, *SIZE), torch.randint(0, 10, (2,))
     block = _alone(local.blocks[0], x, params)
     out_bytes = 2 * 8 * 16 * 16 * 4  # block 0's output: the auxiliary network's input
-    peaks = {}
+    peaks, after_forward = {}, {}
     for flag in (False, True):
         local.aux_checkpoint = flag
         with SavedBytesCounter(exclude=params) as counter:
-            next(local.local_losses(x, y)).backward()  # local module 0: block 0 + aux 0
+            loss = next(local.local_losses(x, y))  # local module 0: block 0 + aux 0
+            after_forward[flag] = counter.live
+            loss.backward()
         peaks[flag] = counter.peak
-    assert block <= peaks[True] <= block + out_bytes
-    assert peaks[False] >= block + 2 * out_bytes  # the aux copy's own activations are kept
+        assert counter.live == 0  # everything is let go after backward (BatchNorm's buffers too)
+    assert block <= after_forward[True] <= block + out_bytes  # the forward keeps the aux input only
+    assert after_forward[False] >= block + 2 * out_bytes  # the aux copy's own activations are kept
+    assert peaks[True] == peaks[False] == after_forward[False]
 
     # The output module: block K-1, then blocks K.. and the head, which serve it as an aux net.
     k = local.num_local
-    h = x
-    for b in local.blocks[:k - 1]:
-        h = b(h).detach()
-    block = _alone(local.blocks[k - 1], h, params)
     for flag in (False, True):
         local.aux_checkpoint = flag
         losses = local.local_losses(x, y)
@@ -163,8 +189,7 @@ def test_recomputed_aux_holds_the_block_and_the_aux_input_only():
         with SavedBytesCounter(exclude=params) as counter:
             next(losses).backward()
         peaks[flag] = counter.peak
-    assert block <= peaks[True] <= block + out_bytes
-    assert peaks[False] >= block + 2 * out_bytes
+    assert peaks[True] == peaks[False]
 
 
 def test_aux_checkpoint_and_optimizer_errors_are_ours():
@@ -194,3 +219,22 @@ def test_step_each_module_holds_one_modules_gradients_at_the_peak():
     # at most its own gradients.
     base = each.param_bytes + each.optimizer_bytes
     assert each.whole_peak <= base + each.saved_peak + largest
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_the_breakdown_names_every_byte_of_the_peak(recompute):
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from memory_breakdown import breakdown
+
+    torch.manual_seed(0)
+    local = to_local(TinyCNN(depth=4, downsample=False), d=2, input_size=SIZE, aux_checkpoint=recompute)
+    params, opt, whole, x, _ = breakdown(local, "auglocal", 2, True, 9)
+    saved, grads = whole.snapshot
+    # Every storage at the peak has a name (recomputed ones too); they add up to the counted peak.
+    assert "?" not in saved and "the batch" in whole.labels.values()
+    assert sum(v[0] for v in saved.values()) + sum(grads.values()) == whole.peak
+    row = measure_memory(local, methods=("auglocal",), batch_size=2, rss=False, step_each_module=True,
+                         aux_checkpoint=recompute).row("auglocal")
+    assert params + opt + whole.peak == row.whole_peak
