@@ -8,7 +8,7 @@ blocks that use the same parameters (:func:`merge_shared`).
 from __future__ import annotations
 
 import warnings
-from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import fx, nn
@@ -188,25 +188,25 @@ def weight_keys(gm: fx.GraphModule, nodes: Sequence[fx.Node]) -> Set[str]:
     return keys
 
 
-def parameter_ids(gm: fx.GraphModule, nodes: Sequence[fx.Node]) -> Dict[int, int]:
-    """``{id: number of values}`` of the parameters ``nodes`` use."""
-    found: Dict[int, int] = {}
+def _used_parameters(gm: fx.GraphModule, nodes: Sequence[fx.Node]) -> Iterator[Tuple[str, nn.Parameter]]:
+    """``(module or attribute name, parameter)`` for each parameter ``nodes`` use, in node order."""
     for key in weight_keys(gm, nodes):
         value = _find(gm, key)
         for tensor in value.parameters() if isinstance(value, nn.Module) else [value]:
             if isinstance(tensor, nn.Parameter):
-                found[id(tensor)] = tensor.numel()
-    return found
+                yield key, tensor
+
+
+def parameter_ids(gm: fx.GraphModule, nodes: Sequence[fx.Node]) -> Dict[int, int]:
+    """``{id: number of values}`` of the parameters ``nodes`` use."""
+    return {id(tensor): tensor.numel() for _, tensor in _used_parameters(gm, nodes)}
 
 
 def _parameters(gm: fx.GraphModule, nodes: Sequence[fx.Node]) -> Dict[int, str]:
-    """``{id: module or attribute name}`` of the parameters ``nodes`` use."""
+    """``{id: module or attribute name}`` of the parameters ``nodes`` use (the first name of each)."""
     found: Dict[int, str] = {}
-    for key in weight_keys(gm, nodes):
-        value = _find(gm, key)
-        for tensor in value.parameters() if isinstance(value, nn.Module) else [value]:
-            if isinstance(tensor, nn.Parameter):
-                found.setdefault(id(tensor), key)
+    for key, tensor in _used_parameters(gm, nodes):
+        found.setdefault(id(tensor), key)
     return found
 
 
