@@ -50,7 +50,8 @@ def test_solve_budget_picks_largest_d_then_smallest_tau():
 def test_solve_budget_traces_each_distinct_module_once(monkeypatch):
     # One cache for the whole search: no architecture is traced twice on one input shape, and
     # the chosen network, counted afterwards with the search's cache, traces nothing new.
-    from auglocal_fx.flops import FlopCache, _arch_key
+    from auglocal_fx._module_flops import _arch_key
+    from auglocal_fx.flops import FlopCache
     from tests.test_flops import _count_traces
 
     traced = _count_traces(monkeypatch)

@@ -218,7 +218,7 @@ def test_convert_checkpoint_round_trip(run, tmp_path):
 
 
 def test_convert_flops_budget(run, monkeypatch):
-    from auglocal_fx.flops import _arch_key
+    from auglocal_fx._module_flops import _arch_key
     from tests.test_flops import _count_traces
 
     traced = _count_traces(monkeypatch)
