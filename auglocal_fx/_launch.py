@@ -2,9 +2,9 @@
 
 ``run`` is one process's part (``torchrun`` starts it in every process, ``run_spawned``
 spawns the processes itself); it picks ``Run`` or, for
-``pipeline > 1``, ``PipelineRun``. ``run_spawned`` converts the model once for its pipeline
-workers and hands each the network (``auglocal_fx._handover``); under ``torchrun`` each
-process converts it itself.
+``pipeline > 1``, ``PipelineRun``. ``run_spawned`` converts an AugLocal model once for all its
+processes (pipeline workers and data-parallel replicas) and hands each the network
+(``auglocal_fx._handover``); under ``torchrun`` each process converts it itself.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ __all__ = ["run", "run_spawned", "result_from_disk"]
 def run(cfg: TrainConfig, network: Optional[bytes] = None) -> TrainResult:
     """This process's part of the run: the whole of it, a data-parallel replica or a pipeline worker.
 
-    ``network``: a pipeline worker's network, converted by the launching process
-    (:func:`run_spawned`); ``None``: the process converts it.
+    ``network``: the network converted by the launching process (:func:`run_spawned`);
+    ``None``: the process converts it.
     """
     rank, world, local_rank = init_distributed(wants_cuda(cfg))
     threads = torch.get_num_threads()  # restored at the end: a run in the caller's process leaves it as it was
@@ -42,7 +42,7 @@ def run(cfg: TrainConfig, network: Optional[bytes] = None) -> TrainResult:
         if world > 1:
             check_same_settings(_settings(cfg))
         if cfg.pipeline == 1:
-            return Run(cfg, rank, world, local_rank).fit()
+            return Run(cfg, rank, world, local_rank, network).fit()
         try:
             return PipelineRun(cfg, rank, world, local_rank, network).fit()
         except AugLocalError:
@@ -74,13 +74,15 @@ def result_from_disk(cfg: TrainConfig) -> TrainResult:
 
 def run_spawned(cfg: TrainConfig) -> TrainResult:
     """Run ``cfg`` in ``cfg.nproc x cfg.pipeline`` spawned processes; the result is read from rank 0's files."""
-    network = _converted_once(cfg) if cfg.pipeline > 1 and cfg.method == "auglocal" else None
+    # BP builds the model alone (nothing to convert); every process of an AugLocal run would
+    # convert the same network with the same seed, so it is converted here once.
+    network = _converted_once(cfg) if cfg.method == "auglocal" else None
     spawn(cfg.nproc * cfg.pipeline, run, cfg, network)
     return result_from_disk(cfg)
 
 
 def _converted_once(cfg: TrainConfig) -> bytes:
-    """The network every pipeline worker would convert, converted here once (``Run``'s seed and
+    """The network every spawned process would convert, converted here once (``Run``'s seed and
     dataset geometry) and packed; the caller's random state is left as it was."""
     data = build_datasets(cfg.dataset, cfg.data_dir, cfg.input_size, augment=cfg.augment)
     with torch.random.fork_rng(devices=[]):

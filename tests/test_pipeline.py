@@ -116,6 +116,15 @@ def test_the_model_is_converted_once_for_all_workers(tmp_path, monkeypatch, sequ
     _assert_same_weights(sequential.model_path, result.model_path)
 
 
+def test_data_parallel_replicas_are_handed_the_launchers_network(tmp_path, monkeypatch):
+    # nproc=2 without a pipeline: the replicas get the network converted once by the launching
+    # process too (tests/test_training.py checks that two replicas equal one process).
+    log = tmp_path / "built.txt"
+    monkeypatch.setenv("AUGLOCAL_TEST_BUILD_LOG", str(log))
+    train(TrainConfig(out=str(tmp_path / "run"), nproc=2, **{**COMMON, "model": LOGGED, "max_steps": 2}))
+    assert log.read_text().splitlines() == ["parent"]
+
+
 def test_infopro_images_reach_later_workers(tmp_path):
     # InfoPro trains all 4 blocks of TINY but the last locally, each reconstructing the images:
     # the second worker's decoders need the images the first worker read.
