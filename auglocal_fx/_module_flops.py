@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from ._threads import single_thread
 from .errors import AugLocalError, first_line
 from .synthesis import AuxNet
 
-__all__ = ["FlopCache", "count_module_flops"]
+__all__ = ["FlopCache", "count_module_flops", "shape_elements"]
 
 Shape = Tuple[int, ...]
 
@@ -103,6 +104,12 @@ def _eval_mode(module: nn.Module):
 def _is_tuple_shape(shape) -> bool:
     """Whether ``shape`` is the shapes of a tuple of tensors (a boundary carrying several)."""
     return bool(shape) and isinstance(shape[0], tuple)
+
+
+def shape_elements(shape) -> int:
+    """Values of one example of ``shape``, over every element of a tuple shape."""
+    shapes = shape if _is_tuple_shape(shape) else (shape,)
+    return sum(math.prod(int(v) for v in s) for s in shapes)
 
 
 def _example(module: nn.Module, shape) -> Tuple[torch.Tensor, ...]:

@@ -12,7 +12,6 @@ update).
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from ._device import random_input, resolve_device, synchronize
+from ._module_flops import shape_elements
 from .errors import AugLocalError, first_line
 from .flops import FlopCache, count_flops
 from .local import to_local
@@ -261,7 +261,7 @@ def cost_report(
 
     size = tuple(base.input_size)
     profile = [{"index": b.index, "flops": b.flops,
-                "activation_bytes": int(math.prod(b.output_shape)) * 4 * batch_size}
+                "activation_bytes": shape_elements(b.output_shape) * 4 * batch_size}
                for b in first.blocks]
     report = CostReport(model=name, input_size=size, batch_size=batch_size, device=str(dev),
                         rows=rows, profile=profile,

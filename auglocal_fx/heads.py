@@ -21,11 +21,25 @@ from torch import fx, nn
 from .errors import AugLocalError
 from .shape_values import SHAPE_KEY
 
-__all__ = ["head_start", "has_weight_layer", "is_norm"]
+__all__ = ["StreamsReachHead", "head_start", "has_weight_layer", "is_norm"]
 
 _WEIGHT_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.linear, torch.conv2d, torch.conv1d,
                      torch.conv3d, F.conv_transpose2d}
 
+
+
+class StreamsReachHead(AugLocalError):
+    """No single tensor starts the head: several streams run from the input to it (CrossViT).
+
+    :mod:`auglocal_fx.partition` catches it and starts the head where a tuple is live instead.
+
+    Attributes:
+        reduction: the first token selection or pooling that the classifier reads.
+    """
+
+    def __init__(self, message: str, reduction: fx.Node):
+        super().__init__(message)
+        self.reduction = reduction
 
 
 def has_weight_layer(gm: fx.GraphModule, nodes: Sequence[fx.Node]) -> bool:
@@ -192,11 +206,10 @@ def _selection_start(gm: fx.GraphModule, cuts: List[fx.Node], order: List[fx.Nod
     first = index[reductions[0]]
     before = [k for k, c in enumerate(cuts) if index[c] < first]
     if before[-1] == 0:
-        raise AugLocalError(
+        raise StreamsReachHead(
             "no classifier head found: several tensors run side by side from the input to the "
-            "classifier's token selection (streams such as CrossViT's), so no single tensor "
-            "starts the head; a head taking several tensors is not supported"
-        )
+            "classifier's token selection (streams such as CrossViT's), and no gap before it "
+            "carries them as a tuple of at most 3 tensors", reductions[0])
     return before[-1]
 
 

@@ -214,7 +214,7 @@ class LocalNet(nn.Module):
             with autocast():
                 out = self.blocks[self.num_local - 1](detach(h))
                 loss, out = self._output_loss(out, y, loss_fn)
-            yield loss, out.detach()
+            yield loss, detach(out)
 
     def after_optimizer_step(self, progress: Optional[float] = None, stepped: bool = True) -> None:
         """Call after each optimizer step: copies follow their sources (``aux_follow``) and,

@@ -21,10 +21,10 @@ from torch import fx, nn
 from .errors import AugLocalError
 from .graph_blocks import (GraphBlock, extract_graph, inside_unit, merge_shared, repeated_classes,
                            weight_keys)
-from .heads import has_weight_layer, head_start, is_norm
+from .heads import StreamsReachHead, has_weight_layer, head_start, is_norm
 from .layouts import input_layout, layout_of, resolution
 from .tracing import SHAPE_KEY, TracedModel
-from .tuple_cuts import boundary_values, split_large_blocks
+from .tuple_cuts import boundary_values, head_gap, split_large_blocks
 
 __all__ = ["GraphBlock", "Partition", "partition_blocks", "find_cut_points"]
 
@@ -36,7 +36,7 @@ class _GraphPartition:
     input_node: fx.Node
     blocks: List[List[fx.Node]]
     head: List[fx.Node]
-    head_input: fx.Node
+    head_inputs: Tuple[fx.Node, ...]  # the values the head takes (several streams: a tuple)
     inputs: List[Tuple[fx.Node, ...]] = field(default_factory=list)  # each block's input values
 
 
@@ -235,34 +235,27 @@ def _partition_graph(gm: fx.GraphModule, boundaries: Optional[Sequence[str]]) ->
     graph = gm.graph
     input_node = _single_input(graph)
     order = _dependent_nodes(graph, input_node)
-    cuts = find_cut_points(graph)
-    start = head_start(gm, cuts, order)
-    head_input = cuts[start]
-    body_cuts = cuts[:start + 1] if boundaries else _module_cuts(cuts[:start + 1], order)
-    if body_cuts[-1] is not head_input:
-        body_cuts.append(head_input)
-    if boundaries:
-        chosen = _boundary_cuts(gm, body_cuts, order, boundaries)
-        if chosen[-1] is not head_input:
-            chosen.append(head_input)
-        blocks = _split_segments(chosen, order)
-    else:
-        blocks = []
-        pending: List[fx.Node] = []
-        for segment in _split_segments(body_cuts, order):
-            if has_weight_layer(gm, segment):
-                blocks.append(pending + segment)
-                pending = []
-            elif blocks:
-                blocks[-1].extend(segment)
-            else:
-                pending.extend(segment)  # weightless prefix (input scaling): joins block 0
-        if pending:
-            raise AugLocalError("the network has no weight layer before its head")
-        # Several streams: a block over a third of the parameters is cut where a tuple is live
-        # (the pieces of a cut block join as the blocks do).
-        blocks = _join_linear(gm, split_large_blocks(gm, _join_linear(gm, blocks), order))
     index = {n: i for i, n in enumerate(order)}
+    cuts = find_cut_points(graph)
+    try:
+        head_input = cuts[head_start(gm, cuts, order)]
+    except StreamsReachHead as streams:
+        # Several streams reach the head: it starts where they cross a gap as one tuple, and
+        # the body before it, with no single cut, is split at tuple gaps.
+        gap = head_gap(gm, order, streams.reduction)
+        if gap is None:
+            raise
+        if boundaries:
+            raise AugLocalError(
+                "block boundaries (block_boundaries=) cannot be given for a network whose streams "
+                "run side by side from the input to the head; convert without them") from None
+        head_input = order[gap]
+        body = order[1:gap + 1]
+        if not has_weight_layer(gm, body):
+            raise AugLocalError("the network has no weight layer before its head")
+        blocks = _join_linear(gm, split_large_blocks(gm, [body], order))
+    else:
+        blocks = _single_cut_blocks(gm, cuts, order, head_input, boundaries)
     blocks, head_input = merge_shared(gm, blocks, order[index[head_input] + 1:], head_input,
                                        input_node)
     head = order[index[head_input] + 1:]
@@ -270,14 +263,40 @@ def _partition_graph(gm: fx.GraphModule, boundaries: Optional[Sequence[str]]) ->
         raise AugLocalError(
             "the network has no block before its classifier head: nothing to train locally"
         )
+    # The head takes the values live before it: one tensor, or the tuple of several streams
+    # (also where blocks sharing parameters with it joined it).
     inputs = boundary_values(order, blocks + [head], input_node)
-    if inputs[-1] != (head_input,):
-        raise AugLocalError(
-            "the classifier head would take several tensors (blocks sharing parameters joined it); "
-            "give block boundaries (block_boundaries=) that end on one tensor"
-        )
-    return _GraphPartition(input_node=input_node, blocks=blocks, head=head, head_input=head_input,
-                           inputs=inputs[:-1])
+    return _GraphPartition(input_node=input_node, blocks=blocks, head=head,
+                           head_inputs=inputs[-1], inputs=inputs[:-1])
+
+
+def _single_cut_blocks(gm: fx.GraphModule, cuts: List[fx.Node], order: List[fx.Node],
+                       head_input: fx.Node, boundaries: Optional[Sequence[str]]) -> List[List[fx.Node]]:
+    """The blocks before a head that takes one tensor: at single cuts, then large ones at tuples."""
+    start = cuts.index(head_input)
+    body_cuts = cuts[:start + 1] if boundaries else _module_cuts(cuts[:start + 1], order)
+    if body_cuts[-1] is not head_input:
+        body_cuts.append(head_input)
+    if boundaries:
+        chosen = _boundary_cuts(gm, body_cuts, order, boundaries)
+        if chosen[-1] is not head_input:
+            chosen.append(head_input)
+        return _split_segments(chosen, order)
+    blocks: List[List[fx.Node]] = []
+    pending: List[fx.Node] = []
+    for segment in _split_segments(body_cuts, order):
+        if has_weight_layer(gm, segment):
+            blocks.append(pending + segment)
+            pending = []
+        elif blocks:
+            blocks[-1].extend(segment)
+        else:
+            pending.extend(segment)  # weightless prefix (input scaling): joins block 0
+    if pending:
+        raise AugLocalError("the network has no weight layer before its head")
+    # Several streams: a block over a third of the parameters is cut where a tuple is live
+    # (the pieces of a cut block join as the blocks do).
+    return _join_linear(gm, split_large_blocks(gm, _join_linear(gm, blocks), order))
 
 
 def _module_targets(nodes: Sequence[fx.Node]) -> List[str]:
@@ -331,8 +350,8 @@ def partition_blocks(traced: TracedModel, block_boundaries: Optional[Sequence[st
                 stacklevel=2,
             )
     blocks = []
-    e_outs = eval_part.inputs[1:] + [(eval_part.head_input,)]
-    t_outs = [] if train_part is None else train_part.inputs[1:] + [(train_part.head_input,)]
+    e_outs = eval_part.inputs[1:] + [eval_part.head_inputs]
+    t_outs = [] if train_part is None else train_part.inputs[1:] + [train_part.head_inputs]
     for j, nodes in enumerate(eval_part.blocks):
         eval_gm = extract_graph(traced.eval_graph, nodes, eval_part.inputs[j], f"Block{j}", e_outs[j])
         train_gm = None
@@ -343,10 +362,11 @@ def partition_blocks(traced: TracedModel, block_boundaries: Optional[Sequence[st
                 train_gm = None
         fixed = traced.input_size if j == 0 and traced.frozen else None
         blocks.append(GraphBlock(eval_gm, train_gm, fixed))
-    head_eval = extract_graph(traced.eval_graph, eval_part.head, eval_part.head_input, "Head")
+    head_eval = extract_graph(traced.eval_graph, eval_part.head, eval_part.head_inputs, "Head")
     head_train = None
     if train_part is not None:
-        head_train = extract_graph(traced.train_graph, train_part.head, train_part.head_input, "HeadTrain")
+        head_train = extract_graph(traced.train_graph, train_part.head, train_part.head_inputs,
+                                   "HeadTrain")
         if head_train.code == head_eval.code:
             head_train = None
     output_shapes = [tuple(tuple(n.meta[SHAPE_KEY][1:]) for n in out) for out in e_outs]
@@ -366,7 +386,8 @@ def partition_blocks(traced: TracedModel, block_boundaries: Optional[Sequence[st
 
 
 def _same_blocks(traced: TracedModel, a: _GraphPartition, b: _GraphPartition) -> bool:
-    if len(a.blocks) != len(b.blocks) or [len(v) for v in a.inputs] != [len(v) for v in b.inputs]:
+    if len(a.blocks) != len(b.blocks) or [len(v) for v in a.inputs + [a.head_inputs]] \
+            != [len(v) for v in b.inputs + [b.head_inputs]]:
         return False
     for nodes_a, nodes_b in zip(a.blocks + [a.head], b.blocks + [b.head]):
         if weight_keys(traced.eval_graph, nodes_a) != weight_keys(traced.train_graph, nodes_b):

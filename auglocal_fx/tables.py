@@ -7,7 +7,7 @@ FLOPs says the convention: one fused multiply-add counts as one FLOP, forward of
 
 from __future__ import annotations
 
-from typing import Iterable, List, Sequence
+from typing import List, Sequence
 
 from .units import format_bytes, format_count, format_flops
 
@@ -50,7 +50,11 @@ def abbreviate_names(names: Sequence[str], width: int = 24) -> str:
     return text if len(text) <= width else text[: width - 2] + ".."
 
 
-def _shape(shape: Iterable[int]) -> str:
+def _shape(shape) -> str:
+    """``CxHxW``; a tuple of shapes (a boundary carrying several tensors) as ``(A, B)``."""
+    shape = tuple(shape)
+    if shape and isinstance(shape[0], (tuple, list)):
+        return "(" + ", ".join(_shape(s) for s in shape) + ")"
     return "x".join(str(int(s)) for s in shape)
 
 

@@ -23,10 +23,10 @@ from torch import fx
 
 from .errors import AugLocalError
 from .graph_blocks import inside_unit, module_path, parameter_ids, repeated_classes
-from .heads import has_weight_layer
+from .heads import has_weight_layer, is_norm
 from .tracing import SHAPE_KEY
 
-__all__ = ["MAX_ARITY", "boundary_values", "live_values", "split_large_blocks"]
+__all__ = ["MAX_ARITY", "boundary_values", "head_gap", "live_values", "split_large_blocks"]
 
 MAX_ARITY = 3
 
@@ -182,3 +182,31 @@ def boundary_values(order: Sequence[fx.Node], blocks: Sequence[Sequence[fx.Node]
         inputs.append(values)
     return inputs
 
+
+
+def head_gap(gm: fx.GraphModule, order: Sequence[fx.Node], reduction: fx.Node) -> Optional[int]:
+    """Where a head reached by several streams starts (CrossViT's two class-token heads).
+
+    The last gap before ``reduction`` (the first token selection the classifier reads) that
+    carries a tuple of at most :data:`MAX_ARITY` tensors and lies inside no repeated unit; as
+    for a head taking one tensor, the final norms before it join the head (the gap moves back
+    over weightless pieces to before the earliest holding a norm).
+
+    Returns:
+        The position in ``order`` of the node after which the head starts, or None.
+    """
+    live = live_values(order)
+    index = {n: i for i, n in enumerate(order)}
+    repeated = repeated_classes(order)
+    gaps = [i for i in range(1, index[reduction])
+            if live[i] and len(live[i]) > 1 and not inside_unit(order[i], order, i, repeated)]
+    if not gaps:
+        return None
+    start = gaps[-1]
+    for earlier, later in zip(reversed(gaps[:-1]), reversed(gaps)):
+        piece = order[earlier + 1:later + 1]
+        if has_weight_layer(gm, piece):
+            break
+        if any(n.op == "call_module" and is_norm(gm.get_submodule(n.target)) for n in piece):
+            start = earlier
+    return start

@@ -4,7 +4,7 @@ Two tables, side by side with plain AugLocal and BP:
 
 1. ``runs``: accuracy, gap to BP and training seconds per step of whole runs of ResNet-32
    (``paper:resnet32``) on Fashion-MNIST, each run ``auglocal_fx.train`` in its own process on
-   one thread, one at a time (SGD Nesterov 0.9, lr 0.1, batch 128, weight decay 1e-4, the
+   one thread, ``--jobs`` at a time (SGD Nesterov 0.9, lr 0.1, batch 128, weight decay 1e-4, the
    paper's cosine with one warmup epoch). Finished runs are read back from ``--out`` (a run
    folder is ``OUT/<variant>-s<seed>``), so an interrupted sweep resumes. Only runs that finished
    ``--epochs`` count. Accuracy is the mean over seeds with its sample standard deviation and the
@@ -34,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -120,11 +121,14 @@ def _spread(values: List[float]) -> str:
 
 def _runs_table(args: argparse.Namespace) -> None:
     rows: Dict[str, Dict[int, dict]] = {}
-    for variant in args.variants:
-        for seed in args.seeds:
-            result = _read(_run(args, variant, seed), args.epochs)
-            if result is not None:
-                rows.setdefault(variant, {})[seed] = result
+    # Seed by seed, so that a sweep stopped early leaves whole seeds to pair.
+    runs = [(variant, seed) for seed in args.seeds for variant in args.variants]
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        folders = list(pool.map(lambda run: _run(args, *run), runs))
+    for (variant, seed), folder in zip(runs, folders):
+        result = _read(folder, args.epochs)
+        if result is not None:
+            rows.setdefault(variant, {})[seed] = result
     # Gaps are paired by seed: a seed fixes the training and test subsets, so pairing removes their
     # share of the spread, and a variant missing a seed is not compared with another set of seeds.
     # Times are paired too: runs of one seed ran one after another, so under more similar load.
@@ -223,6 +227,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--follow", type=float, default=0.9, help="aux_follow momentum")
     parser.add_argument("--freeze", type=float, default=0.3, help="aux_freeze fraction")
     parser.add_argument("--out", default="runs/beyond")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at a time, one thread each (seconds per step are only comparable at one)")
     parser.add_argument("--report-only", action="store_true", help="read finished runs, train none")
     parser.add_argument("--step-time", action="store_true", help="the step-time table instead of runs")
     parser.add_argument("--tie-step-time", action="store_true",

@@ -2,7 +2,7 @@
 
 Hand-written networks with the head forms of timm's VOLO (a class-token head plus an
 auxiliary head on every token), CoaT (class tokens of several streams, aggregated) and
-CrossViT (two streams from the input), and parameters shared between blocks (CoaT's position
+CrossViT (two streams from the input to a head taking both), and parameters shared between blocks (CoaT's position
 encodings).
 """
 
@@ -170,9 +170,55 @@ def test_merged_streams_keep_every_guarantee():
     check_local(model, local, SIZE, CLASSES, MergedStreams)
 
 
-def test_streams_from_the_input_are_refused_in_one_line():
+def test_streams_from_the_input_make_a_head_taking_both():
+    # No single tensor carries everything anywhere: the blocks and the head take tuples (the
+    # image and stream a, then both streams); the final norms join the head, as a ViT's does.
+    part = _partition(TwoStreams())
+    assert part.block_names == [["embed_a"], ["embed_b"], ["mix_a.0", "mix_b.0"], ["mix_a.1", "mix_b.1"]]
+    assert part.head_names == ["norm_a", "head_a", "norm_b", "head_b"]
+    assert part.head.arity == 2
+    assert part.output_shapes[0] == ((3, 16, 16), (17, DIM))
+    assert part.output_shapes[-1] == ((5, DIM), (17, DIM))
+
+
+def test_streams_from_the_input_keep_every_guarantee():
+    model = TwoStreams()
+    local = to_local(model, d=2, input_size=SIZE)
+    check_local(model, local, SIZE, CLASSES, TwoStreams)
+    # The auxiliary network's head is a copy of the network's two-stream head, fresh weights.
+    head_copy = local.aux[0][-1]
+    assert sorted(n for n, m in head_copy.named_modules() if isinstance(m, nn.Linear)) == ["head_a", "head_b"]
+    assert not torch.equal(head_copy.head_a.weight, local.head.eval_graph.head_a.weight)
+
+
+class FourWay(nn.Module):
+    """Four convolutions side by side: of one input (repeated), or one per stream."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(channels, DIM, 3, padding=1) for _ in range(4))
+
+    def forward(self, *xs):
+        xs = xs * 4 if len(xs) == 1 else xs
+        return tuple(torch.relu(conv(x)) for conv, x in zip(self.convs, xs))
+
+
+class FourStreams(nn.Module):
+    """Four streams from the input to their heads: more than a boundary may carry."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = FourWay(3), FourWay(DIM)
+        self.heads = nn.ModuleList(nn.Linear(DIM, CLASSES) for _ in range(4))
+
+    def forward(self, x):
+        streams = self.second(*self.first(x))
+        return sum(head(s.mean((2, 3))) for head, s in zip(self.heads, streams))
+
+
+def test_more_streams_than_a_boundary_carries_are_refused_in_one_line():
     with pytest.raises(AugLocalError, match="several tensors run side by side") as error:
-        _partition(TwoStreams())
+        _partition(FourStreams())
     assert "\n" not in str(error.value)
 
 
@@ -198,11 +244,13 @@ def test_shared_parameters_get_one_loss():
 
 
 @pytest.mark.sweep
-def test_timm_crossvit_streams_are_refused():
+def test_timm_crossvit_head_takes_both_streams():
     resolved = resolve_model("timm:crossvit_tiny_240", num_classes=CLASSES,
                              input_size=(3, 120, 120), model_kwargs={"img_size": 120})
-    with pytest.raises(AugLocalError, match="several tensors run side by side"):
-        partition_blocks(trace_model(resolved.model, resolved.input_size))
+    part = partition_blocks(trace_model(resolved.model, resolved.input_size))
+    assert part.block_names == [["patch_embed", "pos_drop"], ["blocks.0"], ["blocks.1"], ["blocks.2"]]
+    assert part.head_names == ["norm", "head_drop", "head"]
+    assert part.head.arity == 2
 
 
 @pytest.mark.sweep
@@ -218,3 +266,14 @@ def test_timm_coat_head_is_found_and_shared_encodings_merge_its_blocks():
     assert part.head_names[:2] == ["patch_embed2", "cpe2"] and "aggregate" in part.head_names
     message = next(str(w.message) for w in caught if "merged" in str(w.message))
     assert "cpe1.proj" in message and "cpe2.proj" in message
+
+
+def test_tables_and_cost_profile_show_the_streams_that_reach_the_head():
+    from auglocal_fx import count_flops, cost_report
+    from auglocal_fx.tables import flops_table
+
+    local = to_local(TwoStreams(), d=2, input_size=SIZE)
+    # (batch, tokens, dim) of each stream; the blocks before the head return (b, a)
+    assert "(5x8, 17x8)" in flops_table(count_flops(local))
+    report = cost_report(TwoStreams(), (2,), batch_size=2, input_size=SIZE, memory=False, timing=False)
+    assert report.profile[-1]["activation_bytes"] == (5 * DIM + 17 * DIM) * 4 * 2

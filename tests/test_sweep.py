@@ -55,6 +55,8 @@ TUPLE_MODELS = {
     "tnt_s_legacy_patch16_224": (32, {"depth": 4}),
     "gcvit_xxtiny": (64, {}),
     "dla46x_c": (32, {}),
+    # two streams from the input to a head that takes both (one block per cross-attention stage)
+    "crossvit_tiny_240": (120, {"img_size": 120, "depth": [[1, 1, 0]] * 3, "embed_dim": [48, 96]}),
 }
 _MODEL_KWARGS = {f"timm:{m}": kwargs for m, (_, kwargs) in SHAPE_VALUE_MODELS.items()}
 _MODEL_KWARGS.update({f"timm:{m}": kwargs for m, (_, kwargs) in TUPLE_MODELS.items() if kwargs})

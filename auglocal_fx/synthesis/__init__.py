@@ -175,6 +175,18 @@ def synthesize_aux_net(partition: Partition, plan: AuxPlan,
     return AuxNet(modules, plan, reductions)
 
 
+def _note_adapters(label: str, adapted: Sequence[int], shapes: Sequence[Tuple[int, ...]],
+                   own: Sequence[Tuple[int, ...]], notes: Optional[List[Tuple[str, str, str]]]) -> None:
+    """Record (or warn) that element ``adapted[0]`` of a tuple reaches a copy in another shape."""
+    if not adapted:
+        return
+    note = (label, "shape", f"input {adapted[0]} has shape {shapes[adapted[0]]}, it takes {own[adapted[0]]}")
+    if notes is None:
+        warn_adapters([note], stacklevel=4)
+    else:
+        notes.append(note)
+
+
 def _synthesize_tuple(partition: Partition, plan: AuxPlan, init: Optional[InitReference],
                       notes: Optional[List[Tuple[str, str, str]]], aux_head: str,
                       copy_weights: bool, templates: CopyTemplates) -> AuxNet:
@@ -190,13 +202,7 @@ def _synthesize_tuple(partition: Partition, plan: AuxPlan, init: Optional[InitRe
         label = f"block {k} ({_module_list(partition.block_names[k])})"
         copy_gm, out, adapted = adapt_tuple_copy(source, shapes, layouts, own_layouts,
                                                  f"Aux{plan.block}CopyOfBlock{k}", init, copy_weights)
-        if adapted:
-            note = (label, "shape", f"input {adapted[0]} has shape {shapes[adapted[0]]}, "
-                    f"it takes {own[adapted[0]]}")
-            if notes is None:
-                warn_adapters([note], stacklevel=3)
-            else:
-                notes.append(note)
+        _note_adapters(label, adapted, shapes, own, notes)
         modules.append(copy_gm)
         # The newest stream (the last element) stands for the copy's reduction, as it stands for
         # the boundary's shape in ``Partition.block_shapes``.
@@ -205,9 +211,17 @@ def _synthesize_tuple(partition: Partition, plan: AuxPlan, init: Optional[InitRe
         reductions.append(_reduction(before, resolution(shapes[-1], layouts[-1])))
     slim = choose_aux_head(partition, aux_head) == "slim"
     reference = next(partition.head.eval_graph.parameters())
-    if len(shapes) > 1:
-        head: nn.Module = tuple_head(shapes, layouts, _num_classes(partition), slim,
-                                     reference.device, reference.dtype, init)
+    head: nn.Module
+    if len(shapes) > 1 and not slim and partition.head.arity == len(shapes):
+        # The network's head takes a tuple too (CrossViT's streams): copy it, as a block.
+        head_layouts = element_layouts(partition.output_shapes[-1], partition.input_layouts[-1])
+        head, _, adapted = adapt_tuple_copy(partition.head.eval_graph, shapes, layouts, head_layouts,
+                                            f"Aux{plan.block}Head", init, copy_weights)
+        _note_adapters(f"the head ({_module_list(partition.head_names)})", adapted, shapes,
+                       partition.output_shapes[-1], notes)
+    elif len(shapes) > 1 or partition.head.arity > 1:
+        head = tuple_head(shapes, layouts, _num_classes(partition), slim,
+                          reference.device, reference.dtype, init)
     elif slim:
         head = slim_head(_num_classes(partition), reference.device, reference.dtype, init)
     else:
