@@ -203,7 +203,7 @@ class LocalNet(nn.Module):
             autocast = contextlib.nullcontext
         for j in range(start, min(stop, self.num_local - 1)):
             with autocast():
-                out = self.blocks[j](detach(h))
+                out = self._recomputable(self.blocks[j], detach(h))
                 loss = self._aux_loss(j, out, image, y, loss_fn)
             # Only the detached output survives: block j's graph goes with its loss.
             h = detach(out)
@@ -212,7 +212,7 @@ class LocalNet(nn.Module):
             del loss
         if stop == self.num_local:
             with autocast():
-                out = self.blocks[self.num_local - 1](detach(h))
+                out = self._recomputable(self.blocks[self.num_local - 1], detach(h))
                 loss, out = self._output_loss(out, y, loss_fn)
             yield loss, detach(out)
 
@@ -232,7 +232,7 @@ class LocalNet(nn.Module):
 
     @property
     def aux_checkpoint(self) -> bool:
-        """Whether auxiliary forwards are recomputed in backward instead of kept (see :func:`to_local`)."""
+        """Whether blocks and auxiliary networks are recomputed in backward instead of kept (see :func:`to_local`)."""
         return self.conversion.aux_checkpoint
 
     @aux_checkpoint.setter
@@ -258,24 +258,29 @@ class LocalNet(nn.Module):
         return checkpoint(run, *as_tuple(out), use_reentrant=False,
                           context_fn=lambda: (contextlib.nullcontext(), _KeepBuffers([aux])))
 
-    def _output_loss(self, out: Boundary, y: torch.Tensor, loss_fn: LossFn) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _output_loss(self, out: Boundary, y: torch.Tensor, loss_fn: LossFn) -> Tuple[torch.Tensor, Boundary]:
         """The output loss of block ``K-1``'s output, and the last block's output.
 
         Blocks ``K .. L-1`` and the head serve block ``K-1`` as an auxiliary network serves the
-        others, so ``aux_checkpoint`` recomputes them too.
+        others; with ``aux_checkpoint`` each of them is recomputed in backward on its own.
         """
-        later = [*self.blocks[self.num_local:], self.head]
+        for block in self.blocks[self.num_local:]:
+            out = self._recomputable(block, out)
+        return loss_fn(self._recomputable(self.head, out), y), out
 
-        def run(*elements: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-            o = elements if isinstance(out, tuple) else elements[0]
-            for block in later[:-1]:
-                o = block(o)
-            return loss_fn(self.head(o), y), o
+    def _recomputable(self, module: nn.Module, h: Boundary) -> Boundary:
+        """``module(h)``; with ``aux_checkpoint`` (training), recomputed in backward instead of kept.
 
+        Each piece of a local module (its block, its auxiliary network, each later block of the
+        output module) is recomputed on its own, so backward holds one piece's activations at a
+        time: recomputing the auxiliary network alone lowered no peak, since its backward runs
+        while the block's activations are still held. Non-reentrant checkpoint replays dropout's
+        RNG and autocast; the BatchNorm statistics the replay changes are put back.
+        """
         if not self.aux_checkpoint or not torch.is_grad_enabled():
-            return run(*as_tuple(out))
-        return checkpoint(run, *as_tuple(out), use_reentrant=False,
-                          context_fn=lambda: (contextlib.nullcontext(), _KeepBuffers(later)))
+            return module(h)
+        return checkpoint(module, *as_tuple(h), use_reentrant=False,
+                          context_fn=lambda: (contextlib.nullcontext(), _KeepBuffers([module])))
 
     @property
     def needs_image(self) -> bool:

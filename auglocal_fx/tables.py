@@ -191,7 +191,8 @@ def cost_table(report) -> str:
         rows.append(row)
     lines = [format_table(headers, rows, right=[False] + [True] * (len(headers) - 1)),
              f"{FLOPS_NOTE} ({_shape(report.input_size)}); GC = gradient checkpointing"
-             + ("; +recompute = auxiliary forwards recomputed in backward (aux_checkpoint)."
+             + ("; +recompute = blocks and auxiliary networks recomputed in backward, one at a time "
+                "(aux_checkpoint)."
                 if any(getattr(r, "aux_checkpoint", False) for r in report.rows) else ".")]
     if any(getattr(r, "second_loss", False) for r in report.rows):
         lines.append("Local rules: primary + auxiliary classifier networks, as the paper's Table 7 "
