@@ -1,7 +1,7 @@
 """``max_memory``: the fastest way to train this run's network whose measured whole peak fits.
 
 The choices are the ones that change memory and time but not the weights: ``aux_checkpoint``
-(recompute blocks and auxiliary networks; exact gradients) and ``step_each_module`` (bit-identical
+(recompute the primary blocks; exact gradients) and ``step_each_module`` (bit-identical
 updates). Each is measured on this run's network, per-process batch and device with
 ``auglocal_fx.measure_memory`` (the whole count: parameters, optimizer state, gradients and
 saved activations at the step's peak); the fastest that fits is timed, never guessed.

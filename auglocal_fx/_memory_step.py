@@ -184,7 +184,7 @@ def measure_in_process(local, method: str, batch_size: int, device: torch.device
 
 def lower_bound(local, batch_size: int, device: torch.device, seed: int) -> Tuple[int, str]:
     """The largest saved-bytes peak of one local module's forward and backward, run on its own (with
-    ``aux_checkpoint`` the peak is in backward, where each piece is recomputed)."""
+    ``aux_checkpoint`` the peak may be in backward, where a block is recomputed)."""
     x, y = random_batch(local, batch_size, device, seed)
     state = {k: v.detach().clone() for k, v in local.state_dict().items()}
     params = list(local.parameters())

@@ -49,7 +49,7 @@ class CostRow:
             backward (``None`` when not measured).
         whole: the whole count at the step's peak: parameters + optimizer state + saved bytes
             and ``.grad`` tensors (see ``auglocal_fx.memory``; ``None`` when not measured).
-        aux_checkpoint: whether blocks and auxiliary networks are recomputed in backward.
+        aux_checkpoint: whether the primary blocks are recomputed in backward.
         step_each_module: whether each local module's gradients go as soon as its loss is
             back-propagated (the trainer's ``step_each_module``: it steps the module then).
         rss: growth of the process's peak RSS over one step (CPU, ``rss=True`` only).
@@ -191,7 +191,7 @@ def cost_report(
         repeats: timed steps per method (after one warm-up step).
         threads: CPU threads for the timed steps (default: PyTorch's setting). On cores shared
             with other jobs, fewer threads are often faster and much less noisy.
-        aux_checkpoint: recompute blocks and auxiliary networks in backward; ``(False, True)`` gives
+        aux_checkpoint: recompute the primary blocks in backward; ``(False, True)`` gives
             each local row both ways (the ``+recompute`` rows).
         optimizer: whose state the whole count holds (``"sgd"``, the paper's, or ``"adamw"``).
         options: the ``ConversionOptions`` of every local row (``tau`` ...

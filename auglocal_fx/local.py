@@ -98,15 +98,15 @@ def to_local(
             :mod:`auglocal_fx.synthesis`). ``"init"`` is the default: fine-tuning a BP-pretrained
             ResNet-32 either way gave the same primary accuracy (README, "Fine-tuning"), and
             only the auxiliary networks were better with ``"copy"``.
-        aux_checkpoint: recompute each piece of a local module in its backward
-            (:func:`torch.utils.checkpoint.checkpoint`, non-reentrant) instead of keeping its
-            activations: the block, its auxiliary network, and in the output module each later
-            block and the head, each on its own. The forward keeps the pieces' inputs only, and
-            backward holds one piece's activations at a time (recomputing the auxiliary network
-            alone lowered no peak: its backward runs while the block's activations are held).
-            The gradients, dropout masks and BatchNorm statistics are exactly those without it;
-            the cost is one more forward of every piece per step. Settable later as
-            ``local.aux_checkpoint``.
+        aux_checkpoint: recompute activations in backward so that a local module holds one
+            piece's at a time: every primary block (in the output module, each of its blocks) is
+            recomputed on its own (:func:`torch.utils.checkpoint.checkpoint`, non-reentrant)
+            when its backward comes, after its auxiliary network's (or the head's), which keeps
+            its activations. The name is from when the auxiliary networks were recomputed: that
+            lowered no peak, since their backward runs first, while the block's activations are
+            held. The gradients, dropout masks and BatchNorm statistics are exactly those
+            without it; the cost is one more forward of the primary network per step. Settable
+            later as ``local.aux_checkpoint``.
         aux_resolution: where AugLocal's copies run: ``"paper"`` (the planned strides, at most
             one 2x reduction per copy, as the authors' code) or ``"source"`` (each copy's input
             average-pooled to its source block's resolution first; see

@@ -232,7 +232,7 @@ class LocalNet(nn.Module):
 
     @property
     def aux_checkpoint(self) -> bool:
-        """Whether blocks and auxiliary networks are recomputed in backward instead of kept (see :func:`to_local`)."""
+        """Whether the primary blocks are recomputed in backward instead of kept (see :func:`to_local`)."""
         return self.conversion.aux_checkpoint
 
     @aux_checkpoint.setter
@@ -241,46 +241,36 @@ class LocalNet(nn.Module):
 
     def _aux_loss(self, j: int, out: Boundary, image: Optional[torch.Tensor], y: torch.Tensor,
                   loss_fn: LossFn) -> torch.Tensor:
-        """Local loss ``j`` of block ``j``'s output; with ``aux_checkpoint``, only ``out`` is kept."""
+        """Local loss ``j`` of block ``j``'s output."""
         aux = self.aux[j]
-
-        def run(*elements: torch.Tensor) -> torch.Tensor:
-            o = elements if isinstance(out, tuple) else elements[0]
-            if hasattr(aux, "local_loss"):  # a rule with a second loss (PredSim, InfoPro)
-                return aux.local_loss(o, image, y, loss_fn, self.normalization)
-            return loss_fn(aux(o), y)
-
-        if not self.aux_checkpoint or not torch.is_grad_enabled():
-            return run(*as_tuple(out))
-        # Non-reentrant checkpoint replays the RNG (dropout) and autocast state; the buffers
-        # the recomputation changes (BatchNorm running statistics, counted twice otherwise)
-        # are put back as the first forward left them.
-        return checkpoint(run, *as_tuple(out), use_reentrant=False,
-                          context_fn=lambda: (contextlib.nullcontext(), _KeepBuffers([aux])))
+        if hasattr(aux, "local_loss"):  # a rule with a second loss (PredSim, InfoPro)
+            return aux.local_loss(out, image, y, loss_fn, self.normalization)
+        return loss_fn(aux(out), y)
 
     def _output_loss(self, out: Boundary, y: torch.Tensor, loss_fn: LossFn) -> Tuple[torch.Tensor, Boundary]:
         """The output loss of block ``K-1``'s output, and the last block's output.
 
         Blocks ``K .. L-1`` and the head serve block ``K-1`` as an auxiliary network serves the
-        others; with ``aux_checkpoint`` each of them is recomputed in backward on its own.
+        others; with ``aux_checkpoint`` each of those blocks is recomputed in backward on its own.
         """
         for block in self.blocks[self.num_local:]:
             out = self._recomputable(block, out)
-        return loss_fn(self._recomputable(self.head, out), y), out
+        return loss_fn(self.head(out), y), out
 
-    def _recomputable(self, module: nn.Module, h: Boundary) -> Boundary:
-        """``module(h)``; with ``aux_checkpoint`` (training), recomputed in backward instead of kept.
+    def _recomputable(self, block: nn.Module, h: Boundary) -> Boundary:
+        """``block(h)``; with ``aux_checkpoint`` (training), recomputed in backward instead of kept.
 
-        Each piece of a local module (its block, its auxiliary network, each later block of the
-        output module) is recomputed on its own, so backward holds one piece's activations at a
-        time: recomputing the auxiliary network alone lowered no peak, since its backward runs
-        while the block's activations are still held. Non-reentrant checkpoint replays dropout's
-        RNG and autocast; the BatchNorm statistics the replay changes are put back.
+        A local module's backward runs its last piece first (the auxiliary network, or the head),
+        then each block before it: with every primary block recomputed on its own when its turn
+        comes, backward holds one piece's activations at a time. Recomputing the auxiliary
+        network too would lower no peak (its activations are used first, right after the
+        forward) and would cost its forward again. Non-reentrant checkpoint replays dropout's RNG
+        and autocast; the BatchNorm statistics the replay changes are put back.
         """
         if not self.aux_checkpoint or not torch.is_grad_enabled():
-            return module(h)
-        return checkpoint(module, *as_tuple(h), use_reentrant=False,
-                          context_fn=lambda: (contextlib.nullcontext(), _KeepBuffers([module])))
+            return block(h)
+        return checkpoint(block, *as_tuple(h), use_reentrant=False,
+                          context_fn=lambda: (contextlib.nullcontext(), _KeepBuffers([block])))
 
     @property
     def needs_image(self) -> bool:

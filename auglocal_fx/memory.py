@@ -9,7 +9,7 @@ network on the same batch and device:
   (reentrant variant, so the activations recomputed during backward are counted too; the
   input is marked ``requires_grad`` so that block 0 is checkpointed as well).
 * ``auglocal``: ``local.train_step(x, y)``, the simultaneous local step; with
-  ``aux_checkpoint``, each block and auxiliary network is recomputed in backward on its own.
+  ``aux_checkpoint``, each primary block is recomputed in backward on its own.
 
 What is measured (nothing here is an estimate):
 
@@ -69,7 +69,7 @@ class MemoryRow:
         method: ``"bp"``, ``"checkpoint"`` or ``"auglocal"``.
         d: the auxiliary depth (``auglocal`` only).
         saved_peak: peak of bytes held for backward.
-        aux_checkpoint: whether blocks and auxiliary networks were recomputed (``auglocal`` only).
+        aux_checkpoint: whether the primary blocks were recomputed (``auglocal`` only).
         param_bytes: the trained parameters (BP and checkpointing: the primary network only).
         grad_bytes: the ``.grad`` tensors that existed at the moment of the whole-count peak.
         optimizer_bytes: the optimizer's state after a real step (SGD momentum: one buffer per
@@ -209,7 +209,7 @@ def measure_memory(model_or_spec: Union[str, nn.Module], methods: Sequence[str] 
         optimizer: whose state the whole count holds: ``"sgd"`` (the paper's: Nesterov
             momentum, one buffer per parameter), ``"adamw"`` (two buffers per parameter), or a
             function ``params -> torch.optim.Optimizer``. Its state is measured after a real step.
-        aux_checkpoint: recompute blocks and auxiliary networks in backward (see
+        aux_checkpoint: recompute the primary blocks in backward (see
             ``auglocal_fx.to_local``); ``(False, True)`` gives an ``auglocal`` row for each.
         options: the ``auglocal_fx.ConversionOptions`` of the networks (``d`` and
             ``aux_checkpoint`` above, and ``to_local_kwargs``, take precedence).
@@ -320,7 +320,7 @@ def _notes(device: torch.device, rss: bool, mmap_threshold: Optional[int]) -> Li
                      "before it; CUDA max MiB: torch.cuda.max_memory_allocated itself (this network, its "
                      "optimizer state and the batch alone on the device): compare with whole MiB")
     notes.append("checkpoint: torch.utils.checkpoint (reentrant) around every block; bp: one backward; "
-                 "auglocal: LocalNet.train_step (+recompute: aux_checkpoint=True, each block and auxiliary "
-                 "network recomputed in backward on its own); one step each, same batch, the optimizer step not counted")
+                 "auglocal: LocalNet.train_step (+recompute: aux_checkpoint=True, each primary block "
+                 "recomputed in backward on its own); one step each, same batch, the optimizer step not counted")
     return notes
 

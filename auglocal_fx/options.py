@@ -44,8 +44,8 @@ class ConversionOptions:
         aux_head: ``"auto"``, ``"copy"`` or ``"slim"``, as asked.
         rule: a registered local learning rule (``auglocal_fx.rules``).
         aux_init: ``"init"`` or ``"copy"``: how AugLocal's copies start.
-        aux_checkpoint: recompute each local module's block and auxiliary network in backward,
-            one piece at a time (see ``to_local``).
+        aux_checkpoint: recompute the primary blocks in backward, each on its own, so a local
+            module holds one piece's activations at a time (see ``to_local``).
         input_size: ``(C, H, W)`` to trace at; ``None``: the model's own.
         num_classes: classifier width (spec strings; a converted network's own width).
         block_boundaries: module names that end a block; ``None``: the automatic cut.

@@ -191,7 +191,7 @@ def cost_table(report) -> str:
         rows.append(row)
     lines = [format_table(headers, rows, right=[False] + [True] * (len(headers) - 1)),
              f"{FLOPS_NOTE} ({_shape(report.input_size)}); GC = gradient checkpointing"
-             + ("; +recompute = blocks and auxiliary networks recomputed in backward, one at a time "
+             + ("; +recompute = each primary block recomputed in backward on its own "
                 "(aux_checkpoint)."
                 if any(getattr(r, "aux_checkpoint", False) for r in report.rows) else ".")]
     if any(getattr(r, "second_loss", False) for r in report.rows):

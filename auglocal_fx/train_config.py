@@ -78,9 +78,9 @@ class TrainConfig:
             ``auglocal_fx.to_local``).
         rule: the local learning rule for ``method="auglocal"`` (``"auglocal"``, ``"dgl"``,
             ``"predsim"``, ``"infopro"``, ``"auglocal+infopro"``).
-        aux_checkpoint: recompute each local module's block and auxiliary network in backward,
-            one piece at a time, instead of keeping their activations (``method="auglocal"``;
-            same gradients, less memory, one more forward per step).
+        aux_checkpoint: recompute the primary blocks in backward, each on its own, so a local
+            module holds one piece's activations at a time (``method="auglocal"``; same
+            gradients, less memory, one more forward of the primary network per step).
         aux_follow, aux_follow_adapted, aux_freeze: AugLocal's copies follow their source
             blocks by an EMA; auxiliary layers freeze top first (see
             ``ConversionOptions``; not with ``pipeline > 1``).

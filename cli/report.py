@@ -39,8 +39,8 @@ _AUX_CHECKPOINT = {"off": (False,), "on": (True,), "both": (False, True)}
               help="Rows to compare, e.g. --rules bp gc dgl predsim infopro auglocal (gc = gradient "
                    "checkpointing; rules with a depth get a row per --d) [default: bp gc auglocal].")
 @click.option("--aux-checkpoint", type=click.Choice(list(_AUX_CHECKPOINT)), default="both", show_default=True,
-              help="Local rows with activations kept (off), blocks and auxiliary networks recomputed "
-                   "in backward one at a time (on, the '+recompute' rows) or both, to compare peak memory and step time. FLOPs-only "
+              help="Local rows with activations kept (off), primary blocks recomputed in backward "
+                   "one at a time (on, the '+recompute' rows) or both, to compare peak memory and step time. FLOPs-only "
                    "reports show 'off' only: recomputation does not change the forward FLOPs.")
 @click.option("--step-each-module", "step_each", type=click.Choice(["off", "on", "both"]), default="both",
               show_default=True,

@@ -65,9 +65,9 @@ from .options import (MultiValueCommand, aux_init_option, aux_resolution_option,
 @aux_head_option
 @rule_option
 @click.option("--aux-checkpoint", is_flag=True,
-              help="Recompute each local module's block and auxiliary network in backward, one at a "
-                   "time, instead of keeping their activations: same gradients, less memory, one "
-                   "more forward per step.")
+              help="Recompute each primary block in backward on its own instead of keeping its "
+                   "activations, so a local module holds one piece at a time: same gradients, less "
+                   "memory, one more forward of the primary network per step.")
 @beyond_options
 @click.option("--step-each-module/--step-at-end", default=None,
               help="Step each local module as soon as its loss is back-propagated and drop its gradients "

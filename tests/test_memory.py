@@ -158,9 +158,9 @@ def test_adamw_state_is_two_buffers_and_a_step_per_parameter():
 
 
 def test_recompute_holds_one_piece_of_a_local_module_at_a_time():
-    # aux_checkpoint recomputes block 0 and its auxiliary network in backward, each on its own:
-    # the forward keeps their inputs only (the batch, block 0's output), and backward holds one
-    # piece's activations at a time beside them. Without it, both pieces are held together.
+    # aux_checkpoint recomputes block 0 in backward, after its auxiliary network's backward: the
+    # forward keeps the block's input (the batch) and the auxiliary network's activations, and
+    # backward holds one piece's activations at a time. Without it, both are held together.
     torch.manual_seed(0)
     local = to_local(TinyCNN(depth=4, downsample=False), d=2, input_size=SIZE)
     params = list(local.parameters())
@@ -178,12 +178,12 @@ def test_recompute_holds_one_piece_of_a_local_module_at_a_time():
             loss.backward()
         peaks[flag] = counter.peak
         assert counter.live == 0  # everything is let go after backward (BatchNorm's buffers too)
-    assert after_forward[True] == x_bytes + out_bytes
+    assert after_forward[True] == x_bytes + aux + loss_bytes
     # Both pieces together (block 0's output, saved by both, once) and the loss's tensors.
     assert peaks[False] == after_forward[False] == block + aux - out_bytes + loss_bytes
     assert peaks[True] <= max(block, aux) + x_bytes + out_bytes + loss_bytes < peaks[False]
 
-    # The output module: block K-1, then blocks K.. and the head, each recomputed on its own.
+    # The output module: block K-1 and blocks K.., each recomputed on its own, then the head.
     k = local.num_local
     for flag in (False, True):
         local.aux_checkpoint = flag
