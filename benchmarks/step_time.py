@@ -11,8 +11,8 @@ so that load from other processes hits both alike; the table shows medians.
 FLOPs: forward FLOPs of one image counted by fvcore's FlopCountAnalysis through
 ``auglocal_fx.flops.count_flops`` (one fused multiply-add counted as one FLOP); the FLOPs
 ratio is (primary + all auxiliary networks) / primary. Target (issue 3): time ratio <= 1.1 x
-FLOPs ratio. The ``+recompute`` column is ``train_step`` with ``aux_checkpoint=True`` (auxiliary
-forwards recomputed in backward), interleaved with the others; "recompute cost" is its time over
+FLOPs ratio. The ``+recompute`` column is ``train_step`` with ``aux_checkpoint=True`` (each primary
+block recomputed in backward), interleaved with the others; "recompute cost" is its time over
 AugLocal's, minus 1 (target, issue 22: <= +20%).
 
 ``--reference DIR`` (the authors' code, a checkout of ChenxiangMA/AugLocal, or
