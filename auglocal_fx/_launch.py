@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from ._distributed import check_same_settings, init_distributed, spawn
 from ._handover import pack_network
-from ._pipeline import PipelineRun
+from ._pipeline import PipelineRun, check_pipeline_fits
 from .data import build_datasets
 from .train_config import TrainConfig, TrainResult
 from ._train_loop import Run, build_network, wants_cuda
@@ -88,4 +88,6 @@ def _converted_once(cfg: TrainConfig) -> bytes:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         net, _ = build_network(cfg, data.num_classes, data.input_size)
+    if cfg.pipeline > 1:
+        check_pipeline_fits(net, cfg.pipeline)  # here, before any process starts
     return pack_network(net)

@@ -35,10 +35,27 @@ from .checkpoints import PIPELINE_PART
 from .errors import AugLocalError, first_line
 from .flops import count_flops
 
-__all__ = ["balance_stages", "flop_costs", "measure_module_times", "PipelineRun", "BALANCE_MODES"]
+__all__ = ["balance_stages", "check_pipeline_fits", "flop_costs", "measure_module_times", "PipelineRun",
+           "BALANCE_MODES"]
 
 BALANCE_MODES = ("time", "flops")
 PART_FORMAT = PIPELINE_PART.format
+
+
+def check_pipeline_fits(net: nn.Module, stages: int) -> None:
+    """Refuse a converted network that ``stages`` pipeline workers cannot share out.
+
+    The launcher calls it before starting any process (each worker would only fail the same way).
+
+    Raises:
+        AugLocalError: boundaries that carry several tensors, or more stages than local modules.
+    """
+    if any(len(shapes) > 1 for shapes in net.output_shapes):
+        raise AugLocalError("--pipeline cannot send block boundaries that carry several tensors (this "
+                            "network's streams); train with --pipeline 1")
+    if stages > net.num_local:
+        raise AugLocalError(f"--pipeline {stages} is more than the {net.num_local} local modules "
+                            f"of this network; use at most {net.num_local}")
 
 
 def balance_stages(costs: Sequence[float], stages: int) -> List[Tuple[int, int]]:
@@ -241,12 +258,7 @@ class PipelineRun(Run):
         if self.cfg.method != "auglocal":
             raise AugLocalError("--pipeline needs local learning (--method auglocal); backprop's blocks wait "
                                 "for each other's gradients")
-        if any(len(shapes) > 1 for shapes in self.net.output_shapes):
-            raise AugLocalError("--pipeline cannot send block boundaries that carry several tensors (this "
-                                "network's streams); train with --pipeline 1")
-        if self.stages > self.net.num_local:
-            raise AugLocalError(f"--pipeline {self.stages} is more than the {self.net.num_local} local modules "
-                                f"of this network; use at most {self.net.num_local}")
+        check_pipeline_fits(self.net, self.stages)
         self.ranges = self._choose_ranges()
         self.first, self.stop = self.ranges[self.stage]
         self.own_modules = nn.ModuleList(self._owned_modules().values())

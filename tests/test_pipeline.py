@@ -150,9 +150,17 @@ def test_three_workers_stopped_and_resumed_give_the_same_weights(tmp_path, seque
         train(TrainConfig(out=str(tmp_path), **COMMON), resume=True)
 
 
+def _no_process_may_start(*args):
+    raise AssertionError("a process was started for a run the launcher must refuse")
+
+
 def test_pipeline_errors_are_one_line(tmp_path, monkeypatch):
-    with pytest.raises(AugLocalError, match=f"more than the {NUM_LOCAL} local modules"):
-        train(TrainConfig(out=str(tmp_path / "many"), pipeline=NUM_LOCAL + 1, **{**COMMON, "epochs": 1}))
+    import auglocal_fx._launch
+
+    with monkeypatch.context() as patch:  # refused by the launcher, before any worker starts
+        patch.setattr(auglocal_fx._launch, "spawn", _no_process_may_start)
+        with pytest.raises(AugLocalError, match=f"more than the {NUM_LOCAL} local modules"):
+            train(TrainConfig(out=str(tmp_path / "many"), pipeline=NUM_LOCAL + 1, **{**COMMON, "epochs": 1}))
     with pytest.raises(AugLocalError, match="needs local learning"):
         train(TrainConfig(out=str(tmp_path / "bp"), pipeline=2, method="bp", **COMMON))
     # A worker that dies stops the others, and the message names it.

@@ -174,16 +174,33 @@ def test_resume_after_sigkill_gives_the_same_weights(tmp_path):
     assert all(torch.equal(full_a[k], full_b[k]) for k in full_a)  # auxiliary nets too
 
 
-def test_two_gloo_processes_equal_one_process_on_the_whole_batch(tmp_path):
-    # Batch-norm-free model and no augmentation: with batch norm, each process would normalise
-    # with its own half-batch statistics, which legitimately differs from the whole batch. d=3:
-    # the auxiliary network copies two blocks, so its head has no BatchNorm1d either.
-    # warmup_epochs=1: one epoch of the paper's schedule without warmup runs at lr 0.
+# Batch-norm-free model and no augmentation: with batch norm, each process would normalise with
+# its own half-batch statistics, which legitimately differs from the whole batch. d=3: the
+# auxiliary network copies two blocks, so its head has no BatchNorm1d either. warmup_epochs=1:
+# one epoch of the paper's schedule without warmup runs at lr 0. Spawned runs cost seconds of
+# imports each, so the four runs are made once for the two tests below.
+_GLOO_RUNS = {"one": dict(step_each_module=False), "two": dict(step_each_module=False, nproc=2),
+              "two_each": dict(step_each_module=True, nproc=2), "pipe": dict(step_each_module=True, pipeline=2)}
+
+
+@pytest.fixture(scope="module")
+def gloo_runs(tmp_path_factory):
+    """The weights after 3 steps of one process, two gloo processes stepping at the end or each
+    module, and two pipeline workers; ``last.pt``'s (auxiliary networks too) where kept whole."""
+    root = tmp_path_factory.mktemp("gloo")
     common = dict(model=TINY_NOBN, augment=False, max_steps=3, batch_size=8, train_subset=32, device="cpu", d=3,
-                  warmup_epochs=1)
-    train(_config(tmp_path / "one", **common))
-    train(_config(tmp_path / "two", nproc=2, **common))
-    a, b = _weights(tmp_path / "one" / "model.pt"), _weights(tmp_path / "two" / "model.pt")
+                  warmup_epochs=1, grad_clip=0.5, threads=1)
+    runs = {}
+    for name, extra in _GLOO_RUNS.items():
+        train(_config(root / name, **common, **extra))
+        # a pipeline's last.pt is a manifest (its workers' parts): its model.pt has the weights
+        runs[name] = {"model.pt": _weights(root / name / "model.pt"),
+                      "last.pt": None if name == "pipe" else _weights(root / name / "last.pt")["model"]}
+    return runs
+
+
+def test_two_gloo_processes_equal_one_process_on_the_whole_batch(gloo_runs):
+    a, b = gloo_runs["one"]["model.pt"], gloo_runs["two"]["model.pt"]
     start = _initial_weights(TINY_NOBN, seed=0)
     moved = False
     for key in a:
@@ -399,17 +416,11 @@ def test_step_each_module_defaults_to_the_optimizers_where_it_is_exact(tmp_path)
         train(_config(tmp_path, step_each_module="yes"))
 
 
-def test_step_each_module_with_two_gloo_processes_and_pipeline_workers_is_bit_identical(tmp_path):
-    common = dict(model=TINY_NOBN, augment=False, max_steps=3, batch_size=8, train_subset=32, device="cpu", d=3,
-                  warmup_epochs=1, grad_clip=0.5, threads=1)
-    runs = {}
-    for name, extra in (("end", dict(step_each_module=False, nproc=2)), ("each", dict(step_each_module=True, nproc=2)),
-                        ("pipe", dict(step_each_module=True, pipeline=2)), ("seq", dict(step_each_module=False))):
-        train(_config(tmp_path / name, **common, **extra))
-        # last.pt: the auxiliary networks too (a pipeline's is a manifest; its workers send model.pt's weights)
-        runs[name] = _weights(tmp_path / name / ("model.pt" if name in ("pipe", "seq") else "last.pt"))
-    _assert_equal_states(runs["end"]["model"], runs["each"]["model"])  # averaged per module = once at the end
-    _assert_equal_states(runs["pipe"], runs["seq"])  # workers stepping each module = one step at the end
+def test_step_each_module_with_two_gloo_processes_and_pipeline_workers_is_bit_identical(gloo_runs):
+    # averaged per module = once at the end (the auxiliary networks too)
+    _assert_equal_states(gloo_runs["two"]["last.pt"], gloo_runs["two_each"]["last.pt"])
+    # workers stepping each module = one process stepping once at the end
+    _assert_equal_states(gloo_runs["pipe"]["model.pt"], gloo_runs["one"]["model.pt"])
 
 
 def test_a_run_resumes_mid_epoch_with_the_other_stepping(tmp_path):

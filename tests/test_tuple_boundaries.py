@@ -217,10 +217,16 @@ def test_cka_and_probes_read_the_newest_stream():
         assert value == pytest.approx(1.0, abs=1e-5)
 
 
-def test_the_pipeline_refuses_tuple_boundaries_in_one_line(tmp_path):
+def test_the_pipeline_refuses_tuple_boundaries_in_one_line(tmp_path, monkeypatch):
     from pathlib import Path
 
+    import auglocal_fx._launch
     from auglocal_fx.training import TrainConfig, train
+
+    def no_process_may_start(*args):
+        raise AssertionError("a process was started for a run the launcher must refuse")
+
+    monkeypatch.setattr(auglocal_fx._launch, "spawn", no_process_may_start)  # refused before any starts
 
     spec = str(Path(__file__).with_name("_cell_models.py")) + ":cell_net"
     config = TrainConfig(model=spec, dataset="synthetic", input_size=16, batch_size=8,
