@@ -93,27 +93,37 @@ def _check_pipeline_record(result, stages):
     assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(ranges, ranges[1:]))
 
 
-def test_two_workers_give_the_weights_of_the_sequential_schedule(tmp_path, sequential):
-    result = train(TrainConfig(out=str(tmp_path), pipeline=2, **COMMON))
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory):
+    """One run of two workers (the model logs each process that builds it), its folder, the
+    processes that built the model, and whether the caller's random state was left as it was."""
+    out = tmp_path_factory.mktemp("two_workers")
+    log = out / "built.txt"
+    rng = torch.get_rng_state()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AUGLOCAL_TEST_BUILD_LOG", str(log))
+        result = train(TrainConfig(out=str(out / "run"), pipeline=2, **{**COMMON, "model": LOGGED}))
+    return result, out / "run", log.read_text().splitlines(), torch.equal(rng, torch.get_rng_state())
+
+
+def test_two_workers_give_the_weights_of_the_sequential_schedule(two_workers, sequential):
+    result, out, _, _ = two_workers
     _assert_same_weights(sequential.model_path, result.model_path)
     for mine, theirs in zip(result.history, sequential.history):
         assert mine["local_losses"] == theirs["local_losses"] and mine["train_loss"] == theirs["train_loss"]
         assert mine["test_acc"] == theirs["test_acc"] and mine["aux_acc"] == theirs["aux_acc"]
     _check_pipeline_record(result, 2)
-    parts = sorted(p.name for p in tmp_path.glob("last.stage*.pt"))
+    parts = sorted(p.name for p in out.glob("last.stage*.pt"))
     assert parts == [f"last.stage{k}-of-2.step8.pt" for k in range(2)]  # older parts deleted
 
 
-def test_the_model_is_converted_once_for_all_workers(tmp_path, monkeypatch, sequential):
+def test_the_model_is_converted_once_for_all_workers(two_workers):
     # The launching process converts; the workers rebuild its network (no conversion creates the
-    # model again), and the weights are still the sequential run's (the same seed drew them).
-    log = tmp_path / "built.txt"
-    monkeypatch.setenv("AUGLOCAL_TEST_BUILD_LOG", str(log))
-    rng = torch.get_rng_state()
-    result = train(TrainConfig(out=str(tmp_path / "run"), pipeline=2, **{**COMMON, "model": LOGGED}))
-    assert log.read_text().splitlines() == ["parent"]
-    assert torch.equal(rng, torch.get_rng_state())  # converting for the workers drew nothing of the caller's
-    _assert_same_weights(sequential.model_path, result.model_path)
+    # model again), and the weights are still the sequential run's (the test above: the same seed
+    # drew them).
+    _, _, built_by, rng_kept = two_workers
+    assert built_by == ["parent"]
+    assert rng_kept  # converting for the workers drew nothing of the caller's
 
 
 def test_data_parallel_replicas_are_handed_the_launchers_network(tmp_path, monkeypatch):
