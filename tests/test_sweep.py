@@ -5,6 +5,10 @@ one seed, finite losses and a gradient on every trainable parameter after one ``
 gradient isolation between blocks, and a strict load of the exported weights.
 """
 
+import copy
+import dataclasses
+import functools
+
 import pytest
 import torch
 
@@ -68,10 +72,19 @@ _INPUT_SIZE = {"timm:inception_v3": 75, **{f"timm:{m}": s for m, s in TRANSFORME
 NUM_CLASSES = 7
 
 
-def _make(spec, d, convert=True):
+@functools.lru_cache(maxsize=1)  # a model's tests run one after another: created once for them
+def _pristine(spec):
     size = _INPUT_SIZE.get(spec, 32)
-    resolved = resolve_model(spec, num_classes=NUM_CLASSES, input_size=(3, size, size),
-                             model_kwargs=_MODEL_KWARGS.get(spec))
+    return resolve_model(spec, num_classes=NUM_CLASSES, input_size=(3, size, size),
+                         model_kwargs=_MODEL_KWARGS.get(spec))
+
+
+def _make(spec, d, convert=True):
+    """The model of ``spec`` (a copy of one created once: creating the largest costs seconds),
+    whose ``create`` gives another copy, and its conversion at depth ``d``."""
+    pristine = _pristine(spec)
+    resolved = dataclasses.replace(pristine, model=copy.deepcopy(pristine.model),
+                                   _factory=lambda: copy.deepcopy(pristine.model))
     local = to_local(resolved.model, d=d, input_size=resolved.input_size) if convert else None
     return resolved, local
 
