@@ -171,9 +171,7 @@ def solve_budget(
                 net = synthesize_aux_net(partition, plan, aux_head=base.conversion.resolved_aux_head,
                                          aux_resolution=base.conversion.aux_resolution,
                                          templates=templates)
-            j = plan.block
-            shape = partition.output_shapes[j] if partition.output_arity(j) > 1 else base.block_shapes[j]
-            aux_cache[plan] = count_module_flops(net, shape, counts)[0]
+            aux_cache[plan] = count_module_flops(net, partition.boundary_shape(plan.block), counts)[0]
         return aux_cache[plan]
 
     limit = int(value * bp) if kind == "ratio" else int(value)

@@ -45,7 +45,9 @@ class LocalNet(nn.Module):
         plan: per auxiliary network, the block it serves, the blocks it copies and their strides.
         num_local: ``K``; blocks ``K-1 .. L-1`` and the head form the output module.
         block_names: module names each block covers.
-        block_shapes: each block's output shape ``(C, H, W)`` at ``input_size``.
+        block_shapes: each block's output shape ``(C, H, W)`` at ``input_size`` (of the newest
+            element where a boundary carries a tuple).
+        output_shapes: the shapes of everything each block returns (several for a tuple).
         input_size: ``(C, H, W)`` the network was converted at.
         num_classes: width of the logits.
         conversion: the :class:`~auglocal_fx.ConversionOptions` it was built with (input size,
@@ -67,8 +69,6 @@ class LocalNet(nn.Module):
         self.num_local = len(self.plan) + 1
         self.block_names = partition.block_names
         self.head_names = partition.head_names
-        self.block_shapes = partition.block_shapes
-        self.block_input_shapes = partition.block_input_shapes
         self.input_layouts = partition.input_layouts
         self.output_shapes = partition.output_shapes
         if not isinstance(options, ConversionOptions):
@@ -291,14 +291,15 @@ class LocalNet(nn.Module):
         return self.head(h)
 
     @property
+    def block_shapes(self) -> List[Tuple[int, ...]]:
+        return self.partition.block_shapes
+
+    @property
     def partition(self) -> Partition:
         """The primary network's blocks and head with their shapes, as the synthesizer takes them."""
-        return Partition(blocks=list(self.blocks), head=self.head,
-                         block_shapes=list(self.block_shapes),
-                         block_input_shapes=list(self.block_input_shapes),
+        return Partition(blocks=list(self.blocks), head=self.head, output_shapes=list(self.output_shapes),
                          block_names=list(self.block_names), head_names=list(self.head_names),
-                         input_layouts=list(self.input_layouts),
-                         output_shapes=list(self.output_shapes))
+                         input_layouts=list(self.input_layouts))
 
     def block_parameters(self, j: int) -> Iterator[nn.Parameter]:
         """Parameters updated by local loss ``j``: block ``j`` and auxiliary network ``j``."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import operator
 import warnings
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Set, Tuple
+from typing import List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -47,25 +47,35 @@ class Partition:
     Attributes:
         blocks: ``L`` primary blocks, in order.
         head: global pooling + classifier.
-        block_shapes: output shape ``(C, H, W)`` (or ``(C,)``) of each block for one example;
-            of the last element where the block returns a tuple (the newest stream).
-        block_input_shapes: input shape of each block (of its last element).
+        output_shapes: the shapes of the tensors each block returns, for one example: one
+            shape ``(C, H, W)`` (or ``(C,)``, ``(T, C)``), several where its boundary carries a
+            tuple.
         block_names: the module names each block covers.
         head_names: the module names of the head.
+        input_layouts: the layout each block and the head take (see :mod:`auglocal_fx.layouts`).
     """
 
     blocks: List[GraphBlock]
     head: GraphBlock
-    block_shapes: List[Tuple[int, ...]]
-    block_input_shapes: List[Tuple[int, ...]]
+    output_shapes: List[Tuple[Tuple[int, ...], ...]]
     block_names: List[List[str]]
     head_names: List[str] = field(default_factory=list)
     input_layouts: List[str] = field(default_factory=list)
-    output_shapes: List[Tuple[Tuple[int, ...], ...]] = field(default_factory=list)
+
+    @property
+    def block_shapes(self) -> List[Tuple[int, ...]]:
+        """Each block's output shape for one example; of the last element where the block
+        returns a tuple (the newest stream)."""
+        return [shapes[-1] for shapes in self.output_shapes]
+
+    def boundary_shape(self, j: int) -> Union[Tuple[int, ...], Tuple[Tuple[int, ...], ...]]:
+        """Block ``j``'s output as a module after it takes it: one shape, or a tuple of shapes."""
+        shapes = self.output_shapes[j]
+        return shapes if len(shapes) > 1 else shapes[0]
 
     def output_arity(self, j: int) -> int:
         """How many tensors block ``j`` returns (1 unless its boundary carries a tuple)."""
-        return len(self.output_shapes[j]) if self.output_shapes else 1
+        return len(self.output_shapes[j])
 
     def input_arity(self, j: int) -> int:
         """How many tensors block ``j`` takes."""
@@ -369,19 +379,14 @@ def partition_blocks(traced: TracedModel, block_boundaries: Optional[Sequence[st
                                    "HeadTrain")
         if head_train.code == head_eval.code:
             head_train = None
-    output_shapes = [tuple(tuple(n.meta[SHAPE_KEY][1:]) for n in out) for out in e_outs]
-    shapes = [out[-1] for out in output_shapes]
-    in_shapes = [tuple(eval_part.input_node.meta[SHAPE_KEY][1:])] + shapes[:-1]
     head = GraphBlock(head_eval, head_train)
     return Partition(
         blocks=blocks,
         head=head,
-        block_shapes=shapes,
-        block_input_shapes=in_shapes,
+        output_shapes=[tuple(tuple(n.meta[SHAPE_KEY][1:]) for n in out) for out in e_outs],
         block_names=_block_names([_module_targets(n) for n in eval_part.blocks + [eval_part.head]])[:-1],
         head_names=_block_names([_module_targets(n) for n in eval_part.blocks + [eval_part.head]])[-1],
         input_layouts=[input_layout(b.eval_graph) for b in blocks + [head]],
-        output_shapes=output_shapes,
     )
 
 
