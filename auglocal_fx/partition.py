@@ -231,7 +231,8 @@ def _join_linear(gm: fx.GraphModule, blocks: List[List[fx.Node]]) -> List[List[f
     return merged
 
 
-def _partition_graph(gm: fx.GraphModule, boundaries: Optional[Sequence[str]]) -> _GraphPartition:
+def _partition_graph(gm: fx.GraphModule, boundaries: Optional[Sequence[str]],
+                     shared_parameters: str = "sum") -> _GraphPartition:
     graph = gm.graph
     input_node = _single_input(graph)
     order = _dependent_nodes(graph, input_node)
@@ -256,8 +257,9 @@ def _partition_graph(gm: fx.GraphModule, boundaries: Optional[Sequence[str]]) ->
         blocks = _join_linear(gm, split_large_blocks(gm, [body], order))
     else:
         blocks = _single_cut_blocks(gm, cuts, order, head_input, boundaries)
-    blocks, head_input = merge_shared(gm, blocks, order[index[head_input] + 1:], head_input,
-                                       input_node)
+    if shared_parameters == "merge":
+        blocks, head_input = merge_shared(gm, blocks, order[index[head_input] + 1:], head_input,
+                                           input_node)
     head = order[index[head_input] + 1:]
     if not blocks:
         raise AugLocalError(
@@ -323,21 +325,24 @@ def _block_names(groups: List[List[str]]) -> List[List[str]]:
     return names
 
 
-def partition_blocks(traced: TracedModel, block_boundaries: Optional[Sequence[str]] = None) -> Partition:
+def partition_blocks(traced: TracedModel, block_boundaries: Optional[Sequence[str]] = None,
+                     shared_parameters: str = "sum") -> Partition:
     """Cut a traced model into local blocks and the head.
 
     Args:
         traced: from :func:`auglocal_fx.tracing.trace_model`.
         block_boundaries: optional module names whose outputs end a block (override).
+        shared_parameters: ``"sum"`` keeps blocks that share a parameter apart; ``"merge"``
+            merges them (:func:`~auglocal_fx.graph_blocks.merge_shared`).
 
     Raises:
         AugLocalError: no classifier head, no blocks, or a boundary that is not a cut point.
     """
-    eval_part = _partition_graph(traced.eval_graph, block_boundaries)
+    eval_part = _partition_graph(traced.eval_graph, block_boundaries, shared_parameters)
     train_part = None
     if traced.train_graph is not None:
         try:
-            train_part = _partition_graph(traced.train_graph, block_boundaries)
+            train_part = _partition_graph(traced.train_graph, block_boundaries, shared_parameters)
         except AugLocalError:
             train_part = None
         if train_part is not None and not _same_blocks(traced, eval_part, train_part):

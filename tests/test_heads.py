@@ -136,8 +136,8 @@ class SharedConvs(nn.Module):
         return self.fc(pooled + self.convs[4](pooled[:, :, None, None]).flatten(1))
 
 
-def _partition(model):
-    return partition_blocks(trace_model(model.eval(), SIZE))
+def _partition(model, shared_parameters="sum"):
+    return partition_blocks(trace_model(model.eval(), SIZE), shared_parameters=shared_parameters)
 
 
 def test_aux_token_head_starts_at_the_final_norm():
@@ -222,20 +222,24 @@ def test_more_streams_than_a_boundary_carries_are_refused_in_one_line():
     assert "\n" not in str(error.value)
 
 
-def test_blocks_sharing_a_parameter_merge():
+def test_blocks_sharing_a_parameter_merge_when_asked():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        part = _partition(SharedConvs())
+        part = _partition(SharedConvs(), shared_parameters="merge")
     # stem, convs 0-2 (0 and 2 are one module), conv 3; conv 4 is read by the head
     assert part.block_names == [["stem"], ["convs.0", "convs.1"], ["convs.3"]]
     assert part.head_names == ["convs.4", "fc"]
     message = next(str(w.message) for w in caught if "merged" in str(w.message))
     assert "convs.0" in message and "convs.4" in message
+    # by default (shared_parameters="sum") every residual block stays a block
+    part = _partition(SharedConvs())
+    assert part.block_names == [["stem"]] + [[f"convs.{k}"] for k in (0, 1, 0, 3, 4)]
+    assert part.head_names == ["convs.4", "fc"]
 
 
-def test_shared_parameters_get_one_loss():
+def test_shared_parameters_get_one_loss_when_merged():
     model = SharedConvs()
-    local = to_local(model, d=2, input_size=SIZE)
+    local = to_local(model, d=2, input_size=SIZE, shared_parameters="merge")
     check_local(model, local, SIZE, CLASSES, SharedConvs)
     # every parameter belongs to one local module
     owners = [{id(p) for p in block.parameters()} for block in local.blocks] \
@@ -254,14 +258,14 @@ def test_timm_crossvit_head_takes_both_streams():
 
 
 @pytest.mark.sweep
-def test_timm_coat_head_is_found_and_shared_encodings_merge_its_blocks():
+def test_timm_coat_head_is_found_and_shared_encodings_merge_its_blocks_when_asked():
     # CoaT's serial blocks of a stage share one position encoding (cpe1, crpe1), and the
     # parallel blocks reuse those of stages 2-4: stage 2 joins the head, stage 1 is one block.
     resolved = resolve_model("timm:coat_tiny", num_classes=CLASSES, input_size=(3, 32, 32),
                              model_kwargs={"embed_dims": (64, 64, 64, 64), "parallel_depth": 2})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        part = partition_blocks(trace_model(resolved.model, resolved.input_size))
+        part = partition_blocks(trace_model(resolved.model, resolved.input_size), shared_parameters="merge")
     assert part.block_names == [["patch_embed1", "cpe1", "serial_blocks1", "crpe1"]]
     assert part.head_names[:2] == ["patch_embed2", "cpe2"] and "aggregate" in part.head_names
     message = next(str(w.message) for w in caught if "merged" in str(w.message))
