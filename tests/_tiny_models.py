@@ -111,11 +111,11 @@ def wide_cnn(num_classes: int = 10, width: int = 4, depth: int = 2) -> nn.Sequen
 class _Stage(nn.Module):
     """A residual conv block that first adds a position encoding it shares (CoaT's ``cpe``)."""
 
-    def __init__(self, channels: int, cpe: nn.Module):
+    def __init__(self, channels: int, cpe: nn.Module, batch_norm: bool = True):
         super().__init__()
         self.cpe = cpe  # the same module object in every block of a stage
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(channels)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=not batch_norm)
+        self.bn = nn.BatchNorm2d(channels) if batch_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.cpe(x)
@@ -139,18 +139,18 @@ class SharedNet(nn.Module):
     number of classes). Blocks: stem, 2 stage-1 blocks, downsampling, stage-2 block, mix, 2
     stage-2 blocks; the head is pooling and ``fc``."""
 
-    def __init__(self, num_classes: int = 10, width: int = 8):
+    def __init__(self, num_classes: int = 10, width: int = 8, batch_norm: bool = True, stride: int = 2):
         super().__init__()
         wide = num_classes
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        norm = nn.BatchNorm2d if batch_norm else (lambda _: nn.Identity())
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), norm(width), nn.ReLU())
         self.cpe1 = nn.Conv2d(width, width, 3, padding=1, groups=width)
-        self.stage1 = nn.Sequential(_Stage(width, self.cpe1), _Stage(width, self.cpe1))
-        self.down = nn.Sequential(nn.Conv2d(width, wide, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(wide),
-                                  nn.ReLU())
+        self.stage1 = nn.Sequential(_Stage(width, self.cpe1, batch_norm), _Stage(width, self.cpe1, batch_norm))
+        self.down = nn.Sequential(nn.Conv2d(width, wide, 3, stride=stride, padding=1), norm(wide), nn.ReLU())
         self.cpe2 = nn.Conv2d(wide, wide, 3, padding=1, groups=wide)
         self.fc = nn.Linear(wide, num_classes)
-        self.stage2 = nn.Sequential(_Stage(wide, self.cpe2), _Mix(self.fc), _Stage(wide, self.cpe2),
-                                    _Stage(wide, self.cpe2))
+        self.stage2 = nn.Sequential(*(_Mix(self.fc) if k == 1 else _Stage(wide, self.cpe2, batch_norm)
+                                      for k in range(4)))
         self.pool = nn.AdaptiveAvgPool2d(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,3 +161,9 @@ class SharedNet(nn.Module):
 def shared_net(num_classes: int = 10) -> SharedNet:
     """Blocks sharing position encodings and a classifier (as CoaT's)."""
     return SharedNet(num_classes)
+
+
+def shared_nobn(num_classes: int = 10) -> SharedNet:
+    """:class:`SharedNet` without batch norm (per-process batch statistics would differ under DDP),
+    of one width and resolution, so that no auxiliary copy needs a projection with batch norm."""
+    return SharedNet(num_classes, width=num_classes, batch_norm=False, stride=1)
