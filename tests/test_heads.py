@@ -157,11 +157,13 @@ def test_aux_token_head_keeps_every_guarantee():
     check_local(model, local, SIZE, CLASSES, AuxTokenHead)
 
 
-def test_merged_streams_head_starts_where_the_second_stream_branches_off():
+def test_merged_streams_head_starts_where_the_streams_meet_as_a_tuple():
+    # The last single cut is where the second stream branches off; the streams cross a later
+    # gap as one tuple, before the class-token selections: the head starts there.
     part = _partition(MergedStreams())
-    assert part.block_names == [["embed"], ["stage1.0"], ["stage1.1"]]
-    assert part.head_names == ["proj", "stage2", "parallel2", "parallel3", "norm2", "norm3",
-                               "aggregate", "head"]
+    assert part.block_names == [["embed"], ["stage1.0"], ["stage1.1"], ["proj", "stage2", "parallel2", "parallel3"]]
+    assert part.head_names == ["norm2", "norm3", "aggregate", "head"]
+    assert part.head.arity == 2
 
 
 def test_merged_streams_keep_every_guarantee():
@@ -260,14 +262,17 @@ def test_timm_crossvit_head_takes_both_streams():
 @pytest.mark.sweep
 def test_timm_coat_head_is_found_and_shared_encodings_merge_its_blocks_when_asked():
     # CoaT's serial blocks of a stage share one position encoding (cpe1, crpe1), and the
-    # parallel blocks reuse those of stages 2-4: stage 2 joins the head, stage 1 is one block.
+    # parallel blocks reuse those of stages 2-4: merged, stage 1 is one block, stages 2-4 and
+    # the parallel blocks another (tests/test_shared_parameters.py: apart, by default).
     resolved = resolve_model("timm:coat_tiny", num_classes=CLASSES, input_size=(3, 32, 32),
                              model_kwargs={"embed_dims": (64, 64, 64, 64), "parallel_depth": 2})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         part = partition_blocks(trace_model(resolved.model, resolved.input_size), shared_parameters="merge")
-    assert part.block_names == [["patch_embed1", "cpe1", "serial_blocks1", "crpe1"]]
-    assert part.head_names[:2] == ["patch_embed2", "cpe2"] and "aggregate" in part.head_names
+    assert part.block_names[0] == ["patch_embed1", "cpe1", "serial_blocks1", "crpe1"]
+    assert len(part.block_names) == 2 and part.block_names[1][:2] == ["patch_embed2", "cpe2"]
+    assert "parallel_blocks" in part.block_names[1]
+    assert part.head_names[:4] == ["norm2", "norm3", "norm4", "aggregate"]
     message = next(str(w.message) for w in caught if "merged" in str(w.message))
     assert "cpe1.proj" in message and "cpe2.proj" in message
 

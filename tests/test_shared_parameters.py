@@ -172,3 +172,20 @@ def test_two_gloo_processes_equal_one_process_with_shared_parameters(tmp_path):
     a, b = (torch.load(tmp_path / n / "model.pt", weights_only=True) for n in ("one", "two"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.sweep
+def test_timm_coat_keeps_a_block_per_serial_and_parallel_block():
+    from auglocal_fx import resolve_model
+
+    resolved = resolve_model("timm:coat_tiny", num_classes=7, input_size=(3, 32, 32),
+                             model_kwargs={"embed_dims": (32, 32, 32, 32), "parallel_depth": 2})
+    local = to_local(resolved.model, d=3, input_size=resolved.input_size)
+    assert [n[2] if n[0].startswith("patch_embed") else n[1] for n in local.block_names[:8]] == \
+        [f"serial_blocks{s}.{k}" for s in (1, 2, 3, 4) for k in (0, 1)]
+    assert [next(m for m in n if m.startswith("parallel")) for n in local.block_names[8:]] == \
+        ["parallel_blocks.0", "parallel_blocks.1"]
+    assert local.head_names == ["norm2", "norm3", "norm4", "aggregate", "head_drop", "head"]
+    users = {n.split(".eval_graph.")[1]: u for n, u in local.shared_parameters().items()}
+    assert users["cpe1.proj.weight"] == [0, 1]  # d=3: K = 8, the output module is blocks 7-9
+    assert users["cpe2.proj.weight"] == [2, 3, 7]  # stage 2's blocks and the parallel blocks

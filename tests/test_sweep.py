@@ -57,6 +57,9 @@ TUPLE_MODELS = {
     "dla46x_c": (32, {}),
     # two streams from the input to a head that takes both (one block per cross-attention stage)
     "crossvit_tiny_240": (120, {"img_size": 120, "depth": [[1, 1, 0]] * 3, "embed_dim": [48, 96]}),
+    # blocks sharing position encodings (each user's loss trains them), three streams from
+    # stage 2 to a head that aggregates their class tokens
+    "coat_tiny": (32, {"embed_dims": (32, 32, 32, 32), "parallel_depth": 2}),
 }
 _MODEL_KWARGS = {f"timm:{m}": kwargs for m, (_, kwargs) in SHAPE_VALUE_MODELS.items()}
 _MODEL_KWARGS.update({f"timm:{m}": kwargs for m, (_, kwargs) in TUPLE_MODELS.items() if kwargs})
