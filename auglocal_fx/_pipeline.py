@@ -35,7 +35,8 @@ from .checkpoints import PIPELINE_PART
 from .errors import AugLocalError, first_line
 from .flops import count_flops
 
-__all__ = ["balance_stages", "check_shared_parameters", "flop_costs", "measure_module_times", "PipelineRun", "BALANCE_MODES"]
+__all__ = ["balance_stages", "check_shared_parameters", "flop_costs", "measure_module_times", "PipelineRun",
+           "BALANCE_MODES"]
 
 BALANCE_MODES = ("time", "flops")
 PART_FORMAT = PIPELINE_PART.format

@@ -21,10 +21,10 @@ from torch import fx, nn
 from .errors import AugLocalError
 from .graph_blocks import (GraphBlock, extract_graph, inside_unit, merge_shared, repeated_classes,
                            weight_keys)
-from .heads import StreamsReachHead, has_weight_layer, head_start, is_norm, selection_reduction
+from .heads import StreamsReachHead, has_weight_layer, head_start, is_norm
 from .layouts import input_layout, layout_of, resolution
 from .tracing import SHAPE_KEY, TracedModel
-from .tuple_cuts import boundary_values, head_gap, split_large_blocks
+from .tuple_cuts import boundary_values, head_gap, later_head_gap, split_large_blocks
 
 __all__ = ["GraphBlock", "Partition", "partition_blocks", "find_cut_points"]
 
@@ -257,7 +257,7 @@ def _partition_graph(gm: fx.GraphModule, boundaries: Optional[Sequence[str]],
         blocks = _join_linear(gm, split_large_blocks(gm, [body], order))
     else:
         blocks = _single_cut_blocks(gm, cuts, order, head_input, boundaries)
-        gap = None if boundaries else _later_tuple_gap(gm, cuts, order, head_input)
+        gap = None if boundaries else later_head_gap(gm, cuts, order, head_input)
         if gap is not None:
             # Streams that leave the last single cut and meet again as one tuple before the
             # head's token selections (CoaT's stages 3-4 and parallel blocks): the head starts
@@ -278,20 +278,6 @@ def _partition_graph(gm: fx.GraphModule, boundaries: Optional[Sequence[str]],
     inputs = boundary_values(order, blocks + [head], input_node)
     return _GraphPartition(input_node=input_node, blocks=blocks, head=head,
                            head_inputs=inputs[-1], inputs=inputs[:-1])
-
-
-def _later_tuple_gap(gm: fx.GraphModule, cuts: List[fx.Node], order: List[fx.Node],
-                     head_input: fx.Node) -> Optional[int]:
-    """Position in ``order`` of a tuple gap after ``head_input`` where a head that is no cut
-    point can start (weight layers lie between them), or None."""
-    reduction = selection_reduction(gm, cuts, order)
-    if reduction is None:
-        return None
-    gap = head_gap(gm, order, reduction)
-    start = order.index(head_input)
-    if gap is None or gap <= start or not has_weight_layer(gm, order[start + 1:gap + 1]):
-        return None
-    return gap
 
 
 def _single_cut_blocks(gm: fx.GraphModule, cuts: List[fx.Node], order: List[fx.Node],

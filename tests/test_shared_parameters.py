@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 from fvcore.nn import FlopCountAnalysis
 
-from auglocal_fx import AugLocalError, ConversionOptions, load, to_local
+from auglocal_fx import AugLocalError, ConversionOptions, load, resolve_model, to_local
 from auglocal_fx._pipeline import check_shared_parameters
-from auglocal_fx.flops import count_flops
-from auglocal_fx.training import TrainConfig, train
 from auglocal_fx._train_loop import Run
+from auglocal_fx.flops import count_flops
+from auglocal_fx.local_net import step_groups
+from auglocal_fx.training import TrainConfig, train
 
 from ._tiny_models import SharedNet
 from .conftest import batch
@@ -105,6 +106,31 @@ def test_copies_of_blocks_using_a_shared_module_have_their_own_parameters():
     assert len(copies) >= 2 and len({id(m.weight) for m in copies}) == len(copies)
 
 
+@pytest.mark.parametrize("options", [dict(aux_tie=True), dict(aux_follow=0.5)])
+def test_copies_of_a_shared_encoding_find_it_as_their_source(options):
+    model, local = _converted(d=3, options=ConversionOptions(**options))
+    copies = [m for name, m in local.aux.named_modules() if name.endswith(".cpe2")]
+    assert copies  # aux 0 copies blocks 4 and 7, both reading cpe2
+    if "aux_tie" in options:  # the copy reads the shared tensor (detached) instead of its own
+        assert all("weight" not in dict(m.named_parameters()) for m in copies)
+        with torch.no_grad():
+            model.cpe2.weight.add_(1.0)
+        x = torch.randn(2, model.cpe2.in_channels, 4, 4)
+        # the kernel is the shared one; the bias (1-D) stays the copy's own
+        assert all(torch.equal(m(x), F.conv2d(x, model.cpe2.weight, m.bias, m.stride, m.padding, m.dilation,
+                                              m.groups)) for m in copies)
+    else:  # the copy starts at its source and follows it
+        assert all(torch.equal(m.weight, model.cpe2.weight) for m in copies)
+    # a copy's loss never reaches the shared tensor: block 4's step gradient is its users' alone
+    check_local(model, local, SIZE, CLASSES, _fresh)
+
+
+def test_step_groups_put_each_parameter_with_its_last_user():
+    a, b, c, d = (torch.nn.Parameter(torch.zeros(1)) for _ in range(4))
+    groups = step_groups([[a, b], [b, c, b], [a, d]])
+    assert [[id(p) for p in g] for g in groups] == [[], [id(b), id(c)], [id(a), id(d)]]
+
+
 def test_step_each_module_is_bit_identical_with_shared_parameters(tmp_path):
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(8, *SIZE, generator=g), torch.randint(0, CLASSES, (8,), generator=g)) for _ in range(3)]
@@ -176,8 +202,6 @@ def test_two_gloo_processes_equal_one_process_with_shared_parameters(tmp_path):
 
 @pytest.mark.sweep
 def test_timm_coat_keeps_a_block_per_serial_and_parallel_block():
-    from auglocal_fx import resolve_model
-
     resolved = resolve_model("timm:coat_tiny", num_classes=7, input_size=(3, 32, 32),
                              model_kwargs={"embed_dims": (32, 32, 32, 32), "parallel_depth": 2})
     local = to_local(resolved.model, d=3, input_size=resolved.input_size)
