@@ -18,7 +18,8 @@ from .errors import AugLocalError
 from .shape_values import check_input_size
 
 __all__ = ["GraphBlock", "Boundary", "detach", "as_tuple", "extract_graph", "merge_shared",
-           "SHARED_PARAMETERS", "validate_shared_parameters", "parameter_ids", "weight_keys", "repeated_classes", "inside_unit", "module_path"]
+           "SHARED_PARAMETERS", "validate_shared_parameters", "parameter_ids", "weight_keys",
+           "repeated_classes", "inside_unit", "module_path"]
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
