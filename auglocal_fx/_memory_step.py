@@ -19,6 +19,7 @@ from ._saved_bytes import SavedBytesCounter, storage_bytes
 from .errors import AugLocalError
 from .graph_blocks import as_tuple
 from .local import LocalNet, to_local
+from .local_net import step_groups
 
 __all__ = ["OPTIMIZERS", "OptimizerFactory", "build_local", "random_batch", "run_method_step",
            "optimizer_name", "measure_in_process", "lower_bound"]
@@ -54,12 +55,12 @@ def run_method_step(local, method: str, x: torch.Tensor, y: torch.Tensor, step_e
         if not step_each_module:
             local.train_step(x, y)
             return
-        last = len(local.aux)
+        # The trainer steps a shared parameter with its last user (its gradient is a sum till then).
+        groups = step_groups(local.module_parameters())
         for j, loss in enumerate(local.local_losses(x, y)):
             loss.backward()
             del loss
-            params = list(local.block_parameters(j) if j < last else local.output_module_parameters())
-            (drop or _drop_grads)(params)
+            (drop or _drop_grads)(groups[j])
         return
     if method == "checkpoint":
         h = x.detach().requires_grad_(True)  # so block 0's checkpoint has an input needing grad

@@ -35,8 +35,8 @@ from .checkpoints import PIPELINE_PART
 from .errors import AugLocalError, first_line
 from .flops import count_flops
 
-__all__ = ["balance_stages", "check_pipeline_fits", "flop_costs", "measure_module_times", "PipelineRun",
-           "BALANCE_MODES"]
+__all__ = ["balance_stages", "check_pipeline_fits", "check_shared_parameters", "flop_costs",
+           "measure_module_times", "PipelineRun", "BALANCE_MODES"]
 
 BALANCE_MODES = ("time", "flops")
 PART_FORMAT = PIPELINE_PART.format
@@ -93,6 +93,22 @@ def balance_stages(costs: Sequence[float], stages: int) -> List[Tuple[int, int]]
         ranges.append((start, stop))
         stop = start
     return ranges[::-1]
+
+
+def check_shared_parameters(net: nn.Module, ranges: Sequence[Tuple[int, int]]) -> None:
+    """Refuse stage ranges that put the users of one shared parameter on different workers.
+
+    A shared parameter's gradient is the sum of its users' losses' (``shared_parameters="sum"``):
+    one worker must hold it and step it, and workers send only activations.
+    """
+    stage_of = {j: k for k, (start, stop) in enumerate(ranges) for j in range(start, stop)}
+    for name, users in net.shared_parameters().items():
+        stages = sorted({stage_of[j] for j in users})
+        if len(stages) > 1:
+            raise AugLocalError(
+                f"--pipeline: parameter {name} is shared by local modules {users[0]} and {users[-1]}, which run on "
+                f"pipeline workers {stages[0]} and {stages[-1]}; train with --pipeline 1, "
+                "or convert with shared_parameters='merge'")
 
 
 def flop_costs(net: nn.Module) -> List[float]:
@@ -260,6 +276,7 @@ class PipelineRun(Run):
                                 "for each other's gradients")
         check_pipeline_fits(self.net, self.stages)
         self.ranges = self._choose_ranges()
+        check_shared_parameters(self.net, self.ranges)
         self.first, self.stop = self.ranges[self.stage]
         self.own_modules = nn.ModuleList(self._owned_modules().values())
         return self.own_modules

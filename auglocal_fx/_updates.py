@@ -1,13 +1,18 @@
 """How one process applies its gradients: one optimizer step at the end of the training step,
 or each local module's step as soon as its loss is back-propagated.
 
-No parameter is shared between local modules and no gradient crosses a block, so a module's
-gradients are final once its own loss is back-propagated. Stepping it then and dropping its
-gradients (``set_to_none``) means that at most one local module's gradients exist at a time;
-the weights are bit-identical to one step at the end for any optimizer whose state is per
+No gradient crosses a block, so a parameter's gradient is final once the last local module
+using it has back-propagated its loss: for an unshared parameter, its own module; for one shared
+by several modules (``shared_parameters="sum"``: CoaT's position encodings), the last of them,
+each user's loss having added its part. Each parameter is stepped, clipped and averaged with
+that last user (``local_net.step_groups``), in both modes, so both give the same weights.
+Stepping a module then and dropping its gradients (``set_to_none``) means that at most one
+local module's gradients exist at a time (plus the partial sums of shared parameters); the
+weights are bit-identical to one step at the end for any optimizer whose state is per
 parameter and which leaves parameters without a gradient alone (PyTorch's own optimizers):
 the one optimizer (its state, its param groups, the rates the schedule sets in them) is
-stepped once per module, and only that module's parameters have gradients when it is.
+stepped once per module, and only that module's final gradients are visible when it is (a
+shared parameter's partial sum is set aside during the step, then put back).
 
 Per module, in order: average over the data-parallel replicas, unscale (AMP), clip its norm,
 step. With a ``GradScaler`` the inf/NaN check is per module, not per training step: a module
@@ -20,13 +25,14 @@ at the end. ``finish`` says whether every step was taken, so that what follows a
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ._distributed import average_gradients
 from .errors import AugLocalError
+from .local_net import step_groups
 
 __all__ = ["GradientUpdates", "steps_each_module_exactly"]
 
@@ -70,7 +76,7 @@ class GradientUpdates:
     Args:
         optimizer: the process's optimizer over every module's parameters.
         modules: each local module's parameters, in the order their losses are back-propagated;
-            each is clipped on its own.
+            a parameter may be in several (shared); each is stepped and clipped with the last.
         each_module: step each module as soon as ``module_done`` is called for it.
         scaler: AMP's ``GradScaler`` (``None`` without gradient scaling).
         grad_clip: the largest gradient norm of a module (``None``: no clipping).
@@ -85,7 +91,15 @@ class GradientUpdates:
             raise AugLocalError(f"{type(optimizer).__name__} keeps state across parameters, so stepping each "
                                 "local module on its own would change the updates; use step_each_module=False "
                                 "(--step-at-end)")
-        self.optimizer, self.modules = optimizer, [list(m) for m in modules]
+        self.optimizer = optimizer
+        self.modules = step_groups(modules)  # each parameter once, with its last user
+        # Shared parameters whose gradient is still a partial sum after module j's backward.
+        first: Dict[int, int] = {}
+        for j, group in enumerate(modules):
+            for p in group:
+                first.setdefault(id(p), j)
+        spans = [(first[id(p)], j, p) for j, group in enumerate(self.modules) for p in group if first[id(p)] < j]
+        self._pending = [[p for start, stop, p in spans if start <= j < stop] for j in range(len(self.modules))]
         self.each_module, self.scaler, self.grad_clip = each_module, scaler, grad_clip
         self.dp_world, self.dp_group = dp_world, dp_group
         self._views = [_ModuleOptimizer(optimizer) for _ in self.modules] if each_module else [
@@ -97,9 +111,15 @@ class GradientUpdates:
         if not self.each_module:
             return
         params = self.modules[index]
+        # A later user's loss still adds to these: the optimizer must not see them now.
+        pending = [(p, p.grad) for p in self._pending[index] if p.grad is not None]
+        for p, _ in pending:
+            p.grad = None
         self._update(self._views[index], params, [params])
         for p in params:
             p.grad = None
+        for p, grad in pending:
+            p.grad = grad
 
     def finish(self) -> bool:
         """The training step's losses are all back-propagated: step (once per step), update the scale.

@@ -22,7 +22,7 @@ import functools
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Tuple
+from typing import Iterable, List, Optional, Set, Tuple
 
 from torch import nn
 
@@ -50,7 +50,8 @@ class BlockCost:
         input_shape: ``(C, H, W)`` of its input.
         output_shape: shape of its output without the batch dimension.
         flops: forward FLOPs of one example (one multiply-add = one FLOP).
-        params: number of parameters.
+        params: number of parameters; one shared with an earlier block is counted there only, so
+            the blocks' and the head's counts add up to the primary network's.
     """
 
     index: int
@@ -85,8 +86,10 @@ class AuxCost:
     reductions: Tuple[int, ...] = ()
 
 
-def _num_params(modules: Iterable[nn.Module]) -> int:
-    seen, total = set(), 0
+def _num_params(modules: Iterable[nn.Module], seen: Optional[Set[int]] = None) -> int:
+    """Values of the parameters of ``modules`` not in ``seen`` (ids; updated), each counted once."""
+    seen = set() if seen is None else seen
+    total = 0
     for module in modules:
         for p in module.parameters():
             if id(p) not in seen:
@@ -123,6 +126,7 @@ class LocalFlops:
         names = list(getattr(local, "block_names", [[] for _ in local.blocks]))
         shape: Optional[Shape] = tuple(int(v) for v in local.input_size)
         blocks = []
+        counted: Set[int] = set()  # a shared parameter counts with its first user
         with _quiet():  # once for every block
             # Each block's input shape is the previous block's output shape, taken from its
             # count (fvcore's trace): the primary network is not run besides.
@@ -131,13 +135,13 @@ class LocalFlops:
                 self._unsupported.update(dict(count.unsupported))
                 blocks.append(BlockCost(j, tuple(names[j]) if j < len(names) else (), shape,
                                         _one_tensor(count.output_shape, f"block {j}"),
-                                        count.flops, _num_params([block])))
+                                        count.flops, _num_params([block], counted)))
                 shape = count.output_shape
             head_in = _one_tensor(shape, f"block {len(blocks) - 1}")
             count = _count_module(local.head, head_in, self._cache)
         self._unsupported.update(dict(count.unsupported))
         return blocks, BlockCost(-1, ("head",), head_in, _one_tensor(count.output_shape, "the head"),
-                                 count.flops, _num_params([local.head]))
+                                 count.flops, _num_params([local.head], counted))
 
     @functools.cached_property
     def aux(self) -> List[AuxCost]:

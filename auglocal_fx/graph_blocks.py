@@ -1,8 +1,9 @@
 """The primary network's pieces: a traced subgraph, with its train-mode twin, as a module.
 
 :mod:`auglocal_fx.partition` decides where the blocks are; this module cuts a block's nodes out
-of the traced graph (:func:`extract_graph`) and wraps them (:class:`GraphBlock`), and merges
-blocks that use the same parameters (:func:`merge_shared`).
+of the traced graph (:func:`extract_graph`) and wraps them (:class:`GraphBlock`), and, where
+asked (``shared_parameters="merge"``), merges blocks that use the same parameters
+(:func:`merge_shared`).
 """
 
 from __future__ import annotations
@@ -17,12 +18,24 @@ from .errors import AugLocalError
 from .shape_values import check_input_size
 
 __all__ = ["GraphBlock", "Boundary", "detach", "as_tuple", "extract_graph", "merge_shared",
-           "parameter_ids", "weight_keys", "repeated_classes", "inside_unit", "module_path"]
+           "SHARED_PARAMETERS", "validate_shared_parameters", "parameter_ids", "weight_keys",
+           "repeated_classes", "inside_unit", "module_path"]
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
+# How a parameter used by several blocks is trained (docs/method.md, rule 1): by the sum of its
+# users' local losses' gradients, or by one loss, the blocks between its uses merged.
+SHARED_PARAMETERS = ("sum", "merge")
+
 # What crosses a block boundary: one tensor, or a fixed tuple of them (several streams).
 Boundary = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
+
+
+def validate_shared_parameters(value: str) -> None:
+    """Raise :class:`AugLocalError` unless ``value`` is one of :data:`SHARED_PARAMETERS`."""
+    if value not in SHARED_PARAMETERS:
+        raise AugLocalError(f"shared_parameters must be 'sum' (each user's local loss trains a shared "
+                            f"parameter) or 'merge' (the blocks sharing it merge), not {value!r}")
 
 
 def as_tuple(h: Boundary) -> Tuple[torch.Tensor, ...]:
@@ -219,11 +232,12 @@ def _find(gm: fx.GraphModule, target: str):
 
 def merge_shared(gm: fx.GraphModule, blocks: List[List[fx.Node]], head: List[fx.Node],
                  head_input: fx.Node, input_node: fx.Node) -> Tuple[List[List[fx.Node]], fx.Node]:
-    """Merge the blocks between two uses of one parameter (CoaT's shared position encodings).
+    """Merge the blocks between two uses of one parameter (``shared_parameters="merge"``).
 
-    A parameter is trained by one loss: used by blocks ``i`` and ``k``, it would get
-    gradients from the local losses of both, so blocks ``i .. k`` become one; used by a
-    block and the head, that block and every later one join the head.
+    So that a parameter is trained by one loss: used by blocks ``i`` and ``k`` (CoaT's shared
+    position encodings), blocks ``i .. k`` become one; used by a block and the head, that block
+    and every later one join the head. With ``"sum"`` the blocks stay, and each user's local
+    loss trains the parameter (its gradient is the sum over the users, as in backprop).
     """
     uses: Dict[int, List[int]] = {}
     names: Dict[int, str] = {}
@@ -253,7 +267,8 @@ def merge_shared(gm: fx.GraphModule, blocks: List[List[fx.Node]], head: List[fx.
         j = end + 1
     warnings.warn(
         "auglocal-fx: blocks that use the same parameters were merged, so that each parameter "
-        f"is trained by one loss ({', '.join(dict.fromkeys(shared))})",
+        f"is trained by one loss ({', '.join(dict.fromkeys(shared))}); shared_parameters='sum' keeps "
+        "them apart",
         stacklevel=3,
     )
     return merged, head_input

@@ -21,7 +21,7 @@ from torch import fx, nn
 from .errors import AugLocalError
 from .shape_values import SHAPE_KEY
 
-__all__ = ["StreamsReachHead", "head_start", "has_weight_layer", "is_norm"]
+__all__ = ["StreamsReachHead", "head_start", "selection_reduction", "has_weight_layer", "is_norm"]
 
 _WEIGHT_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.linear, torch.conv2d, torch.conv1d,
                      torch.conv3d, F.conv_transpose2d}
@@ -152,18 +152,7 @@ def head_start(gm: fx.GraphModule, cuts: List[fx.Node], order: List[fx.Node]) ->
         raise AugLocalError(
             "no classifier head found: the model must return (N, num_classes) logits"
         )
-    start = None
-    cut_set = set(cuts)
-    for test in (_is_global_pool, _is_flatten):
-        # The pooling must itself be a cut point: an SE module pools too, but then reuses
-        # the pooled tensor's input.
-        # (Distilled models pool twice from one cut: a class and a distillation token.)
-        found = [k for k, c in enumerate(cuts)
-                 if k > 0 and (any(u in cut_set and test(gm, u) for u in c.users)
-                               or _all_pool(gm, c, test))]
-        if found:
-            start = found[0]
-            break
+    start = _pool_start(gm, cuts)
     if start is None:
         start = _selection_start(gm, cuts, order, final)
     index = {n: i for i, n in enumerate(order)}
@@ -181,6 +170,32 @@ def head_start(gm: fx.GraphModule, cuts: List[fx.Node], order: List[fx.Node]) ->
         )
     start = _absorb_dense_layers(gm, cuts, order, start)
     return _absorb_final_norm(gm, cuts, order, start)
+
+
+def _pool_start(gm: fx.GraphModule, cuts: List[fx.Node]) -> Optional[int]:
+    """Index of the first cut point fed to a global pooling (else a flatten); None if none is."""
+    cut_set = set(cuts)
+    for test in (_is_global_pool, _is_flatten):
+        # The pooling must itself be a cut point: an SE module pools too, but then reuses
+        # the pooled tensor's input.
+        # (Distilled models pool twice from one cut: a class and a distillation token.)
+        found = [k for k, c in enumerate(cuts)
+                 if k > 0 and (any(u in cut_set and test(gm, u) for u in c.users)
+                               or _all_pool(gm, c, test))]
+        if found:
+            return found[0]
+    return None
+
+
+def selection_reduction(gm: fx.GraphModule, cuts: List[fx.Node], order: List[fx.Node]) -> Optional[fx.Node]:
+    """The first token selection of a head that is no cut point (VOLO, CoaT); None where a
+    global pooling or a flatten is a cut point, or where there is no such selection."""
+    if _pool_start(gm, cuts) is not None:
+        return None
+    final = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    feeds_output = _ancestors(final)
+    return next((n for n in order if n in feeds_output and _is_global_pool(gm, n)
+                 and _stays_reduced(n, feeds_output)), None)
 
 
 def _selection_start(gm: fx.GraphModule, cuts: List[fx.Node], order: List[fx.Node],

@@ -50,6 +50,7 @@ def to_local(
     aux_checkpoint: Optional[bool] = None,
     options: Optional[ConversionOptions] = None,
     aux_resolution: Optional[str] = None,
+    shared_parameters: Optional[str] = None,
 ) -> LocalNet:
     """Convert a ConvNet into an AugLocal :class:`LocalNet`.
 
@@ -57,7 +58,7 @@ def to_local(
     keyword arguments of the same names are a convenience that overrides its fields (``None``
     keeps them: ``d=2``, ``tau=0.5``, ``pyramid=True``, ``selection="uniform"``,
     ``aux_head="auto"``, ``rule="auglocal"``, ``aux_init="init"``, ``aux_checkpoint=False``,
-    ``aux_resolution="paper"``).
+    ``aux_resolution="paper"``, ``shared_parameters="sum"``).
 
     Args:
         model: an ``nn.Module`` (shared, not copied: training the LocalNet trains it), or a
@@ -111,6 +112,12 @@ def to_local(
             one 2x reduction per copy, as the authors' code) or ``"source"`` (each copy's input
             average-pooled to its source block's resolution first; see
             :mod:`auglocal_fx.synthesis`).
+        shared_parameters: a parameter used by several blocks, or by blocks and the head (a
+            module called in several places, as CoaT's position encodings): ``"sum"`` keeps the
+            blocks apart, and each user's local loss adds to the parameter's gradient (the sum
+            over its users, as backprop sums over uses; it is stepped once, after its last
+            user); ``"merge"`` merges the blocks from its first use to its last (a block sharing
+            one with the head joins the head), so that one loss trains it.
         options: the conversion options as one record; ``leaf_modules``,
             ``autowrap_functions`` and ``weights`` are not in it (a checkpoint cannot carry
             classes and functions; the weights are the checkpoint's own).
@@ -123,7 +130,7 @@ def to_local(
         options, d=d, tau=tau, pyramid=pyramid, selection=selection, input_size=input_size,
         num_classes=num_classes, block_boundaries=block_boundaries, aux_head=aux_head, rule=rule,
         normalization=normalization, model_kwargs=model_kwargs, aux_init=aux_init,
-        aux_checkpoint=aux_checkpoint, aux_resolution=aux_resolution)
+        aux_checkpoint=aux_checkpoint, aux_resolution=aux_resolution, shared_parameters=shared_parameters)
     local_rule = get_rule(opts.rule)
     input_size, num_classes, model_kwargs = opts.input_size, opts.num_classes, opts.model_kwargs
     spec = None
@@ -156,7 +163,7 @@ def to_local(
         # The normalization's channel count is checked against the traced input here.
         opts = opts.replace(input_size=tuple(int(v) for v in traced.input_size),
                             num_classes=_output_classes(traced), model_kwargs=model_kwargs)
-        partition = partition_blocks(traced, opts.block_boundaries)
+        partition = partition_blocks(traced, opts.block_boundaries, opts.shared_parameters)
         plans = local_rule.plan(partition.resolutions, opts.d, opts.tau, opts.pyramid, opts.selection)
         plans = _tuple_plans(partition, plans, local_rule, opts)
         opts = opts.replace(resolved_aux_head=choose_aux_head(partition, opts.aux_head))

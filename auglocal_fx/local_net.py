@@ -29,7 +29,7 @@ from .partition import Partition
 from .planning import AuxPlan
 from .rules.base import LossFn, Normalization
 
-__all__ = ["LocalNet", "CHECKPOINT_FORMAT"]
+__all__ = ["LocalNet", "CHECKPOINT_FORMAT", "step_groups"]
 
 CHECKPOINT_FORMAT = LOCALNET.format
 _CHECKPOINT_VERSION = LOCALNET.version
@@ -309,10 +309,27 @@ class LocalNet(nn.Module):
         yield from self.aux[j].parameters()
 
     def output_module_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters updated by the output loss: blocks ``K-1 .. L-1`` and the head."""
-        for block in self.blocks[self.num_local - 1:]:
-            yield from block.parameters()
-        yield from self.head.parameters()
+        """Parameters updated by the output loss: blocks ``K-1 .. L-1`` and the head (each once)."""
+        yield from nn.ModuleList([*self.blocks[self.num_local - 1:], self.head]).parameters()
+
+    def module_parameters(self) -> List[List[nn.Parameter]]:
+        """Each local module's parameters (``block_parameters``, then the output module's), in order.
+
+        A parameter shared by several modules (``shared_parameters="sum"``) is in each of them:
+        every user's loss adds to its gradient. :func:`step_groups` says when it is final.
+        """
+        last = self.num_local - 1
+        return [list(self.block_parameters(j) if j < last else self.output_module_parameters())
+                for j in range(self.num_local)]
+
+    def shared_parameters(self) -> Dict[str, List[int]]:
+        """``{name: local modules using it}`` of each parameter used by several local modules."""
+        users: Dict[int, List[int]] = {}
+        for j, params in enumerate(self.module_parameters()):
+            for p in params:
+                users.setdefault(id(p), []).append(j)
+        names = {id(p): name for name, p in self.named_parameters()}  # the first name of each
+        return {names[key]: modules for key, modules in users.items() if len(modules) > 1}
 
     def export(self) -> nn.Module:
         """The original model object, holding the trained primary weights.
@@ -336,6 +353,21 @@ class LocalNet(nn.Module):
 
     def extra_repr(self) -> str:
         return f"blocks={len(self.blocks)}, aux_nets={len(self.aux)}, {self.conversion.describe('repr')}"
+
+
+def step_groups(modules: Sequence[Sequence[nn.Parameter]]) -> List[List[nn.Parameter]]:
+    """Per local module, the parameters whose gradient is final after its loss's backward.
+
+    A parameter belongs to the last module using it: a shared one gets the gradient of every
+    user's loss, summed, so it is stepped (and clipped) once, with its last user. Unshared
+    parameters stay with their module. Each parameter is in exactly one group.
+    """
+    last = {id(p): j for j, params in enumerate(modules) for p in params}
+    groups: List[List[nn.Parameter]] = []
+    for j, params in enumerate(modules):
+        seen = set()
+        groups.append([p for p in params if last[id(p)] == j and not (id(p) in seen or seen.add(id(p)))])
+    return groups
 
 
 class _KeepBuffers:

@@ -18,6 +18,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from .errors import AugLocalError
 from .following import validate_follow, validate_freeze
+from .graph_blocks import validate_shared_parameters
 from .planning import validate_options
 from .rules import get_rule
 from .synthesis import validate_aux_head, validate_aux_init, validate_aux_resolution
@@ -29,7 +30,7 @@ __all__ = ["ConversionOptions", "conversion_options"]
 _OLD_DEFAULTS = {"aux_head": "copy", "rule": "auglocal", "normalization": None, "aux_init": "init",
                  "model_kwargs": None, "aux_checkpoint": False, "block_boundaries": None,
                  "aux_follow": None, "aux_follow_adapted": "own", "aux_freeze": None,
-                 "aux_tie": False, "aux_resolution": "paper"}
+                 "aux_tie": False, "aux_resolution": "paper", "shared_parameters": "merge"}
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,10 @@ class ConversionOptions:
             training only their 1-D parameters (see :mod:`auglocal_fx.tying`).
         aux_resolution: ``"paper"`` (at most one 2x reduction per copy, the authors') or
             ``"source"`` (each copy pooled to its source block's resolution first).
+        shared_parameters: a parameter used by several blocks (or by blocks and the head):
+            ``"sum"`` keeps the blocks and trains it by the sum of its users' local losses'
+            gradients; ``"merge"`` merges the blocks between its uses, so one loss trains it
+            (see docs/method.md, rule 1).
     """
 
     d: int = 2
@@ -84,12 +89,14 @@ class ConversionOptions:
     aux_freeze: Optional[float] = None
     aux_tie: bool = False
     aux_resolution: str = "paper"
+    shared_parameters: str = "sum"
 
     def __post_init__(self) -> None:
         validate_options(self.d, self.tau, self.selection)
         validate_aux_head(self.aux_head)
         validate_aux_init(self.aux_init)
         validate_aux_resolution(self.aux_resolution)
+        validate_shared_parameters(self.shared_parameters)
         get_rule(self.rule)
         validate_follow(self.aux_follow, self.aux_follow_adapted)
         validate_freeze(self.aux_freeze)
@@ -167,6 +174,7 @@ class ConversionOptions:
         names += ("aux_freeze",) if self.aux_freeze is not None else ()
         names += ("aux_tie",) if self.aux_tie else ()
         names += ("aux_resolution",) if self.aux_resolution != "paper" else ()
+        names += ("shared_parameters",) if self.shared_parameters != "sum" else ()
         return "".join(form.format(name, getattr(self, name)) for name in names)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -179,6 +187,8 @@ class ConversionOptions:
             "aux_head": self.aux_head, "rule": self.rule,
             "normalization": None if self.normalization is None else [list(v) for v in self.normalization],
             "aux_init": self.aux_init, "aux_checkpoint": self.aux_checkpoint,
+            # Always written: a checkpoint without it was made when blocks sharing a parameter merged.
+            "shared_parameters": self.shared_parameters,
         }
         if self.model_kwargs:
             out["model_kwargs"] = dict(self.model_kwargs)  # load() re-creates the model with them

@@ -24,7 +24,7 @@ from .graph_blocks import (GraphBlock, extract_graph, inside_unit, merge_shared,
 from .heads import StreamsReachHead, has_weight_layer, head_start, is_norm
 from .layouts import input_layout, layout_of, resolution
 from .tracing import SHAPE_KEY, TracedModel
-from .tuple_cuts import boundary_values, head_gap, split_large_blocks
+from .tuple_cuts import boundary_values, head_gap, later_head_gap, split_large_blocks
 
 __all__ = ["GraphBlock", "Partition", "partition_blocks", "find_cut_points"]
 
@@ -241,7 +241,8 @@ def _join_linear(gm: fx.GraphModule, blocks: List[List[fx.Node]]) -> List[List[f
     return merged
 
 
-def _partition_graph(gm: fx.GraphModule, boundaries: Optional[Sequence[str]]) -> _GraphPartition:
+def _partition_graph(gm: fx.GraphModule, boundaries: Optional[Sequence[str]],
+                     shared_parameters: str = "sum") -> _GraphPartition:
     graph = gm.graph
     input_node = _single_input(graph)
     order = _dependent_nodes(graph, input_node)
@@ -266,8 +267,17 @@ def _partition_graph(gm: fx.GraphModule, boundaries: Optional[Sequence[str]]) ->
         blocks = _join_linear(gm, split_large_blocks(gm, [body], order))
     else:
         blocks = _single_cut_blocks(gm, cuts, order, head_input, boundaries)
-    blocks, head_input = merge_shared(gm, blocks, order[index[head_input] + 1:], head_input,
-                                       input_node)
+        gap = None if boundaries else later_head_gap(gm, cuts, order, head_input)
+        if gap is not None:
+            # Streams that leave the last single cut and meet again as one tuple before the
+            # head's token selections (CoaT's stages 3-4 and parallel blocks): the head starts
+            # at that tuple gap, and what lies between is split at tuple gaps as a large block.
+            rest = order[index[head_input] + 1:gap + 1]
+            blocks = _join_linear(gm, blocks[:-1] + split_large_blocks(gm, [blocks[-1], rest], order))
+            head_input = order[gap]
+    if shared_parameters == "merge":
+        blocks, head_input = merge_shared(gm, blocks, order[index[head_input] + 1:], head_input,
+                                           input_node)
     head = order[index[head_input] + 1:]
     if not blocks:
         raise AugLocalError(
@@ -333,21 +343,24 @@ def _block_names(groups: List[List[str]]) -> List[List[str]]:
     return names
 
 
-def partition_blocks(traced: TracedModel, block_boundaries: Optional[Sequence[str]] = None) -> Partition:
+def partition_blocks(traced: TracedModel, block_boundaries: Optional[Sequence[str]] = None,
+                     shared_parameters: str = "sum") -> Partition:
     """Cut a traced model into local blocks and the head.
 
     Args:
         traced: from :func:`auglocal_fx.tracing.trace_model`.
         block_boundaries: optional module names whose outputs end a block (override).
+        shared_parameters: ``"sum"`` keeps blocks that share a parameter apart; ``"merge"``
+            merges them (:func:`~auglocal_fx.graph_blocks.merge_shared`).
 
     Raises:
         AugLocalError: no classifier head, no blocks, or a boundary that is not a cut point.
     """
-    eval_part = _partition_graph(traced.eval_graph, block_boundaries)
+    eval_part = _partition_graph(traced.eval_graph, block_boundaries, shared_parameters)
     train_part = None
     if traced.train_graph is not None:
         try:
-            train_part = _partition_graph(traced.train_graph, block_boundaries)
+            train_part = _partition_graph(traced.train_graph, block_boundaries, shared_parameters)
         except AugLocalError:
             train_part = None
         if train_part is not None and not _same_blocks(traced, eval_part, train_part):

@@ -23,10 +23,10 @@ from torch import fx
 
 from .errors import AugLocalError
 from .graph_blocks import inside_unit, module_path, parameter_ids, repeated_classes
-from .heads import has_weight_layer, is_norm
+from .heads import has_weight_layer, is_norm, selection_reduction
 from .tracing import SHAPE_KEY
 
-__all__ = ["MAX_ARITY", "boundary_values", "head_gap", "live_values", "split_large_blocks"]
+__all__ = ["MAX_ARITY", "boundary_values", "head_gap", "later_head_gap", "live_values", "split_large_blocks"]
 
 MAX_ARITY = 3
 
@@ -210,3 +210,24 @@ def head_gap(gm: fx.GraphModule, order: Sequence[fx.Node], reduction: fx.Node) -
         if any(n.op == "call_module" and is_norm(gm.get_submodule(n.target)) for n in piece):
             start = earlier
     return start
+
+
+def later_head_gap(gm: fx.GraphModule, cuts: List[fx.Node], order: List[fx.Node],
+                   head_input: fx.Node) -> Optional[int]:
+    """Where a head that is no cut point starts when streams meet again before it (CoaT).
+
+    ``head_input`` is the last single cut before the head's first token selection; where the
+    streams leaving it cross a later gap as one tuple (:func:`head_gap`) with weight layers in
+    between, the head starts at that gap instead.
+
+    Returns:
+        The position of that gap in ``order``, or None.
+    """
+    reduction = selection_reduction(gm, cuts, order)
+    if reduction is None:
+        return None
+    gap = head_gap(gm, order, reduction)
+    start = order.index(head_input)
+    if gap is None or gap <= start or not has_weight_layer(gm, order[start + 1:gap + 1]):
+        return None
+    return gap

@@ -106,3 +106,64 @@ def wide_cnn(num_classes: int = 10, width: int = 4, depth: int = 2) -> nn.Sequen
     for _ in range(depth):
         layers += [nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
+
+
+class _Stage(nn.Module):
+    """A residual conv block that first adds a position encoding it shares (CoaT's ``cpe``)."""
+
+    def __init__(self, channels: int, cpe: nn.Module, batch_norm: bool = True):
+        super().__init__()
+        self.cpe = cpe  # the same module object in every block of a stage
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=not batch_norm)
+        self.bn = nn.BatchNorm2d(channels) if batch_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.cpe(x)
+        return x + torch.relu(self.bn(self.conv(x)))
+
+
+class _Mix(nn.Module):
+    """A channel mix by a linear layer shared with the classifier (weights tied to the head)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.relu(self.linear(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+
+class SharedNet(nn.Module):
+    """Blocks sharing modules as CoaT's do: the blocks of a stage share one depthwise position
+    encoding (``cpe1``, ``cpe2``), and a channel mix uses the classifier ``fc`` (its width is the
+    number of classes). Blocks: stem, 2 stage-1 blocks, downsampling, stage-2 block, mix, 2
+    stage-2 blocks; the head is pooling and ``fc``."""
+
+    def __init__(self, num_classes: int = 10, width: int = 8, batch_norm: bool = True, stride: int = 2):
+        super().__init__()
+        wide = num_classes
+        norm = nn.BatchNorm2d if batch_norm else (lambda _: nn.Identity())
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), norm(width), nn.ReLU())
+        self.cpe1 = nn.Conv2d(width, width, 3, padding=1, groups=width)
+        self.stage1 = nn.Sequential(_Stage(width, self.cpe1, batch_norm), _Stage(width, self.cpe1, batch_norm))
+        self.down = nn.Sequential(nn.Conv2d(width, wide, 3, stride=stride, padding=1), norm(wide), nn.ReLU())
+        self.cpe2 = nn.Conv2d(wide, wide, 3, padding=1, groups=wide)
+        self.fc = nn.Linear(wide, num_classes)
+        self.stage2 = nn.Sequential(*(_Mix(self.fc) if k == 1 else _Stage(wide, self.cpe2, batch_norm)
+                                      for k in range(4)))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage2(self.down(self.stage1(self.stem(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def shared_net(num_classes: int = 10) -> SharedNet:
+    """Blocks sharing position encodings and a classifier (as CoaT's)."""
+    return SharedNet(num_classes)
+
+
+def shared_nobn(num_classes: int = 10) -> SharedNet:
+    """:class:`SharedNet` without batch norm (per-process batch statistics would differ under DDP),
+    of one width and resolution, so that no auxiliary copy needs a projection with batch norm."""
+    return SharedNet(num_classes, width=num_classes, batch_norm=False, stride=1)

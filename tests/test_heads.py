@@ -136,8 +136,8 @@ class SharedConvs(nn.Module):
         return self.fc(pooled + self.convs[4](pooled[:, :, None, None]).flatten(1))
 
 
-def _partition(model):
-    return partition_blocks(trace_model(model.eval(), SIZE))
+def _partition(model, shared_parameters="sum"):
+    return partition_blocks(trace_model(model.eval(), SIZE), shared_parameters=shared_parameters)
 
 
 def test_aux_token_head_starts_at_the_final_norm():
@@ -157,11 +157,13 @@ def test_aux_token_head_keeps_every_guarantee():
     check_local(model, local, SIZE, CLASSES, AuxTokenHead)
 
 
-def test_merged_streams_head_starts_where_the_second_stream_branches_off():
+def test_merged_streams_head_starts_where_the_streams_meet_as_a_tuple():
+    # The last single cut is where the second stream branches off; the streams cross a later
+    # gap as one tuple, before the class-token selections: the head starts there.
     part = _partition(MergedStreams())
-    assert part.block_names == [["embed"], ["stage1.0"], ["stage1.1"]]
-    assert part.head_names == ["proj", "stage2", "parallel2", "parallel3", "norm2", "norm3",
-                               "aggregate", "head"]
+    assert part.block_names == [["embed"], ["stage1.0"], ["stage1.1"], ["proj", "stage2", "parallel2", "parallel3"]]
+    assert part.head_names == ["norm2", "norm3", "aggregate", "head"]
+    assert part.head.arity == 2
 
 
 def test_merged_streams_keep_every_guarantee():
@@ -222,20 +224,24 @@ def test_more_streams_than_a_boundary_carries_are_refused_in_one_line():
     assert "\n" not in str(error.value)
 
 
-def test_blocks_sharing_a_parameter_merge():
+def test_blocks_sharing_a_parameter_merge_when_asked():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        part = _partition(SharedConvs())
+        part = _partition(SharedConvs(), shared_parameters="merge")
     # stem, convs 0-2 (0 and 2 are one module), conv 3; conv 4 is read by the head
     assert part.block_names == [["stem"], ["convs.0", "convs.1"], ["convs.3"]]
     assert part.head_names == ["convs.4", "fc"]
     message = next(str(w.message) for w in caught if "merged" in str(w.message))
     assert "convs.0" in message and "convs.4" in message
+    # by default (shared_parameters="sum") every residual block stays a block
+    part = _partition(SharedConvs())
+    assert part.block_names == [["stem"]] + [[f"convs.{k}"] for k in (0, 1, 0, 3, 4)]
+    assert part.head_names == ["convs.4", "fc"]
 
 
-def test_shared_parameters_get_one_loss():
+def test_shared_parameters_get_one_loss_when_merged():
     model = SharedConvs()
-    local = to_local(model, d=2, input_size=SIZE)
+    local = to_local(model, d=2, input_size=SIZE, shared_parameters="merge")
     check_local(model, local, SIZE, CLASSES, SharedConvs)
     # every parameter belongs to one local module
     owners = [{id(p) for p in block.parameters()} for block in local.blocks] \
@@ -254,16 +260,19 @@ def test_timm_crossvit_head_takes_both_streams():
 
 
 @pytest.mark.sweep
-def test_timm_coat_head_is_found_and_shared_encodings_merge_its_blocks():
+def test_timm_coat_head_is_found_and_shared_encodings_merge_its_blocks_when_asked():
     # CoaT's serial blocks of a stage share one position encoding (cpe1, crpe1), and the
-    # parallel blocks reuse those of stages 2-4: stage 2 joins the head, stage 1 is one block.
+    # parallel blocks reuse those of stages 2-4: merged, stage 1 is one block, stages 2-4 and
+    # the parallel blocks another (tests/test_shared_parameters.py: apart, by default).
     resolved = resolve_model("timm:coat_tiny", num_classes=CLASSES, input_size=(3, 32, 32),
                              model_kwargs={"embed_dims": (64, 64, 64, 64), "parallel_depth": 2})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        part = partition_blocks(trace_model(resolved.model, resolved.input_size))
-    assert part.block_names == [["patch_embed1", "cpe1", "serial_blocks1", "crpe1"]]
-    assert part.head_names[:2] == ["patch_embed2", "cpe2"] and "aggregate" in part.head_names
+        part = partition_blocks(trace_model(resolved.model, resolved.input_size), shared_parameters="merge")
+    assert part.block_names[0] == ["patch_embed1", "cpe1", "serial_blocks1", "crpe1"]
+    assert len(part.block_names) == 2 and part.block_names[1][:2] == ["patch_embed2", "cpe2"]
+    assert "parallel_blocks" in part.block_names[1]
+    assert part.head_names[:4] == ["norm2", "norm3", "norm4", "aggregate"]
     message = next(str(w.message) for w in caught if "merged" in str(w.message))
     assert "cpe1.proj" in message and "cpe2.proj" in message
 

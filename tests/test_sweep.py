@@ -61,6 +61,9 @@ TUPLE_MODELS = {
     "dla46x_c": (32, {}),
     # two streams from the input to a head that takes both (one block per cross-attention stage)
     "crossvit_tiny_240": (120, {"img_size": 120, "depth": [[1, 1, 0]] * 3, "embed_dim": [48, 96]}),
+    # blocks sharing position encodings (each user's loss trains them), three streams from
+    # stage 2 to a head that aggregates their class tokens
+    "coat_tiny": (32, {"embed_dims": (32, 32, 32, 32), "parallel_depth": 2}),
 }
 _MODEL_KWARGS = {f"timm:{m}": kwargs for m, (_, kwargs) in SHAPE_VALUE_MODELS.items()}
 _MODEL_KWARGS.update({f"timm:{m}": kwargs for m, (_, kwargs) in TUPLE_MODELS.items() if kwargs})
@@ -180,34 +183,48 @@ def check_local(model, local, input_size, num_classes, create):
     step_grads = {j: _block_grads(local, j) for j in range(K - 1)}
 
     # gradient isolation, through the LocalNet's own step (module_losses, what train_step runs)
-    # and its own train-mode forward: block j's gradient is that of loss_j alone
+    # and its own train-mode forward: block j's gradient is that of loss_j alone, except for a
+    # parameter shared by several local modules, whose gradient is the sum of its users' losses'
+    users = shared_users(local)
     checked = sorted({0, (K - 1) // 2, K - 2})  # first, middle and last local block
     model.load_state_dict(state)
     torch.manual_seed(2)
     module_losses = [loss for loss, _ in local.module_losses(x, y)]  # graphs kept alive
     for j in checked:
         params = [p for p in local.blocks[j].parameters() if p.requires_grad]
-        grads = torch.autograd.grad(module_losses[j], params, retain_graph=True, allow_unused=True)
-        for g, ref in zip(grads, [g for g, p in zip(step_grads[j], local.blocks[j].parameters())
-                                  if p.requires_grad]):
+        refs = [g for g, p in zip(step_grads[j], local.blocks[j].parameters()) if p.requires_grad]
+        for p, ref in zip(params, refs):
+            g = None
+            for u in users.get(id(p), [j]):  # in the order the step back-propagates them
+                (part,) = torch.autograd.grad(module_losses[u], [p], retain_graph=True, allow_unused=True)
+                g = part if g is None else g if part is None else g + part
             if g is None:
                 assert ref is None or not ref.any()
             else:
                 torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
-        _assert_no_gradient(params, [module_losses[j + 1], module_losses[-1]], j)
+        _assert_no_gradient(params, users, [(module_losses[j + 1], j + 1), (module_losses[-1], K - 1)], j)
     del module_losses  # the next forward updates the batch-norm statistics these graphs saved
     model.load_state_dict(state)
     logits, aux_logits = local(x)
     for j in checked:
         params = [p for p in local.blocks[j].parameters() if p.requires_grad]
-        _assert_no_gradient(params, [logits.sum()] + [a.sum() for a in aux_logits[j + 1:j + 2]], j)
+        _assert_no_gradient(params, users, [(logits.sum(), K - 1)]
+                            + [(a.sum(), j + 1) for a in aux_logits[j + 1:j + 2]], j)
 
     # export: strict load into a fresh model
     fresh = create()
     fresh.load_state_dict(local.export().state_dict(), strict=True)
 
 
-def _assert_no_gradient(params, later, j):
-    for value in later:
+def shared_users(local):
+    """``{id(parameter): local modules using it}`` of the parameters several local modules use."""
+    named = dict(local.named_parameters())
+    return {id(named[name]): users for name, users in local.shared_parameters().items()}
+
+
+def _assert_no_gradient(params, users, later, j):
+    """No gradient of a later module's value reaches ``params``, but the shared ones it uses."""
+    for value, module in later:
         crossed = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
-        assert all(g is None for g in crossed), f"gradient crossed into block {j}"
+        for p, g in zip(params, crossed):
+            assert g is None or module in users.get(id(p), ()), f"gradient crossed into block {j}"
