@@ -81,14 +81,16 @@ def _clone_module(module: nn.Module, memo: Dict[int, Any]) -> nn.Module:
     """``copy.deepcopy(module, memo)`` without the pickling protocol for each module and dict.
 
     ``copy.deepcopy`` reduces every module and each of its dozen (mostly empty) hook dicts
-    through ``__reduce_ex__``: most of a copy's time. This builds the same state directly; a
-    module whose class copies or pickles itself its own way goes to ``copy.deepcopy``.
+    through ``__reduce_ex__``: most of a copy's time. This builds the same state directly and
+    hands it to the class's own ``__setstate__``, as ``copy.deepcopy`` does (convolutions have
+    one); a module whose class gets its state, copies or pickles itself its own way goes to
+    ``copy.deepcopy``.
     """
     done = memo.get(id(module))
     if done is not None:
         return done
     cls = type(module)
-    if (cls.__getstate__ is not nn.Module.__getstate__ or cls.__setstate__ is not nn.Module.__setstate__
+    if (cls.__getstate__ is not nn.Module.__getstate__
             or cls.__reduce_ex__ is not object.__reduce_ex__ or cls.__reduce__ is not object.__reduce__
             or getattr(cls, "__deepcopy__", None) is not None):
         return copy.deepcopy(module, memo)
