@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ._device import random_input
-from ._threads import single_thread
+from ._threads import old_objects_frozen, single_thread
 from .errors import AugLocalError, first_line
 from .synthesis import AuxNet
 
@@ -221,7 +221,7 @@ def _count_one(module: nn.Module, shape: Shape, cache: FlopCache) -> _Count:
     # needs no forward pass of its own (it only stores the tensor: nothing enters the trace).
     handle = module.register_forward_hook(lambda _m, _i, out: outputs.append(out))
     try:
-        with _quiet(), _eval_mode(module), single_thread(), torch.no_grad():
+        with _quiet(), _eval_mode(module), single_thread(), old_objects_frozen(), torch.no_grad():
             from fvcore.nn import FlopCountAnalysis  # importing it warns: torch.jit.script
 
             analysis = FlopCountAnalysis(module, _example(module, shape))

@@ -1,11 +1,13 @@
-"""One CPU thread for batch-1 work (shape passes, FLOP counting)."""
+"""Process settings for conversion work: one CPU thread for batch-1 passes, and the garbage
+collector kept off the objects that were there before."""
 
 import contextlib
+import gc
 from typing import Iterator
 
 import torch
 
-__all__ = ["single_thread"]
+__all__ = ["single_thread", "old_objects_frozen"]
 
 
 @contextlib.contextmanager
@@ -22,3 +24,23 @@ def single_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def old_objects_frozen() -> Iterator[None]:
+    """Run the body with the objects that exist now out of the garbage collector's reach.
+
+    Converting allocates tens of thousands of small containers (fx nodes, module dicts, copies),
+    so the collector runs often, and each full pass walks every object the process holds (about
+    450k once torch and timm are imported). Frozen (``gc.freeze``), the old objects are skipped;
+    what the body creates is collected as usual, and they are unfrozen after it. Where the caller
+    has frozen objects itself, nothing is touched: unfreezing would undo its freeze.
+    """
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()

@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ._threads import single_thread
+from ._threads import old_objects_frozen, single_thread
 from .checkpoints import LOCALNET, read
 from .errors import AugLocalError, first_line
 from .initialization import InitReference
@@ -158,7 +158,7 @@ def to_local(
             f"to_local() takes an nn.Module or a spec string like 'timm:resnet18', not "
             f"{type(model).__name__}"
         )
-    with single_thread():
+    with single_thread(), old_objects_frozen():
         traced = trace_model(model, size, leaf_modules, autowrap_functions)
         # The normalization's channel count is checked against the traced input here.
         opts = opts.replace(input_size=tuple(int(v) for v in traced.input_size),

@@ -148,3 +148,33 @@ def test_aux_checkpoint_gives_the_same_gradients_and_statistics(make, d):
     for (n, b), c in zip(kept.named_buffers(), recomputed.buffers()):
         assert torch.equal(b, c), n
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_conversion_freezes_old_objects_only_while_it_runs(monkeypatch):
+    # Converting keeps the collector off the objects that were there before (gc.freeze); they
+    # must be unfrozen afterwards, and a caller's own freeze must be left as it was.
+    import gc
+
+    frozen_during = []
+    import auglocal_fx.partition as partition
+
+    real = partition.partition_blocks
+
+    def spy(*args, **kwargs):
+        frozen_during.append(gc.get_freeze_count())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("auglocal_fx.local.partition_blocks", spy)
+    assert gc.get_freeze_count() == 0
+    to_local(TinyCNN(), d=2, input_size=(3, 16, 16))
+    assert frozen_during[-1] > 0 and gc.get_freeze_count() == 0
+    gc.freeze()  # the caller's own freeze: neither extended nor undone
+    try:
+        calls = []
+        with monkeypatch.context() as patch:
+            patch.setattr(gc, "freeze", lambda: calls.append("freeze"))
+            patch.setattr(gc, "unfreeze", lambda: calls.append("unfreeze"))
+            to_local(TinyCNN(), d=2, input_size=(3, 16, 16))
+        assert calls == [] and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
