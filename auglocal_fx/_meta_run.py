@@ -1,0 +1,113 @@
+"""Running a traced graph for its shapes: the values computed from the input's data on meta tensors.
+
+Recording every value's shape (``tracing``) and the shape-only values (``shape_values``) needs
+shapes where a value follows the input's data, and real values only where it follows the input's
+shape alone. Running the data on the meta device skips every multiply-add: the three real runs of
+a 412M-parameter ViT at 546 px were 80 of its 99 s of conversion on one core.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional, Set, Tuple
+
+import torch
+from torch import fx
+
+__all__ = ["ShapeInterpreter", "run_meta_or_real"]
+
+
+class ShapeInterpreter(fx.Interpreter):
+    """Runs a graph with the values of the ``on_meta`` nodes on the meta device.
+
+    The data nodes run on meta tensors (shapes only, nothing computed), the shape-only and
+    constant ones for real, so the values they give are those of a real run; a node reading
+    the device of a meta tensor gets the input's real device. What meta tensors cannot run (an
+    operation without a meta kernel, code that reads a tensor's values) raises: the caller then
+    runs the graph for real (:func:`run_meta_or_real`). Subclasses record what they need in
+    ``run_node``.
+    """
+
+    def __init__(self, gm: fx.GraphModule, on_meta: Set[fx.Node]):
+        super().__init__(gm)
+        self.extra_traceback = False
+        self.on_meta = on_meta
+        self._states: Dict[str, Dict[str, torch.Tensor]] = {}
+        self._device: Optional[torch.device] = None
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n not in self.on_meta and not (self._device is not None and _reads_device(n)):
+            return super().run_node(n)
+        with self._set_current_node(n):
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            if n not in self.on_meta:  # the real device, read from a stand-in of that device
+                args, kwargs = _map_tensors((args, kwargs), self._stand_in)
+                return getattr(self, n.op)(n.target, args, kwargs)
+            args, kwargs = _map_tensors((args, kwargs), _to_meta)
+            if n.op == "call_module":
+                return self._call_on_meta(n.target, args, kwargs)
+            result = getattr(self, n.op)(n.target, args, kwargs)
+            if n.op == "placeholder" and isinstance(result, torch.Tensor):
+                self._device = result.device
+            return _map_tensors(result, _to_meta)
+
+    def _call_on_meta(self, target: str, args: Tuple, kwargs: Dict[str, Any]) -> Any:
+        module = self.fetch_attr(target)
+        state = self._states.get(target)
+        if state is None:
+            # Meta views of the module's own tensors: nothing is allocated or copied.
+            state = {name: t.to("meta") for name, t in (*module.named_parameters(),
+                                                        *module.named_buffers())}
+            self._states[target] = state
+        if not state:
+            return module(*args, **kwargs)
+        return torch.func.functional_call(module, state, args, kwargs)
+
+    def _stand_in(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not tensor.is_meta:
+            return tensor
+        return torch.empty((), dtype=tensor.dtype, device=self._device).expand(tensor.shape)
+
+
+def _reads_device(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] in ("device", "is_cuda")
+    return node.op == "call_method" and node.target == "get_device"
+
+
+def _to_meta(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to("meta")
+
+
+def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``fn`` applied to the tensors in tuples, lists and dicts (fx's immutable ones too);
+    ``torch.Size`` and named tuples are kept as they are, what the code expects."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if type(value) is tuple:
+        return tuple(_map_tensors(v, fn) for v in value)
+    if isinstance(value, list):
+        return [_map_tensors(v, fn) for v in value]
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
+    return value
+
+
+def run_meta_or_real(make: Callable[[Set[fx.Node]], fx.Interpreter], data: Set[fx.Node],
+                     run: Callable[[Callable[..., Any]], Any]) -> fx.Interpreter:
+    """``run(interpreter.run)`` with the ``data`` nodes on meta tensors, or, where that fails,
+    with every node real; returns the interpreter that ran to the end.
+
+    Args:
+        make: builds the interpreter from the set of nodes to run on meta tensors.
+        data: the nodes whose values follow the input's data (``shape_values.data_nodes``).
+        run: calls the interpreter's ``run`` on the example input.
+    """
+    interpreter = make(data)
+    try:
+        run(interpreter.run)
+        return interpreter
+    except Exception:  # noqa: BLE001 - any failure on meta tensors: the real run decides
+        pass
+    interpreter = make(set())
+    run(interpreter.run)
+    return interpreter
