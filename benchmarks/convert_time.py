@@ -1,6 +1,7 @@
 """Conversion time of ``to_local`` over the model sweep at 224 px (issue 2's benchmark).
 
-Run: ``python benchmarks/convert_time.py [--d 2] [--size 224] [--repeat 1]``
+Run: ``python benchmarks/convert_time.py [--d 2] [--size 224] [--repeat 1]``; one large model:
+``python benchmarks/convert_time.py --models timm:deepseek_vit_412m --size 546 --model-kwargs '{"depth": 8}'``
 
 Each model is created first (not timed), then ``to_local`` is timed: tracing in both modes,
 shape recording, partition, planning and synthesis of every auxiliary network. The median over
@@ -10,6 +11,7 @@ the sweep is printed last; the target is under 1 s on a 2-core machine.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -30,13 +32,16 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeat", type=int, default=1, help="best of N conversions")
     parser.add_argument("--models", nargs="*", default=SWEEP)
+    parser.add_argument("--model-kwargs", type=json.loads, default=None,
+                        help="builder arguments for every model, as JSON, e.g. '{\"depth\": 8}'")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     # Warm-up: the first conversion pays one-off import and allocator costs.
     to_local("paper:resnet32", d=2)
     rows = []
     for spec in args.models:
-        resolved = resolve_model(spec, num_classes=1000, input_size=(3, args.size, args.size))
+        resolved = resolve_model(spec, num_classes=1000, input_size=(3, args.size, args.size),
+                                 model_kwargs=args.model_kwargs)
         times = []
         for _ in range(args.repeat):
             start = time.perf_counter()
