@@ -8,10 +8,11 @@ a 412M-parameter ViT at 546 px were 80 of its 99 s of conversion on one core.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Set, Tuple
+import contextlib
+from typing import Any, Callable, Dict, Iterator, Optional, Set, Tuple
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 __all__ = ["ShapeInterpreter", "run_meta_or_real"]
 
@@ -58,14 +59,37 @@ class ShapeInterpreter(fx.Interpreter):
             state = {name: t.to("meta") for name, t in (*module.named_parameters(),
                                                         *module.named_buffers())}
             self._states[target] = state
-        if not state:
-            return module(*args, **kwargs)
-        return torch.func.functional_call(module, state, args, kwargs)
+        with _attributes_kept(module):
+            if not state:
+                return module(*args, **kwargs)
+            return torch.func.functional_call(module, state, args, kwargs)
 
     def _stand_in(self, tensor: torch.Tensor) -> torch.Tensor:
         if not tensor.is_meta:
             return tensor
         return torch.empty((), dtype=tensor.dtype, device=self._device).expand(tensor.shape)
+
+
+# A module's own registries: functional_call swaps their tensors and puts them back itself.
+_REGISTRIES = ("_parameters", "_buffers", "_modules")
+
+
+@contextlib.contextmanager
+def _attributes_kept(module: nn.Module) -> Iterator[None]:
+    """Put back every attribute the call sets on ``module`` and its submodules.
+
+    A module that caches a table built for the input's size (``self.table = ...`` on its first
+    call) would otherwise keep a meta tensor, and the real network would then fail on it.
+    """
+    saved = [(m, {k: v for k, v in vars(m).items() if k not in _REGISTRIES}) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, attrs in saved:
+            state = vars(m)
+            for key in [k for k in state if k not in attrs and k not in _REGISTRIES]:
+                del state[key]
+            state.update(attrs)
 
 
 def _reads_device(node: fx.Node) -> bool:

@@ -100,3 +100,36 @@ def test_shapes_are_those_of_a_real_run(tiny_resnet):
         recorded = {n.target: n.meta[SHAPE_KEY] for n in traced.eval_graph.graph.nodes
                     if n.op == "call_module"}
         assert recorded and all(shapes[name] == shape for name, shape in recorded.items())
+
+
+class _CachedTable(nn.Module):
+    """Builds a table for the input's size on its first call and keeps it (a plain attribute)."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = None
+
+    def forward(self, x):
+        if self.table is None:
+            self.table = torch.linspace(1.0, 2.0, x.shape[-1], device=x.device)
+        return x * self.table
+
+
+class _CachingNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(c, 8, 3, padding=1) for c in (3, 8, 8, 8))
+        self.scale = _CachedTable()
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = torch.relu(conv(x))
+        return self.fc(self.scale(x).mean((2, 3)))
+
+
+def test_attributes_set_on_meta_tensors_are_put_back():
+    model = _CachingNet()
+    local = to_local(model, d=2, input_size=(3, 8, 8), leaf_modules=[_CachedTable])
+    assert model.scale.table is None  # the meta run left no meta table behind
+    assert _exact(model, local, batch((3, 8, 8))[0])
