@@ -3,10 +3,11 @@ real where meta tensors cannot run the model; either way the converted network i
 
 from typing import List
 
+import pytest
 import torch
 from torch import nn
 
-from auglocal_fx import to_local
+from auglocal_fx import _meta_run, to_local
 from auglocal_fx.tracing import SHAPE_KEY, trace_model
 
 from .conftest import batch
@@ -55,6 +56,23 @@ class _ShapeValueNet(nn.Module):
         return self.fc(x.mean(1))
 
 
+@pytest.mark.parametrize("real_nodes", [3, 9, 1000])
+def test_run_goes_on_meta_tensors_after_real_ones(monkeypatch, real_nodes):
+    """A run that computes its first nodes for real and the rest on meta tensors (a clock that
+    ticks once a node) records what a real run does."""
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(_meta_run, "perf_counter", lambda: next(ticks))
+    monkeypatch.setattr(_meta_run, "REAL_SECONDS", real_nodes)
+    seen: List[str] = []
+    model = _ShapeValueNet(seen)
+    local = to_local(model, d=2, input_size=SIZE, leaf_modules=[_Probe])
+    assert ("cpu" in seen, "meta" in seen) == ((True, True) if real_nodes == 9 else
+                                               (real_nodes > 9, real_nodes < 9))
+    assert len(local.blocks) == 5
+    assert all(b.device.type == "cpu" for b in local.buffers())
+    assert _exact(model, local, batch(SIZE, n=3)[0])
+
+
 def _exact(model, local, x):
     model.eval()
     local.eval()
@@ -62,7 +80,8 @@ def _exact(model, local, x):
         return torch.equal(local(x), model(x))
 
 
-def test_conversion_computes_no_data():
+def test_conversion_computes_no_data(monkeypatch):
+    monkeypatch.setattr(_meta_run, "REAL_SECONDS", 0.0)  # a network this small would run for real
     seen: List[str] = []
     model = _ShapeValueNet(seen)
     local = to_local(model, d=2, input_size=SIZE, leaf_modules=[_Probe])
@@ -74,7 +93,8 @@ def test_conversion_computes_no_data():
     assert _exact(model, local, batch(SIZE, n=3)[0])
 
 
-def test_data_read_at_conversion_runs_for_real():
+def test_data_read_at_conversion_runs_for_real(monkeypatch):
+    monkeypatch.setattr(_meta_run, "REAL_SECONDS", 0.0)
     seen: List[str] = []
     model = _ShapeValueNet(seen, read_value=True)
     local = to_local(model, d=2, input_size=SIZE, leaf_modules=[_Probe])
@@ -83,8 +103,9 @@ def test_data_read_at_conversion_runs_for_real():
     assert _exact(model, local, batch(SIZE)[0])
 
 
-def test_shapes_are_those_of_a_real_run(tiny_resnet):
+def test_shapes_are_those_of_a_real_run(tiny_resnet, monkeypatch):
     """Every module's recorded output shape, against the original model run eagerly."""
+    monkeypatch.setattr(_meta_run, "REAL_SECONDS", 0.0)
     model = _ShapeValueNet([])
     for net in (model, tiny_resnet):
         net.eval()
@@ -128,7 +149,8 @@ class _CachingNet(nn.Module):
         return self.fc(self.scale(x).mean((2, 3)))
 
 
-def test_attributes_set_on_meta_tensors_are_put_back():
+def test_attributes_set_on_meta_tensors_are_put_back(monkeypatch):
+    monkeypatch.setattr(_meta_run, "REAL_SECONDS", 0.0)
     model = _CachingNet()
     local = to_local(model, d=2, input_size=(3, 8, 8), leaf_modules=[_CachedTable])
     assert model.scale.table is None  # the meta run left no meta table behind
