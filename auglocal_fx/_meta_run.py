@@ -3,8 +3,8 @@
 Recording every value's shape (``tracing``) and the shape-only values (``shape_values``) needs
 shapes where a value follows the input's data, and real values only where it follows the input's
 shape alone. Running the data on the meta device skips every multiply-add: the three real runs of
-a 412M-parameter ViT at 546 px were 80 of its 99 s of conversion on one core. A run that ends
-within ``REAL_SECONDS`` stays real: there the meta kernels cost more than the real ones.
+a 412M-parameter ViT at 546 px were 80 of its 99 s of conversion on one core. A run that is
+quick for real stays real: there the meta kernels cost more than the real ones.
 """
 
 from __future__ import annotations
@@ -16,23 +16,26 @@ from typing import Any, Callable, Dict, Iterator, Optional, Set, Tuple
 import torch
 from torch import fx, nn
 
-__all__ = ["ShapeInterpreter", "run_meta_or_real", "REAL_SECONDS"]
+__all__ = ["ShapeInterpreter", "run_meta_or_real", "REAL_SECONDS", "META_SECONDS_PER_NODE"]
 
 
-# Seconds a run computes the input's data for real before it goes on with meta tensors. The
-# meta kernels of norms and activations are Python decompositions (4-8 ms a BatchNorm): a small
-# network at 224 px runs faster for real (MobileNetV3-Small 17 ms, 151 ms on meta), a large one
-# far slower (ResNet-50 175 ms against 98 ms; a 412M-parameter ViT at 546 px 20 s against 2 s).
+# When a run goes on with meta tensors: after REAL_SECONDS, and only if its nodes took longer
+# than META_SECONDS_PER_NODE on average so far. The meta kernels of norms and activations are
+# Python decompositions (4-8 ms a BatchNorm, about 1 ms a node over MobileNetV3-Small): a small
+# network at 224 px runs faster for real (MobileNetV3-Small 17 ms, 151 ms on meta tensors), a
+# large one far slower (a 412M-parameter ViT at 546 px: 20 s, 8 ms a node, against 2 s).
 REAL_SECONDS = 0.05
+META_SECONDS_PER_NODE = 0.002
 
 
 class ShapeInterpreter(fx.Interpreter):
     """Runs a graph with the values of the ``on_meta`` nodes on the meta device.
 
     The data nodes run on meta tensors (shapes only, nothing computed) once the run has taken
-    ``REAL_SECONDS``, before that for real; the shape-only and constant ones always run for
-    real, so the values they give are those of a real run; a node reading the device of a meta
-    tensor gets the input's real device. What meta tensors cannot run (an operation without a
+    ``REAL_SECONDS`` and its nodes more than ``META_SECONDS_PER_NODE`` on average, before that
+    for real; the shape-only and constant ones always run for real, so the values they give are
+    those of a real run; a node reading the device of a meta tensor gets the input's real
+    device. What meta tensors cannot run (an operation without a
     meta kernel, code that reads a tensor's values) raises: the caller then runs the graph for
     real (:func:`run_meta_or_real`). Subclasses record what they need in ``run_node``.
     """
@@ -45,16 +48,19 @@ class ShapeInterpreter(fx.Interpreter):
         self._device: Optional[torch.device] = None
         self._start = 0.0
         self._late = False
+        self._count = 0
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
-        self._start, self._late = perf_counter(), False
+        self._start, self._late, self._count = perf_counter(), False, 0
         return super().run(*args, **kwargs)
 
     def _meta_now(self, n: fx.Node) -> bool:
+        self._count += 1
         if n not in self.on_meta:
             return False
         if not self._late:  # once late, the rest of the run stays on meta tensors
-            self._late = perf_counter() - self._start >= REAL_SECONDS
+            elapsed = perf_counter() - self._start
+            self._late = elapsed >= max(REAL_SECONDS, self._count * META_SECONDS_PER_NODE)
         return self._late
 
     def run_node(self, n: fx.Node) -> Any:

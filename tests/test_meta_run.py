@@ -63,6 +63,7 @@ def test_run_goes_on_meta_tensors_after_real_ones(monkeypatch, real_nodes):
     ticks = iter(range(10**6))
     monkeypatch.setattr(_meta_run, "perf_counter", lambda: next(ticks))
     monkeypatch.setattr(_meta_run, "REAL_SECONDS", real_nodes)
+    monkeypatch.setattr(_meta_run, "META_SECONDS_PER_NODE", 0.0)
     seen: List[str] = []
     model = _ShapeValueNet(seen)
     local = to_local(model, d=2, input_size=SIZE, leaf_modules=[_Probe])
@@ -73,6 +74,11 @@ def test_run_goes_on_meta_tensors_after_real_ones(monkeypatch, real_nodes):
     assert _exact(model, local, batch(SIZE, n=3)[0])
 
 
+def _all_on_meta(monkeypatch):
+    monkeypatch.setattr(_meta_run, "REAL_SECONDS", 0.0)
+    monkeypatch.setattr(_meta_run, "META_SECONDS_PER_NODE", 0.0)
+
+
 def _exact(model, local, x):
     model.eval()
     local.eval()
@@ -81,7 +87,7 @@ def _exact(model, local, x):
 
 
 def test_conversion_computes_no_data(monkeypatch):
-    monkeypatch.setattr(_meta_run, "REAL_SECONDS", 0.0)  # a network this small would run for real
+    _all_on_meta(monkeypatch)  # a network this small would run for real
     seen: List[str] = []
     model = _ShapeValueNet(seen)
     local = to_local(model, d=2, input_size=SIZE, leaf_modules=[_Probe])
@@ -94,7 +100,7 @@ def test_conversion_computes_no_data(monkeypatch):
 
 
 def test_data_read_at_conversion_runs_for_real(monkeypatch):
-    monkeypatch.setattr(_meta_run, "REAL_SECONDS", 0.0)
+    _all_on_meta(monkeypatch)
     seen: List[str] = []
     model = _ShapeValueNet(seen, read_value=True)
     local = to_local(model, d=2, input_size=SIZE, leaf_modules=[_Probe])
@@ -105,7 +111,7 @@ def test_data_read_at_conversion_runs_for_real(monkeypatch):
 
 def test_shapes_are_those_of_a_real_run(tiny_resnet, monkeypatch):
     """Every module's recorded output shape, against the original model run eagerly."""
-    monkeypatch.setattr(_meta_run, "REAL_SECONDS", 0.0)
+    _all_on_meta(monkeypatch)
     model = _ShapeValueNet([])
     for net in (model, tiny_resnet):
         net.eval()
@@ -150,7 +156,7 @@ class _CachingNet(nn.Module):
 
 
 def test_attributes_set_on_meta_tensors_are_put_back(monkeypatch):
-    monkeypatch.setattr(_meta_run, "REAL_SECONDS", 0.0)
+    _all_on_meta(monkeypatch)
     model = _CachingNet()
     local = to_local(model, d=2, input_size=(3, 8, 8), leaf_modules=[_CachedTable])
     assert model.scale.table is None  # the meta run left no meta table behind
