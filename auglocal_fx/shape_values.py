@@ -20,10 +20,11 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 import torch
 from torch import fx, nn
 
+from ._meta_run import ShapeInterpreter, run_meta_or_real
 from .errors import AugLocalError
 
 __all__ = ["freeze_shape_values", "freeze_graph", "preserved_state", "check_input_size",
-           "CONSTANT_PREFIX", "SHAPE_KEY"]
+           "data_nodes", "CONSTANT_PREFIX", "SHAPE_KEY"]
 
 # node.meta key holding a value's shape (torch.Size for tensors, None for anything else);
 # tracing fills it in, every later step reads it.
@@ -94,12 +95,18 @@ def _last_data_use(node: fx.Node, kinds: Dict[fx.Node, int], index: Dict[fx.Node
     return max(uses, default=index[node])
 
 
-class _ValueRecorder(fx.Interpreter):
+def data_nodes(gm: fx.GraphModule) -> Set[fx.Node]:
+    """The nodes whose values follow the input's data, not only its shape."""
+    kinds = _classify(gm, set())[0]
+    return {n for n, k in kinds.items() if k == _DATA}
+
+
+class _ValueRecorder(ShapeInterpreter):
     """Records the values of ``wanted`` nodes and the shapes of the ``sized`` tensors."""
 
-    def __init__(self, gm: fx.GraphModule, wanted: Set[fx.Node], sized: Set[fx.Node]):
-        super().__init__(gm)
-        self.extra_traceback = False
+    def __init__(self, gm: fx.GraphModule, wanted: Set[fx.Node], sized: Set[fx.Node],
+                 on_meta: Set[fx.Node]):
+        super().__init__(gm, on_meta)
         self.wanted, self.sized = wanted, sized
         self.values: Dict[fx.Node, Any] = {}
 
@@ -221,10 +228,12 @@ def freeze_shape_values(gm: fx.GraphModule, run: Callable[[Callable[[torch.Tenso
         if not values:
             tensors = {n for n in order if n.meta.get(SHAPE_KEY) is not None}
             tensors |= {n.args[0] for n in opaque}
+            data = {n for n, k in kinds.items() if k == _DATA}
             for batch in batches:
-                recorder = _ValueRecorder(gm, shape_only, tensors)
                 with torch.no_grad():
-                    run(recorder.run, batch)
+                    recorder = run_meta_or_real(
+                        lambda on_meta: _ValueRecorder(gm, shape_only, tensors, on_meta), data,
+                        lambda fn: run(fn, batch))
                 values.append(recorder.values)
         wrong = {n for n in opaque & shape_only if not _is_size(n, values)}
         if not wrong:

@@ -17,8 +17,9 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set,
 import torch
 from torch import fx, nn
 
+from ._meta_run import ShapeInterpreter, run_meta_or_real
 from .errors import AugLocalError, first_line
-from .shape_values import SHAPE_KEY, freeze_graph, preserved_state
+from .shape_values import SHAPE_KEY, data_nodes, freeze_graph, preserved_state
 
 __all__ = ["LocalTracer", "TracedModel", "trace_model", "register_leaf_module", "SHAPE_KEY"]
 
@@ -289,10 +290,8 @@ class _NodeFailure(Exception):
                          f"{describe_node(node)}")
 
 
-class _ShapeRecorder(fx.Interpreter):
-    def __init__(self, module: fx.GraphModule):
-        super().__init__(module)
-        self.extra_traceback = False  # our messages name the module, not the fx node
+class _ShapeRecorder(ShapeInterpreter):
+    # ShapeInterpreter turns fx's extra traceback off: our messages name the module, not the node
 
     def run_node(self, n: fx.Node) -> Any:
         try:
@@ -306,9 +305,16 @@ class _ShapeRecorder(fx.Interpreter):
 
 
 def record_shapes(gm: fx.GraphModule, example: torch.Tensor) -> Any:
-    """Run ``gm`` on ``example`` and store each node's output shape in ``meta[SHAPE_KEY]``."""
+    """Run ``gm`` on ``example`` and store each node's output shape in ``meta[SHAPE_KEY]``.
+
+    The values computed from the input's data are meta tensors (shapes only); where meta tensors
+    cannot run the graph, it runs for real, whose error, if any, is the one raised.
+    """
+    out: List[Any] = []
     with torch.no_grad():
-        return _ShapeRecorder(gm).run(example)
+        run_meta_or_real(lambda on_meta: _ShapeRecorder(gm, on_meta), data_nodes(gm),
+                         lambda fn: out.append(fn(example)))
+    return out[-1]
 
 
 
