@@ -34,7 +34,9 @@ def old_objects_frozen() -> Iterator[None]:
     so the collector runs often, and each full pass walks every object the process holds (about
     450k once torch and timm are imported). Frozen (``gc.freeze``), the old objects are skipped;
     what the body creates is collected as usual, and they are unfrozen after it. Where the caller
-    has frozen objects itself, nothing is touched: unfreezing would undo its freeze.
+    has frozen objects itself, nothing is touched: unfreezing would undo its freeze. (The CLI
+    freezes what it imports for good and pauses the collector around ``convert``, see
+    ``cli/main.py``: there this does nothing; it is for ``to_local`` called from Python.)
     """
     if gc.get_freeze_count():
         yield

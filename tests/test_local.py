@@ -151,30 +151,32 @@ def test_aux_checkpoint_gives_the_same_gradients_and_statistics(make, d):
 
 
 def test_conversion_freezes_old_objects_only_while_it_runs(monkeypatch):
-    # Converting keeps the collector off the objects that were there before (gc.freeze); they
-    # must be unfrozen afterwards, and a caller's own freeze must be left as it was.
+    # Converting keeps the collector off the objects that were there before (gc.freeze) and
+    # unfreezes them after, also when it fails; where the caller froze objects itself (the CLI
+    # freezes what it imported), it touches nothing. The collector is simulated: the CLI's
+    # import in this process has frozen objects for good.
     import gc
 
-    frozen_during = []
-    import auglocal_fx.partition as partition
+    import auglocal_fx.local
 
-    real = partition.partition_blocks
+    events, frozen = [], [0]
+    real = auglocal_fx.local.partition_blocks
 
-    def spy(*args, **kwargs):
-        frozen_during.append(gc.get_freeze_count())
+    def partition_spy(*args, **kwargs):
+        events.append("partition")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("auglocal_fx.local.partition_blocks", spy)
-    assert gc.get_freeze_count() == 0
+    monkeypatch.setattr(auglocal_fx.local, "partition_blocks", partition_spy)
+    monkeypatch.setattr(gc, "get_freeze_count", lambda: frozen[0])
+    monkeypatch.setattr(gc, "freeze", lambda: events.append("freeze"))
+    monkeypatch.setattr(gc, "unfreeze", lambda: events.append("unfreeze"))
     to_local(TinyCNN(), d=2, input_size=(3, 16, 16))
-    assert frozen_during[-1] > 0 and gc.get_freeze_count() == 0
-    gc.freeze()  # the caller's own freeze: neither extended nor undone
-    try:
-        calls = []
-        with monkeypatch.context() as patch:
-            patch.setattr(gc, "freeze", lambda: calls.append("freeze"))
-            patch.setattr(gc, "unfreeze", lambda: calls.append("unfreeze"))
-            to_local(TinyCNN(), d=2, input_size=(3, 16, 16))
-        assert calls == [] and gc.get_freeze_count() > 0
-    finally:
-        gc.unfreeze()
+    assert events == ["freeze", "partition", "unfreeze"]
+    events.clear()
+    with pytest.raises(AugLocalError):
+        to_local(TinyCNN(), d=99, input_size=(3, 16, 16))
+    assert events[0] == "freeze" and events[-1] == "unfreeze"
+    events.clear()
+    frozen[0] = 12345  # the caller's own freeze: neither extended nor undone
+    to_local(TinyCNN(), d=2, input_size=(3, 16, 16))
+    assert events == ["partition"]
