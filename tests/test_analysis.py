@@ -20,6 +20,10 @@ from auglocal_fx.training import train
 
 from ._tiny_models import TinyCNN
 
+# Module fixtures (runs: a trained network) are built once per process: under
+# `pytest -n`, these tests stay on one worker.
+pytestmark = pytest.mark.xdist_group("analysis")
+
 try:
     from auglocal_fx_cli.analyze import analyze
 except ImportError:  # not pip-installed: the package directory is cli/

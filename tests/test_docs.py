@@ -15,6 +15,10 @@ import pytest
 
 from .test_readme import readme_links
 
+# Module fixtures (site: the built docs) are built once per process: under
+# `pytest -n`, these tests stay on one worker.
+pytestmark = pytest.mark.xdist_group("docs")
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 

@@ -10,6 +10,10 @@ from torch import nn
 from auglocal_fx import AugLocalError, to_local
 from auglocal_fx.flops import LocalFlops, count_flops, count_module_flops
 
+# Module fixtures (the counted models) are built once per process: under
+# `pytest -n`, these tests stay on one worker.
+pytestmark = pytest.mark.xdist_group("flops")
+
 TINY = os.path.join(os.path.dirname(__file__), "_tiny_models.py") + ":tiny_cnn"
 
 

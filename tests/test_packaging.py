@@ -16,6 +16,10 @@ from pathlib import Path
 
 import pytest
 
+# Module fixtures (the built wheel) are built once per process: under
+# `pytest -n`, these tests stay on one worker.
+pytestmark = pytest.mark.xdist_group("packaging")
+
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("pyproject.toml", "setup.py", "README.md", "auglocal_fx", "cli")
 PACKAGES = ("auglocal_fx", "auglocal_fx_cli")

@@ -12,6 +12,10 @@ from auglocal_fx._pipeline import balance_stages, flop_costs, measure_module_tim
 from auglocal_fx.flops import count_flops
 from auglocal_fx.training import TrainConfig, train
 
+# Module fixtures (two_workers: a spawned pipeline run) are built once per process: under
+# `pytest -n`, these tests stay on one worker.
+pytestmark = pytest.mark.xdist_group("pipeline")
+
 TINY = str(Path(__file__).with_name("_tiny_models.py")) + ":tiny_cnn"
 TINY_NOBN = str(Path(__file__).with_name("_tiny_models.py")) + ":tiny_nobn"
 FAILING = str(Path(__file__).with_name("_tiny_models.py")) + ":tiny_failing"

@@ -21,6 +21,10 @@ from auglocal_fx.recipe import learning_rate
 from auglocal_fx._train_loop import Run
 from auglocal_fx.training import TrainConfig, default_dataset, train
 
+# Module fixtures (gloo_runs: spawned training runs) are built once per process: under
+# `pytest -n`, these tests stay on one worker.
+pytestmark = pytest.mark.xdist_group("training")
+
 TINY = str(Path(__file__).with_name("_tiny_models.py")) + ":tiny_cnn"
 TINY_NOBN = str(Path(__file__).with_name("_tiny_models.py")) + ":tiny_nobn"
 ROOT = Path(__file__).resolve().parents[1]
