@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import operator
 import warnings
+from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Set, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,8 @@ from .graph_blocks import (GraphBlock, extract_graph, inside_unit, merge_shared,
 from .heads import StreamsReachHead, has_weight_layer, head_start, is_norm
 from .layouts import input_layout, layout_of, resolution
 from .tracing import SHAPE_KEY, TracedModel
-from .tuple_cuts import boundary_values, head_gap, later_head_gap, split_large_blocks
+from .tuple_cuts import (boundary_values, head_gap, later_head_gap, split_large_blocks,
+                         split_large_units)
 
 __all__ = ["GraphBlock", "Partition", "partition_blocks", "find_cut_points"]
 
@@ -314,9 +316,10 @@ def _single_cut_blocks(gm: fx.GraphModule, cuts: List[fx.Node], order: List[fx.N
             pending.extend(segment)  # weightless prefix (input scaling): joins block 0
     if pending:
         raise AugLocalError("the network has no weight layer before its head")
-    # Several streams: a block over a third of the parameters is cut where a tuple is live
-    # (the pieces of a cut block join as the blocks do).
-    return _join_linear(gm, split_large_blocks(gm, _join_linear(gm, blocks), order))
+    # A block over a third of the parameters is cut where a tuple is live (several streams),
+    # then, where still over, at single cuts inside its unit; the pieces join as the blocks do.
+    blocks = _join_linear(gm, split_large_blocks(gm, _join_linear(gm, blocks), order))
+    return _join_linear(gm, split_large_units(gm, blocks, cuts[:start + 1]))
 
 
 def _module_targets(nodes: Sequence[fx.Node]) -> List[str]:
@@ -325,22 +328,26 @@ def _module_targets(nodes: Sequence[fx.Node]) -> List[str]:
 
 def _block_names(groups: List[List[str]]) -> List[List[str]]:
     """Name each block by the largest modules it holds whole (no other block uses a part)."""
+    users: Dict[str, Set[int]] = defaultdict(set)  # module path -> blocks using it or a part of it
+    for i, targets in enumerate(groups):
+        for target in targets:
+            for prefix in _prefixes(target):
+                users[prefix].add(i)
     names = []
     for i, targets in enumerate(groups):
-        others = [t for j, g in enumerate(groups) if j != i for t in g]
         chosen: List[str] = []
         for target in targets:
-            parts = target.split(".")
-            for depth in range(1, len(parts) + 1):
-                prefix = ".".join(parts[:depth])
-                if not any(t == prefix or t.startswith(prefix + ".") for t in others):
-                    break
-            else:
-                prefix = target
+            prefix = next((p for p in _prefixes(target) if users[p] == {i}), target)
             if prefix not in chosen:
                 chosen.append(prefix)
         names.append(chosen)
     return names
+
+
+def _prefixes(target: str) -> List[str]:
+    """``"a.b.c"`` -> ``["a", "a.b", "a.b.c"]``: the module and the modules holding it."""
+    parts = target.split(".")
+    return [".".join(parts[:depth]) for depth in range(1, len(parts) + 1)]
 
 
 def partition_blocks(traced: TracedModel, block_boundaries: Optional[Sequence[str]] = None,
@@ -393,12 +400,13 @@ def partition_blocks(traced: TracedModel, block_boundaries: Optional[Sequence[st
         if head_train.code == head_eval.code:
             head_train = None
     head = GraphBlock(head_eval, head_train)
+    names = _block_names([_module_targets(n) for n in eval_part.blocks + [eval_part.head]])
     return Partition(
         blocks=blocks,
         head=head,
         output_shapes=[tuple(tuple(n.meta[SHAPE_KEY][1:]) for n in out) for out in e_outs],
-        block_names=_block_names([_module_targets(n) for n in eval_part.blocks + [eval_part.head]])[:-1],
-        head_names=_block_names([_module_targets(n) for n in eval_part.blocks + [eval_part.head]])[-1],
+        block_names=names[:-1],
+        head_names=names[-1],
         input_layouts=[input_layout(b.eval_graph) for b in blocks + [head]],
     )
 

@@ -26,11 +26,12 @@ from .graph_blocks import inside_unit, module_path, parameter_ids, repeated_clas
 from .heads import has_weight_layer, is_norm, selection_reduction
 from .tracing import SHAPE_KEY
 
-__all__ = ["MAX_ARITY", "boundary_values", "head_gap", "later_head_gap", "live_values", "split_large_blocks"]
+__all__ = ["MAX_ARITY", "boundary_values", "head_gap", "later_head_gap", "live_values", "split_large_blocks",
+           "split_large_units"]
 
 MAX_ARITY = 3
 
-# A block over this share of the parameters is split at tuple gaps.
+# A block over this share of the parameters is split at tuple gaps, or inside its unit.
 _LARGEST_SHARE = 1 / 3
 
 
@@ -162,6 +163,44 @@ def split_large_blocks(gm: fx.GraphModule, blocks: List[List[fx.Node]],
     result: List[List[fx.Node]] = []
     for nodes in blocks:
         result.extend(_split(gm, nodes, gaps, limit, force=alone))
+    return result
+
+
+def split_large_units(gm: fx.GraphModule, blocks: List[List[fx.Node]],
+                      cuts: Sequence[fx.Node]) -> List[List[fx.Node]]:
+    """Cut each block holding over a third of ``gm``'s parameters at its single cuts.
+
+    Rule 1 keeps a unit its author wrote whole. Where one unit holds over a third of the
+    parameters (PVT-v2-B0's last blocks: attention, then an MLP eight times wider), the value
+    between its two residual sums is still a single cut: everything after it needs that value
+    alone. Such a block is cut there into as few pieces as keep each at most a third (pieces
+    joined from the left while they fit); a piece without a weight layer joins its neighbour.
+
+    Args:
+        gm: the traced network.
+        blocks: the blocks, as node lists in graph order.
+        cuts: every single cut point of the graph, those inside units included.
+
+    Returns:
+        The blocks, the large ones cut at their inner single cuts.
+    """
+    limit = sum(p.numel() for p in gm.parameters()) * _LARGEST_SHARE
+    cut_set = set(cuts)
+    result: List[List[fx.Node]] = []
+    for nodes in blocks:
+        inner = [k for k, n in enumerate(nodes[:-1]) if n in cut_set]
+        if not inner or _parameter_count(gm, nodes) <= limit:
+            result.append(nodes)
+            continue
+        pieces: List[List[fx.Node]] = []
+        for a, b in zip([-1] + inner, inner + [len(nodes) - 1]):
+            piece = nodes[a + 1:b + 1]
+            if pieces and (not has_weight_layer(gm, piece) or not has_weight_layer(gm, pieces[-1])
+                           or _parameter_count(gm, pieces[-1] + piece) <= limit):
+                pieces[-1] = pieces[-1] + piece
+            else:
+                pieces.append(piece)
+        result.extend(pieces)
     return result
 
 

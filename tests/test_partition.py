@@ -1,9 +1,10 @@
 """Block counts of the paper's networks and the torchvision ones the issue names."""
 
 import pytest
+import torch
 from torch import nn
 
-from auglocal_fx import AugLocalError, resolve_model
+from auglocal_fx import AugLocalError, resolve_model, to_local
 from auglocal_fx.partition import find_cut_points, partition_blocks
 from auglocal_fx.tracing import trace_model
 
@@ -86,3 +87,49 @@ def test_a_wrapped_model_keeps_its_blocks():
     part = partition_blocks(trace_model(_Wrapper(resolved.model), resolved.input_size))
     assert len(part.blocks) == 16
     assert part.block_names[0] == ["inner.conv1", "inner.bn1", "inner.relu"]
+
+
+class _Unit(nn.Module):
+    """Three residual sums in one forward (as a transformer block adds two): single cuts between
+    them lie inside the unit's own code."""
+
+    def __init__(self, hidden):
+        super().__init__()
+        self.mix = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.mix2 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.mlp = nn.Sequential(nn.Conv2d(8, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, 8, 1))
+
+    def forward(self, x):
+        x = x + self.mix(x)
+        x = x + self.mix2(x)
+        return x + self.mlp(x)
+
+
+class _WideLastUnit(nn.Module):
+    """Four units; the last one's MLP is 32 times wider, so that unit holds 0.57 of the parameters
+    (its mix pieces 0.06 each, its MLP 0.45)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.units = nn.Sequential(_Unit(8), _Unit(8), _Unit(8), _Unit(256))
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(self.units(self.stem(x)).mean((2, 3)))
+
+
+def test_a_unit_over_a_third_is_cut_between_its_residual_sums():
+    from .test_sweep import check_local
+
+    torch.manual_seed(0)
+    model = _WideLastUnit()
+    part = partition_blocks(trace_model(model.eval(), (3, 8, 8)))
+    # units under a third stay whole (rule 1); the wide one is cut at its inner single cuts, its
+    # two small pieces joined (together under a third), the MLP alone
+    assert part.block_names == [["stem"], ["units.0"], ["units.1"], ["units.2"],
+                                ["units.3.mix", "units.3.mix2"], ["units.3.mlp"]]
+    for d in (2, 3):
+        local = to_local(model, d=d, input_size=(3, 8, 8))
+        assert local.block_names == part.block_names
+        check_local(model, local, (3, 8, 8), 5, _WideLastUnit)
