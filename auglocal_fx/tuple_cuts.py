@@ -90,6 +90,11 @@ def _handed_down(values: Sequence[fx.Node], position: int, index: Dict[fx.Node, 
     return True
 
 
+def _largest_allowed(gm: fx.GraphModule) -> float:
+    """Parameters a block may hold before it is split: a third of the network's."""
+    return sum(p.numel() for p in gm.parameters()) * _LARGEST_SHARE
+
+
 def _parameter_count(gm: fx.GraphModule, nodes: Sequence[fx.Node]) -> int:
     return sum(numel for numel in parameter_ids(gm, nodes).values())
 
@@ -145,8 +150,7 @@ def split_large_blocks(gm: fx.GraphModule, blocks: List[List[fx.Node]],
     Returns:
         The blocks, the large ones split where at most :data:`MAX_ARITY` tensors are live.
     """
-    total = sum(p.numel() for p in gm.parameters())
-    limit = total * _LARGEST_SHARE
+    limit = _largest_allowed(gm)
     alone = len(blocks) == 1
     if not alone and not any(_parameter_count(gm, b) > limit for b in blocks):
         return blocks
@@ -184,7 +188,7 @@ def split_large_units(gm: fx.GraphModule, blocks: List[List[fx.Node]],
     Returns:
         The blocks, the large ones cut at their inner single cuts.
     """
-    limit = sum(p.numel() for p in gm.parameters()) * _LARGEST_SHARE
+    limit = _largest_allowed(gm)
     cut_set = set(cuts)
     result: List[List[fx.Node]] = []
     for nodes in blocks:
