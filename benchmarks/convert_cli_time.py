@@ -10,7 +10,8 @@ Usage::
    plan, synthesis (the auxiliary networks), assembly (``LocalNet``), FLOPs counting (fvcore),
    save. Conversion and counting run on one thread, as the CLI does. The whole process also
    pays for the interpreter's start and exit and for Python's cycle collections, which the CLI
-   pauses while converting and freezes out of its last collection at exit; the stages do not.
+   pauses while converting; at exit it runs the exit functions, flushes its output and ends
+   without Python's teardown (``cli.main.main``). The stages pay for none of these.
 
 Target: at most 6 s for the whole process (issue 22; 10 s before).
 """

@@ -130,6 +130,47 @@ def test_the_command_line_freezes_its_imports_and_what_is_left_at_exit():
     assert out.stdout.split() == ["True", "True", "True"], out.stdout + out.stderr
 
 
+_CONSOLE_SCRIPT = textwrap.dedent("""
+    import atexit, os, sys, threading, time
+    from auglocal_fx_cli.main import main
+
+    quick_exit = os._exit
+    os._exit = lambda status: (os.write(1, b"quick exit\\n"), quick_exit(status))
+    atexit.register(lambda: print("exit functions ran"))
+    if sys.argv[1] == "--with-thread":
+        del sys.argv[1]
+        threading.Thread(target=lambda: (time.sleep(0.3), print("thread finished"))).start()
+    sys.argv[0] = "auglocal-fx"
+    main()
+""")
+
+
+@pytest.mark.parametrize("thread", [False, True], ids=["quick-exit", "thread-running"])
+def test_the_console_script_flushes_runs_exit_functions_and_keeps_the_status(thread):
+    # main() ends the process with os._exit (no teardown), but after the exit functions, with
+    # its output flushed into a pipe and click's status; with a non-daemon thread still running
+    # it takes the normal exit, which waits for the thread.
+    import subprocess
+    import sys
+
+    def console(*args: str) -> "subprocess.CompletedProcess[str]":
+        extra = ["--with-thread"] if thread else []
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered pipes
+        return subprocess.run([sys.executable, "-c", _CONSOLE_SCRIPT, *extra, *args],
+                              capture_output=True, text=True, env=env)
+
+    ok = console("--version")
+    assert ok.returncode == 0, ok.stderr
+    lines = ok.stdout.splitlines()
+    assert lines[0].startswith("auglocal-fx, version") and "exit functions ran" in lines
+    assert ("quick exit" in lines) != thread and ("thread finished" in lines) == thread
+    bad = console("convert", "paper:resnet32")  # no --d: a user error
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
+        "Error: give the auxiliary depth --d D (e.g. --d 2) or a --flops-budget like 3x"]
+    assert "exit functions ran" in bad.stdout.splitlines()
+    assert ("quick exit" in bad.stdout.splitlines()) != thread
+
+
 def test_convert_json(run, tmp_path):
     result = run("convert", "paper:resnet32", "--d", "2", "--json", "-o", "r32.pt")
     assert result.exit_code == 0, result.output
