@@ -19,7 +19,7 @@ from .shape_values import check_input_size
 
 __all__ = ["GraphBlock", "Boundary", "detach", "as_tuple", "extract_graph", "merge_shared",
            "SHARED_PARAMETERS", "validate_shared_parameters", "parameter_ids", "weight_keys",
-           "repeated_classes", "inside_unit", "module_path"]
+           "repeated_classes", "inside_unit", "enters_unit_list", "module_path"]
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
@@ -132,6 +132,30 @@ def inside_unit(node: fx.Node, order: Sequence[fx.Node], position: int,
     following = order[position + 1]
     where = str(following.target) if following.op == "call_module" else _owner(following)[0]
     return _inside(where, owner)
+
+
+def enters_unit_list(node: fx.Node, following: fx.Node) -> bool:
+    """Does the gap after ``node`` leave its unit's own code for the first of a list of units?
+
+    A stage whose own code computes a value beside the features and hands both to each of its
+    blocks (GCViT's global query) has its gap before the first block inside its own code; the
+    blocks are elements of a module list or ``Sequential`` of modules with code of their own
+    (not ``torch.nn`` layers). A residual unit's children are attributes of their own, so the
+    gaps between them never qualify.
+    """
+    owner, _ = _owner(node)
+    if not owner:
+        return False
+    entries = [v for v in (following.meta.get("nn_module_stack") or {}).values() if isinstance(v, tuple)]
+    below = [(name, kind) for name, kind in entries if name.startswith(owner + ".")]
+    if below and isinstance(below[0][1], type) and issubclass(below[0][1], _CONTAINERS):
+        below = below[1:]  # a Sequential the unit calls: its first element is the unit listed
+    elif not below or not below[0][0].rsplit(".", 1)[-1].isdigit():
+        return False  # an attribute of the unit's own, not an element of a list
+    if not below:
+        return False
+    kind = below[0][1]
+    return isinstance(kind, type) and not kind.__module__.startswith("torch.nn")
 
 
 def _drop_shared_train_keys(module, state_dict, prefix, local_metadata):

@@ -12,7 +12,9 @@ the gaps of the shallowest module level first (between cells before inside them)
 that is still over a third is split one level deeper. A gap qualifies only where the values
 crossing it are handed down to later modules (the next cell, the next block of a stage) and
 it lies inside no repeated unit's own code, so a residual block, which merges its shortcut in
-its own ``forward``, is never cut.
+its own ``forward``, is never cut. The one gap inside a unit's code that qualifies is where the
+code enters a list of units it runs: a stage that computes a value beside the features (GCViT's
+global query) and hands both to each of its blocks is cut before its first block too.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from torch import fx
 
 from .errors import AugLocalError
-from .graph_blocks import inside_unit, module_path, parameter_ids, repeated_classes
+from .graph_blocks import enters_unit_list, inside_unit, module_path, parameter_ids, repeated_classes
 from .heads import has_weight_layer, is_norm, selection_reduction
 from .tracing import SHAPE_KEY
 
@@ -159,7 +161,9 @@ def split_large_blocks(gm: fx.GraphModule, blocks: List[List[fx.Node]],
     repeated = repeated_classes(order)
     gaps: Dict[fx.Node, int] = {}
     for i, values in enumerate(live[:-1]):
-        if not values or len(values) < 2 or inside_unit(order[i], order, i, repeated):
+        if not values or len(values) < 2:
+            continue
+        if inside_unit(order[i], order, i, repeated) and not enters_unit_list(order[i], order[i + 1]):
             continue
         depth = _common_depth(order[i], order[i + 1])
         if _handed_down(values, i, index, depth):

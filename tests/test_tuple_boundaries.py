@@ -307,6 +307,55 @@ def test_a_repeated_unit_is_not_cut_inside_its_own_code():
     assert [part.output_arity(j) for j in range(3)] == [1, 1, 1]
 
 
+class _QueryBlock(torch.nn.Module):
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(width, width, 3, padding=1)
+
+    def forward(self, x, query):
+        return x + torch.relu(self.conv(x)) * query
+
+
+class _QueryStage(torch.nn.Module):
+    """GCViT's stage: its own code computes a query beside the features and hands both to each
+    block of its list; the query's convolutions and the first block are over a third together."""
+
+    def __init__(self, width: int = 16, depth: int = 3):
+        super().__init__()
+        self.query = torch.nn.Sequential(torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.ReLU(),
+                                         torch.nn.Conv2d(width, width, 3, padding=1))
+        self.blocks = torch.nn.ModuleList(_QueryBlock(width) for _ in range(depth))
+
+    def forward(self, x):
+        query = torch.sigmoid(self.query(x))  # in the stage's own code, as GCViT's global norm
+        for block in self.blocks:
+            x = block(x, query)
+        return x
+
+
+class _QueryNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU())
+        self.stages = torch.nn.Sequential(_QueryStage(), _QueryStage())
+        self.fc = torch.nn.Linear(16, CLASSES)
+
+    def forward(self, x):
+        return self.fc(self.stages(self.stem(x)).mean((2, 3)))
+
+
+def test_a_stage_is_cut_where_its_code_enters_its_list_of_blocks():
+    model = _QueryNet().eval()
+    part = partition_blocks(trace_model(model, SIZE))
+    # each stage holds ~49% of the parameters: cut before its first block (the stage's own code
+    # hands (x, query) to it) and between its blocks, as a residual unit never is (above)
+    stage = lambda i: [[f"stages.{i}.query"]] + [[f"stages.{i}.blocks.{k}"] for k in range(3)]  # noqa: E731
+    assert part.block_names == [["stem"]] + stage(0) + stage(1)
+    assert [part.output_arity(j) for j in range(len(part.block_names))] == [1, 2, 2, 2, 1, 2, 2, 2, 1]
+    local = to_local(model, d=2, input_size=SIZE)
+    check_local(model, local, SIZE, CLASSES, _QueryNet)
+
+
 def test_the_budget_plans_copies_by_arity_as_the_conversion_does():
     from auglocal_fx.budget import solve_budget
 
