@@ -5,6 +5,7 @@
     python benchmarks/memory.py --models timm:vit_small_patch16_224 --input-size 224 --batch-size 32 --depths 2 4 --no-rss
     python benchmarks/memory.py --models paper:resnet110 --batch-size 64 --depths 2 --no-rss --recompute   # issue 22
     python benchmarks/memory.py --models paper:resnet110 --batch-size 64 --depths 2 --step-each-module --threads 1
+    python benchmarks/memory.py --models timm:resnet18 --input-size 224 --batch-size 64 --depths 2 --no-rss --recompute --step-each-module --tie --aux-resolution source
 
 Every figure is measured in this run by ``auglocal_fx.measure_memory`` (see its docstring):
 the peak of bytes held for backward (saved_tensors_hooks), the growth of peak RSS over one step
@@ -54,6 +55,8 @@ def main() -> None:
                              "alternating, after one warm-up each")
     parser.add_argument("--trainer-steps-only", action="store_true", help="time the trainer steps only (no memory)")
     parser.add_argument("--tie", action="store_true", help="also measure AugLocal with tied copies (aux_tie)")
+    parser.add_argument("--aux-resolution", choices=("paper", "source"), default="paper",
+                        help="where the auxiliary copies run (ConversionOptions.aux_resolution)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -67,7 +70,8 @@ def main() -> None:
                                 input_size=(3, args.input_size, args.input_size), rss=not args.no_rss,
                                 mmap_threshold=args.mmap_threshold, optimizer=args.optimizer,
                                 aux_checkpoint=(False, True) if args.recompute else False,
-                                step_each_module=(False, True) if args.step_each_module else False)
+                                step_each_module=(False, True) if args.step_each_module else False,
+                                options=ConversionOptions(aux_resolution=args.aux_resolution))
         print(report)
         bp = report.row("bp")
         target = "resnet110" in spec  # the issue's targets are set for ResNet-110
@@ -115,7 +119,7 @@ def _tied_rows(spec: str, args, report) -> None:
                           device=args.device, input_size=(3, args.input_size, args.input_size), rss=False,
                           optimizer=args.optimizer, aux_checkpoint=(False, True) if args.recompute else False,
                           step_each_module=(False, True) if args.step_each_module else False,
-                          options=ConversionOptions(aux_tie=True))
+                          options=ConversionOptions(aux_tie=True, aux_resolution=args.aux_resolution))
     gc_whole = report.row("checkpoint").whole_peak if any(r.method == "checkpoint" for r in report.rows) else None
     mib = lambda n: f"{n / 2 ** 20:9.1f}"  # noqa: E731
     print("tied copies (aux_tie) beside plain copies: whole count = params + optimizer state + saved and "

@@ -24,9 +24,14 @@ the residual sum over 256 test images: about 0 means the block is still the iden
 ``memory FAMILY [FAMILY ...] [--d D] [--options KEY=VALUE ...]`` measures the bytes one training
 step saves for backward (``measure_memory``, batch 128 at 32 px, no RSS) of BP, AugLocal ``d``
 as converted by default, and AugLocal ``d`` with the conversion options given, side by side.
+``--whole`` prints the whole count instead (parameters + the family's optimizer state + the
+peak of saved bytes and gradients), with each local module's gradients freed after its
+backward as the trainer does, for BP, gradient checkpointing, AugLocal ``d``, AugLocal ``d``
+with recomputed blocks (``aux_checkpoint``) and AugLocal ``d`` with the options given.
 
     python benchmarks/zoo_diagnose.py train regnet d2 0
     python benchmarks/zoo_diagnose.py memory regnet mobilenetv3 --options aux_resolution=source
+    python benchmarks/zoo_diagnose.py memory resnet18 regnet --whole --options aux_resolution=source
     python benchmarks/zoo_diagnose.py branches regnet-bp-base-s0 regnet-d2-base-s0
 """
 
@@ -216,6 +221,35 @@ def memory(families: List[str], d: int, options: Dict[str, object], batch: int) 
               f"{mib[2]:.1f} ({saved[2] / saved[0]:.2f}x) |", flush=True)
 
 
+def whole_memory(families: List[str], d: int, options: Dict[str, object], batch: int) -> None:
+    """The whole count of BP, checkpointing and AugLocal ``d`` (plain, recomputed, ``options``)."""
+    from auglocal_fx import ConversionOptions
+    from auglocal_fx.memory import measure_memory
+
+    torch.set_num_threads(1)
+    variant = " ".join(f"{k}={v}" for k, v in options.items()) or "(no options)"
+    print(f"whole count, MiB (x BP): parameters + optimizer state + peak of saved bytes and "
+          f"gradients; batch {batch}, 32 px; each local module's gradients freed after its backward")
+    print(f"| family (optimizer) | BP | checkpointing | d={d} | d={d} recompute | d={d} {variant} |")
+    print("|---|---|---|---|---|---|")
+    for family in families:
+        spec, model_kwargs, recipe = FAMILIES[family]
+        optimizer = RECIPES[recipe]["opt"]
+        common = dict(d=d, batch_size=batch, input_size=(3, 32, 32), num_classes=10, rss=False,
+                      optimizer=optimizer)
+        base = measure_memory(spec, methods=("bp", "checkpoint", "auglocal"), aux_checkpoint=(False, True),
+                              step_each_module=True, to_local_kwargs={"model_kwargs": model_kwargs}, **common)
+        varied = measure_memory(spec, methods=("auglocal",), step_each_module=True,
+                                options=ConversionOptions(**options),
+                                to_local_kwargs={"model_kwargs": model_kwargs}, **common)
+        bp = base.row("bp").whole_peak
+        cells = [base.row("bp"), base.row("checkpoint"),
+                 base.row("auglocal", d, aux_checkpoint=False, step_each_module=True),
+                 base.row("auglocal", d, aux_checkpoint=True, step_each_module=True), varied.rows[0]]
+        text = [f"{c.whole_peak / 2 ** 20:.1f} ({c.whole_peak / bp:.2f}x)" for c in cells]
+        print(f"| {family} ({optimizer}) | " + " | ".join(text) + " |", flush=True)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -232,6 +266,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     mem.add_argument("--d", type=int, default=2)
     mem.add_argument("--batch", type=int, default=128)
     mem.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE")
+    mem.add_argument("--whole", action="store_true",
+                     help="the whole count (parameters, optimizer state, saved bytes, gradients)")
     args = parser.parse_args(argv)
     global _PLAIN
     from auglocal_fx import initialization
@@ -243,7 +279,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     elif args.command == "memory":
         from auglocal_fx.specs import parse_model_kwargs
 
-        memory(args.families, args.d, parse_model_kwargs(args.options) or {}, args.batch)
+        measure = whole_memory if args.whole else memory
+        measure(args.families, args.d, parse_model_kwargs(args.options) or {}, args.batch)
     else:
         branches(args.runs)
     return 0
