@@ -125,8 +125,8 @@ def _worker(family: str, method: str, seed: int, workdir: str, recipe: Dict[str,
     memory = measure_memory(spec, methods=("bp",) if method == "bp" else ("auglocal",),
                             d=options.get("d", 2), batch_size=recipe["memory_batch"],
                             input_size=(3, recipe["input_size"], recipe["input_size"]), num_classes=10,
-                            device=recipe.get("device", "cpu"),
-                            to_local_kwargs={**local_options, "model_kwargs": model_kwargs})
+                            device=recipe.get("device", "cpu"), options=ConversionOptions(**local_options),
+                            to_local_kwargs={"model_kwargs": model_kwargs})
     row = memory.rows[0]
     record = {"family": family, "spec": spec, "model_kwargs": model_kwargs, "recipe_name": recipe_name,
               "method": method, "seed": seed, "test_acc": result.test_acc,
