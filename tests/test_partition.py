@@ -133,3 +133,32 @@ def test_a_unit_over_a_third_is_cut_between_its_residual_sums():
         local = to_local(model, d=d, input_size=(3, 8, 8))
         assert local.block_names == part.block_names
         check_local(model, local, (3, 8, 8), 5, _WideLastUnit)
+
+
+class _FiveDimStem(nn.Module):
+    """A stem whose values have a dimension more than a map, as csatv2's DCT stem has."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.mix = nn.Conv3d(8, 8, 1)
+        self.body = nn.Sequential(*[nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()) for _ in range(3)])
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        folded = torch.relu(self.stem(x)).unsqueeze(2)  # (N, 8, 1, H, W): single cuts follow
+        return self.fc(self.body(torch.relu(self.mix(folded)).squeeze(2)).mean((2, 3)))
+
+
+def test_no_boundary_carries_more_than_a_map():
+    # Auxiliary networks, their input adapters and heads take maps, tokens or features: a value
+    # with more dimensions is no boundary (csatv2 failed to convert on one).
+    from .test_sweep import check_local
+
+    model = _FiveDimStem()
+    part = partition_blocks(trace_model(model.eval(), (3, 8, 8)))
+    # the cut after the stem's ReLU, not after the unsqueeze that follows it (old: (8, 1, 8, 8))
+    assert part.block_names == [["stem"], ["mix"], ["body.0"], ["body.1"], ["body.2"]]
+    assert part.output_shapes == [((8, 8, 8),)] * 5
+    local = to_local(model, d=2, input_size=(3, 8, 8))
+    check_local(model, local, (3, 8, 8), 5, _FiveDimStem)
