@@ -202,6 +202,7 @@ def branches(runs: List[str]) -> None:
 
 def memory(families: List[str], d: int, options: Dict[str, object], batch: int) -> None:
     """Saved bytes of BP, AugLocal ``d`` and AugLocal ``d`` with ``options``, one row per family."""
+    from auglocal_fx import ConversionOptions
     from auglocal_fx.memory import measure_memory
 
     torch.set_num_threads(1)
@@ -212,9 +213,10 @@ def memory(families: List[str], d: int, options: Dict[str, object], batch: int) 
         spec, model_kwargs, _ = FAMILIES[family]
         saved = []
         for methods, extra in ((("bp",), {}), (("auglocal",), {}), (("auglocal",), options)):
+            # conversion options go as options: to_local refuses some as keywords (aux_tie)
             report = measure_memory(spec, methods=methods, d=d, batch_size=batch, input_size=(3, 32, 32),
-                                    num_classes=10, rss=False,
-                                    to_local_kwargs={**extra, "model_kwargs": model_kwargs})
+                                    num_classes=10, rss=False, options=ConversionOptions(**extra),
+                                    to_local_kwargs={"model_kwargs": model_kwargs})
             saved.append(report.rows[0].saved_peak)
         mib = [s / 2 ** 20 for s in saved]
         print(f"| {family} | {mib[0]:.1f} | {mib[1]:.1f} ({saved[1] / saved[0]:.2f}x) | "
