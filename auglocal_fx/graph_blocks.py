@@ -15,11 +15,11 @@ import torch
 from torch import fx, nn
 
 from .errors import AugLocalError
-from .shape_values import check_input_size
+from .shape_values import SHAPE_KEY, check_input_size
 
 __all__ = ["GraphBlock", "Boundary", "detach", "as_tuple", "extract_graph", "merge_shared",
            "SHARED_PARAMETERS", "validate_shared_parameters", "parameter_ids", "weight_keys",
-           "repeated_classes", "inside_unit", "enters_unit_list", "module_path"]
+           "repeated_classes", "inside_unit", "enters_unit_list", "module_path", "is_boundary_value"]
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
@@ -29,6 +29,21 @@ SHARED_PARAMETERS = ("sum", "merge")
 
 # What crosses a block boundary: one tensor, or a fixed tuple of them (several streams).
 Boundary = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
+
+# Each tensor of a boundary is a map (N, C, H, W), tokens (N, T, C) or features (N, C): what
+# auxiliary networks, their input adapters and heads take. A value with more dimensions
+# (csatv2's DCT stem, (N, 3, 64, 64, 64)) stays inside a block.
+_MAX_BOUNDARY_DIMS = 4
+
+
+def is_boundary_value(node: fx.Node) -> bool:
+    """May ``node``'s value cross a block boundary (alone or in a tuple)?
+
+    Only a tensor (a traced value with a recorded shape, not size arithmetic) of at most
+    four dimensions, batch included.
+    """
+    shape = node.meta.get(SHAPE_KEY)
+    return shape is not None and len(shape) <= _MAX_BOUNDARY_DIMS
 
 
 def validate_shared_parameters(value: str) -> None:

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .errors import AugLocalError
-from .graph_blocks import (GraphBlock, extract_graph, inside_unit, merge_shared, repeated_classes,
-                           weight_keys)
+from .graph_blocks import (GraphBlock, extract_graph, inside_unit, is_boundary_value, merge_shared,
+                           repeated_classes, weight_keys)
 from .heads import StreamsReachHead, has_weight_layer, head_start, is_norm
 from .layouts import input_layout, layout_of, resolution
 from .tracing import SHAPE_KEY, TracedModel
@@ -119,17 +119,6 @@ def _dependent_nodes(graph: fx.Graph, input_node: fx.Node) -> List[fx.Node]:
     return order
 
 
-# A boundary carries a map (N, C, H, W), tokens (N, T, C) or features (N, C): what auxiliary
-# networks, their input adapters and heads take. A value with more dimensions (csatv2's DCT
-# stem, (N, 3, 64, 64, 64)) stays inside a block.
-_MAX_BOUNDARY_DIMS = 4
-
-
-def _is_boundary_value(node: fx.Node) -> bool:
-    shape = node.meta.get(SHAPE_KEY)
-    return shape is not None and len(shape) <= _MAX_BOUNDARY_DIMS
-
-
 def find_cut_points(graph: fx.Graph) -> List[fx.Node]:
     """Nodes after which only their own output, a map, tokens or features, is still needed (the
     input counts as one)."""
@@ -141,7 +130,7 @@ def find_cut_points(graph: fx.Graph) -> List[fx.Node]:
     cuts = [input_node]
     furthest = last_use[0]  # max last use over nodes before position i
     for i in range(1, len(order)):
-        if furthest <= i and _is_boundary_value(order[i]):
+        if furthest <= i and is_boundary_value(order[i]):
             cuts.append(order[i])
         furthest = max(furthest, last_use[i])
     return cuts

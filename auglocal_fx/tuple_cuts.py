@@ -24,9 +24,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from torch import fx
 
 from .errors import AugLocalError
-from .graph_blocks import enters_unit_list, inside_unit, module_path, parameter_ids, repeated_classes
+from .graph_blocks import (enters_unit_list, inside_unit, is_boundary_value, module_path, parameter_ids,
+                           repeated_classes)
 from .heads import has_weight_layer, is_norm, selection_reduction
-from .tracing import SHAPE_KEY
 
 __all__ = ["MAX_ARITY", "boundary_values", "head_gap", "later_head_gap", "live_values", "split_large_blocks",
            "split_large_units"]
@@ -42,7 +42,9 @@ def live_values(order: Sequence[fx.Node]) -> List[Optional[Tuple[fx.Node, ...]]]
 
     A value is live when computed at or before ``i`` and used after it (the output node counts
     as a use after every position). ``None`` where more than :data:`MAX_ARITY` values are live,
-    or one of them is no tensor (a size computed from the features).
+    or one of them may not cross a boundary
+    (:func:`~auglocal_fx.graph_blocks.is_boundary_value`: a size computed from the features, a
+    value wider than a map).
     """
     index = {n: i for i, n in enumerate(order)}
     end = len(order)
@@ -57,7 +59,7 @@ def live_values(order: Sequence[fx.Node]) -> List[Optional[Tuple[fx.Node, ...]]]
             live[node] = None
         for done in ending.get(i, ()):
             live.pop(done, None)
-        if len(live) <= MAX_ARITY and all(n.meta.get(SHAPE_KEY) is not None for n in live):
+        if len(live) <= MAX_ARITY and all(is_boundary_value(n) for n in live):
             result.append(tuple(live))
         else:
             result.append(None)
