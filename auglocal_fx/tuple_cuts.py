@@ -165,6 +165,9 @@ def split_large_blocks(gm: fx.GraphModule, blocks: List[List[fx.Node]],
     for i, values in enumerate(live[:-1]):
         if not values or len(values) < 2:
             continue
+        # The list exception is for tuple gaps only: at single cuts it would split units that
+        # call a Sequential of conv layers (HGNetV2's aggregation) and move stage code across
+        # boundaries (NesT's blockify, FastViT's positional convs), with no block too large.
         if inside_unit(order[i], order, i, repeated) and not enters_unit_list(order[i], order[i + 1]):
             continue
         depth = _common_depth(order[i], order[i + 1])
