@@ -29,7 +29,8 @@ def _quiet_local(model, **kwargs):
         return to_local(model, input_size=SIZE, **kwargs)
 
 
-def test_live_values_of_a_small_graph():
+def _live_names(wide=()):
+    """``live_values`` of ``relu(x) * sigmoid(x) + relu(x)``, maps (N, 2) but for the 5-D ``wide``."""
     def f(x):
         a = torch.relu(x)
         b = torch.sigmoid(x)
@@ -37,28 +38,21 @@ def test_live_values_of_a_small_graph():
 
     gm = fx.symbolic_trace(f)
     for node in gm.graph.nodes:
-        node.meta[SHAPE_KEY] = torch.Size([1, 2])
+        node.meta[SHAPE_KEY] = torch.Size([1, 2, 3, 4, 5] if node.name in wide else [1, 2])
     order = [n for n in gm.graph.nodes if n.op != "output"]
-    names = [None if v is None else [n.name for n in v] for v in live_values(order)]
+    return [None if v is None else [n.name for n in v] for v in live_values(order)]
+
+
+def test_live_values_of_a_small_graph():
     # x is live until sigmoid reads it; a until the last add
-    assert names == [["x"], ["x", "relu"], ["relu", "sigmoid"], ["relu", "mul"], ["add"]]
+    assert _live_names() == [["x"], ["x", "relu"], ["relu", "sigmoid"], ["relu", "mul"], ["add"]]
 
 
 def test_no_tuple_element_is_wider_than_a_map():
     # The rule of single cuts holds for every element of a tuple: auxiliary networks, adapters
-    # and heads take maps, tokens or features (a 5-D element once reached an auxiliary network)
-    def f(x):
-        a = torch.relu(x)
-        b = torch.sigmoid(x)
-        return a * b + a
-
-    gm = fx.symbolic_trace(f)
-    for node in gm.graph.nodes:
-        node.meta[SHAPE_KEY] = torch.Size([1, 2, 3, 4, 5] if node.name == "sigmoid" else [1, 2])
-    order = [n for n in gm.graph.nodes if n.op != "output"]
-    names = [None if v is None else [n.name for n in v] for v in live_values(order)]
-    # the gap after sigmoid carries it (5-D): no boundary; the others as in the test above
-    assert names == [["x"], ["x", "relu"], None, ["relu", "mul"], ["add"]]
+    # and heads take maps, tokens or features (a 5-D element once reached an auxiliary network).
+    # The gap after sigmoid carries it (5-D): no boundary; the others as in the test above
+    assert _live_names(wide=("sigmoid",)) == [["x"], ["x", "relu"], None, ["relu", "mul"], ["add"]]
 
 
 def test_cells_are_cut_where_two_tensors_are_live():
