@@ -5,6 +5,7 @@ them (cached, retrained and missing rows), with the training subprocess replaced
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,37 @@ def test_a_failed_run_stores_nothing(tmp_path):
     fn, calls = _counting({"acc": 1.0})
     _cache.cached_run("run", {"seed": 0}, tmp_path, fn)
     assert len(calls) == 1
+
+
+def test_a_second_caller_waits_for_the_run_and_reads_its_result(tmp_path):
+    # Two invocations sharing a cache folder once trained the same run into the same folder.
+    started, release = threading.Event(), threading.Event()
+    calls, results = [], {}
+
+    def slow(workdir):
+        calls.append("first")
+        started.set()
+        release.wait(20)
+        return {"acc": 1.0}
+
+    def other(workdir):
+        calls.append("second")
+        return {"acc": 2.0}
+
+    def call(label, fn):
+        results[label] = _cache.cached_run("run", {"seed": 0}, tmp_path, fn)
+
+    first = threading.Thread(target=call, args=("first", slow))
+    first.start()
+    assert started.wait(20)
+    second = threading.Thread(target=call, args=("second", other))
+    second.start()
+    second.join(0.5)
+    assert second.is_alive()  # waiting for the first, not training
+    release.set()
+    first.join(20)
+    second.join(20)
+    assert calls == ["first"] and results["second"]["acc"] == 1.0
 
 
 def test_reference_identity_follows_the_python_sources(tmp_path):
