@@ -200,24 +200,34 @@ def branches(runs: List[str]) -> None:
         print(f"{run}: " + " ".join(ratios), flush=True)
 
 
-def memory(families: List[str], d: int, options: Dict[str, object], batch: int) -> None:
-    """Saved bytes of BP, AugLocal ``d`` and AugLocal ``d`` with ``options``, one row per family."""
+def _memory_reports(family: str, d: int, options: Dict[str, object], batch: int):
+    """One step of ``family`` at 32 px, measured by ``measure_memory``: BP, checkpointing and
+    AugLocal ``d`` plain and recomputed (``base``), and AugLocal ``d`` with ``options``
+    (``varied``); each local module's gradients freed after its backward, as the trainer does."""
     from auglocal_fx import ConversionOptions
     from auglocal_fx.memory import measure_memory
 
+    spec, model_kwargs, recipe = FAMILIES[family]
+    common = dict(d=d, batch_size=batch, input_size=(3, 32, 32), num_classes=10, rss=False,
+                  optimizer=RECIPES[recipe]["opt"], step_each_module=True,
+                  to_local_kwargs={"model_kwargs": model_kwargs})
+    base = measure_memory(spec, methods=("bp", "checkpoint", "auglocal"), aux_checkpoint=(False, True), **common)
+    # conversion options go as options: to_local refuses some as keywords (aux_tie)
+    varied = measure_memory(spec, methods=("auglocal",), options=ConversionOptions(**options), **common)
+    return base, varied
+
+
+def memory(families: List[str], d: int, options: Dict[str, object], batch: int) -> None:
+    """Saved bytes of BP, AugLocal ``d`` and AugLocal ``d`` with ``options``, one row per family."""
     torch.set_num_threads(1)
     variant = " ".join(f"{k}={v}" for k, v in options.items())
     print(f"| family | BP MiB | AugLocal d={d} MiB (x BP) | d={d} {variant} MiB (x BP) |")
     print("|---|---|---|---|")
     for family in families:
-        spec, model_kwargs, _ = FAMILIES[family]
-        saved = []
-        for methods, extra in ((("bp",), {}), (("auglocal",), {}), (("auglocal",), options)):
-            # conversion options go as options: to_local refuses some as keywords (aux_tie)
-            report = measure_memory(spec, methods=methods, d=d, batch_size=batch, input_size=(3, 32, 32),
-                                    num_classes=10, rss=False, options=ConversionOptions(**extra),
-                                    to_local_kwargs={"model_kwargs": model_kwargs})
-            saved.append(report.rows[0].saved_peak)
+        base, varied = _memory_reports(family, d, options, batch)
+        saved = [base.row("bp").saved_peak,
+                 base.row("auglocal", d, aux_checkpoint=False, step_each_module=True).saved_peak,
+                 varied.rows[0].saved_peak]
         mib = [s / 2 ** 20 for s in saved]
         print(f"| {family} | {mib[0]:.1f} | {mib[1]:.1f} ({saved[1] / saved[0]:.2f}x) | "
               f"{mib[2]:.1f} ({saved[2] / saved[0]:.2f}x) |", flush=True)
@@ -225,9 +235,6 @@ def memory(families: List[str], d: int, options: Dict[str, object], batch: int) 
 
 def whole_memory(families: List[str], d: int, options: Dict[str, object], batch: int) -> None:
     """The whole count of BP, checkpointing and AugLocal ``d`` (plain, recomputed, ``options``)."""
-    from auglocal_fx import ConversionOptions
-    from auglocal_fx.memory import measure_memory
-
     torch.set_num_threads(1)
     variant = " ".join(f"{k}={v}" for k, v in options.items()) or "(no options)"
     print(f"whole count, MiB (x BP): parameters + optimizer state + peak of saved bytes and "
@@ -235,20 +242,13 @@ def whole_memory(families: List[str], d: int, options: Dict[str, object], batch:
     print(f"| family (optimizer) | BP | checkpointing | d={d} | d={d} recompute | d={d} {variant} |")
     print("|---|---|---|---|---|---|")
     for family in families:
-        spec, model_kwargs, recipe = FAMILIES[family]
-        optimizer = RECIPES[recipe]["opt"]
-        common = dict(d=d, batch_size=batch, input_size=(3, 32, 32), num_classes=10, rss=False,
-                      optimizer=optimizer)
-        base = measure_memory(spec, methods=("bp", "checkpoint", "auglocal"), aux_checkpoint=(False, True),
-                              step_each_module=True, to_local_kwargs={"model_kwargs": model_kwargs}, **common)
-        varied = measure_memory(spec, methods=("auglocal",), step_each_module=True,
-                                options=ConversionOptions(**options),
-                                to_local_kwargs={"model_kwargs": model_kwargs}, **common)
+        base, varied = _memory_reports(family, d, options, batch)
         bp = base.row("bp").whole_peak
         cells = [base.row("bp"), base.row("checkpoint"),
                  base.row("auglocal", d, aux_checkpoint=False, step_each_module=True),
                  base.row("auglocal", d, aux_checkpoint=True, step_each_module=True), varied.rows[0]]
         text = [f"{c.whole_peak / 2 ** 20:.1f} ({c.whole_peak / bp:.2f}x)" for c in cells]
+        optimizer = RECIPES[FAMILIES[family][2]]["opt"]
         print(f"| {family} ({optimizer}) | " + " | ".join(text) + " |", flush=True)
 
 
