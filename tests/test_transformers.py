@@ -51,6 +51,27 @@ def test_isotropic_vit_copies_need_no_adapter():
         assert not any(isinstance(m, ShapeAdapter) for m in aux.modules())
 
 
+def test_an_auxiliary_head_keeps_its_selected_token_not_the_token_map():
+    """The class token selected from the normed tokens is copied out of them (issue 22): the
+    BatchNorm1d and classifier after it keep an ``(N, C)`` row, so the ``(N, T, C)`` map is held
+    once (the final norm's input), not a second time through the view ``x[:, 0]``."""
+    head = to_local(_vit(), d=2, input_size=(3, 32, 32)).aux[0][-1].train()
+    tokens = torch.randn(2, 17, 192, requires_grad=True)
+    params = {p.untyped_storage().data_ptr() for p in head.parameters()}
+    held = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            held[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        head(tokens)
+    token_map = tokens.numel() * tokens.element_size()
+    assert token_map <= sum(held.values()) < 1.5 * token_map
+
+
 def test_swin_blocks_merge_patch_merging_into_the_next_block():
     resolved = resolve_model("timm:swin_tiny_patch4_window7_224", num_classes=5,
                              input_size=(3, 56, 56))

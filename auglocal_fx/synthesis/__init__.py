@@ -57,7 +57,7 @@ from .strides import AUX_RESOLUTIONS, source_pooling, validate_aux_resolution
 from .tuples import adapt_tuple_copy, element_layouts, tuple_head
 # Re-exported: the rest of the package imports these names from here (SLIM_WIDTH: the tests).
 from .heads import (AUX_HEADS, AUX_INITS, SLIM_WIDTH, _insert_norm_before_classifier,  # noqa: F401
-                    _num_classes, choose_aux_head, slim_head, validate_aux_head, validate_aux_init)
+                    _materialize_selections, _num_classes, choose_aux_head, slim_head, validate_aux_head, validate_aux_init)
 
 __all__ = ["AUX_HEADS", "AUX_INITS", "AUX_RESOLUTIONS", "AuxNet", "CopyTemplates", "synthesize_aux_net",
            "adapt_copy", "warn_adapters", "slim_head", "choose_aux_head", "validate_aux_head", "validate_aux_init",
@@ -169,6 +169,7 @@ def synthesize_aux_net(partition: Partition, plan: AuxPlan,
         head, _ = adapt_copy(partition.head.eval_graph, shape, None, f"Aux{plan.block}Head", init,
                              f"the head ({_module_list(partition.head_names)})", layout, notes,
                              copy_weights, templates=templates)
+        _materialize_selections(head)
         if len(plan.selected) == 1:
             _insert_norm_before_classifier(head)
     modules.append(head)
@@ -228,6 +229,7 @@ def _synthesize_tuple(partition: Partition, plan: AuxPlan, init: Optional[InitRe
         head, _ = adapt_copy(partition.head.eval_graph, shapes[0], None, f"Aux{plan.block}Head", init,
                              f"the head ({_module_list(partition.head_names)})", layouts[0], notes,
                              copy_weights, templates=templates)
+        _materialize_selections(head)
         if len(plan.selected) == 1:
             _insert_norm_before_classifier(head)
     modules.append(head)
