@@ -57,7 +57,8 @@ from .strides import AUX_RESOLUTIONS, source_pooling, validate_aux_resolution
 from .tuples import adapt_tuple_copy, element_layouts, tuple_head
 # Re-exported: the rest of the package imports these names from here (SLIM_WIDTH: the tests).
 from .heads import (AUX_HEADS, AUX_INITS, SLIM_WIDTH, _insert_norm_before_classifier,  # noqa: F401
-                    _materialize_selections, _num_classes, choose_aux_head, slim_head, validate_aux_head, validate_aux_init)
+                    _materialize_selections, _num_classes, choose_aux_head, slim_head, validate_aux_head,
+                    validate_aux_init)
 
 __all__ = ["AUX_HEADS", "AUX_INITS", "AUX_RESOLUTIONS", "AuxNet", "CopyTemplates", "synthesize_aux_net",
            "adapt_copy", "warn_adapters", "slim_head", "choose_aux_head", "validate_aux_head", "validate_aux_init",
