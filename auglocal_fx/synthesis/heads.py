@@ -47,15 +47,15 @@ def _insert_norm_before_classifier(head: fx.GraphModule) -> bool:
     return False
 
 
-def _materialize_selections(head: fx.GraphModule) -> int:
+def _materialize_selections(head: fx.GraphModule) -> None:
     """Copy each token selection (``x[:, 0]``) out of the tensor it views.
 
     A layer that keeps its input for backward (the classifier, a BatchNorm1d) would otherwise
     keep the selection's whole base alive: a ViT head's normed ``(N, T, C)`` tokens for one
     ``(N, C)`` row, about a twentieth of a ViT-S/16 auxiliary network's saved bytes. The copy
-    gives the same values and gradients. Returns how many selections were copied.
+    gives the same values and gradients.
     """
-    copied = 0
+    copied = False
     for node in list(head.graph.nodes):
         if node.op != "call_function" or node.target is not operator.getitem:
             continue
@@ -70,11 +70,10 @@ def _materialize_selections(head: fx.GraphModule) -> int:
             copy = head.graph.call_method("contiguous", (node,))
         copy.meta[SHAPE_KEY] = shape
         node.replace_all_uses_with(copy, delete_user_cb=lambda user: user is not copy)
-        copied += 1
+        copied = True
     if copied:
         head.graph.lint()
         head.recompile()
-    return copied
 
 
 def validate_aux_head(aux_head: str) -> None:
